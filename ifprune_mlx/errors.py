@@ -1,0 +1,25 @@
+"""Typed errors. Every message says what was found, what was expected and what to do."""
+
+
+class IFPruneError(Exception):
+    """Base class of every error ifprune-mlx raises on purpose."""
+
+
+class BundleError(IFPruneError):
+    """A model folder or bundle is missing, corrupt, or does not match its config."""
+
+
+class UnsupportedArchitectureError(BundleError):
+    """The model's architecture has no prunable FFN implementation here."""
+
+
+class PredictorError(BundleError):
+    """The sparsity predictor is missing, corrupt, or does not fit the LLM."""
+
+
+class SelectionError(IFPruneError, ValueError):
+    """A density or an explicit channel selection is invalid."""
+
+
+class ConversionError(IFPruneError):
+    """A checkpoint could not be converted to a bundle."""
