@@ -1,0 +1,15 @@
+"""ifprune-mlx: instruction-following pruning on MLX.
+
+    import ifprune_mlx as ifp
+    engine = ifp.load("path/to/bundle")
+    print(engine.generate("Reverse the word: pruning", max_tokens=32))
+"""
+
+from .engine import Engine, load
+from .errors import (BundleError, ConversionError, IFPruneError, PredictorError, SelectionError,
+                     UnsupportedArchitectureError)
+from .selectors import Selection, kept_count
+
+__version__ = "0.1.0"
+__all__ = ["load", "Engine", "Selection", "kept_count", "IFPruneError", "BundleError",
+           "UnsupportedArchitectureError", "PredictorError", "SelectionError", "ConversionError"]

@@ -115,3 +115,59 @@ class Selection:
                 )
             checked.append(unique)
         return cls(indices=tuple(checked), d_ffn=d_ffn)
+
+
+class PredictorSelector:
+    """Scores channels with the trained sparsity predictor (the IFPruning method)."""
+
+    name = "predictor"
+
+    def __init__(self, predictor, tokenizer):
+        self.predictor = predictor
+        self.tokenizer = tokenizer
+        self.calls = 0  # backbone runs, for tests and stats
+
+    def scores(self, text: str) -> np.ndarray:
+        self.calls += 1
+        return self.predictor.scores(self.tokenizer.encode(text))
+
+
+class ActivationSelector:
+    """Training-free: scores channels by their activation on the prompt (GRIFFIN-style).
+
+    Runs the dense model over the prompt and, per layer, takes the l2 norm over tokens of
+    each token's activation vector normalized to unit l2 norm. Channels that fire for this
+    prompt are the ones generation will need.
+    """
+
+    name = "activations"
+
+    def __init__(self, model, mlps, tokenizer):
+        self.model, self.mlps, self.tokenizer = model, mlps, tokenizer
+        self.calls = 0
+
+    def scores(self, text: str) -> np.ndarray:
+        import mlx.core as mx
+
+        self.calls += 1
+        tokens = self.tokenizer.encode(text)
+        collected: list = []
+
+        def observe(h):
+            h = h[0].astype(mx.float32)  # (T, d_ffn) in position order
+            h = h / (mx.linalg.norm(h, axis=-1, keepdims=True) + 1e-6)
+            collected.append(mx.linalg.norm(h, axis=0))
+
+        ks = [mlp.k for mlp in self.mlps]
+        try:
+            for mlp in self.mlps:
+                mlp.k, mlp.observer = mlp.d_ffn, observe
+            self.model.model(mx.array(tokens, dtype=mx.int32)[None])
+            mx.eval(collected)
+        finally:
+            for mlp, k in zip(self.mlps, ks):
+                mlp.k, mlp.observer = k, None
+        scores = np.empty((len(self.mlps), self.mlps[0].d_ffn), dtype=np.float32)
+        for layer, (mlp, s) in enumerate(zip(self.mlps, collected)):
+            scores[layer, mlp.perm] = np.array(s)  # back to original channel ids
+        return scores

@@ -1,0 +1,220 @@
+"""Read and write ifprune bundles (docs/FORMAT.md), validating before trusting.
+
+A bundle is a model folder mlx-lm's model classes can build from, with FFN weights in row
+layout (down_proj stored transposed, [d_ffn, d_model]) and an "ifpruning" block in its
+config.json; the sparsity predictor lives in its `predictor/` sub-folder. A folder without
+"ifpruning" is a plain model folder (mlx-lm or Hugging Face, float), converted at load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import mlx.core as mx
+
+from .errors import BundleError
+
+FORMAT_VERSION = 1
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    "chat_template.json", "generation_config.json",
+)
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4,
+                "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_config(folder: Path) -> dict:
+    """config.json of a model folder, with a BundleError that says what is wrong."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: no such model folder")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; a model folder needs its config.json")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise BundleError(f"{path}: has no \"model_type\"; is this a model's config.json?")
+    return config
+
+
+def ifpruning_block(config: dict, where: Path) -> dict | None:
+    """The validated "ifpruning" block of a bundle's config, or None for a plain model."""
+    block = config.get("ifpruning")
+    if block is None:
+        return None
+    if block.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{where}/config.json: ifpruning format_version {block.get('format_version')!r} "
+            f"is not supported (this ifprune-mlx reads version {FORMAT_VERSION}); upgrade ifprune-mlx"
+        )
+    if block.get("ffn_layout") != "rows":
+        raise BundleError(f"{where}/config.json: ffn_layout must be \"rows\", got {block.get('ffn_layout')!r}")
+    return block
+
+
+def safetensors_header(path: Path) -> dict:
+    """Parse and check a safetensors header: every tensor lies inside the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise BundleError(f"{path}: truncated ({size} bytes); not a safetensors file")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                raise BundleError(f"{path}: header claims {n} bytes but the file has {size}; truncated or not safetensors")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: corrupt safetensors header ({e})") from e
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read ({e.strerror})") from e
+    data = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        count = 1
+        for dim in info["shape"]:
+            count *= dim
+        if info["dtype"] in _DTYPE_BYTES and end - start != count * _DTYPE_BYTES[info["dtype"]]:
+            raise BundleError(f"{path}: tensor {name!r}: {end - start} bytes for shape {info['shape']} {info['dtype']}; corrupt")
+        if end > data:
+            raise BundleError(
+                f"{path}: tensor {name!r} ends at byte {end} of the data but the file holds "
+                f"{data}; the file is truncated (copy or convert it again)"
+            )
+    return header
+
+
+def weight_files(folder: Path, stem: str = "model") -> list[Path]:
+    """The safetensors files of a folder: from its index if sharded, else `{stem}*.safetensors`."""
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise BundleError(f"{index}: not a valid safetensors index ({e})") from e
+        files = [folder / name for name in names]
+        for f in files:
+            if not f.is_file():
+                raise BundleError(f"{f}: shard listed in {index.name} is missing")
+        return files
+    files = sorted(folder.glob(f"{stem}*.safetensors"))
+    if not files:
+        raise BundleError(f"{folder}: no {stem}*.safetensors weight files")
+    return files
+
+
+def read_safetensors(files: Iterable[Path]) -> dict[str, mx.array]:
+    """Validate every file's header, then load them lazily with mx.load."""
+    weights: dict[str, mx.array] = {}
+    for path in files:
+        safetensors_header(path)
+        try:
+            weights.update(mx.load(str(path)))
+        except (RuntimeError, ValueError) as e:
+            raise BundleError(f"{path}: cannot load ({e})") from e
+    return weights
+
+
+def save_safetensors(path: Path, weights: dict[str, mx.array]) -> None:
+    mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files found in src to dst; return their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def write_atomic(out: Path, fill: Callable[[Path], None], force: bool = False) -> Path:
+    """Create folder `out` by calling fill(tmp) on a temporary sibling, then renaming it.
+
+    Refuses to overwrite an existing `out` unless force. On any error (or Ctrl-C) the
+    temporary folder is removed and `out` is left as it was.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise BundleError(f"{out}: already exists; pass force=True (--force) to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        fill(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_bundle(
+    out: Path,
+    *,
+    config: dict,
+    weights: dict[str, mx.array],
+    tokenizer_dir: Path | None = None,
+    predictor: dict | None = None,
+    default_density: float = 0.33,
+    pad_multiple: int = 32,
+    force: bool = False,
+) -> Path:
+    """Write a bundle atomically.
+
+    Args:
+        out: the bundle folder to create.
+        config: the LLM's config (mlx-lm fields; "quantization" if weights are quantized).
+        weights: mlx-lm weight names; FFN in row layout (down_proj.weight is [d_ffn, d_model]).
+        tokenizer_dir: a folder whose tokenizer files are copied into the bundle.
+        predictor: None, or {"config": backbone config, "weights": backbone weights,
+            "head": {"head1.weight", "head1.bias", "head2.weight", "head2.bias"},
+            "tokenizer_dir": optional folder of the predictor's own tokenizer}.
+        default_density: the density generate() uses when none is given.
+        pad_multiple: kept channel counts are rounded up to a multiple of this.
+        force: overwrite an existing `out`.
+    """
+    config = dict(config)
+    config["ifpruning"] = {
+        "format_version": FORMAT_VERSION,
+        "ffn_layout": "rows",
+        "default_density": default_density,
+        "pad_multiple": pad_multiple,
+        "predictor": "predictor" if predictor else None,
+        "pooling": "last",
+    }
+
+    def fill(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_safetensors(tmp / "model.safetensors", weights)
+        if tokenizer_dir is not None:
+            copy_tokenizer(Path(tokenizer_dir), tmp)
+        if predictor:
+            pdir = tmp / "predictor"
+            pdir.mkdir()
+            (pdir / "config.json").write_text(json.dumps(predictor["config"], indent=2))
+            save_safetensors(pdir / "model.safetensors", predictor["weights"])
+            save_safetensors(pdir / "head.safetensors", predictor["head"])
+            if predictor.get("tokenizer_dir"):
+                copy_tokenizer(Path(predictor["tokenizer_dir"]), pdir)
+
+    return write_atomic(out, fill, force)

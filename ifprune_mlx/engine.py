@@ -1,0 +1,256 @@
+"""The engine: load a model, select FFN channels per prompt, apply them in place, generate.
+
+Who decides the mask: generate()/stream() select per prompt (cached per predictor input)
+at the bundle's default density, or at `density=` when given. apply(selection | indices |
+None) pins a selection (None pins dense) until apply("auto"); `density=` on one call
+overrides a pin for that call only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.generate import GenerationResponse, stream_generate
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.utils import load_tokenizer
+
+from . import bundle
+from .errors import BundleError, SelectionError
+from .models import build_model, load_weights, prunable_mlps, quantize_like
+from .predictor import load_predictor
+from .prune import ApplyStats, apply_selection
+from .selectors import ActivationSelector, PredictorSelector, Selection, kept_count, top_k
+
+Prompt = Union[str, Sequence[dict]]
+PLAIN_DEFAULT_DENSITY = 0.5  # training-free selection keeps more than a trained predictor
+
+
+class Engine:
+    """An mlx-lm model whose FFN channels can be selected in place, plus its selector.
+
+    Attributes:
+        model: the mlx-lm model (callable on token ids, returns logits; reflects the
+            applied selection).
+        tokenizer: its mlx-lm TokenizerWrapper.
+        config: the model's config.json.
+        selector: PredictorSelector for bundles with a predictor, else ActivationSelector.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, config: dict, selector_tokenizer=None,
+                 predictor=None, default_density: float | None = None, pad_multiple: int = 32,
+                 cache_size: int = 64, path: Path | None = None):
+        self.model, self.tokenizer, self.config, self.path = model, tokenizer, config, path
+        self.mlps = prunable_mlps(model)
+        self.n_layers, self.d_ffn = len(self.mlps), self.mlps[0].d_ffn
+        if predictor is not None:
+            self.selector = PredictorSelector(predictor, selector_tokenizer or tokenizer)
+        else:
+            self.selector = ActivationSelector(model, self.mlps, tokenizer)
+        self.default_density = default_density or PLAIN_DEFAULT_DENSITY
+        self.pad_multiple = pad_multiple
+        self._cache: OrderedDict[tuple[str, int], Selection] = OrderedDict()
+        self._cache_size = cache_size
+        self._pinned = False
+        self._pinned_selection: Selection | None = None
+        self.applied: Selection | None = None  # what the model computes with now (None: dense)
+        self.last_apply = ApplyStats([0] * self.n_layers)
+
+    # -- selection ---------------------------------------------------------------------
+
+    def select(self, prompt: str, density: float | None = None) -> Selection:
+        """The channels to keep for `prompt` at `density` (default: the bundle's).
+
+        Results are cached per (prompt, kept count): a task prompt selected once is free
+        the next time.
+        """
+        k = kept_count(self.default_density if density is None else density,
+                       self.d_ffn, self.pad_multiple)
+        key = (prompt, k)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        start = time.perf_counter()
+        scores = self.selector.scores(prompt)
+        selection = Selection(
+            indices=tuple(top_k(scores, k)), d_ffn=self.d_ffn,
+            seconds=time.perf_counter() - start, source=self.selector.name, scores=scores,
+        )
+        self._cache[key] = selection
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return selection
+
+    def apply(self, selection: Selection | Sequence[Sequence[int]] | None | str) -> ApplyStats:
+        """Pin a selection (a Selection, per-layer index arrays, or None for dense).
+
+        apply("auto") unpins: later calls select per prompt again. The rows are swapped
+        in place; on failure the previous selection stays applied and an error is raised.
+        """
+        if isinstance(selection, str):
+            if selection != "auto":
+                raise SelectionError(f"apply() takes a Selection, index arrays, None or \"auto\"; got {selection!r}")
+            self._pinned, self._pinned_selection = False, None
+            return ApplyStats([0] * self.n_layers)
+        if selection is not None and not isinstance(selection, Selection):
+            selection = Selection.from_indices(selection, self.d_ffn, self.n_layers)
+        if selection is not None and selection.d_ffn != self.d_ffn:
+            raise SelectionError(f"selection is for d_ffn={selection.d_ffn}, the model has {self.d_ffn}")
+        stats = self._apply(selection)
+        self._pinned, self._pinned_selection = True, selection
+        return stats
+
+    def _apply(self, selection: Selection | None) -> ApplyStats:
+        if selection is self.applied:
+            return ApplyStats([0] * self.n_layers)
+        self.last_apply = apply_selection(self.mlps, None if selection is None else list(selection.indices))
+        self.applied = selection
+        return self.last_apply
+
+    def prepare(self, prompt: Prompt, density: float | None = None) -> Selection | None:
+        """Apply the selection a generation call on `prompt` uses, and return it."""
+        if self._pinned and density is None:
+            target = self._pinned_selection
+        else:
+            target = self.select(_selector_text(prompt), density)
+        self._apply(target)
+        return target
+
+    # -- generation --------------------------------------------------------------------
+
+    def prompt_tokens(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt (a string or chat messages), chat template applied if any."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if getattr(self.tokenizer, "chat_template", None):
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return self.tokenizer.encode("\n".join(m["content"] for m in messages))
+
+    def stream_responses(self, prompt: Prompt, *, max_tokens: int = 256, density: float | None = None,
+                         temp: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                         prompt_cache: list | None = None, tokens: list[int] | None = None
+                         ) -> Iterator[GenerationResponse]:
+        """Select, apply and generate; yields mlx-lm GenerationResponses as tokens come.
+
+        Args:
+            prompt: the user's text, or chat messages [{"role", "content"}, ...].
+            max_tokens: most tokens to generate.
+            density: fraction of FFN channels to keep for this call (default: the pin, or
+                the bundle's default density).
+            temp, top_p: sampling (temp 0 is greedy).
+            seed: seed of the sampler, for reproducible sampling.
+            prompt_cache: an mlx-lm KV cache to extend (it must match the applied mask).
+            tokens: the token ids to feed instead of the templated prompt (with prompt_cache).
+        """
+        self.prepare(prompt, density)
+        if seed is not None:
+            mx.random.seed(seed)
+        ids = self.prompt_tokens(prompt) if tokens is None else tokens
+        yield from stream_generate(
+            self.model, self.tokenizer, mx.array(ids, dtype=mx.int32), max_tokens=max_tokens,
+            sampler=make_sampler(temp=temp, top_p=top_p), prompt_cache=prompt_cache,
+        )
+
+    def stream(self, prompt: Prompt, **options) -> Iterator[str]:
+        """Like generate(), but yields text pieces as they are decoded."""
+        for response in self.stream_responses(prompt, **options):
+            yield response.text
+
+    def generate(self, prompt: Prompt, **options) -> str:
+        """Select channels for the prompt, apply them and return the generated text.
+
+        Options are those of stream_responses(): max_tokens, density, temp, top_p, seed.
+        """
+        return "".join(self.stream(prompt, **options))
+
+    # -- facts -------------------------------------------------------------------------
+
+    @property
+    def has_predictor(self) -> bool:
+        return isinstance(self.selector, PredictorSelector)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the LLM's parameters (the predictor's not included)."""
+        return sum(v.nbytes for _, v in nn.utils.tree_flatten(self.model.parameters()))
+
+    def save(self, out: Path, *, force: bool = False) -> Path:
+        """Write this model (dense, original channel order) and its tokenizer as a bundle."""
+        if self.has_predictor:
+            raise BundleError("saving an engine with a predictor is the converter's job (ifprune convert)")
+        if self.path is None:
+            raise BundleError("this engine was not loaded from a folder; its tokenizer files are unknown")
+        weights = {}
+        for name, value in nn.utils.tree_flatten(self.model.parameters()):
+            if ".mlp." in name and not name.endswith("down_proj.bias"):
+                layer = int(name.split(".layers.")[1].split(".")[0])
+                value = value[mx.array(np.argsort(self.mlps[layer].perm).astype(np.int32))]
+            weights[name] = value
+        config = {k: v for k, v in self.config.items() if k != "ifpruning"}
+        return bundle.write_bundle(out, config=config, weights=weights, tokenizer_dir=self.path,
+                                   default_density=self.default_density,
+                                   pad_multiple=self.pad_multiple, force=force)
+
+
+def _selector_text(prompt: Prompt) -> str:
+    """What the selector reads: the prompt, or the last user message of a chat."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    if not users:
+        raise SelectionError("chat messages hold no user message to select channels from")
+    return users[-1]
+
+
+def _read_model(folder: Path, config: dict) -> nn.Module:
+    """The LLM of a bundle (row layout) or of a plain float model folder (converted here)."""
+    is_bundle = bundle.ifpruning_block(config, folder) is not None
+    model = build_model(config)
+    weights = bundle.read_safetensors(bundle.weight_files(folder))
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    quantization = config.get("quantization")
+    if quantization and not is_bundle:
+        raise BundleError(
+            f"{folder}: a quantized plain model cannot be put in row layout at load; convert "
+            "the float model with `ifprune convert SRC OUT --quantize 4`"
+        )
+    if quantization:
+        quantize_like(model, quantization, weights)
+    if not is_bundle:
+        for name in [n for n in weights if n.endswith("mlp.down_proj.weight")]:
+            weights[name] = mx.contiguous(weights[name].T)  # [d_model, d_ffn] -> rows
+    load_weights(model, weights, str(folder))
+    return model
+
+
+def load(path: str | Path, *, cache_size: int = 64) -> Engine:
+    """Load a bundle, or a plain mlx-lm / Hugging Face float model folder, as an Engine.
+
+    Args:
+        path: the folder.
+        cache_size: how many selections to keep (LRU, keyed by prompt and density).
+    """
+    folder = Path(path).expanduser()
+    config = bundle.read_config(folder)
+    block = bundle.ifpruning_block(config, folder) or {}
+    model = _read_model(folder, config)
+    try:
+        tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:  # transformers raises many types for a broken tokenizer
+        raise BundleError(f"{folder}: cannot load the tokenizer ({e}); copy its tokenizer files into the folder") from e
+    mlps = prunable_mlps(model)
+    predictor = selector_tokenizer = None
+    if block.get("predictor"):
+        pdir = folder / block["predictor"]
+        predictor = load_predictor(pdir, len(mlps), mlps[0].d_ffn)
+        if (pdir / "tokenizer_config.json").is_file() or (pdir / "tokenizer.json").is_file():
+            selector_tokenizer = load_tokenizer(pdir)
+    return Engine(model, tokenizer, config, selector_tokenizer, predictor,
+                  default_density=block.get("default_density"),
+                  pad_multiple=block.get("pad_multiple", 32), cache_size=cache_size, path=folder)

@@ -1,0 +1,93 @@
+"""Build mlx-lm models with a PrunableMLP in every layer, and load weights into them."""
+
+from __future__ import annotations
+
+import importlib
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import BundleError, UnsupportedArchitectureError
+from .prune import PrunableMLP
+
+# model_type -> mlx-lm module. Each has a SwiGLU MLP with gate/up/down projections.
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def model_classes(config: dict):
+    """The mlx-lm (Model, ModelArgs) classes for a config, or UnsupportedArchitectureError."""
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"model_type {model_type!r} is not supported; supported: "
+            f"{', '.join(sorted(ARCHITECTURES))}"
+        )
+    module = importlib.import_module(f"mlx_lm.models.{ARCHITECTURES[model_type]}")
+    return module.Model, module.ModelArgs
+
+
+def build_model(config: dict, prunable: bool = True) -> nn.Module:
+    """Instantiate the mlx-lm model of `config`; with `prunable`, swap in PrunableMLPs."""
+    model_class, args_class = model_classes(config)
+    try:
+        model = model_class(args_class.from_dict(config))
+    except (TypeError, KeyError, ValueError) as e:
+        raise BundleError(f"config.json does not describe a {config['model_type']} model: {e}") from e
+    if prunable:
+        bias = bool(config.get("mlp_bias", False))
+        for layer in model.layers:
+            d_ffn, d_model = layer.mlp.gate_proj.weight.shape
+            layer.mlp = PrunableMLP(d_model, d_ffn, bias)
+    return model
+
+
+def prunable_mlps(model: nn.Module) -> list[PrunableMLP]:
+    return [layer.mlp for layer in model.layers]
+
+
+def quantize_like(model: nn.Module, quantization: dict, weights: dict) -> None:
+    """Quantize the modules whose `scales` the weights carry, as mlx-lm does at load."""
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=lambda path, m: hasattr(m, "to_quantized") and f"{path}.scales" in weights,
+    )
+
+
+def load_weights(model: nn.Module, weights: dict[str, mx.array], where: str) -> None:
+    """Check names, shapes and dtypes of `weights` against `model`, then load them.
+
+    Evaluates layer by layer so a lazily loaded (or transposed) checkpoint never holds much
+    more than the weights' size in memory.
+    """
+    expected = dict(nn.utils.tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise BundleError(
+            f"{where}: {len(missing)} weights are missing, e.g. {missing[0]!r}; "
+            "the files do not match config.json (re-convert the model)"
+        )
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise BundleError(
+            f"{where}: unexpected weight {unexpected[0]!r} ({len(unexpected)} in all); "
+            "the files do not match config.json"
+        )
+    for name, value in weights.items():
+        want = expected[name]
+        if tuple(value.shape) != tuple(want.shape):
+            raise BundleError(
+                f"{where}: weight {name!r} has shape {tuple(value.shape)}, config.json implies "
+                f"{tuple(want.shape)}"
+            )
+        if (value.dtype == mx.uint32) != (want.dtype == mx.uint32):
+            raise BundleError(
+                f"{where}: weight {name!r} has dtype {value.dtype}, expected "
+                f"{'uint32 (quantized)' if want.dtype == mx.uint32 else 'a float dtype'}"
+            )
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    for part in [*model.layers, model]:
+        mx.eval(part.parameters())

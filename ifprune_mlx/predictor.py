@@ -1,0 +1,82 @@
+"""The sparsity predictor: a small LM backbone and a two-layer head.
+
+scores = head2(head1(h)) reshaped layer-major to [n_layers, d_ffn], where h is the
+backbone's last hidden state (after its final norm) at the prompt's last token. The
+prompt is the raw user text, tokenized with the predictor's tokenizer and its default
+special tokens (no chat template).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .bundle import read_config, read_safetensors, weight_files
+from .errors import BundleError, PredictorError
+from .models import build_model, load_weights, quantize_like
+
+HEAD_WIDTH = 128
+
+
+class Predictor(nn.Module):
+    """Backbone + head mapping a prompt's token ids to channel scores [n_layers, d_ffn]."""
+
+    def __init__(self, backbone: nn.Module, d_model: int, n_layers: int, d_ffn: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head1 = nn.Linear(d_model, HEAD_WIDTH)
+        self.head2 = nn.Linear(HEAD_WIDTH, n_layers * d_ffn)
+        self.n_layers, self.d_ffn = n_layers, d_ffn
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        h = self.backbone.model(tokens[None])[0, -1]  # (d_model,) last token, after final norm
+        scores = self.head2(self.head1(h.astype(self.head1.weight.dtype)))
+        return scores.reshape(self.n_layers, self.d_ffn)
+
+    def scores(self, tokens: list[int]) -> np.ndarray:
+        """Channel scores of one prompt as float32 numpy, [n_layers, d_ffn]."""
+        if not tokens:
+            raise PredictorError("the predictor needs a non-empty prompt")
+        out = self(mx.array(tokens, dtype=mx.int32)).astype(mx.float32)
+        return np.array(out)
+
+
+def load_predictor(folder: Path, n_layers: int, d_ffn: int) -> Predictor:
+    """Load predictor/ of a bundle and check that its head fits an LLM of this shape."""
+    folder = Path(folder)
+    try:
+        config = read_config(folder)
+        backbone = build_model(config, prunable=False)
+        weights = read_safetensors(weight_files(folder))
+    except BundleError as e:
+        raise PredictorError(f"predictor: {e}") from e
+    if "quantization" in config:
+        quantize_like(backbone, config["quantization"], weights)
+    load_weights(backbone, weights, str(folder))
+
+    head_path = folder / "head.safetensors"
+    if not head_path.is_file():
+        raise PredictorError(f"{head_path}: missing; the predictor needs its head weights")
+    head = read_safetensors([head_path])
+    d_model = config["hidden_size"]
+    expected = {
+        "head1.weight": (HEAD_WIDTH, d_model), "head1.bias": (HEAD_WIDTH,),
+        "head2.weight": (n_layers * d_ffn, HEAD_WIDTH), "head2.bias": (n_layers * d_ffn,),
+    }
+    for name, shape in expected.items():
+        if name not in head:
+            raise PredictorError(f"{head_path}: tensor {name!r} is missing")
+        if tuple(head[name].shape) != shape:
+            raise PredictorError(
+                f"{head_path}: {name} has shape {tuple(head[name].shape)}, expected {shape} "
+                f"for an LLM with {n_layers} layers x {d_ffn} FFN channels and a predictor of "
+                f"width {d_model}; this predictor was trained for another LLM"
+            )
+    predictor = Predictor(backbone, d_model, n_layers, d_ffn)
+    predictor.head1.update({"weight": head["head1.weight"], "bias": head["head1.bias"]})
+    predictor.head2.update({"weight": head["head2.weight"], "bias": head["head2.bias"]})
+    mx.eval(predictor.parameters())
+    return predictor

@@ -1,0 +1,206 @@
+"""The prunable FFN and the in-place row-swap engine.
+
+Row layout: channel j of a layer is row j of gate_proj, of up_proj and of down_proj stored
+transposed ([d_ffn, d_model]). Each PrunableMLP keeps a permutation `perm` (position ->
+original channel id) and a prefix length `k`; it computes on the zero-copy slices W[:k].
+
+Applying a selection S of k channels makes positions [0, k) hold exactly S:
+  incoming = positions >= k whose channel is in S        (sorted)
+  outgoing = positions <  k whose channel is not in S    (sorted)
+  swap rows incoming[i] <-> outgoing[i] in every row array of the layer.
+The work is one gather and one scatter per array, sized by the channels that change, not by
+the model. The rows are evaluated before the scatter so MLX writes into the existing buffer
+(no second copy of any weight). Order inside the prefix does not matter: the FFN output is
+a sum over its channels, so the pruned model equals the dense one with the others zeroed.
+
+A failed apply (error or Ctrl-C) swaps back what it had swapped: swaps are involutions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.activations import swiglu
+
+from .errors import SelectionError
+
+
+class RowLinear(nn.Module):
+    """A linear map whose FFN channels are the rows of `weight` [d_ffn, d_model].
+
+    `channel_in=False` (gate, up): y = x @ W[:k].T (+ bias[:k]), channels are outputs.
+    `channel_in=True` (down):      y = h @ W[:k]   (+ bias),    channels are inputs.
+    """
+
+    def __init__(self, d_ffn: int, d_model: int, bias: bool = False, channel_in: bool = False):
+        super().__init__()
+        self.channel_in = channel_in
+        self.weight = mx.zeros((d_ffn, d_model))
+        if bias:
+            self.bias = mx.zeros((d_model,) if channel_in else (d_ffn,))
+
+    def __call__(self, x: mx.array, k: int) -> mx.array:
+        w = self.weight[:k]
+        y = x @ w if self.channel_in else x @ w.T
+        if "bias" in self:
+            y = y + (self.bias if self.channel_in else self.bias[:k])
+        return y
+
+    def row_arrays(self) -> list[str]:
+        """Names of the arrays whose rows are channels."""
+        return ["weight"] if self.channel_in or "bias" not in self else ["weight", "bias"]
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
+        return QuantizedRowLinear.from_row_linear(self, group_size, bits, mode)
+
+
+class QuantizedRowLinear(nn.Module):
+    """RowLinear with affine-quantized rows: weight, scales and biases rows move together.
+
+    Groups run along d_model for every matrix, so rows stay independently selectable.
+    """
+
+    def __init__(self, d_ffn: int, d_model: int, bias: bool = False, channel_in: bool = False,
+                 group_size: int = 64, bits: int = 4, mode: str = "affine"):
+        super().__init__()
+        if mode != "affine" or bits not in (4, 8):
+            raise ValueError(f"quantized FFN rows support affine 4- or 8-bit, got {mode} {bits}-bit")
+        self.channel_in = channel_in
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.weight, self.scales, self.biases = mx.quantize(
+            mx.zeros((d_ffn, d_model)), group_size=group_size, bits=bits
+        )
+        if bias:
+            self.bias = mx.zeros((d_model,) if channel_in else (d_ffn,))
+        self.freeze()
+
+    @classmethod
+    def from_row_linear(cls, layer: RowLinear, group_size: int, bits: int, mode: str = "affine"):
+        d_ffn, d_model = layer.weight.shape
+        q = cls(d_ffn, d_model, "bias" in layer, layer.channel_in, group_size, bits, mode)
+        q.weight, q.scales, q.biases = mx.quantize(layer.weight, group_size=group_size, bits=bits)
+        if "bias" in layer:
+            q.bias = layer.bias
+        return q
+
+    def __call__(self, x: mx.array, k: int) -> mx.array:
+        y = mx.quantized_matmul(
+            x, self.weight[:k], self.scales[:k], self.biases[:k],
+            transpose=not self.channel_in, group_size=self.group_size, bits=self.bits,
+        )
+        if "bias" in self:
+            y = y + (self.bias if self.channel_in else self.bias[:k])
+        return y
+
+    def row_arrays(self) -> list[str]:
+        rows = ["weight", "scales", "biases"]
+        return rows if self.channel_in or "bias" not in self else rows + ["bias"]
+
+
+class PrunableMLP(nn.Module):
+    """SwiGLU FFN in row layout that computes on its first `k` channels only."""
+
+    def __init__(self, d_model: int, d_ffn: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = RowLinear(d_ffn, d_model, bias)
+        self.up_proj = RowLinear(d_ffn, d_model, bias)
+        self.down_proj = RowLinear(d_ffn, d_model, bias, channel_in=True)
+        self.d_ffn = d_ffn
+        self.k = d_ffn
+        self.perm = np.arange(d_ffn)  # position -> original channel id
+        self.observer = None  # called with the [.., k] activations (training-free selector)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = swiglu(self.gate_proj(x, self.k), self.up_proj(x, self.k))
+        if self.observer is not None:
+            self.observer(h)
+        return self.down_proj(h, self.k)
+
+    def kept(self) -> np.ndarray:
+        """Original ids of the channels in use, sorted."""
+        return np.sort(self.perm[: self.k])
+
+    def row_arrays(self) -> list[tuple[nn.Module, str]]:
+        return [(m, name) for m in (self.gate_proj, self.up_proj, self.down_proj)
+                for name in m.row_arrays()]
+
+
+@dataclass
+class ApplyStats:
+    """What one apply did: rows swapped per layer and in all."""
+
+    swaps_per_layer: list[int]
+
+    @property
+    def swaps(self) -> int:
+        return sum(self.swaps_per_layer)
+
+
+def plan_swaps(perm: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions to swap so that positions [0, len(keep)) hold exactly the channels `keep`.
+
+    Returns (incoming, outgoing): equal-length sorted position arrays.
+    """
+    k = len(keep)
+    wanted = np.zeros(len(perm), dtype=bool)
+    wanted[keep] = True
+    in_prefix = wanted[perm]
+    incoming = k + np.flatnonzero(in_prefix[k:])
+    outgoing = np.flatnonzero(~in_prefix[:k])
+    return incoming, outgoing
+
+
+def _swap_rows(module: nn.Module, name: str, a: mx.array, b: mx.array) -> None:
+    """Swap rows a[i] <-> b[i] of module[name] in place."""
+    w = module[name]
+    rows = w[mx.concatenate([b, a])]
+    mx.eval(rows)  # evaluated before the write, so the scatter reuses w's buffer
+    w[mx.concatenate([a, b])] = rows
+    mx.eval(w)
+
+
+def _swap_layer(mlp: PrunableMLP, a: np.ndarray, b: np.ndarray) -> None:
+    if len(a) == 0:
+        return
+    a, b = mx.array(a.astype(np.int32)), mx.array(b.astype(np.int32))
+    done = []
+    try:
+        for module, name in mlp.row_arrays():
+            _swap_rows(module, name, a, b)
+            done.append((module, name))
+    except BaseException:
+        for module, name in reversed(done):
+            _swap_rows(module, name, a, b)
+        raise
+
+
+def apply_selection(mlps: list[PrunableMLP], keep: list[np.ndarray] | None) -> ApplyStats:
+    """Make every layer compute on exactly its `keep` channels (None: all channels).
+
+    Transactional: on any error, including KeyboardInterrupt, every layer is swapped back
+    to the selection it had before and the error is re-raised.
+    """
+    if keep is None:
+        for mlp in mlps:
+            mlp.k = mlp.d_ffn
+        return ApplyStats([0] * len(mlps))
+    if len(keep) != len(mlps):
+        raise SelectionError(f"selection has {len(keep)} layers, the model has {len(mlps)}")
+    plans = [plan_swaps(mlp.perm, ids) for mlp, ids in zip(mlps, keep)]
+    done: list[tuple[PrunableMLP, np.ndarray, np.ndarray, int]] = []
+    try:
+        for mlp, ids, (a, b) in zip(mlps, keep, plans):
+            _swap_layer(mlp, a, b)
+            done.append((mlp, a, b, mlp.k))
+            mlp.perm[a], mlp.perm[b] = mlp.perm[b], mlp.perm[a].copy()
+            mlp.k = len(ids)
+    except BaseException:
+        for mlp, a, b, old_k in reversed(done):
+            _swap_layer(mlp, a, b)
+            mlp.perm[a], mlp.perm[b] = mlp.perm[b], mlp.perm[a].copy()
+            mlp.k = old_k
+        raise
+    return ApplyStats([len(a) for a, _ in plans])

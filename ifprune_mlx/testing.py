@@ -1,0 +1,135 @@
+"""Tiny random models for tests, examples and benchmarks: nothing is downloaded.
+
+make_tokenizer() trains a byte-level BPE tokenizer on a few sentences; make_model_folder()
+writes a random mlx-lm model (a plain folder); make_bundle() adds a random predictor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .bundle import save_safetensors, write_bundle
+from .models import build_model
+from .predictor import HEAD_WIDTH
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+_CORPUS = [
+    "Write a Python function that reverses a list.",
+    "Translate the sentence into French, please.",
+    "What is the sum of 12 and 30? The answer is 42.",
+    "Sort these numbers: 5 3 9 1. Count the letters in pruning.",
+    "Once upon a time a small model learned to compute like a big one.",
+]
+
+
+def make_tokenizer(folder: Path, vocab_size: int = 320) -> Path:
+    """Train and save a tiny byte-level BPE tokenizer with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def model_config(model_type: str = "llama", *, hidden_size: int = 64, num_hidden_layers: int = 2,
+                 intermediate_size: int = 256, vocab_size: int = 320, **extra) -> dict:
+    """A config.json dict for a tiny model of an mlx-lm architecture."""
+    config = {
+        "model_type": model_type, "hidden_size": hidden_size,
+        "num_hidden_layers": num_hidden_layers, "intermediate_size": intermediate_size,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+        "vocab_size": vocab_size, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "max_position_embeddings": 2048,
+    }
+    if model_type == "qwen3":
+        config["head_dim"] = hidden_size // 4
+    config.update(extra)
+    return config
+
+
+def random_weights(config: dict, seed: int = 0) -> dict[str, mx.array]:
+    """Random float32 weights of an mlx-lm model, in mlx-lm's standard (non-row) layout."""
+    mx.random.seed(seed)
+    model = build_model(config, prunable=False)
+    weights = dict(nn.utils.tree_flatten(model.parameters()))
+    mx.eval(weights)
+    return weights
+
+
+def make_model_folder(folder: Path, config: dict | None = None, seed: int = 0) -> Path:
+    """Write a plain mlx-lm model folder (config, random weights, tokenizer)."""
+    folder = Path(folder)
+    config = config or model_config()
+    make_tokenizer(folder, config["vocab_size"])
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_safetensors(folder / "model.safetensors", random_weights(config, seed))
+    return folder
+
+
+def to_rows(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Standard layout -> row layout: transpose every down_proj weight."""
+    return {k: mx.contiguous(v.T) if k.endswith("mlp.down_proj.weight") else v
+            for k, v in weights.items()}
+
+
+def random_predictor(config: dict, d_pred: int = 32, seed: int = 1) -> dict:
+    """A random predictor for an LLM config: tiny qwen2 backbone + head (write_bundle format)."""
+    pconfig = model_config("qwen2", hidden_size=d_pred, num_hidden_layers=1,
+                           intermediate_size=2 * d_pred, vocab_size=config["vocab_size"],
+                           tie_word_embeddings=True)
+    weights = random_weights(pconfig, seed)
+    n_out = config["num_hidden_layers"] * config["intermediate_size"]
+    mx.random.seed(seed + 1)
+    head = {
+        "head1.weight": mx.random.normal((HEAD_WIDTH, d_pred)) / d_pred**0.5,
+        "head1.bias": mx.zeros((HEAD_WIDTH,)),
+        "head2.weight": mx.random.normal((n_out, HEAD_WIDTH)) / HEAD_WIDTH**0.5,
+        "head2.bias": mx.random.normal((n_out,)) * 0.1,
+    }
+    return {"config": pconfig, "weights": weights, "head": head}
+
+
+def make_bundle(folder: Path, config: dict | None = None, *, seed: int = 0,
+                predictor: bool = True, quantize_bits: int | None = None, force: bool = False) -> Path:
+    """Write a bundle of a random model (with a random predictor unless predictor=False)."""
+    folder = Path(folder)
+    config = dict(config or model_config())
+    tok_dir = make_tokenizer(folder.parent / f".{folder.name}-tokenizer", config["vocab_size"])
+    weights = to_rows(random_weights(config, seed))
+    if quantize_bits:
+        weights, config = quantize_rows(weights, config, quantize_bits)
+    return write_bundle(folder, config=config, weights=weights, tokenizer_dir=tok_dir,
+                        predictor=random_predictor(config) if predictor else None, force=force)
+
+
+def quantize_rows(weights: dict[str, mx.array], config: dict, bits: int,
+                  group_size: int = 32) -> tuple[dict, dict]:
+    """Affine-quantize every 2-D linear weight (row layout kept) and the embeddings."""
+    out = {}
+    for name, value in weights.items():
+        if name.endswith(".weight") and value.ndim == 2 and "norm" not in name:
+            base = name[: -len(".weight")]
+            out[name], out[f"{base}.scales"], out[f"{base}.biases"] = mx.quantize(
+                value, group_size=group_size, bits=bits)
+        else:
+            out[name] = value
+    config = dict(config, quantization={"group_size": group_size, "bits": bits})
+    return out, config
