@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -207,7 +207,7 @@ def _selector_text(prompt: Prompt) -> str:
     return users[-1]
 
 
-def _read_model(folder: Path, config: dict) -> nn.Module:
+def _read_model(folder: Path, config: dict, on_progress=None) -> nn.Module:
     """The LLM of a bundle (row layout) or of a plain float model folder (converted here)."""
     is_bundle = bundle.ifpruning_block(config, folder) is not None
     model = build_model(config)
@@ -225,21 +225,23 @@ def _read_model(folder: Path, config: dict) -> nn.Module:
     if not is_bundle:
         for name in [n for n in weights if n.endswith("mlp.down_proj.weight")]:
             weights[name] = mx.contiguous(weights[name].T)  # [d_model, d_ffn] -> rows
-    load_weights(model, weights, str(folder))
+    load_weights(model, weights, str(folder), on_progress)
     return model
 
 
-def load(path: str | Path, *, cache_size: int = 64) -> Engine:
+def load(path: str | Path, *, cache_size: int = 64,
+         on_progress: Callable[[int, int], None] | None = None) -> Engine:
     """Load a bundle, or a plain mlx-lm / Hugging Face float model folder, as an Engine.
 
     Args:
         path: the folder.
         cache_size: how many selections to keep (LRU, keyed by prompt and density).
+        on_progress: called as on_progress(done, total) while the LLM's layers load.
     """
     folder = Path(path).expanduser()
     config = bundle.read_config(folder)
     block = bundle.ifpruning_block(config, folder) or {}
-    model = _read_model(folder, config)
+    model = _read_model(folder, config, on_progress)
     try:
         tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
     except Exception as e:  # transformers raises many types for a broken tokenizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -56,11 +57,12 @@ def quantize_like(model: nn.Module, quantization: dict, weights: dict) -> None:
     )
 
 
-def load_weights(model: nn.Module, weights: dict[str, mx.array], where: str) -> None:
+def load_weights(model: nn.Module, weights: dict[str, mx.array], where: str,
+                 on_progress: Callable[[int, int], None] | None = None) -> None:
     """Check names, shapes and dtypes of `weights` against `model`, then load them.
 
     Evaluates layer by layer so a lazily loaded (or transposed) checkpoint never holds much
-    more than the weights' size in memory.
+    more than the weights' size in memory; on_progress(done, total) is called after each.
     """
     expected = dict(nn.utils.tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
@@ -89,5 +91,8 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array], where: str) -> 
             )
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
-    for part in [*model.layers, model]:
+    parts = [*model.layers, model]
+    for done, part in enumerate(parts, 1):
         mx.eval(part.parameters())
+        if on_progress:
+            on_progress(done, len(parts))
