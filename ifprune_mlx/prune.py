@@ -8,7 +8,7 @@ Applying a selection S of k channels makes positions [0, k) hold exactly S:
   incoming = positions >= k whose channel is in S        (sorted)
   outgoing = positions <  k whose channel is not in S    (sorted)
   swap rows incoming[i] <-> outgoing[i] in every row array of the layer.
-The work is one gather and one scatter per array, sized by the channels that change, not by
+The work is a few gathers and scatters per array, sized by the channels that change, not by
 the model. The rows are evaluated before the scatter so MLX writes into the existing buffer
 (no second copy of any weight). Order inside the prefix does not matter: the FFN output is
 a sum over its channels, so the pruned model equals the dense one with the others zeroed.
@@ -154,12 +154,19 @@ def plan_swaps(perm: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def _swap_rows(module: nn.Module, name: str, a: mx.array, b: mx.array) -> None:
-    """Swap rows a[i] <-> b[i] of module[name] in place."""
+    """Swap rows a[i] <-> b[i] of module[name] in place.
+
+    In chunks of at most 1/64 of the rows, so the gathered rows in flight stay below
+    1/32 of one matrix.
+    """
     w = module[name]
-    rows = w[mx.concatenate([b, a])]
-    mx.eval(rows)  # evaluated before the write, so the scatter reuses w's buffer
-    w[mx.concatenate([a, b])] = rows
-    mx.eval(w)
+    step = max(16, w.shape[0] // 64)
+    for i in range(0, a.shape[0], step):
+        ca, cb = a[i : i + step], b[i : i + step]
+        rows = w[mx.concatenate([cb, ca])]
+        mx.eval(rows)  # evaluated before the write, so the scatter reuses w's buffer
+        w[mx.concatenate([ca, cb])] = rows
+        mx.eval(w)
 
 
 def _swap_layer(mlp: PrunableMLP, a: np.ndarray, b: np.ndarray) -> None:

@@ -1,0 +1,28 @@
+"""Tiny models built here, never downloaded."""
+
+import pytest
+
+from ifprune_mlx import testing
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def plain_dir(models_dir):
+    """A plain mlx-lm llama folder (standard FFN layout), float32, random weights."""
+    return testing.make_model_folder(models_dir / "plain")
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(models_dir):
+    """A float32 bundle with a random predictor."""
+    return testing.make_bundle(models_dir / "bundle")
+
+
+@pytest.fixture(scope="session")
+def q4_bundle_dir(models_dir):
+    """A 4-bit bundle with a random predictor."""
+    return testing.make_bundle(models_dir / "bundle-q4", quantize_bits=4)

@@ -1,0 +1,173 @@
+"""The in-place selection engine: exactness, memory, cost proportional to the change."""
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ifprune_mlx as ifp
+from ifprune_mlx.models import build_model
+from ifprune_mlx.prune import QuantizedRowLinear, RowLinear, apply_selection, plan_swaps
+from ifprune_mlx.testing import model_config
+
+TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 64]])
+
+
+def zeroed_reference(reference, selection):
+    """Make `reference` (a dense, never permuted engine) compute with only `selection` kept,
+    by zeroing the gate rows (weights, or scales and biases) of the dropped channels."""
+    for mlp, pristine, keep in zip(reference.mlps, reference._pristine, selection):
+        mask = np.zeros(mlp.d_ffn, dtype=np.float32)
+        mask[np.arange(mlp.d_ffn) if keep is None else keep] = 1
+        mask = mx.array(mask)[:, None]
+        for name, value in pristine.items():
+            mlp.gate_proj[name] = value * mask.astype(value.dtype)
+
+
+def make_reference(path):
+    reference = ifp.load(path)
+    names = ["scales", "biases"] if isinstance(reference.mlps[0].gate_proj, QuantizedRowLinear) else ["weight"]
+    reference._pristine = [{n: mlp.gate_proj[n] for n in names} for mlp in reference.mlps]
+    return reference
+
+
+@pytest.fixture(scope="module", params=["float32", "4-bit"])
+def engines(request, bundle_dir, q4_bundle_dir):
+    path = bundle_dir if request.param == "float32" else q4_bundle_dir
+    return ifp.load(path), make_reference(path)
+
+
+def random_selection(rng, n_layers, d_ffn):
+    return [np.sort(rng.choice(d_ffn, size=int(rng.integers(1, d_ffn + 1)), replace=False))
+            for _ in range(n_layers)]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seeds=st.lists(st.one_of(st.none(), st.integers(0, 2**31)), min_size=1, max_size=5))
+def test_pruned_equals_dense_with_dropped_channels_zeroed(engines, seeds):
+    engine, reference = engines
+    for seed in seeds:
+        if seed is None:
+            keep = [None] * engine.n_layers
+            engine.apply(None)
+        else:
+            keep = random_selection(np.random.default_rng(seed), engine.n_layers, engine.d_ffn)
+            engine.apply(keep)
+            assert [m.kept().tolist() for m in engine.mlps] == [k.tolist() for k in keep]
+        zeroed_reference(reference, keep)
+        diff = mx.abs(engine.model(TOKENS) - reference.model(TOKENS)).max().item()
+        assert diff <= 1e-4
+
+
+def test_apply_a_b_a_equals_a_fresh(bundle_dir):
+    rng = np.random.default_rng(0)
+    engine = ifp.load(bundle_dir)
+    a = random_selection(rng, engine.n_layers, engine.d_ffn)
+    b = random_selection(rng, engine.n_layers, engine.d_ffn)
+    for sel in (a, b, a):
+        engine.apply(sel)
+    fresh = ifp.load(bundle_dir)
+    fresh.apply(a)
+    assert mx.abs(engine.model(TOKENS) - fresh.model(TOKENS)).max().item() <= 1e-5
+
+
+def test_float_pruned_matches_mlx_lm_with_zeroed_channels(plain_dir):
+    """Against mlx-lm's own MLP: drop channels by zeroing gate rows of the original weights."""
+    from mlx_lm import load as mlx_lm_load
+
+    engine = ifp.load(plain_dir)
+    model, _ = mlx_lm_load(str(plain_dir))
+    keep = random_selection(np.random.default_rng(1), engine.n_layers, engine.d_ffn)
+    engine.apply(keep)
+    for layer, ids in zip(model.layers, keep):
+        mask = np.zeros(engine.d_ffn, dtype=np.float32)
+        mask[ids] = 1
+        layer.mlp.gate_proj.weight = layer.mlp.gate_proj.weight * mx.array(mask)[:, None]
+    assert mx.abs(engine.model(TOKENS) - model(TOKENS)).max().item() <= 1e-4
+
+
+def test_plan_swaps_moves_only_what_changes():
+    perm = np.arange(10)
+    incoming, outgoing = plan_swaps(perm, np.array([0, 1, 7]))
+    assert incoming.tolist() == [7] and outgoing.tolist() == [2]
+    assert [len(x) for x in plan_swaps(perm, np.arange(4))] == [0, 0]
+
+
+def big_mlps(d_model=512, d_ffn=2048, layers=4):
+    """Prunable MLPs of a ~50 MB model with random weights, built in memory."""
+    config = model_config(hidden_size=d_model, intermediate_size=d_ffn, num_hidden_layers=layers)
+    model = build_model(config)
+    mx.random.seed(0)
+    for layer in model.layers:
+        for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            proj.weight = mx.random.normal(proj.weight.shape)
+    mx.eval(model.parameters())
+    return model, [layer.mlp for layer in model.layers]
+
+
+def test_apply_writes_in_place_without_copying_weights():
+    model, mlps = big_mlps()
+    weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    assert weight_bytes >= 50e6
+    rng = np.random.default_rng(0)
+    d_ffn = mlps[0].d_ffn
+    mx.eval(model.parameters())
+    mx.synchronize()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    for _ in range(3):
+        apply_selection(mlps, [np.sort(rng.choice(d_ffn, d_ffn // 3, replace=False)) for _ in mlps])
+    growth = mx.get_peak_memory() - before
+    assert growth < 0.02 * weight_bytes, f"apply grew memory by {growth / weight_bytes:.1%} of the weights"
+
+
+@pytest.mark.parametrize("changed", [0, 32, 256, 682])
+def test_apply_cost_is_the_number_of_changed_channels(changed):
+    _, mlps = big_mlps(d_model=64, d_ffn=2048, layers=3)
+    rng = np.random.default_rng(changed)
+    d_ffn, k = 2048, 682
+    first = [np.sort(rng.choice(d_ffn, k, replace=False)) for _ in mlps]
+    apply_selection(mlps, first)
+    second = []
+    for ids in first:
+        dropped = rng.choice(ids, changed, replace=False)
+        added = rng.choice(np.setdiff1d(np.arange(d_ffn), ids), changed, replace=False)
+        second.append(np.sort(np.concatenate([np.setdiff1d(ids, dropped), added])))
+    stats = apply_selection(mlps, second)
+    assert stats.swaps_per_layer == [changed] * len(mlps)
+
+
+def test_failed_apply_rolls_back_every_layer(bundle_dir, monkeypatch):
+    import ifprune_mlx.prune as prune
+
+    engine = ifp.load(bundle_dir)
+    engine.apply([np.arange(64)] * engine.n_layers)
+    before_text = engine.generate("hello", max_tokens=8)
+    before_perm = [m.perm.copy() for m in engine.mlps]
+    real, calls = prune._swap_rows, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 5:  # fail in the second layer, after the first layer moved
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(prune, "_swap_rows", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        engine.apply([np.arange(100, 200)] * engine.n_layers)
+    monkeypatch.setattr(prune, "_swap_rows", real)
+    assert all((m.perm == p).all() for m, p in zip(engine.mlps, before_perm))
+    assert [m.k for m in engine.mlps] == [64] * engine.n_layers
+    assert engine.generate("hello", max_tokens=8) == before_text
+
+
+def test_quantized_rows_match_quantizing_sliced_rows():
+    w = mx.random.normal((128, 64))
+    layer = RowLinear(*w.shape)
+    layer.weight = w
+    q = QuantizedRowLinear.from_row_linear(layer, 32, 4)
+    wq, s, b = mx.quantize(w[:40], group_size=32, bits=4)
+    assert mx.array_equal(q.weight[:40], wq) and mx.array_equal(q.scales[:40], s)
+
