@@ -84,10 +84,13 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array], where: str,
                 f"{where}: weight {name!r} has shape {tuple(value.shape)}, config.json implies "
                 f"{tuple(want.shape)}"
             )
-        if (value.dtype == mx.uint32) != (want.dtype == mx.uint32):
+        kind = "uint32 (quantized)" if want.dtype == mx.uint32 else "a float dtype"
+        if (value.dtype == mx.uint32) != (want.dtype == mx.uint32) or (
+            want.dtype != mx.uint32 and not mx.issubdtype(value.dtype, mx.floating)
+        ):
             raise BundleError(
-                f"{where}: weight {name!r} has dtype {value.dtype}, expected "
-                f"{'uint32 (quantized)' if want.dtype == mx.uint32 else 'a float dtype'}"
+                f"{where}: weight {name!r} has dtype {str(value.dtype).split('.')[-1]}, "
+                f"expected {kind}; the files do not match config.json"
             )
     model.load_weights(list(weights.items()), strict=True)
     model.eval()

@@ -1,0 +1,176 @@
+"""The engine API: parity with mlx-lm, selection, pinning, caching, failures."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import ifprune_mlx as ifp
+from ifprune_mlx.errors import SelectionError
+
+PROMPT = "Write a Python function that reverses a list."
+
+
+@pytest.fixture(scope="module")
+def engine(bundle_dir):
+    return ifp.load(bundle_dir)
+
+
+def test_dense_path_matches_mlx_lm(plain_dir):
+    from mlx_lm import generate as mlx_lm_generate
+    from mlx_lm import load as mlx_lm_load
+
+    engine = ifp.load(plain_dir)
+    model, tokenizer = mlx_lm_load(str(plain_dir))
+    tokens = mx.array([[3, 14, 15, 92, 65, 35, 89, 79]])
+    assert mx.abs(engine.model(tokens) - model(tokens)).max().item() <= 1e-4
+    engine.apply(None)
+    ids = engine.prompt_tokens(PROMPT)
+    ours = engine.generate(PROMPT, max_tokens=24)
+    theirs = mlx_lm_generate(model, tokenizer, ids, max_tokens=24)
+    assert ours == theirs
+
+
+def test_saved_plain_model_reloads_as_an_equal_bundle(plain_dir, tmp_path):
+    engine = ifp.load(plain_dir)
+    engine.apply([np.arange(0, 256, 3)] * engine.n_layers)  # permute rows before saving
+    engine.save(tmp_path / "saved")
+    again = ifp.load(tmp_path / "saved")
+    engine.apply(None)
+    tokens = mx.array([[1, 2, 3, 4]])
+    assert mx.abs(engine.model(tokens) - again.model(tokens)).max().item() <= 1e-5
+    with pytest.raises(ifp.BundleError, match="already exists"):
+        engine.save(tmp_path / "saved")
+
+
+def test_select_is_deterministic_and_cached(engine):
+    first = engine.select(PROMPT, density=0.33)
+    calls = engine.selector.calls
+    again = engine.select(PROMPT, density=0.33)
+    assert engine.selector.calls == calls, "a cache hit must not run the backbone"
+    assert again is first
+    engine._cache.clear()
+    fresh = engine.select(PROMPT, density=0.33)
+    assert engine.selector.calls == calls + 1
+    assert all((a == b).all() for a, b in zip(first.indices, fresh.indices))
+    assert first.kept == [ifp.kept_count(0.33, engine.d_ffn)] * engine.n_layers
+    assert first.source == "predictor" and first.seconds > 0
+
+
+def test_selection_cache_is_bounded(bundle_dir):
+    engine = ifp.load(bundle_dir, cache_size=2)
+    for prompt in ("a", "b", "c"):
+        engine.select(prompt)
+    assert len(engine._cache) == 2 and ("a", engine.select("b").kept[0]) not in engine._cache
+
+
+def test_selections_differ_between_prompts_and_densities(engine):
+    a = engine.select("Sort these numbers: 5 3 9 1.", density=0.5)
+    b = engine.select("Once upon a time there was a model.", density=0.5)
+    assert any(not np.array_equal(x, y) for x, y in zip(a.indices, b.indices))
+    assert engine.select("Sort these numbers: 5 3 9 1.", density=0.25).kept[0] < a.kept[0]
+
+
+def test_generate_selects_per_prompt_and_pins(engine):
+    engine.apply("auto")
+    engine.generate(PROMPT, max_tokens=4)
+    assert engine.applied is engine.select(PROMPT)
+    pinned = engine.select("Translate the sentence into French.", density=0.5)
+    engine.apply(pinned)
+    engine.generate(PROMPT, max_tokens=4)
+    assert engine.applied is pinned
+    engine.generate(PROMPT, max_tokens=4, density=0.25)  # overrides the pin for one call
+    assert engine.applied.kept[0] == ifp.kept_count(0.25, engine.d_ffn)
+    engine.generate(PROMPT, max_tokens=4)
+    assert engine.applied is pinned
+    engine.apply(None)
+    engine.generate(PROMPT, max_tokens=4)
+    assert engine.applied is None and all(m.k == m.d_ffn for m in engine.mlps)
+    engine.apply("auto")
+    engine.generate(PROMPT, max_tokens=4)
+    assert engine.applied is engine.select(PROMPT)
+
+
+def test_stream_yields_the_generated_text(engine):
+    pieces = list(engine.stream(PROMPT, max_tokens=12))
+    assert len(pieces) > 1 and "".join(pieces) == engine.generate(PROMPT, max_tokens=12)
+
+
+def test_sampling_is_reproducible_with_a_seed(engine):
+    a = engine.generate(PROMPT, max_tokens=12, temp=1.0, seed=7)
+    b = engine.generate(PROMPT, max_tokens=12, temp=1.0, seed=7)
+    assert a == b
+
+
+def test_chat_messages_select_from_the_last_user_message(engine):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": PROMPT}]
+    engine.apply("auto")
+    engine.generate(messages, max_tokens=2)
+    assert engine.applied is engine.select(PROMPT)
+
+
+def test_training_free_selector_on_a_plain_model(plain_dir):
+    engine = ifp.load(plain_dir)
+    assert not engine.has_predictor and engine.default_density == 0.5
+    selection = engine.select(PROMPT)
+    assert selection.source == "activations"
+    assert selection.kept == [128] * engine.n_layers
+    engine.apply([np.arange(32)] * engine.n_layers)
+    assert (engine.select("other prompt").scores == engine.select("other prompt").scores).all()
+    # scoring runs dense and leaves the applied selection alone
+    assert [m.k for m in engine.mlps] == [32] * engine.n_layers
+
+
+BAD_SELECTIONS = [
+    (lambda e: [np.arange(10)] * (e.n_layers + 1), "one index array per layer"),
+    (lambda e: [np.array([0, 1, e.d_ffn])] * e.n_layers, "out of range"),
+    (lambda e: [np.array([-1, 2])] * e.n_layers, "out of range"),
+    (lambda e: [np.array([3, 3, 4])] * e.n_layers, "appears 2 times"),
+    (lambda e: [np.array([], dtype=int)] * e.n_layers, "keeps no channel"),
+    (lambda e: [np.array([0.5, 1.5])] * e.n_layers, "integers"),
+    (lambda e: "dense", "auto"),
+]
+
+
+@pytest.mark.parametrize("make, message", BAD_SELECTIONS)
+def test_bad_selection_is_refused_and_the_engine_still_works(engine, make, message):
+    engine.apply([np.arange(64)] * engine.n_layers)
+    before = engine.generate(PROMPT, max_tokens=8)
+    with pytest.raises(SelectionError, match=message):
+        engine.apply(make(engine))
+    assert engine.generate(PROMPT, max_tokens=8) == before
+
+
+@pytest.mark.parametrize("density", [0, -0.1, 1.5, float("nan"), "lots"])
+def test_bad_density_is_refused(engine, density):
+    engine.apply("auto")
+    before = engine.generate(PROMPT, max_tokens=8)
+    with pytest.raises(SelectionError, match=r"density must be"):
+        engine.generate(PROMPT, max_tokens=8, density=density)
+    with pytest.raises(SelectionError, match=r"density must be"):
+        engine.select(PROMPT, density=density)
+    assert engine.generate(PROMPT, max_tokens=8) == before
+
+
+def test_failed_swap_leaves_the_selection_and_the_text(engine, monkeypatch):
+    import ifprune_mlx.prune as prune
+
+    engine.apply(engine.select(PROMPT, density=0.25))
+    before = engine.generate(PROMPT, max_tokens=8)
+    applied = engine.applied
+
+    def broken(*args):
+        raise MemoryError("simulated allocation failure")
+
+    monkeypatch.setattr(prune, "_swap_rows", broken)
+    with pytest.raises(MemoryError):
+        engine.apply(engine.select(PROMPT, density=0.75))
+    monkeypatch.undo()
+    assert engine.applied is applied
+    assert engine.generate(PROMPT, max_tokens=8) == before
+
+
+def test_quantized_bundle_generates(q4_bundle_dir):
+    engine = ifp.load(q4_bundle_dir)
+    assert engine.config["quantization"]["bits"] == 4
+    assert isinstance(engine.generate(PROMPT, max_tokens=8), str)
