@@ -83,6 +83,9 @@ def generate(
 
 
 # Commands in their own modules register here.
+from .chat_cli import chat  # noqa: E402
+
+app.command()(chat)
 
 
 def main() -> None:

@@ -1,0 +1,304 @@
+"""Multi-turn chat on a pruned model: which mask each turn uses, and what happens to the KV cache.
+
+The paper leaves multi-turn open. A ChatSession decides, per turn, the FFN selection by a
+policy, and keeps one KV cache per mask:
+
+  per-task  (default) the first user message selects; later turns keep that mask, so each
+            turn prefills only its new tokens.
+  per-turn  every user message selects again. A new mask invalidates the KV cache (the
+            keys/values of earlier tokens were computed by other FFN channels), so the
+            turn prefills the whole conversation, unless a cache of that mask is kept:
+            caches are keyed by mask (LRU) and reused when a mask comes back.
+  off       dense: no selection, one cache.
+
+A cache holds the keys/values of a token prefix computed under one mask. For a turn, the
+templated conversation is compared with the tokens the mask's cache holds; the cache is
+trimmed to their common prefix and only the rest is fed. No terminal I/O here: the CLI
+(chat_cli.py) and app authors drive a session the same way.
+
+    session = ChatSession(engine, policy="per-turn", density=0.5)
+    for response in session.send("Write a haiku about pruning"):
+        print(response.text, end="")
+    session.last.prefill_tokens, session.last.select_ms
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import mlx.core as mx
+from mlx_lm.generate import GenerationResponse
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+
+from .errors import BundleError, SelectionError
+from .selectors import Selection, check_density, kept_count
+
+POLICIES = ("per-task", "per-turn", "off")
+DENSE = "dense"  # the cache key of the unpruned model
+DEMO_BUNDLE = Path(__file__).resolve().parents[1] / ".cache" / "demo-bundle"
+
+
+def default_model() -> Path:
+    """The model `ifprune chat` opens without MODEL: $IFPRUNE_MODEL, else the demo bundle.
+
+    Raises BundleError (saying how to create it) when that folder does not exist.
+    """
+    env = os.environ.get("IFPRUNE_MODEL")
+    path = Path(env).expanduser() if env else DEMO_BUNDLE
+    if not (path / "config.json").is_file():
+        where = f"IFPRUNE_MODEL={env}" if env else f"the demo bundle ({path})"
+        raise BundleError(
+            f"no MODEL given and {where} does not exist; create the demo model with `make chat`, "
+            "or pass a bundle or model folder: `ifprune chat PATH`"
+        )
+    return path
+
+
+def mask_key(selection: Selection | None) -> str:
+    """A short stable key of a mask: a hash of its per-layer channel ids ("dense" for None)."""
+    if selection is None:
+        return DENSE
+    h = hashlib.sha1()
+    for ids in selection.indices:
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(ids.astype("<i8").tobytes())
+    return h.hexdigest()[:12]
+
+
+@dataclass
+class TurnStats:
+    """What one turn cost. Times in milliseconds, memory in GB."""
+
+    policy: str
+    mask: str                      # mask_key of the mask the turn used
+    density: float                 # fraction of FFN channels kept (1.0 dense)
+    kept: list[int]                # channels kept per layer
+    selected: bool                 # the selector ran this turn (not a cached selection)
+    select_ms: float               # wall time to get the selection (≈0 when cached)
+    apply_ms: float                # wall time to swap rows into place
+    swaps: int                     # rows swapped (all layers)
+    cache_hit: bool                # a cache of this mask was reused
+    reused_tokens: int             # tokens of the conversation already in that cache
+    prefill_tokens: int            # tokens fed this turn (prompt prefill)
+    ttft_ms: float = 0.0           # from send() to the first token (select+apply+prefill)
+    prefill_tps: float = 0.0
+    generation_tokens: int = 0
+    decode_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+    finish_reason: str | None = None  # "stop", "length" or "interrupted"
+
+
+@dataclass
+class _Cache:
+    cache: list          # mlx-lm KV cache (one entry per layer)
+    tokens: list[int]    # the token ids whose keys/values it holds
+
+
+@dataclass
+class ChatSession:
+    """A conversation with an Engine: messages, selection policy, per-mask KV caches, stats.
+
+    Args:
+        engine: an ifprune_mlx Engine.
+        policy: "per-task", "per-turn" or "off" (dense).
+        density: fraction of FFN channels kept (default: the bundle's).
+        system: an optional system message.
+        max_tokens, temp, top_p: generation options of every turn.
+        seed: seeds the sampler once, at the start of the session.
+        max_caches: KV caches kept (one per mask, least recently used dropped first).
+    """
+
+    engine: object
+    policy: str = "per-task"
+    density: float | None = None
+    system: str | None = None
+    max_tokens: int = 256
+    temp: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_caches: int = 4
+    messages: list[dict] = field(default_factory=list)
+    turns: list[TurnStats] = field(default_factory=list)
+    selection: Selection | None = None   # the mask in use (None: dense)
+    previous: Selection | None = None    # the mask in use before it changed last
+    previous_key: str | None = None      # its mask_key ("dense"), None: no earlier mask
+    task: str | None = None              # per-task: the text the mask was selected from
+
+    def __post_init__(self):
+        self.set_policy(self.policy)
+        self.density = check_density(self.density if self.density is not None
+                                     else self.engine.default_density)
+        self._caches: OrderedDict[str, _Cache] = OrderedDict()
+        self._reselect = False
+        if self.seed is not None:
+            mx.random.seed(self.seed)
+        self.reset()
+
+    # -- settings ----------------------------------------------------------------------
+
+    def set_policy(self, policy: str) -> None:
+        if policy not in POLICIES:
+            raise SelectionError(f"unknown selection policy {policy!r}; use one of {', '.join(POLICIES)}")
+        self.policy = policy
+
+    def set_density(self, density: float) -> int:
+        """Keep `density` of the FFN channels from the next turn on; returns the kept count.
+
+        Per task, the task's mask is selected again at the new density (the conversation's
+        cache for it is then rebuilt on the next turn).
+        """
+        self.density = check_density(density)
+        return self.kept_count()
+
+    def kept_count(self) -> int:
+        return kept_count(self.density, self.engine.d_ffn, self.engine.pad_multiple)
+
+    def reselect(self) -> None:
+        """The next user message selects a new mask (per-task: it becomes the new task)."""
+        self._reselect = True
+
+    def reset(self) -> None:
+        """Forget the conversation, the task, the caches and the stats (settings stay)."""
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.turns, self.task, self._reselect = [], None, False
+        self.selection = self.previous = self.previous_key = None
+        self._caches.clear()
+
+    @property
+    def last(self) -> TurnStats | None:
+        """Stats of the last turn (None before the first)."""
+        return self.turns[-1] if self.turns else None
+
+    # -- a turn ------------------------------------------------------------------------
+
+    def _choose(self, text: str) -> tuple[Selection | None, bool, float]:
+        """The mask of this turn per policy: (selection, selector ran, seconds)."""
+        if self.policy == "off":
+            return None, False, 0.0
+        if self.policy == "per-turn" or self.task is None or self._reselect:
+            self.task, self._reselect = text, False
+        calls = self.engine.selector.calls
+        start = time.perf_counter()
+        selection = self.engine.select(self.task, self.density)
+        return selection, self.engine.selector.calls > calls, time.perf_counter() - start
+
+    def _cache_for(self, key: str, tokens: list[int]) -> tuple[_Cache, int, bool]:
+        """The cache of this mask trimmed to its common prefix with `tokens`; (cache, reused, hit)."""
+        entry = self._caches.pop(key, None)
+        reused = 0
+        if entry is not None:
+            n = 0
+            for a, b in zip(entry.tokens, tokens):
+                if a != b:
+                    break
+                n += 1
+            n = min(n, len(tokens) - 1)  # feed at least one token to get logits
+            offset = entry.cache[0].offset
+            if n > 0 and (offset == n or can_trim_prompt_cache(entry.cache)):
+                if offset > n:
+                    trim_prompt_cache(entry.cache, offset - n)
+                entry.tokens, reused = tokens[:n], n
+            else:
+                entry = None
+        hit = entry is not None
+        if entry is None:
+            entry = _Cache(make_prompt_cache(self.engine.model), [])
+        self._caches[key] = entry
+        while len(self._caches) > self.max_caches:
+            self._caches.popitem(last=False)
+        return entry, reused, hit
+
+    def send(self, text: str) -> Iterator[GenerationResponse]:
+        """Add a user message and stream the assistant's answer as GenerationResponses.
+
+        Closing the generator early (e.g. on Ctrl-C) ends the turn: the partial answer is
+        kept in the conversation, its stats get finish_reason "interrupted".
+        """
+        if not text.strip():
+            raise SelectionError("empty message")
+        start = time.perf_counter()
+        selection, selected, select_s = self._choose(text)
+        t = time.perf_counter()
+        stats = self.engine.apply(selection)  # pins it: stream_responses uses it untouched
+        apply_s = time.perf_counter() - t
+        key = mask_key(selection)
+        if self.turns and key != self.turns[-1].mask:
+            self.previous, self.previous_key = self.selection, self.turns[-1].mask
+        self.selection = selection
+
+        self.messages.append({"role": "user", "content": text})
+        tokens = self.engine.prompt_tokens(self.messages)
+        entry, reused, hit = self._cache_for(key, tokens)
+        feed = tokens[reused:]
+        turn = TurnStats(
+            policy=self.policy, mask=key,
+            density=1.0 if selection is None else selection.density,
+            kept=[self.engine.d_ffn] * self.engine.n_layers if selection is None else selection.kept,
+            selected=selected, select_ms=select_s * 1000, apply_ms=apply_s * 1000,
+            swaps=stats.swaps, cache_hit=hit, reused_tokens=reused, prefill_tokens=len(feed),
+        )
+        self.turns.append(turn)
+        pieces, generated = [], []
+        responses = self.engine.stream_responses(
+            self.messages, max_tokens=self.max_tokens, temp=self.temp, top_p=self.top_p,
+            prompt_cache=entry.cache, tokens=feed)
+        try:
+            for response in responses:
+                if not generated:
+                    turn.ttft_ms = (time.perf_counter() - start) * 1000
+                    turn.prefill_tps = response.prompt_tps
+                pieces.append(response.text)
+                generated.append(response.token)
+                turn.generation_tokens = response.generation_tokens
+                turn.decode_tps = response.generation_tps
+                turn.peak_memory_gb = response.peak_memory
+                turn.finish_reason = response.finish_reason
+                yield response
+        finally:
+            responses.close()
+            if turn.finish_reason is None:
+                turn.finish_reason = "interrupted"
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            self._settle(key, entry, tokens[:reused] + feed + generated)
+
+    def _settle(self, key: str, entry: _Cache, held: list[int]) -> None:
+        """Record what a cache holds after a turn; drop it if its layers disagree."""
+        offsets = {c.offset for c in entry.cache}
+        if len(offsets) != 1:  # interrupted inside a forward pass
+            self._caches.pop(key, None)
+            return
+        offset = offsets.pop()
+        if offset > len(held):
+            trim_prompt_cache(entry.cache, offset - len(held))
+        entry.tokens = held[:min(offset, len(held))]
+        # Evaluate now: the rows of these weights move on the next apply().
+        mx.eval([c.state for c in entry.cache])
+
+    # -- reports -----------------------------------------------------------------------
+
+    def cached_masks(self) -> dict[str, int]:
+        """Mask key -> tokens its KV cache holds (most recently used last)."""
+        return {k: len(v.tokens) for k, v in self._caches.items()}
+
+    def settings(self) -> dict:
+        return {"policy": self.policy, "density": self.density, "max_tokens": self.max_tokens,
+                "temp": self.temp, "top_p": self.top_p, "seed": self.seed, "system": self.system}
+
+    def transcript(self) -> dict:
+        """{"model", "settings", "messages", "turns"}: what /save writes."""
+        path = getattr(self.engine, "path", None)
+        return {"model": None if path is None else str(path), "settings": self.settings(),
+                "messages": list(self.messages), "turns": [asdict(t) for t in self.turns]}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the transcript as JSON."""
+        path = Path(path).expanduser()
+        path.write_text(json.dumps(self.transcript(), indent=2, ensure_ascii=False) + "\n")
+        return path

@@ -1,0 +1,337 @@
+"""`ifprune chat`: the terminal around a ChatSession (input, slash commands, streaming, Ctrl-C).
+
+Ctrl-C during an answer stops it after the current token and returns to the prompt (the
+partial answer stays in the conversation); a second Ctrl-C interrupts at once. Ctrl-C at the
+prompt clears the line; Ctrl-D or /quit exits. Line editing and history come from readline
+(history in ~/.ifprune_history, or $IFPRUNE_HISTORY). With stdin not a terminal, lines are
+read plainly, so `echo hi | ifprune chat MODEL` answers and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from .chat import DENSE, POLICIES, ChatSession, default_model, mask_key
+from .console import fail, friendly_errors, load_with_progress
+from .errors import IFPruneError
+from .selectors import check_density
+
+HELP = """\
+/help              this list
+/density D         keep a fraction D of the FFN channels, e.g. /density 0.5
+/reselect          the next message selects a new mask (per-task: it becomes the task)
+/dense             run the full model (again: back to pruning)
+/select POLICY     per-task | per-turn | off
+/stats             costs of the last turn: select, apply, first token, tok/s, memory
+/mask              kept channels per layer, overlap with the previous mask
+/reset             forget the conversation (settings stay)
+/save FILE         write the transcript (messages, settings, per-turn stats) as JSON
+/quit              exit (or Ctrl-D)
+Ctrl-C stops an answer and keeps what was written so far."""
+
+
+class UsageError(Exception):
+    """A slash command used wrongly: one line, the loop goes on."""
+
+
+def _say(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _error(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+
+
+def _mb(gb: float) -> str:
+    return f"{gb * 1000:.1f} MB" if gb < 1 else f"{gb:.2f} GB"
+
+
+def _kept(kept: list[int], d_ffn: int) -> str:
+    lo, hi = min(kept), max(kept)
+    return f"{lo}/{d_ffn}" if lo == hi else f"{lo}-{hi}/{d_ffn}"
+
+
+class ChatREPL:
+    """Reads lines, runs slash commands, streams answers of a ChatSession."""
+
+    def __init__(self, session: ChatSession, interactive: bool):
+        self.session, self.interactive = session, interactive
+        self.engine = session.engine
+        self._pruned_policy = session.policy if session.policy != "off" else "per-task"
+        self.commands: dict[str, Callable[[str], bool | None]] = {
+            "/help": self.help, "/?": self.help, "/density": self.density,
+            "/reselect": self.reselect, "/dense": self.dense, "/select": self.select,
+            "/stats": self.stats, "/mask": self.mask, "/reset": self.reset,
+            "/clear": self.reset, "/save": self.save, "/quit": self.quit,
+            "/exit": self.quit, "/bye": self.quit,
+        }
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            try:
+                line = self._read()
+            except KeyboardInterrupt:
+                _say("^C  (Ctrl-D or /quit to exit)")
+                continue
+            except EOFError:
+                if self.interactive:
+                    _say()
+                return
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                if line.startswith("/"):
+                    if self.command(line):
+                        return
+                else:
+                    self.answer(line)
+            except (UsageError, IFPruneError) as e:
+                _error(str(e))
+
+    def _read(self) -> str:
+        if self.interactive:
+            return input(">>> ")
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line
+
+    def command(self, line: str) -> bool:
+        """Run a slash command; True means exit."""
+        name, _, arg = line.partition(" ")
+        handler = self.commands.get(name.lower())
+        if handler is None:
+            raise UsageError(f"unknown command {name}; /help lists the commands")
+        return bool(handler(arg.strip()))
+
+    def answer(self, text: str) -> None:
+        """Stream the answer to `text`; Ctrl-C stops it after the current token."""
+        responses = self.session.send(text)
+        stop = _StopFlag()
+        interrupted = False
+        with stop:
+            try:
+                for response in responses:
+                    sys.stdout.write(response.text)
+                    sys.stdout.flush()
+                    if stop.hit:
+                        interrupted = True
+                        break
+            except KeyboardInterrupt:  # a second Ctrl-C, or one before the first token
+                interrupted = True
+            finally:
+                responses.close()
+        _say("\n[interrupted]" if interrupted else "")
+
+    # -- commands ----------------------------------------------------------------------
+
+    def help(self, arg: str) -> None:
+        _say(HELP)
+
+    def density(self, arg: str) -> None:
+        if not arg:
+            raise UsageError(f"usage: /density D, a fraction in (0, 1], e.g. /density 0.5 "
+                             f"(now {self.session.density:.2f})")
+        try:
+            value = check_density(arg)
+        except IFPruneError as e:
+            raise UsageError(str(e)) from None
+        k = self.session.set_density(value)
+        note = ""
+        if self.session.policy == "off":
+            self.session.set_policy(self._pruned_policy)
+            note = f"; pruning again ({self._pruned_policy})"
+        _say(f"density {value:.2f}: keeps {k} of {self.engine.d_ffn} channels per layer from the next message{note}")
+
+    def reselect(self, arg: str) -> None:
+        policy = self.session.policy
+        if policy == "off":
+            raise UsageError("running dense: no mask to select; /dense or /density D turns pruning on")
+        if policy == "per-turn":
+            _say("per-turn: every message selects its own mask already")
+            return
+        self.session.reselect()
+        _say("the next message selects a new mask and becomes the task")
+
+    def dense(self, arg: str) -> None:
+        if self.session.policy == "off":
+            self.session.set_policy(self._pruned_policy)
+            _say(f"pruning again: {self._pruned_policy}, density {self.session.density:.2f} "
+                 f"({self.session.kept_count()} of {self.engine.d_ffn} channels)")
+        else:
+            self._pruned_policy = self.session.policy
+            self.session.set_policy("off")
+            _say(f"dense: all {self.engine.d_ffn} channels per layer, no selection (/dense again to prune)")
+
+    def select(self, arg: str) -> None:
+        if arg not in POLICIES:
+            raise UsageError(f"usage: /select {'|'.join(POLICIES)} (now {self.session.policy})")
+        self.session.set_policy(arg)
+        if arg != "off":
+            self._pruned_policy = arg
+        _say(f"selection policy: {arg}")
+
+    def stats(self, arg: str) -> None:
+        t = self.session.last
+        if t is None:
+            _say("no turn yet: ask something first")
+            return
+        d_ffn = self.engine.d_ffn
+        if t.mask == DENSE:
+            select = "dense (policy off): no selection"
+        else:
+            how = f"{self.engine.selector.name} ran" if t.selected else "cached selection"
+            select = f"{t.select_ms:.1f} ms ({how}), mask {t.mask[:8]}"
+        reuse = (f"{t.reused_tokens} reused from the mask's cache" if t.cache_hit
+                 else "new cache for this mask")
+        caches = ", ".join(f"{k[:8]} ({n} tok)" for k, n in self.session.cached_masks().items())
+        rows = [
+            ("policy", t.policy),
+            ("select", select),
+            ("apply", f"{t.apply_ms:.1f} ms, {t.swaps} row swaps"),
+            ("prefill", f"{t.prefill_tokens} tokens ({reuse}), {t.prefill_tps:.0f} tok/s"),
+            ("first token", f"{t.ttft_ms:.1f} ms"),
+            ("decode", f"{t.generation_tokens} tokens, {t.decode_tps:.1f} tok/s ({t.finish_reason})"),
+            ("kept", f"{_kept(t.kept, d_ffn)} channels per layer (density {t.density:.2f})"),
+            ("memory", f"peak {_mb(t.peak_memory_gb)}, weights {_mb(self.engine.weight_bytes() / 1e9)}"),
+            ("KV caches", caches or "none"),
+        ]
+        for key, value in rows:
+            _say(f"{key:<12} {value}")
+
+    def mask(self, arg: str) -> None:
+        s = self.session
+        if s.last is None:
+            _say(f"no mask yet: the next message selects one ({s.policy}, density {s.density:.2f}, "
+                 f"{s.kept_count()} of {self.engine.d_ffn} channels per layer)")
+            return
+        d_ffn, n_layers = self.engine.d_ffn, self.engine.n_layers
+        sel, prev = s.selection, s.previous
+        if sel is None:
+            _say(f"dense: all {d_ffn} channels in each of {n_layers} layers")
+            return
+        head = f"mask {mask_key(sel)[:8]} ({sel.source}), density {sel.density:.2f}"
+        if s.previous_key is None:
+            overlap = None
+            head += "; no previous mask"
+        elif prev is None:
+            overlap = None
+            head += "; previous: dense"
+        else:
+            overlap = sel.overlap(prev)
+            head += f"; overlap with previous mask {mask_key(prev)[:8]}"
+        _say(head)
+        _say("layer  kept" + ("      overlap" if overlap else ""))
+        for layer, kept in enumerate(sel.kept):
+            row = f"{layer:>5}  {kept:>4}/{d_ffn}"
+            if overlap:
+                row += f"  {overlap[layer]:.2f}"
+            _say(row)
+        if overlap:
+            _say(f"mean overlap {sum(overlap) / len(overlap):.2f} (Jaccard of kept channels)")
+
+    def reset(self, arg: str) -> None:
+        self.session.reset()
+        _say("conversation cleared")
+
+    def save(self, arg: str) -> None:
+        if not arg:
+            raise UsageError("usage: /save FILE")
+        try:
+            path = self.session.save(arg)
+        except OSError as e:
+            raise UsageError(f"cannot write {arg}: {e.strerror or e}") from None
+        _say(f"saved {len(self.session.messages)} messages, {len(self.session.turns)} turns to {path}")
+
+    def quit(self, arg: str) -> bool:
+        return True
+
+
+class _StopFlag:
+    """While active, the first Ctrl-C sets .hit (the stream stops after its token); the
+    second raises KeyboardInterrupt."""
+
+    def __enter__(self):
+        self.hit = False
+        self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _setup_readline() -> None:
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: plain input()
+        return
+    import atexit
+
+    history = Path(os.environ.get("IFPRUNE_HISTORY", "~/.ifprune_history")).expanduser()
+    try:
+        readline.read_history_file(history)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def write():
+        try:
+            readline.write_history_file(history)
+        except OSError:
+            pass
+
+    atexit.register(write)
+
+
+@friendly_errors
+def chat(
+    model: Optional[Path] = typer.Argument(
+        None, help="A bundle or plain model folder (default: $IFPRUNE_MODEL, else the demo bundle)."),
+    density: Optional[float] = typer.Option(None, help="Fraction of FFN channels to keep, in (0, 1]. Default: the bundle's."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-m", help="Most tokens per answer."),
+    temp: float = typer.Option(0.0, help="Sampling temperature (0: greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
+    seed: Optional[int] = typer.Option(None, help="Random seed, for reproducible sampling."),
+    select: str = typer.Option("per-task", "--select", help="When to select a mask: per-task (first message), per-turn (every message), off (dense)."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message."),
+):
+    """Chat with a pruned model: streams answers; /help lists the slash commands."""
+    if density is not None:
+        check_density(density)
+    if select not in POLICIES:
+        fail(f"--select must be one of {', '.join(POLICIES)}, got {select!r}")
+    if max_tokens < 1:
+        fail(f"--max-tokens must be at least 1, got {max_tokens}")
+    if temp < 0 or not (0 < top_p <= 1):
+        fail("--temp must be >= 0 and --top-p in (0, 1]")
+    path = model if model is not None else default_model()
+    engine = load_with_progress(path)
+    session = ChatSession(engine, policy=select, density=density, system=system,
+                          max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _setup_readline()
+        what = ("dense (no selection)" if select == "off" else
+                f"{select} selection, density {session.density:.2f} "
+                f"({session.kept_count()} of {engine.d_ffn} channels per layer)")
+        selector = "trained predictor" if engine.has_predictor else "training-free selector"
+        typer.secho(f"{path}: {engine.config['model_type']}, {engine.n_layers} layers, {selector}; {what}",
+                    dim=True)
+        typer.secho("/help for commands, Ctrl-C stops an answer, Ctrl-D or /quit exits", dim=True)
+    ChatREPL(session, interactive).run()
