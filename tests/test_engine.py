@@ -1,10 +1,15 @@
 """The engine API: parity with mlx-lm, selection, pinning, caching, failures."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx_lm import generate as mlx_lm_generate
+from mlx_lm import load as mlx_lm_load
 
 import ifprune_mlx as ifp
+from ifprune_mlx import testing
+from ifprune_mlx.bundle import write_bundle
 from ifprune_mlx.errors import SelectionError
 
 PROMPT = "Write a Python function that reverses a list."
@@ -16,9 +21,6 @@ def engine(bundle_dir):
 
 
 def test_dense_path_matches_mlx_lm(plain_dir):
-    from mlx_lm import generate as mlx_lm_generate
-    from mlx_lm import load as mlx_lm_load
-
     engine = ifp.load(plain_dir)
     model, tokenizer = mlx_lm_load(str(plain_dir))
     tokens = mx.array([[3, 14, 15, 92, 65, 35, 89, 79]])
@@ -174,3 +176,40 @@ def test_quantized_bundle_generates(q4_bundle_dir):
     engine = ifp.load(q4_bundle_dir)
     assert engine.config["quantization"]["bits"] == 4
     assert isinstance(engine.generate(PROMPT, max_tokens=8), str)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("bits", [None, 8])
+def test_every_architecture_matches_mlx_lm_dense_and_pruned(tmp_path, model_type, bits):
+    """Dense logits equal mlx-lm's on the same weights; pruning equals zeroing gate rows."""
+    config = testing.model_config(model_type)
+    folder = testing.make_model_folder(tmp_path / model_type, config)
+    model, _ = mlx_lm_load(str(folder))
+    if bits:  # quantize both the same way: mlx-lm's model and our row-layout bundle
+        nn.quantize(model, group_size=32, bits=bits)
+        weights, qconfig = testing.quantize_rows(testing.to_rows(testing.random_weights(config)), config, bits)
+        engine_dir = tmp_path / "bundle"
+        write_bundle(engine_dir, config=qconfig, weights=weights, tokenizer_dir=folder)
+        engine = ifp.load(engine_dir)
+        # mlx-lm quantizes down_proj along d_ffn, we along d_model: compare to dequantized rows
+        for layer, mlp in zip(model.layers, engine.mlps):
+            d = mlp.down_proj
+            dense_down = mx.dequantize(d.weight, d.scales, d.biases, group_size=32, bits=bits).T
+            layer.mlp.down_proj = nn.Linear(*dense_down.shape[::-1], bias=False)
+            layer.mlp.down_proj.weight = dense_down
+    else:
+        engine = ifp.load(folder)
+    tokens = mx.array([[3, 14, 15, 92, 65, 35, 89, 79]])
+    assert mx.abs(engine.model(tokens) - model(tokens)).max().item() <= 1e-4
+    keep = [np.sort(np.random.default_rng(i).choice(engine.d_ffn, 100, replace=False)) for i in range(engine.n_layers)]
+    engine.apply(keep)
+    for layer, ids in zip(model.layers, keep):
+        mask = np.zeros(engine.d_ffn, dtype=np.float32)
+        mask[ids] = 1
+        mask = mx.array(mask)[:, None]
+        gate = layer.mlp.gate_proj
+        if bits:
+            gate.scales, gate.biases = gate.scales * mask, gate.biases * mask
+        else:
+            gate.weight = gate.weight * mask
+    assert mx.abs(engine.model(tokens) - model(tokens)).max().item() <= 1e-4
