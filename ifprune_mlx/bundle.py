@@ -168,6 +168,19 @@ def write_atomic(out: Path, fill: Callable[[Path], None], force: bool = False) -
     return out
 
 
+def new_ifpruning_block(default_density: float = 0.33, pad_multiple: int = 32,
+                        has_predictor: bool = True) -> dict:
+    """The "ifpruning" block of a new bundle's config.json (also used by the converter)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "ffn_layout": "rows",
+        "default_density": default_density,
+        "pad_multiple": pad_multiple,
+        "predictor": "predictor" if has_predictor else None,
+        "pooling": "last",
+    }
+
+
 def write_bundle(
     out: Path,
     *,
@@ -193,15 +206,7 @@ def write_bundle(
         pad_multiple: kept channel counts are rounded up to a multiple of this.
         force: overwrite an existing `out`.
     """
-    config = dict(config)
-    config["ifpruning"] = {
-        "format_version": FORMAT_VERSION,
-        "ffn_layout": "rows",
-        "default_density": default_density,
-        "pad_multiple": pad_multiple,
-        "predictor": "predictor" if predictor else None,
-        "pooling": "last",
-    }
+    config = dict(config, ifpruning=new_ifpruning_block(default_density, pad_multiple, bool(predictor)))
 
     def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

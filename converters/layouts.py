@@ -1,0 +1,324 @@
+"""Source layouts: where an IFPruning checkpoint keeps its LLM, predictor, head and configs.
+
+Three layouts, detected from the files and their tensor names (or forced with --layout):
+
+  hf      SRC is a Hugging Face folder (config.json, weights, tokenizer files); --predictor P
+          is a folder with config.json, the backbone's weights (HF keys model.*, lm_head.weight)
+          and head.safetensors|.bin|.pt (prediction_head1/2.{weight,bias}), an optional
+          ifpruning.json {"default_density", "pad_multiple", "pooling"} and optional tokenizer
+          files. A SRC holding llm/ and predictor/ sub-folders is read as SRC/llm + SRC/predictor.
+  public  state dicts as the public IFPruning code saves them: the LLM with HF Llama keys and the
+          predictor as feature_extractor.model.*, feature_extractor.lm_head.weight,
+          prediction_head1/2.*, in separate files or one file prefixed llm. / sparsity_predictor.
+          State dicts carry no config: --config (the LLM's config.json, or its folder with the
+          tokenizer files) and --predictor-config are required.
+  plain   an LLM and no predictor: the bundle selects with explicit masks or the training-free
+          selector.
+
+Every layout resolves to a `Source`: configs as mlx-lm reads them and, for each tensor of the
+bundle, the checkpoint tensor it comes from (names are mlx-lm's; for llama, qwen2, qwen3 and
+mistral they are the Hugging Face names). Names and shapes are checked against the model the
+config describes before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.nn as nn
+
+from ifprune_mlx.bundle import TOKENIZER_FILES
+from ifprune_mlx.errors import BundleError, ConversionError
+from ifprune_mlx.models import build_model, model_classes
+from ifprune_mlx.predictor import HEAD_WIDTH
+
+from .readers import TensorRef, open_checkpoint
+
+LAYOUTS = ("auto", "hf", "public", "plain")
+LLM_PREFIX, PREDICTOR_PREFIX, BACKBONE_PREFIX = "llm.", "sparsity_predictor.", "feature_extractor."
+HEAD_KEYS = {"prediction_head1.weight": "head1.weight", "prediction_head1.bias": "head1.bias",
+             "prediction_head2.weight": "head2.weight", "prediction_head2.bias": "head2.bias"}
+SWIGLU_ACTS = ("silu", "swish")
+
+
+@dataclass
+class Source:
+    """What a checkpoint holds, resolved to the bundle's names and checked.
+
+    Attributes:
+        layout: "hf", "public" or "plain".
+        config: the LLM's config as mlx-lm reads it (the bundle's config.json, minus "ifpruning").
+        hf_config: the LLM's config as Hugging Face wrote it (the PyTorch reference builds from it).
+        llm: bundle tensor name -> checkpoint tensor (standard layout; the writer transposes
+            down_proj to rows).
+        tokenizer_dir: the folder whose tokenizer files are copied.
+        predictor_config, predictor_hf_config, predictor, head: the same for the predictor
+            backbone; head maps head1.weight ... to prediction_head1.weight ... (None: no predictor).
+        predictor_tokenizer_dir: the predictor's own tokenizer, if it has one.
+        defaults: ifpruning.json's values (default_density, pad_multiple).
+    """
+
+    layout: str
+    config: dict
+    hf_config: dict
+    llm: dict[str, TensorRef]
+    tokenizer_dir: Path | None
+    predictor_config: dict | None = None
+    predictor_hf_config: dict | None = None
+    predictor: dict[str, TensorRef] | None = None
+    head: dict[str, TensorRef] | None = None
+    predictor_tokenizer_dir: Path | None = None
+    defaults: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.config["num_hidden_layers"]
+
+    @property
+    def d_ffn(self) -> int:
+        return self.config["intermediate_size"]
+
+
+def detect(src: Path, *, predictor: Path | None = None, layout: str = "auto",
+           config: Path | None = None, predictor_config: Path | None = None,
+           tokenizer: Path | None = None) -> Source:
+    """Resolve a checkpoint to a checked Source (see the module docstring for the layouts).
+
+    Args:
+        src: the LLM: a Hugging Face folder, a state-dict file or folder, or a combined file.
+        predictor: the predictor: a folder (hf) or a state-dict file (public).
+        layout: "auto", "hf", "public" or "plain" (plain ignores any predictor in src).
+        config: the LLM's config.json or its folder (required for state dicts without one).
+        predictor_config: the predictor backbone's config.json or folder (same rule).
+        tokenizer: a folder with the LLM's tokenizer files (default: next to the config).
+    """
+    if layout not in LAYOUTS:
+        raise ConversionError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    src = Path(src)
+    if src.is_dir() and predictor is None and (src / "llm").is_dir() and (src / "predictor").is_dir():
+        src, predictor = src / "llm", src / "predictor"
+    if layout == "plain" and predictor is not None:
+        raise ConversionError("--layout plain converts an LLM without a predictor; drop --predictor")
+
+    llm, pred = _split(open_checkpoint(src))
+    pred_dir = None
+    if predictor is not None:
+        predictor = Path(predictor)
+        if not predictor.exists():
+            raise ConversionError(f"{predictor}: no such predictor file or folder")
+        if pred:
+            raise ConversionError(f"{src} already holds a predictor; drop --predictor {predictor}")
+        _, pred = _split(open_checkpoint(predictor, skip="head."), predictor_only=True)
+        pred_dir = predictor if predictor.is_dir() else None
+        if pred_dir is not None:
+            pred.update(_head_file(pred_dir))
+    if layout == "plain":
+        pred = {}
+    public = any(k.startswith(BACKBONE_PREFIX) for k in pred) or _had_prefix(llm)
+    found = "plain" if not pred else "public" if public else "hf"
+    if layout != "auto" and layout != found and layout != "plain":
+        raise ConversionError(
+            f"--layout {layout} does not match the checkpoint, whose tensor names are those of "
+            f"the {found!r} layout; drop --layout to detect it"
+        )
+
+    hf_config, config_dir = _config(config, src, "the LLM", "--config")
+    tok_dir = Path(tokenizer) if tokenizer else config_dir
+    if tok_dir is None or not _has_tokenizer(tok_dir):
+        raise ConversionError(
+            f"no tokenizer files ({', '.join(TOKENIZER_FILES[:3])} ...) found in "
+            f"{tok_dir or src}; pass --tokenizer FOLDER (or --config with a folder that holds them)"
+        )
+    llm = {k.removeprefix(LLM_PREFIX): v for k, v in llm.items()}
+    mlx_config = to_mlx_config(hf_config, llm, "the LLM")
+    source = Source(found, mlx_config, hf_config, _check_model(mlx_config, llm, "the LLM", rows=True),
+                    tok_dir)
+    if not pred:
+        return source
+
+    phf, pconfig_dir = _config(predictor_config, pred_dir, "the predictor backbone", "--predictor-config")
+    backbone = {k.removeprefix(BACKBONE_PREFIX): v for k, v in pred.items() if k not in HEAD_KEYS}
+    head = {HEAD_KEYS[k]: v for k, v in pred.items() if k in HEAD_KEYS}
+    pconfig = to_mlx_config(phf, backbone, "the predictor backbone")
+    source.predictor_hf_config, source.predictor_config = phf, pconfig
+    source.predictor = _check_model(pconfig, backbone, "the predictor backbone", rows=False)
+    source.head = _check_head(head, pconfig["hidden_size"], source.n_layers, source.d_ffn)
+    for folder in (pred_dir, pconfig_dir):
+        if folder is not None and _has_tokenizer(folder):
+            source.predictor_tokenizer_dir = folder
+            break
+    if pred_dir is not None:
+        source.defaults = _ifpruning_json(pred_dir)
+    return source
+
+
+# -- tensor names --------------------------------------------------------------------------------
+
+
+def _split(checkpoint, predictor_only: bool = False) -> tuple[dict, dict]:
+    """Split a checkpoint's tensors into the LLM's and the predictor's (prefix sparsity_predictor. removed)."""
+    llm, pred = {}, {}
+    for name, ref in checkpoint.items():
+        prefixed = name.startswith(PREDICTOR_PREFIX)
+        name = name.removeprefix(PREDICTOR_PREFIX)
+        if predictor_only or prefixed or name.startswith(BACKBONE_PREFIX) or name in HEAD_KEYS:
+            pred[name] = ref
+        else:
+            llm[name] = ref
+    return llm, pred
+
+
+def _had_prefix(llm: dict) -> bool:
+    return any(k.startswith(LLM_PREFIX) for k in llm)
+
+
+def _head_file(folder: Path) -> dict[str, TensorRef]:
+    """head.safetensors / head.bin / head.pt of an hf predictor folder (if the weights lack the head)."""
+    for name in ("head.safetensors", "head.bin", "head.pt", "head.pth"):
+        if (folder / name).is_file():
+            return dict(open_checkpoint(folder / name))
+    return {}
+
+
+# -- configs -------------------------------------------------------------------------------------
+
+
+def _config(explicit: Path | None, folder: Path | None, what: str, flag: str) -> tuple[dict, Path | None]:
+    """(config dict, the folder it lives in) from `explicit` (file or folder) or `folder`/config.json."""
+    if explicit is not None:
+        path = Path(explicit)
+        path = path / "config.json" if path.is_dir() else path
+    elif folder is not None and Path(folder).is_dir() and (Path(folder) / "config.json").is_file():
+        path = Path(folder) / "config.json"
+    else:
+        raise ConversionError(
+            f"no config.json for {what}: a state dict carries no config; pass {flag} "
+            "(its config.json, or the folder holding it)"
+        )
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such config file ({flag})")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ConversionError(f"{path}: has no \"model_type\"; is this a model's config.json?")
+    return config, path.parent
+
+
+def to_mlx_config(hf_config: dict, tensors: dict, what: str) -> dict:
+    """The config mlx-lm builds the same model from.
+
+    transformers >= 5 nests rope_theta / rope_scaling under "rope_parameters", which mlx-lm's
+    llama and qwen2 do not read (they would silently use their default rope_theta), and
+    configs may leave tie_word_embeddings to a default that differs between the libraries.
+    Both are made explicit here.
+    """
+    try:
+        model_classes(hf_config)
+    except BundleError as e:
+        raise ConversionError(f"cannot convert {what}: {e}") from None
+    act = hf_config.get("hidden_act", "silu")
+    if act not in SWIGLU_ACTS:
+        raise ConversionError(f"cannot convert {what}: hidden_act {act!r} is not supported; the prunable "
+                              f"FFN is SwiGLU ({' or '.join(SWIGLU_ACTS)})")
+    config = {k: v for k, v in hf_config.items() if k != "rope_parameters"}
+    rope = hf_config.get("rope_parameters")
+    if isinstance(rope, dict):
+        if "rope_theta" in rope and "rope_theta" not in hf_config:
+            config["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default" and not hf_config.get("rope_scaling"):
+            config["rope_scaling"] = scaling
+    if "tie_word_embeddings" not in config:
+        config["tie_word_embeddings"] = "lm_head.weight" not in tensors
+    return config
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer.model",
+                                                            "tokenizer_config.json", "vocab.json"))
+
+
+def _ifpruning_json(folder: Path) -> dict:
+    path = folder / "ifpruning.json"
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from e
+    pooling = values.get("pooling", "last")
+    if pooling != "last":
+        raise ConversionError(f"{path}: pooling {pooling!r} is not supported (only \"last\": the last prompt token)")
+    return {k: values[k] for k in ("default_density", "pad_multiple") if k in values}
+
+
+# -- checks --------------------------------------------------------------------------------------
+
+
+def _check_model(config: dict, tensors: dict[str, TensorRef], what: str, rows: bool) -> dict[str, TensorRef]:
+    """Keep the tensors the mlx-lm model of `config` has; check names and shapes.
+
+    Drops rotary inv_freq buffers, and lm_head when the embeddings are tied. `rows`: the
+    model is the prunable LLM, whose down_proj the writer stores transposed.
+    """
+    try:
+        model = build_model(config, prunable=rows)  # parameters stay lazy: nothing is allocated
+    except BundleError as e:
+        raise ConversionError(f"cannot convert {what}: {e}") from None
+    expected = {name: tuple(p.shape) for name, p in nn.utils.tree_flatten(model.parameters())}
+    kept = {}
+    for name, ref in tensors.items():
+        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config["tie_word_embeddings"]):
+            continue
+        kept[name] = ref
+    missing = sorted(set(expected) - set(kept))
+    if missing:
+        raise ConversionError(
+            f"{what}: {len(missing)} tensors the config implies are missing from the checkpoint, "
+            f"e.g. {missing[0]!r}; is this the right checkpoint for this config?"
+        )
+    unexpected = sorted(set(kept) - set(expected))
+    if unexpected:
+        raise ConversionError(
+            f"{what}: tensor {unexpected[0]!r} ({len(unexpected)} in all) has no place in a "
+            f"{config['model_type']} model of this config; is this the right checkpoint?"
+        )
+    for name, ref in kept.items():
+        shape = ref.shape[::-1] if rows and is_down_proj(name) else ref.shape
+        if tuple(shape) != expected[name]:
+            want = expected[name][::-1] if rows and is_down_proj(name) else expected[name]
+            raise ConversionError(
+                f"{ref.path.name}: tensor {ref.name!r} has shape {tuple(ref.shape)}, the config "
+                f"implies {want}; the checkpoint and its config.json do not match"
+            )
+        if not ref.dtype.startswith(("float", "bfloat")):
+            raise ConversionError(f"{ref.path.name}: tensor {ref.name!r} has dtype {ref.dtype}; expected floats")
+    return kept
+
+
+def _check_head(head: dict[str, TensorRef], d_pred: int, n_layers: int, d_ffn: int) -> dict[str, TensorRef]:
+    expected = {"head1.weight": (HEAD_WIDTH, d_pred), "head1.bias": (HEAD_WIDTH,),
+                "head2.weight": (n_layers * d_ffn, HEAD_WIDTH), "head2.bias": (n_layers * d_ffn,)}
+    names = {v: k for k, v in HEAD_KEYS.items()}
+    for name, shape in expected.items():
+        if name not in head:
+            raise ConversionError(
+                f"the predictor's head tensor {names[name]!r} is missing; an IFPruning predictor has "
+                "prediction_head1.{weight,bias} and prediction_head2.{weight,bias} (in head.safetensors "
+                "next to the backbone, or in the predictor's state dict)"
+            )
+        if tuple(head[name].shape) != shape:
+            raise ConversionError(
+                f"{head[name].path.name}: {names[name]} has shape {tuple(head[name].shape)}, expected "
+                f"{shape} for an LLM of {n_layers} layers x {d_ffn} FFN channels and a predictor of "
+                f"width {d_pred}; was this predictor trained for this LLM?"
+            )
+    return head
+
+
+def is_down_proj(name: str) -> bool:
+    return name.endswith("mlp.down_proj.weight")

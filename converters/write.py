@@ -1,0 +1,236 @@
+"""Write a Source as a bundle (docs/FORMAT.md), streaming one tensor at a time.
+
+The bundle's safetensors files are written tensor by tensor: the header is computed from the
+checked shapes first, then each tensor is read, put in row layout (down_proj transposed),
+cast to the target dtype (or quantized by rows), written and freed. Peak memory is the
+runtime's baseline plus a few tensors, never a second copy of the model. The folder is built
+next to OUT and renamed into place (`ifprune_mlx.bundle.write_atomic`): an error or Ctrl-C
+leaves no partial OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+
+from ifprune_mlx.bundle import copy_tokenizer, new_ifpruning_block, write_atomic
+from ifprune_mlx.errors import ConversionError
+from ifprune_mlx.testing import quantize_rows
+
+from .layouts import Source, is_down_proj
+from .readers import TensorRef
+
+DTYPES = ("float32", "float16", "bfloat16")
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_DENSITY, DEFAULT_PAD_MULTIPLE = 0.33, 32
+_ST_NAMES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32",
+             mx.int32: "I32", mx.int64: "I64", mx.uint8: "U8", mx.bool_: "BOOL"}
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+@dataclass
+class Summary:
+    """What convert() wrote."""
+
+    out: Path
+    layout: str
+    model_type: str
+    n_layers: int
+    d_ffn: int
+    dtype: str
+    quantization: dict | None
+    predictor: bool
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    tokenizer_files: list[str] = field(default_factory=list)
+    default_density: float = DEFAULT_DENSITY
+    pad_multiple: int = DEFAULT_PAD_MULTIPLE
+
+    def lines(self) -> list[str]:
+        q = self.quantization
+        return [
+            f"wrote {self.out}",
+            f"  layout {self.layout}, {self.model_type}, {self.n_layers} layers x {self.d_ffn} FFN channels",
+            f"  {self.tensors} tensors, {self.bytes_read / 1e6:.1f} MB read -> {self.bytes_written / 1e6:.1f} MB "
+            f"written as {self.dtype}" + (f", {q['bits']}-bit rows (group {q['group_size']})" if q else ""),
+            f"  predictor: {'yes' if self.predictor else 'none (explicit masks or the training-free selector)'}; "
+            f"default density {self.default_density}, pad multiple {self.pad_multiple}",
+            f"  tokenizer files: {', '.join(self.tokenizer_files) or 'none'}",
+            f"  {self.seconds:.1f} s",
+        ]
+
+
+@dataclass
+class _Job:
+    """Tensors written together: their (name, shape, dtype) and how to compute them."""
+
+    outputs: list[tuple[str, tuple[int, ...], mx.Dtype]]
+    produce: Callable[[], dict[str, mx.array]]
+    read_bytes: int
+
+
+def source_dtype(source: Source) -> str:
+    """The float dtype holding most of the LLM's bytes (float64 counts as float32)."""
+    totals: dict[str, int] = {}
+    for ref in source.llm.values():
+        name = "float32" if ref.dtype == "float64" else ref.dtype
+        totals[name] = totals.get(name, 0) + ref.nbytes
+    return max(totals, key=totals.get)
+
+
+def convert(source: Source, out: Path, *, dtype: str | None = None, bits: int | None = None,
+            group_size: int = 64, default_density: float | None = None,
+            pad_multiple: int | None = None, force: bool = False,
+            on_progress: Progress | None = None) -> Summary:
+    """Write `source` as a bundle at `out`.
+
+    Args:
+        source: a checked checkpoint (layouts.detect).
+        out: the bundle folder to create.
+        dtype: float32, float16 or bfloat16 (default: the source's dtype; float64 -> float32).
+        bits: quantize the LLM's linear and embedding weights by rows to 4 or 8 bits
+            (the predictor stays in `dtype`).
+        group_size: quantization group size (32, 64 or 128; must divide every row).
+        default_density, pad_multiple: the bundle's defaults (else ifpruning.json's, else
+            0.33 and 32).
+        force: replace an existing `out`.
+        on_progress: called as on_progress(bytes_done, bytes_total) after each tensor.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not force:
+        raise ConversionError(f"{out}: already exists; pass --force to overwrite it")
+    dtype = dtype or source_dtype(source)
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if bits is not None and bits not in BITS:
+        raise ConversionError(f"--quantize {bits}: only 4- and 8-bit rows are supported")
+    if bits is not None and group_size not in GROUP_SIZES:
+        raise ConversionError(f"--group-size {group_size}: choose one of {', '.join(map(str, GROUP_SIZES))}")
+    target = getattr(mx, dtype)
+    density = default_density if default_density is not None else source.defaults.get("default_density", DEFAULT_DENSITY)
+    pad = pad_multiple if pad_multiple is not None else source.defaults.get("pad_multiple", DEFAULT_PAD_MULTIPLE)
+
+    config = dict(source.config)
+    if bits:
+        config["quantization"] = {"group_size": group_size, "bits": bits}
+    config["ifpruning"] = new_ifpruning_block(density, pad, source.predictor is not None)
+    files = {"model.safetensors": _jobs(source.llm, target, rows=True, bits=bits, group_size=group_size)}
+    if source.predictor is not None:
+        files["predictor/model.safetensors"] = _jobs(source.predictor, target)
+        files["predictor/head.safetensors"] = _jobs(source.head, target)
+    total = sum(job.read_bytes for jobs in files.values() for job in jobs)
+    done = 0
+    copied: list[str] = []
+
+    def progress(job: _Job) -> None:
+        nonlocal done
+        done += job.read_bytes
+        if on_progress:
+            on_progress(done, total)
+
+    def fill(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        copied.extend(copy_tokenizer(source.tokenizer_dir, tmp))
+        if source.predictor is not None:
+            (tmp / "predictor").mkdir()
+            (tmp / "predictor" / "config.json").write_text(json.dumps(source.predictor_config, indent=2))
+            own = source.predictor_tokenizer_dir
+            if own is not None and Path(own).resolve() != Path(source.tokenizer_dir).resolve():
+                copy_tokenizer(own, tmp / "predictor")
+        for name, jobs in files.items():
+            write_safetensors(tmp / name, jobs, progress)
+
+    write_atomic(out, fill, force)
+    written = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
+    return Summary(out, source.layout, config["model_type"], source.n_layers, source.d_ffn, dtype,
+                   config.get("quantization"), source.predictor is not None,
+                   sum(len(job.outputs) for jobs in files.values() for job in jobs),
+                   total, written, time.perf_counter() - start, copied, density, pad)
+
+
+# -- tensors -------------------------------------------------------------------------------------
+
+
+def _jobs(tensors: dict[str, TensorRef], target: mx.Dtype, *, rows: bool = False,
+          bits: int | None = None, group_size: int = 64) -> list[_Job]:
+    """One job per source tensor: row layout (LLM), cast, and quantization when asked."""
+    jobs = []
+    for name in sorted(tensors):
+        ref = tensors[name]
+        transpose = rows and is_down_proj(name)
+        shape = tuple(ref.shape[::-1]) if transpose else tuple(ref.shape)
+        dtype = target if ref.dtype.startswith(("float", "bfloat")) else getattr(mx, ref.dtype)
+
+        def load(ref=ref, transpose=transpose, dtype=dtype) -> mx.array:
+            value = ref.load()
+            value = mx.contiguous(value.T) if transpose else value
+            return value.astype(dtype)
+
+        if bits and _quantized(name, shape):
+            if shape[-1] % group_size:
+                raise ConversionError(
+                    f"cannot quantize {name!r}: its rows hold {shape[-1]} values, not a multiple of "
+                    f"--group-size {group_size}; choose a group size that divides it"
+                )
+            base = name[: -len(".weight")]
+            packed = (shape[0], shape[1] * bits // 32)
+            groups = (shape[0], shape[1] // group_size)
+            outputs = [(name, packed, mx.uint32), (f"{base}.scales", groups, dtype),
+                       (f"{base}.biases", groups, dtype)]
+
+            def produce(name=name, load=load) -> dict[str, mx.array]:
+                return quantize_rows({name: load()}, {}, bits, group_size)[0]
+        else:
+            outputs = [(name, shape, dtype)]
+
+            def produce(name=name, load=load) -> dict[str, mx.array]:
+                return {name: load()}
+        jobs.append(_Job(outputs, produce, ref.nbytes))
+    return jobs
+
+
+def _quantized(name: str, shape: tuple[int, ...]) -> bool:
+    """The rule of ifprune_mlx.testing.quantize_rows: 2-D weights that are not norms."""
+    return name.endswith(".weight") and len(shape) == 2 and "norm" not in name
+
+
+def write_safetensors(path: Path, jobs: list[_Job], on_job: Callable[[_Job], None] | None = None) -> None:
+    """Write a safetensors file tensor by tensor (the header comes from the jobs' declared shapes)."""
+    header: dict = {"__metadata__": {"format": "mlx"}}
+    offset = 0
+    for job in jobs:
+        for name, shape, dtype in job.outputs:
+            count = 1
+            for dim in shape:
+                count *= dim
+            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + count * dtype.size]}
+            offset += count * dtype.size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for job in jobs:
+            arrays = job.produce()
+            for name, shape, dtype in job.outputs:
+                value = arrays.pop(name)
+                if tuple(value.shape) != tuple(shape) or value.dtype != dtype:
+                    raise ConversionError(f"internal: {name} came out {value.dtype}{tuple(value.shape)}, "
+                                          f"planned {dtype}{tuple(shape)}")
+                mx.eval(value)
+                f.write(memoryview(value))
+                del value
+            mx.clear_cache()  # give the freed buffers back: peak memory stays a few tensors
+            if on_job:
+                on_job(job)
