@@ -28,6 +28,7 @@ HELP = """\
 /reselect          the next message selects a new mask (per-task: it becomes the task)
 /dense             run the full model (again: back to pruning)
 /select POLICY     per-task | per-turn | off
+/max-tokens N      most tokens per answer
 /stats             costs of the last turn: select, apply, first token, tok/s, memory
 /mask              kept channels per layer, overlap with the previous mask
 /reset             forget the conversation (settings stay)
@@ -68,6 +69,7 @@ class ChatREPL:
         self.commands: dict[str, Callable[[str], bool | None]] = {
             "/help": self.help, "/?": self.help, "/density": self.density,
             "/reselect": self.reselect, "/dense": self.dense, "/select": self.select,
+            "/max-tokens": self.max_tokens,
             "/stats": self.stats, "/mask": self.mask, "/reset": self.reset,
             "/clear": self.reset, "/save": self.save, "/quit": self.quit,
             "/exit": self.quit, "/bye": self.quit,
@@ -180,6 +182,16 @@ class ChatREPL:
         if arg != "off":
             self._pruned_policy = arg
         _say(f"selection policy: {arg}")
+
+    def max_tokens(self, arg: str) -> None:
+        try:
+            value = int(arg)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise UsageError(f"usage: /max-tokens N, a whole number >= 1 (now {self.session.max_tokens})")
+        self.session.max_tokens = value
+        _say(f"answers stop after {value} tokens")
 
     def stats(self, arg: str) -> None:
         t = self.session.last
