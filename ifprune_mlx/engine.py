@@ -22,7 +22,7 @@ from mlx_lm.utils import load_tokenizer
 
 from . import bundle
 from .errors import BundleError, SelectionError
-from .models import build_model, load_weights, prunable_mlps, quantize_like
+from .models import build_model, down_to_rows, load_weights, prunable_mlps, quantize_like
 from .predictor import load_predictor
 from .prune import ApplyStats, apply_selection
 from .selectors import ActivationSelector, PredictorSelector, Selection, kept_count, top_k
@@ -215,16 +215,12 @@ def _read_model(folder: Path, config: dict, on_progress=None) -> nn.Module:
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     quantization = config.get("quantization")
-    if quantization and not is_bundle:
-        raise BundleError(
-            f"{folder}: a quantized plain model cannot be put in row layout at load; convert "
-            "the float model with `ifprune convert SRC OUT --quantize 4`"
-        )
+    if quantization and quantization.get("mode", "affine") != "affine":
+        raise BundleError(f"{folder}: {quantization['mode']} quantization is not supported; use affine 4- or 8-bit")
+    if not is_bundle:
+        weights = down_to_rows(weights, quantization)
     if quantization:
         quantize_like(model, quantization, weights)
-    if not is_bundle:
-        for name in [n for n in weights if n.endswith("mlp.down_proj.weight")]:
-            weights[name] = mx.contiguous(weights[name].T)  # [d_model, d_ffn] -> rows
     load_weights(model, weights, str(folder), on_progress)
     return model
 

@@ -47,14 +47,46 @@ def prunable_mlps(model: nn.Module) -> list[PrunableMLP]:
 
 
 def quantize_like(model: nn.Module, quantization: dict, weights: dict) -> None:
-    """Quantize the modules whose `scales` the weights carry, as mlx-lm does at load."""
-    nn.quantize(
-        model,
-        group_size=quantization["group_size"],
-        bits=quantization["bits"],
-        mode=quantization.get("mode", "affine"),
-        class_predicate=lambda path, m: hasattr(m, "to_quantized") and f"{path}.scales" in weights,
-    )
+    """Quantize the modules whose `scales` the weights carry, as mlx-lm does at load.
+
+    Bits and group size are read off each module's tensors, so mixed-precision checkpoints
+    (e.g. 8-bit down_proj in a 4-bit model) load as written.
+    """
+
+    def params(path: str, module: nn.Module):
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        in_dims = module.weight.shape[-1]
+        return {
+            "group_size": in_dims // weights[f"{path}.scales"].shape[-1],
+            "bits": weights[f"{path}.weight"].shape[-1] * 32 // in_dims,
+            "mode": quantization.get("mode", "affine"),
+        }
+
+    nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
+                mode=quantization.get("mode", "affine"), class_predicate=params)
+
+
+def down_to_rows(weights: dict[str, mx.array], quantization: dict | None = None) -> dict[str, mx.array]:
+    """Standard layout -> row layout: every mlp.down_proj [d_model, d_ffn] becomes [d_ffn, d_model].
+
+    Float weights are transposed. Quantized ones (mlx-lm's config "quantization", with its
+    per-module overrides) are dequantized, transposed and quantized again along d_model with
+    the same bits and group size: a re-quantization, whose error is of the order of the
+    original one's. Lazy: nothing is computed until the weights are loaded.
+    """
+    out = dict(weights)
+    for name in [n for n in weights if n.endswith("mlp.down_proj.weight")]:
+        base = name[: -len(".weight")]
+        if f"{base}.scales" not in weights:
+            out[name] = mx.contiguous(weights[name].T)
+            continue
+        q = {**quantization, **(quantization.get(base) or {})}
+        dense = mx.dequantize(weights[name], weights[f"{base}.scales"], weights[f"{base}.biases"],
+                              group_size=q["group_size"], bits=q["bits"])
+        out[name], out[f"{base}.scales"], out[f"{base}.biases"] = mx.quantize(
+            mx.contiguous(dense.T), group_size=q["group_size"], bits=q["bits"])
+    return out
 
 
 def load_weights(model: nn.Module, weights: dict[str, mx.array], where: str,

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .bundle import save_safetensors, write_bundle
-from .models import build_model
+from .models import build_model, down_to_rows
 from .predictor import HEAD_WIDTH
 
 CHAT_TEMPLATE = (
@@ -84,10 +84,7 @@ def make_model_folder(folder: Path, config: dict | None = None, seed: int = 0) -
     return folder
 
 
-def to_rows(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Standard layout -> row layout: transpose every down_proj weight."""
-    return {k: mx.contiguous(v.T) if k.endswith("mlp.down_proj.weight") else v
-            for k, v in weights.items()}
+to_rows = down_to_rows  # standard layout -> row layout (down_proj transposed)
 
 
 def random_predictor(config: dict, d_pred: int = 32, seed: int = 1) -> dict:

@@ -128,13 +128,6 @@ def test_plain_folder_with_dtype_mismatch(copy):
         ifp.load(folder)
 
 
-def test_quantized_plain_folder_is_refused_with_advice(copy):
-    folder = copy("plain")
-    edit_config(folder, quantization={"group_size": 32, "bits": 4})
-    with pytest.raises(BundleError, match="ifprune convert"):
-        ifp.load(folder)
-
-
 def test_missing_tokenizer(copy):
     folder = copy()
     for name in bundle.TOKENIZER_FILES:
