@@ -79,7 +79,7 @@ class Engine:
         scores = self.selector.scores(prompt)
         selection = Selection(
             indices=tuple(top_k(scores, k)), d_ffn=self.d_ffn,
-            seconds=time.perf_counter() - start, source=self.selector.name, scores=scores,
+            seconds=time.perf_counter() - start, source=self.selector.name,
         )
         self._cache[key] = selection
         if len(self._cache) > self._cache_size:

@@ -7,7 +7,7 @@ The rules here are plain numpy so the PyTorch reference and the MLX runtime shar
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -63,7 +63,6 @@ class Selection:
     d_ffn: int
     seconds: float = 0.0
     source: str = "explicit"
-    scores: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def kept(self) -> list[int]:

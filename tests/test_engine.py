@@ -121,7 +121,7 @@ def test_training_free_selector_on_a_plain_model(plain_dir):
     assert selection.source == "activations"
     assert selection.kept == [128] * engine.n_layers
     engine.apply([np.arange(32)] * engine.n_layers)
-    assert (engine.select("other prompt").scores == engine.select("other prompt").scores).all()
+    assert (engine.selector.scores("other prompt") == engine.selector.scores("other prompt")).all()
     # scoring runs dense and leaves the applied selection alone
     assert [m.k for m in engine.mlps] == [32] * engine.n_layers
 
