@@ -90,7 +90,7 @@ def source_dtype(source: Source) -> str:
 def convert(source: Source, out: Path, *, dtype: str | None = None, bits: int | None = None,
             group_size: int = 64, default_density: float | None = None,
             pad_multiple: int | None = None, force: bool = False,
-            on_progress: Progress | None = None) -> Summary:
+            on_progress: Progress | None = None, check: Callable[[Path], None] | None = None) -> Summary:
     """Write `source` as a bundle at `out`.
 
     Args:
@@ -104,6 +104,8 @@ def convert(source: Source, out: Path, *, dtype: str | None = None, bits: int | 
             0.33 and 32).
         force: replace an existing `out`.
         on_progress: called as on_progress(bytes_done, bytes_total) after each tensor.
+        check: called on the finished folder before it is renamed to `out` (e.g. verify);
+            if it raises, nothing is left at `out`.
     """
     start = time.perf_counter()
     out = Path(out)
@@ -149,6 +151,8 @@ def convert(source: Source, out: Path, *, dtype: str | None = None, bits: int | 
                 copy_tokenizer(own, tmp / "predictor")
         for name, jobs in files.items():
             write_safetensors(tmp / name, jobs, progress)
+        if check is not None:
+            check(tmp)
 
     write_atomic(out, fill, force)
     written = sum(f.stat().st_size for f in out.rglob("*.safetensors"))

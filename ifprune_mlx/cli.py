@@ -83,6 +83,8 @@ def generate(
 
 
 # Commands in their own modules register here.
+from converters.cli import convert  # noqa: E402
+app.command()(convert)
 from .chat_cli import chat  # noqa: E402
 
 app.command()(chat)

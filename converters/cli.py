@@ -1,0 +1,72 @@
+"""`ifprune convert SRC OUT`: a PyTorch IFPruning checkpoint (or a plain LLM) to a bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ifprune_mlx.console import friendly_errors, progress_bar
+from ifprune_mlx.errors import ConversionError
+from ifprune_mlx.selectors import check_density
+
+from .layouts import LAYOUTS, detect
+from .write import DTYPES, convert as write_bundle
+
+
+@friendly_errors
+def convert(
+    src: Path = typer.Argument(..., help="The LLM: a Hugging Face folder, a state-dict file or folder, "
+                                         "or a folder with llm/ and predictor/."),
+    out: Path = typer.Argument(..., help="The bundle folder to create."),
+    predictor: Optional[Path] = typer.Option(None, "--predictor", "-p", help="The sparsity predictor: a folder "
+                                             "(config.json, weights, head.safetensors) or a state-dict file."),
+    layout: str = typer.Option("auto", help=f"Source layout: {', '.join(LAYOUTS)}."),
+    config: Optional[Path] = typer.Option(None, "--config", help="The LLM's config.json or its folder "
+                                          "(required for state dicts)."),
+    predictor_config: Optional[Path] = typer.Option(None, "--predictor-config", help="The predictor "
+                                                    "backbone's config.json or folder (required for state dicts)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Folder of the LLM's tokenizer files "
+                                             "(default: next to its config)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=f"{' | '.join(DTYPES)} (default: the source's)."),
+    quantize: Optional[int] = typer.Option(None, "--quantize", "-q", help="Quantize the LLM by rows: 4 or 8 bits."),
+    group_size: int = typer.Option(64, "--group-size", help="Quantization group size: 32, 64 or 128."),
+    density: Optional[float] = typer.Option(None, "--density", help="The bundle's default density "
+                                            "(default: ifpruning.json's, else 0.33)."),
+    pad_multiple: Optional[int] = typer.Option(None, "--pad-multiple", help="Round kept channels up to a "
+                                               "multiple of this (default: ifpruning.json's, else 32)."),
+    verify: bool = typer.Option(False, "--verify", help="Compare with the PyTorch reference on a few prompts "
+                                "(needs torch); the bundle is only written if it passes."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
+):
+    """Convert a PyTorch IFPruning checkpoint (LLM + sparsity predictor) to an MLX bundle."""
+    if density is not None:
+        check_density(density)
+    if out.exists() and not force:
+        raise ConversionError(f"{out}: already exists; pass --force to overwrite it")
+    source = detect(src, predictor=predictor, layout=layout, config=config,
+                    predictor_config=predictor_config, tokenizer=tokenizer)
+    typer.echo(f"{src}: {source.layout} layout, {source.config['model_type']}, {source.n_layers} layers x "
+               f"{source.d_ffn} FFN channels, predictor: "
+               f"{source.predictor_config['model_type'] if source.predictor else 'none'}", err=True)
+    reports = []
+
+    def check(folder: Path) -> None:
+        from .verify import verify as run_verify
+
+        report = run_verify(folder, source, density=density)
+        reports.append(report)
+        for line in report.lines():
+            typer.echo(line, err=True)
+        if not report.passed:
+            raise ConversionError("verification failed: the bundle does not match the PyTorch reference "
+                                  "within tolerance; nothing was written")
+
+    with progress_bar(f"converting ({'MB'})") as update:
+        summary = write_bundle(source, out, dtype=dtype, bits=quantize, group_size=group_size,
+                               default_density=density, pad_multiple=pad_multiple, force=force,
+                               on_progress=lambda done, total: update(done // 1_000_000, max(1, total // 1_000_000)),
+                               check=check if verify else None)
+    for line in summary.lines():
+        typer.echo(line)
