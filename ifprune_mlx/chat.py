@@ -222,7 +222,7 @@ class ChatSession:
         kept in the conversation, its stats get finish_reason "interrupted".
         """
         if not text.strip():
-            raise SelectionError("empty message")
+            raise SelectionError("empty message: nothing to answer")
         start = time.perf_counter()
         selection, selected, select_s = self._choose(text)
         t = time.perf_counter()

@@ -99,6 +99,8 @@ class ChatREPL:
                     self.answer(line)
             except (UsageError, IFPruneError) as e:
                 _error(str(e))
+            except KeyboardInterrupt:  # during a command, or a selection before streaming
+                _say("\n[interrupted]")
 
     def _read(self) -> str:
         if self.interactive:

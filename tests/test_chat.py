@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
@@ -17,7 +16,8 @@ from ifprune_mlx import bundle, testing
 from ifprune_mlx.chat import ChatSession, default_model, mask_key
 from ifprune_mlx.cli import app
 
-IFPRUNE = Path(sys.executable).with_name("ifprune")
+_SCRIPT = Path(sys.executable).with_name("ifprune")  # the installed entry point
+IFPRUNE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "ifprune_mlx.cli"]
 TASK = "Write a Python function that reverses a list."
 OTHER = "Translate the sentence into French, please."
 
@@ -180,13 +180,13 @@ def test_cli_user_mistakes_are_one_line(tmp_path, bundle_dir, monkeypatch):
 
 
 def _env(tmp_path):
-    return dict(os.environ, IFPRUNE_HISTORY=str(tmp_path / "history"), TERM="dumb",
+    return dict(os.environ, IFPRUNE_HISTORY=str(tmp_path / "history"), TERM="xterm",
                 COLUMNS="120", NO_COLOR="1")
 
 
 def test_cli_reads_piped_lines(chat_bundle, tmp_path):
     script = f"{TASK}\n/density 0.5\n/nope\n/save {tmp_path / 'chat.json'}\n"
-    result = subprocess.run([str(IFPRUNE), "chat", str(chat_bundle), "-m", "5"], input=script,
+    result = subprocess.run([*IFPRUNE, "chat", str(chat_bundle), "-m", "5"], input=script,
                             capture_output=True, text=True, env=_env(tmp_path), timeout=60)
     assert result.returncode == 0, result.stderr
     assert "keeps 128 of 256 channels" in result.stdout
@@ -197,11 +197,15 @@ def test_cli_reads_piped_lines(chat_bundle, tmp_path):
 
 def test_cli_in_a_terminal(chat_bundle, tmp_path):
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(str(IFPRUNE), ["chat", str(chat_bundle), "-m", "12"], env=_env(tmp_path),
+    child = pexpect.spawn(IFPRUNE[0], [*IFPRUNE[1:], "chat", str(chat_bundle), "-m", "12"], env=_env(tmp_path),
                           encoding="utf-8", codec_errors="replace", timeout=30, dimensions=(40, 120))
     screen = child.logfile_read = io.StringIO()
     try:
+        child.expect_exact(f"loading {chat_bundle}")  # the progress bar
         child.expect("/help for commands")
+        child.expect_exact(">>> ")
+        child.sendintr()                           # Ctrl-C at the prompt: a new prompt
+        child.expect_exact("Ctrl-D or /quit to exit")
         child.expect_exact(">>> ")
         child.sendline(TASK)                       # ask: the answer streams and ends
         child.expect_exact(">>> ")
@@ -243,9 +247,15 @@ def test_cli_in_a_terminal(chat_bundle, tmp_path):
         child.sendline("/density 3")
         child.expect_exact("error: density must be in (0, 1]")
         child.expect_exact(">>> ")
+        child.sendline("/save " + str(tmp_path / "chat.json"))
+        child.expect_exact("saved 6 messages, 3 turns")
+        child.expect_exact(">>> ")
         child.sendline("/quit")
         child.expect(pexpect.EOF)
     finally:
         child.close()
     assert child.exitstatus == 0, screen.getvalue()[-2000:]
     assert "Traceback" not in screen.getvalue()
+    saved = json.loads((tmp_path / "chat.json").read_text())
+    assert [t["finish_reason"] for t in saved["turns"]] == ["length", "length", "interrupted"]
+    assert (tmp_path / "history").read_text().count("/density") == 2  # readline history
