@@ -91,7 +91,7 @@ class TurnStats:
     prefill_tps: float = 0.0
     generation_tokens: int = 0
     decode_tps: float = 0.0
-    peak_memory_gb: float = 0.0
+    peak_memory_gb: float = 0.0    # MLX's peak during the turn (reset when it starts)
     finish_reason: str | None = None  # "stop", "length" or "interrupted"
 
 
@@ -224,6 +224,7 @@ class ChatSession:
         if not text.strip():
             raise SelectionError("empty message: nothing to answer")
         start = time.perf_counter()
+        mx.reset_peak_memory()  # so peak_memory_gb is this turn's
         selection, selected, select_s = self._choose(text)
         t = time.perf_counter()
         stats = self.engine.apply(selection)  # pins it: stream_responses uses it untouched
@@ -286,6 +287,17 @@ class ChatSession:
     def cached_masks(self) -> dict[str, int]:
         """Mask key -> tokens its KV cache holds (most recently used last)."""
         return {k: len(v.tokens) for k, v in self._caches.items()}
+
+    def cache_bytes(self) -> int:
+        """Bytes the KV caches of all cached masks take (allocated, not only used)."""
+        total = 0
+        for entry in self._caches.values():
+            for c in entry.cache:
+                try:
+                    total += c.nbytes
+                except (NotImplementedError, AttributeError):
+                    pass
+        return total
 
     def settings(self) -> dict:
         return {"policy": self.policy, "density": self.density, "max_tokens": self.max_tokens,

@@ -217,8 +217,8 @@ class ChatREPL:
             ("first token", f"{t.ttft_ms:.1f} ms"),
             ("decode", f"{t.generation_tokens} tokens, {t.decode_tps:.1f} tok/s ({t.finish_reason})"),
             ("kept", f"{_kept(t.kept, d_ffn)} channels per layer (density {t.density:.2f})"),
-            ("memory", f"peak {_mb(t.peak_memory_gb)}, weights {_mb(self.engine.weight_bytes() / 1e9)}"),
-            ("KV caches", caches or "none"),
+            ("memory", f"peak {_mb(t.peak_memory_gb)} this turn, weights {_mb(self.engine.weight_bytes() / 1e9)}"),
+            ("KV caches", f"{caches}; {_mb(self.session.cache_bytes() / 1e9)}" if caches else "none"),
         ]
         for key, value in rows:
             _say(f"{key:<12} {value}")
