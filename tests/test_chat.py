@@ -259,3 +259,29 @@ def test_cli_in_a_terminal(chat_bundle, tmp_path):
     saved = json.loads((tmp_path / "chat.json").read_text())
     assert [t["finish_reason"] for t in saved["turns"]] == ["length", "length", "interrupted"]
     assert (tmp_path / "history").read_text().count("/density") == 2  # readline history
+
+
+def test_cli_dense_in_a_terminal_and_ctrl_d(chat_bundle, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(IFPRUNE[0], [*IFPRUNE[1:], "chat", str(chat_bundle), "--select", "off",
+                                       "--system", "Be brief.", "-m", "3"],
+                          env=_env(tmp_path), encoding="utf-8", codec_errors="replace", timeout=30)
+    screen = child.logfile_read = io.StringIO()
+    try:
+        child.expect_exact("dense (no selection)")
+        child.expect_exact(">>> ")
+        child.sendline(TASK)
+        child.expect_exact(">>> ")
+        child.sendline("/stats")
+        child.expect_exact("dense (policy off): no selection")
+        child.expect_exact("kept         256/256 channels per layer (density 1.00)")
+        child.expect_exact(">>> ")
+        child.sendline("/mask")
+        child.expect_exact("dense: all 256 channels in each of 2 layers")
+        child.expect_exact(">>> ")
+        child.sendeof()                            # Ctrl-D exits cleanly
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, screen.getvalue()[-2000:]
+    assert "Traceback" not in screen.getvalue()
