@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ifprune_mlx.console import friendly_errors, progress_bar
+from ifprune_mlx.console import fail, friendly_errors, progress_bar
 from ifprune_mlx.errors import ConversionError
 from ifprune_mlx.selectors import check_density
 
@@ -63,10 +63,13 @@ def convert(
             raise ConversionError("verification failed: the bundle does not match the PyTorch reference "
                                   "within tolerance; nothing was written")
 
-    with progress_bar(f"converting ({'MB'})") as update:
-        summary = write_bundle(source, out, dtype=dtype, bits=quantize, group_size=group_size,
-                               default_density=density, pad_multiple=pad_multiple, force=force,
-                               on_progress=lambda done, total: update(done // 1_000_000, max(1, total // 1_000_000)),
-                               check=check if verify else None)
+    try:
+        with progress_bar("converting (MB)") as update:
+            summary = write_bundle(source, out, dtype=dtype, bits=quantize, group_size=group_size,
+                                   default_density=density, pad_multiple=pad_multiple, force=force,
+                                   on_progress=lambda done, total: update(done // 1_000_000, max(1, total // 1_000_000)),
+                                   check=check if verify else None)
+    except KeyboardInterrupt:
+        fail(f"interrupted: {out} was not written (the partial files were removed)")
     for line in summary.lines():
         typer.echo(line)

@@ -13,9 +13,13 @@ tensors only, no code is ever unpickled. torch is imported only for .bin/.pt inp
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import mmap
 import pickle
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -197,27 +201,59 @@ def _open_safetensors(path: Path) -> dict[str, TensorRef]:
 
 def _open_torch(path: Path) -> dict[str, TensorRef]:
     torch = torch_or_error(f"reading {path.name}")
-    state = _torch_load(torch, path)
+    state, mapped = _torch_load(torch, path)
+
+    def fetch(name: str) -> mx.array:
+        value = _to_mx(torch, state[name])
+        if mapped:
+            _drop_pages(state[name])
+        return value
+
     refs = {}
     for name, tensor in state.items():
         dtype = str(tensor.dtype).removeprefix("torch.")
-        refs[name] = TensorRef(name, tuple(tensor.shape), dtype, path,
-                               lambda n=name: _to_mx(torch, state[n]))
+        refs[name] = TensorRef(name, tuple(tensor.shape), dtype, path, lambda n=name: fetch(n))
     return refs
 
 
-def _torch_load(torch, path: Path) -> dict:
-    """torch.load with weights_only=True (plain tensors only), memory-mapped when possible."""
+def _drop_pages(tensor) -> None:
+    """Give back the resident pages of a memory-mapped tensor once it is copied (Linux).
+
+    The pages are clean pages of the file: if touched again they are read back from it. Without
+    this, reading a .bin maps the whole file into RSS by the end of the conversion.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    storage = tensor.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    first, last = start // mmap.PAGESIZE * mmap.PAGESIZE, -(-end // mmap.PAGESIZE) * mmap.PAGESIZE
+    if last > first:
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def _torch_load(torch, path: Path) -> tuple[dict, bool]:
+    """torch.load with weights_only=True (plain tensors only), memory-mapped when possible.
+
+    Returns the state dict and whether it is memory-mapped.
+    """
     def load(mmap: bool):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
+    mapped = True
     try:
         try:
             state = load(mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e) and "zip" not in str(e).lower():
                 raise
-            state = load(mmap=False)  # legacy (non-zip) files cannot be memory-mapped
+            mapped, state = False, load(mmap=False)  # legacy (non-zip) files cannot be memory-mapped
     except pickle.UnpicklingError as e:
         raise ConversionError(
             f"{path}: not plain weights: it holds Python objects that torch.load(weights_only=True) "
@@ -227,7 +263,7 @@ def _torch_load(torch, path: Path) -> dict:
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ConversionError(f"{path}: cannot read ({str(e).splitlines()[0][:200]}); "
                               "the file is truncated or corrupt") from e
-    return _state_dict(torch, state, path)
+    return _state_dict(torch, state, path), mapped
 
 
 def _state_dict(torch, state, path: Path) -> dict:
