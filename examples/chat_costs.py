@@ -93,13 +93,14 @@ def main() -> None:
         path = args.model or random_bundle(Path(tmp), args.size)
         rows = {}
         for policy, caches in (("per-task", 4), ("per-turn", 4), ("per-turn", 1), ("off", 4)):
-            engine = ifp.load(path)  # a fresh selection cache: every policy pays its own
-            engine.apply(engine.select("Warm up the selector and the allocator."))
-            for _ in engine.stream("Warm up.", max_tokens=4):
-                pass
+            runs = []
+            for _ in range(args.repeat):
+                engine = ifp.load(path)  # a fresh selection cache: every run pays its own
+                engine.apply(engine.select("Warm up the selector and the allocator."))
+                for _ in engine.stream("Warm up.", max_tokens=4):
+                    pass
+                runs.append(run(engine, policy, args.max_tokens, caches, args.density))
             label = policy + ("" if caches == 4 else ", 1 cache")
-            runs = [run(engine, policy, args.max_tokens, caches, args.density)
-                    for _ in range(args.repeat)]
             rows[label] = {k: (max if k == "decode tok/s" else min)(r[k] for r in runs)
                            for k in runs[0]}
     c = engine.config
