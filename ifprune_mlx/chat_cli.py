@@ -131,7 +131,7 @@ class ChatREPL:
                     if stop.hit:
                         interrupted = True
                         break
-            except KeyboardInterrupt:  # a second Ctrl-C, or one before the first token
+            except KeyboardInterrupt:  # a second Ctrl-C: stop at once
                 interrupted = True
             finally:
                 responses.close()
@@ -290,12 +290,24 @@ class _StopFlag:
         return False
 
 
-def _setup_readline() -> None:
+def _setup_readline(commands: list[str]) -> None:
+    """History in ~/.ifprune_history (or $IFPRUNE_HISTORY); Tab completes slash commands."""
     try:
         import readline
     except ImportError:  # Windows without pyreadline: plain input()
         return
     import atexit
+
+    def complete(text: str, state: int):
+        matches = [c + " " for c in commands if c.startswith(text)] if text.startswith("/") else []
+        return matches[state] if state < len(matches) else None
+
+    readline.set_completer(complete)
+    readline.set_completer_delims(" \t\n")
+    if "libedit" in (readline.__doc__ or ""):  # macOS's Python links libedit
+        readline.parse_and_bind("bind ^I rl_complete")
+    else:
+        readline.parse_and_bind("tab: complete")
 
     history = Path(os.environ.get("IFPRUNE_HISTORY", "~/.ifprune_history")).expanduser()
     try:
@@ -339,8 +351,9 @@ def chat(
     session = ChatSession(engine, policy=select, density=density, system=system,
                           max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
     interactive = sys.stdin.isatty()
+    repl = ChatREPL(session, interactive)
     if interactive:
-        _setup_readline()
+        _setup_readline(sorted(repl.commands))
         what = ("dense (no selection)" if select == "off" else
                 f"{select} selection, density {session.density:.2f} "
                 f"({session.kept_count()} of {engine.d_ffn} channels per layer)")
@@ -348,4 +361,4 @@ def chat(
         typer.secho(f"{path}: {engine.config['model_type']}, {engine.n_layers} layers, {selector}; {what}",
                     dim=True)
         typer.secho("/help for commands, Ctrl-C stops an answer, Ctrl-D or /quit exits", dim=True)
-    ChatREPL(session, interactive).run()
+    repl.run()

@@ -238,7 +238,7 @@ def test_cli_in_a_terminal(chat_bundle, tmp_path):
         child.sendintr()
         child.expect_exact("[interrupted]", timeout=10)
         child.expect_exact(">>> ")
-        child.sendline("/stats")
+        child.send("/sta\t\r")                    # Tab completes slash commands
         child.expect(r"decode +\d+ tokens, [\d.]+ tok/s \(interrupted\)")
         child.expect_exact(">>> ")
         child.sendline("/frobnicate")
