@@ -30,8 +30,10 @@ def llm(arch: str = "llama", seed: int = 0, **extra) -> torch.nn.Module:
     options = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
                    num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                    max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False)
-    if arch == "qwen2":
-        options["rope_theta"] = 1e6  # not mlx-lm llama's default: the converter must carry it
+    if arch in ("llama", "qwen2"):
+        # not mlx-lm's defaults (1e4, 1e6): transformers 5 nests it in rope_parameters, which
+        # mlx-lm's llama and qwen2 do not read; the converter must carry it over.
+        options["rope_theta"] = {"llama": 5e5, "qwen2": 5e4}[arch]
     if arch == "qwen3":
         options["head_dim"] = 16
     options.update(extra)

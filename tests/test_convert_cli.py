@@ -101,6 +101,7 @@ class _Payload:
 MARKER = Path("/tmp") / f"ifprune-pickle-ran-{os.getpid()}"
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_pickle_that_is_not_plain_weights_is_refused_unexecuted(tmp_path, llama):
     src = ck.hf_folder(llama, tmp_path / "llm", "bin")
     with open(src / "pytorch_model.bin", "wb") as f:
@@ -229,3 +230,16 @@ def test_peak_rss_stays_under_twice_the_model(tmp_path, fmt):
           "is the CLI's imports")
     assert code == 0
     assert rss < 2 * size
+
+
+def test_the_demo_trainers_checkpoint_converts_and_verifies(tmp_path):
+    """examples/train_tiny writes the hf layout (llm/ + predictor/): a few tiny steps, then convert."""
+    from examples.train_tiny.train import Config, train
+
+    tiny = dict(d_model=32, n_layers=2, n_heads=2, d_ffn=96, d_pred=16, pred_layers=1, pred_heads=2,
+                pred_ffn=32, vocab_size=300, steps1=2, steps2=2, batch1=4, batch2=4, chunk=8, n_chunks=3,
+                warmup=1, eval_every=0)
+    train(Config(**tiny), tmp_path / "checkpoint", log=lambda *a: None)
+    result = convert(tmp_path / "checkpoint", tmp_path / "bundle", "--verify")
+    assert result.exit_code == 0, result.output
+    assert "hf layout" in result.output and "PASSED" in result.output
