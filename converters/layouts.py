@@ -98,7 +98,7 @@ def detect(src: Path, *, predictor: Path | None = None, layout: str = "auto",
         raise ConversionError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     src = Path(src)
     if src.is_dir() and predictor is None and (src / "llm").is_dir() and (src / "predictor").is_dir():
-        src, predictor = src / "llm", src / "predictor"
+        src, predictor = src / "llm", (None if layout == "plain" else src / "predictor")
     if layout == "plain" and predictor is not None:
         raise ConversionError("--layout plain converts an LLM without a predictor; drop --predictor")
 

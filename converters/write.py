@@ -20,6 +20,7 @@ from typing import Callable
 import mlx.core as mx
 
 from ifprune_mlx.bundle import copy_tokenizer, new_ifpruning_block, write_atomic
+from ifprune_mlx.engine import PLAIN_DEFAULT_DENSITY
 from ifprune_mlx.errors import ConversionError
 from ifprune_mlx.testing import quantize_rows
 
@@ -101,7 +102,7 @@ def convert(source: Source, out: Path, *, dtype: str | None = None, bits: int | 
             (the predictor stays in `dtype`).
         group_size: quantization group size (32, 64 or 128; must divide every row).
         default_density, pad_multiple: the bundle's defaults (else ifpruning.json's, else
-            0.33 and 32).
+            0.33 with a predictor, the engine's training-free default (0.5) without, and 32).
         force: replace an existing `out`.
         on_progress: called as on_progress(bytes_done, bytes_total) after each tensor.
         check: called on the finished folder before it is renamed to `out` (e.g. verify);
@@ -119,7 +120,8 @@ def convert(source: Source, out: Path, *, dtype: str | None = None, bits: int | 
     if bits is not None and group_size not in GROUP_SIZES:
         raise ConversionError(f"--group-size {group_size}: choose one of {', '.join(map(str, GROUP_SIZES))}")
     target = getattr(mx, dtype)
-    density = default_density if default_density is not None else source.defaults.get("default_density", DEFAULT_DENSITY)
+    fallback = DEFAULT_DENSITY if source.predictor is not None else PLAIN_DEFAULT_DENSITY
+    density = default_density if default_density is not None else source.defaults.get("default_density", fallback)
     pad = pad_multiple if pad_multiple is not None else source.defaults.get("pad_multiple", DEFAULT_PAD_MULTIPLE)
 
     config = dict(source.config)

@@ -99,6 +99,7 @@ def test_llm_and_predictor_subfolders_are_detected(tmp_path, llama, pred):
     assert summary.predictor and summary.default_density == 0.5
     engine = ifprune_mlx.load(tmp_path / "out")
     assert engine.default_density == 0.5 and engine.pad_multiple == 16
+    assert detect(tmp_path / "ckpt", layout="plain").predictor is None  # just the LLM
 
 
 # -- the public code's key layout ----------------------------------------------------------------
