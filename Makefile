@@ -27,5 +27,12 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -m ""
 
+# Linux: preload OpenBLAS when present (the mlx[cpu] wheel's reference BLAS makes prefill ~20x slower).
+bench: install
+	@blas=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3; \
+	if [ "$(UNAME)" = Linux ] && [ -f $$blas ]; then export LD_PRELOAD=$$blas; \
+	elif [ "$(UNAME)" = Linux ]; then echo "note: no OpenBLAS (apt-get install libopenblas0-pthread); prefill will be slow" >&2; fi; \
+	$(VENV)/bin/ifprune bench --out docs/BENCHMARKS.md --plot docs/benchmarks.png --json docs/benchmarks.json
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

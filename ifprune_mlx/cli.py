@@ -85,6 +85,8 @@ def generate(
 # Commands in their own modules register here.
 from converters.cli import convert  # noqa: E402
 app.command()(convert)
+from .bench import bench  # noqa: E402
+app.command()(bench)
 from .chat_cli import chat  # noqa: E402
 
 app.command()(chat)
