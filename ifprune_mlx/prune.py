@@ -153,16 +153,35 @@ def plan_swaps(perm: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return incoming, outgoing
 
 
+def _host_view(w: mx.array) -> np.ndarray | None:
+    """A writable NumPy view of w's own row-major buffer, or None (e.g. bfloat16)."""
+    try:
+        view = np.array(w, copy=False)  # NumPy 2: raises instead of copying
+    except (ValueError, TypeError, RuntimeError):
+        return None
+    ok = view.flags.c_contiguous and view.flags.writeable and view.shape == tuple(w.shape)
+    return view if ok else None
+
+
 def _swap_rows(module: nn.Module, name: str, a: mx.array, b: mx.array) -> None:
     """Swap rows a[i] <-> b[i] of module[name] in place.
 
-    In chunks of at most 1/64 of the rows, so the gathered rows in flight stay below
-    1/32 of one matrix.
+    Through a NumPy view of the evaluated buffer when NumPy has the dtype (CPU and unified
+    memory): MLX's CPU scatter costs ~6 ns per element, ~10x a row copy (measured by
+    `ifprune bench`). Else with MLX gathers and scatters. In chunks of at most 1/64 of the
+    rows, so the gathered rows in flight stay below 1/32 of one matrix.
     """
     w = module[name]
+    mx.eval(w)
+    mx.synchronize()  # nothing in flight still reads the rows we overwrite
+    host = _host_view(w)
     step = max(16, w.shape[0] // 64)
     for i in range(0, a.shape[0], step):
         ca, cb = a[i : i + step], b[i : i + step]
+        if host is not None:
+            ca, cb = np.array(ca), np.array(cb)
+            host[np.concatenate([ca, cb])] = host[np.concatenate([cb, ca])]
+            continue
         rows = w[mx.concatenate([cb, ca])]
         mx.eval(rows)  # evaluated before the write, so the scatter reuses w's buffer
         w[mx.concatenate([ca, cb])] = rows

@@ -171,3 +171,18 @@ def test_quantized_rows_match_quantizing_sliced_rows():
     wq, s, b = mx.quantize(w[:40], group_size=32, bits=4)
     assert mx.array_equal(q.weight[:40], wq) and mx.array_equal(q.scales[:40], s)
 
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])  # bfloat16: no NumPy view, MLX scatter
+def test_swap_rows_swaps_exactly_the_pairs(dtype):
+    from ifprune_mlx.prune import _swap_rows
+
+    layer = RowLinear(200, 8)
+    layer.weight = (mx.arange(200)[:, None] + mx.zeros((1, 8))).astype(dtype)  # exact in bfloat16
+    rng = np.random.default_rng(0)
+    a = np.sort(rng.choice(100, 40, replace=False)).astype(np.int32)
+    b = np.sort(100 + rng.choice(100, 40, replace=False)).astype(np.int32)
+    expected = np.repeat(np.arange(200, dtype=np.float32)[:, None], 8, axis=1)
+    expected[np.concatenate([a, b])] = expected[np.concatenate([b, a])]
+    _swap_rows(layer, "weight", mx.array(a), mx.array(b))
+    assert np.array_equal(np.array(layer.weight.astype(mx.float32)), expected)
