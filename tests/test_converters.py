@@ -269,6 +269,32 @@ def test_verify_reports_parity(tmp_path, hf_src):
     assert report.selections_identical == report.prompts and report.mean_overlap == 1.0
 
 
+def test_verify_catches_a_config_the_runtime_reads_differently(tmp_path, hf_src):
+    src, pdir = hf_src
+    source = detect(src, predictor=pdir)
+    convert(source, tmp_path / "out")
+    path = tmp_path / "out" / "config.json"
+    config = json.loads(path.read_text())
+    config["rope_theta"] = 10000.0  # what mlx-lm would use if rope_parameters were not unpacked
+    path.write_text(json.dumps(config))
+    report = verify(tmp_path / "out", source)
+    assert report.worst_weight_ratio == 0.0  # the weights are right ...
+    assert not report.passed and report.dense_max_diff > 0.01  # ... the model is not
+
+
+@pytest.mark.parametrize("dtype,bits", [("bfloat16", None), ("float16", None), ("float32", 8), ("float32", 4)])
+def test_verify_checks_rounded_and_quantized_bundles_tightly(tmp_path, hf_src, dtype, bits):
+    src, pdir = hf_src
+    source = detect(src, predictor=pdir)
+    convert(source, tmp_path / "out", dtype=dtype, bits=bits, group_size=32)
+    report = verify(tmp_path / "out", source)
+    assert report.passed, report.lines()
+    assert 0 < report.worst_weight_ratio <= 1
+    if bits:  # against the reference holding the same (dequantized) weights: float32 rounding only
+        assert report.dense_max_diff <= ATOL and report.pruned_max_diff <= ATOL
+        assert report.source_max_diff > 10 * ATOL  # the quantization noise, reported apart
+
+
 def test_verify_fails_on_a_wrong_conversion(tmp_path, hf_src):
     src, pdir = hf_src
     source = detect(src, predictor=pdir)
