@@ -20,6 +20,7 @@ from ifprune_mlx.selectors import kept_count  # noqa: E402
 TINY = dict(d_model=32, n_layers=2, n_heads=2, d_ffn=96, d_pred=16, pred_layers=1, pred_heads=2,
             pred_ffn=32, vocab_size=300, steps1=2, steps2=3, batch1=4, batch2=4, chunk=8, n_chunks=3,
             warmup=2, eval_every=0)
+MLX_SKILLS = ("reverse", "upper", "copy", "french", "brackets", "max")  # answered exactly by the shipped model
 SHIPPED = Path(__file__).parents[1] / "examples" / "train_tiny" / "checkpoint"
 
 
@@ -123,3 +124,25 @@ def test_shipped_checkpoint_answers_held_out_prompts_when_pruned():
     scores = predict_scores(predictor, tok, [ex.prompt for ex in test])
     k = kept_count(meta["default_density"], llm.config.intermediate_size, meta["pad_multiple"])
     assert accuracy(llm, tok, test, masks_for(scores, k, llm.config.intermediate_size))["mean"] > 0.5
+
+
+@pytest.mark.skipif(not (SHIPPED / "llm").exists(), reason="shipped checkpoint not trained yet")
+def test_shipped_checkpoint_converts_and_answers_the_same_in_mlx(tmp_path):
+    """The shipped model through `ifprune convert` and ifprune_mlx.load: same channels as the
+    reference, and exact answers to held-out prompts of several skills at its default density."""
+    pytest.importorskip("mlx.core")
+    import ifprune_mlx as ifp
+    from typer.testing import CliRunner
+
+    from ifprune_mlx.cli import app
+
+    result = CliRunner().invoke(app, ["convert", str(SHIPPED), str(tmp_path / "bundle")])
+    assert result.exit_code == 0, result.output
+    engine = ifp.load(tmp_path / "bundle")
+    _, predictor, tok, meta = load_checkpoint(SHIPPED)
+    examples = [ex for ex in data.test_set(2, seed=11) if ex.skill in MLX_SKILLS]
+    for ex in examples:
+        ref = select_channels(predictor, tok, ex.prompt, meta["default_density"], meta["pad_multiple"])
+        sel = engine.select(ex.prompt)
+        assert all(np.array_equal(a, b) for a, b in zip(ref, sel.indices)), ex.prompt
+        assert engine.generate(ex.prompt, max_tokens=16).strip() == ex.answer, ex.prompt
