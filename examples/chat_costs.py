@@ -60,10 +60,11 @@ def random_bundle(folder: Path, size: str) -> Path:
     return path
 
 
-def run(engine, policy: str, max_tokens: int, max_caches: int = 4, density=None) -> dict:
+def run(engine, policy: str, max_tokens: int, max_caches: int = 4, density=None,
+        conversation=CONVERSATION) -> dict:
     session = ChatSession(engine, policy=policy, max_tokens=max_tokens, max_caches=max_caches,
                           density=density)
-    for text in CONVERSATION:
+    for text in conversation:
         for _ in session.send(text):
             pass
     turns = session.turns
@@ -88,7 +89,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--density", type=float, default=None)
     parser.add_argument("--repeat", type=int, default=1, help="runs per policy; times: the fastest")
+    parser.add_argument("--prompts", type=Path, help="the user messages, one a line (default: built in)")
     args = parser.parse_args()
+    conversation = CONVERSATION
+    if args.prompts:
+        conversation = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or random_bundle(Path(tmp), args.size)
         rows = {}
@@ -99,14 +104,14 @@ def main() -> None:
                 engine.apply(engine.select("Warm up the selector and the allocator."))
                 for _ in engine.stream("Warm up.", max_tokens=4):
                     pass
-                runs.append(run(engine, policy, args.max_tokens, caches, args.density))
+                runs.append(run(engine, policy, args.max_tokens, caches, args.density, conversation))
             label = policy + ("" if caches == 4 else ", 1 cache")
             rows[label] = {k: (max if k == "decode tok/s" else min)(r[k] for r in runs)
                            for k in runs[0]}
     c = engine.config
     print(f"{path if args.model else args.size + ' random bundle'}: {c['num_hidden_layers']} layers, "
-          f"d_model {c['hidden_size']}, d_ffn {engine.d_ffn}, density {args.density or engine.default_density}; "
-          f"{len(CONVERSATION)} turns, {args.max_tokens} tokens per answer")
+          f"d_model {c['hidden_size']}, d_ffn {engine.d_ffn}, density {args.density or engine.default_density:.2f}; "
+          f"{len(conversation)} turns, at most {args.max_tokens} tokens per answer")
     columns = list(next(iter(rows.values())))
     print("| policy | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
