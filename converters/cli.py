@@ -64,7 +64,8 @@ def convert(
                                   "within tolerance; nothing was written")
 
     try:
-        with progress_bar("converting (MB)") as update:
+        tensors = len(source.llm) + len(source.predictor or {}) + len(source.head or {})
+        with progress_bar(f"converting {tensors} tensors (MB)") as update:
             summary = write_bundle(source, out, dtype=dtype, bits=quantize, group_size=group_size,
                                    default_density=density, pad_multiple=pad_multiple, force=force,
                                    on_progress=lambda done, total: update(done // 1_000_000, max(1, total // 1_000_000)),

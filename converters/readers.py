@@ -95,9 +95,6 @@ class Checkpoint(Mapping[str, TensorRef]):
     def nbytes(self) -> int:
         return sum(ref.nbytes for ref in self._refs.values())
 
-    def where(self) -> str:
-        return self.files[0].name if len(self.files) == 1 else f"{len(self.files)} files in {self.files[0].parent}"
-
 
 # -- files ---------------------------------------------------------------------------------------
 
@@ -105,9 +102,9 @@ class Checkpoint(Mapping[str, TensorRef]):
 def weight_files(path: Path, skip: str | None = None) -> list[Path]:
     """The weight files of a checkpoint: the file itself, or those of a folder.
 
-    In a folder: the shards of a `*.index.json` (each must exist), else every
-    .safetensors file, else every .bin/.pt/.pth file (safetensors win when a folder holds
-    both, as Hugging Face writes them side by side). Trainer files (optimizer.pt ...) are
+    In a folder: the shards listed in a `*.safetensors.index.json` (each must exist), else
+    every .safetensors file, else the same for .bin/.pt/.pth (safetensors win when a folder
+    holds both, as Hugging Face writes them side by side). Trainer files (optimizer.pt ...) are
     skipped, and in a folder the files whose name starts with `skip`.
     """
     path = Path(path)
@@ -120,17 +117,13 @@ def weight_files(path: Path, skip: str | None = None) -> list[Path]:
     if not path.exists():
         raise ConversionError(f"{path}: no such file or folder")
     for suffixes in (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES):
-        files: list[Path] = []
-        for index in sorted(path.glob("*.index.json")):
-            if index.name[: -len(".index.json")].endswith(suffixes):
-                files += _shards(index)
-        sharded = set(files)
-        shard_name = re.compile(r".*-\d{5}-of-\d{5}\.")
-        for f in sorted(path.iterdir()):
-            if (f.is_file() and f.name.endswith(suffixes) and f not in sharded
-                    and not _NOT_WEIGHTS.match(f.name) and not (sharded and shard_name.match(f.name))
-                    and not (skip and f.name.startswith(skip))):
-                files.append(f)
+        indexes = [i for i in sorted(path.glob("*.index.json"))
+                   if i.name[: -len(".index.json")].endswith(suffixes) and not (skip and i.name.startswith(skip))]
+        if indexes:  # only what the index lists (e.g. not Mistral's consolidated.safetensors)
+            return [f for index in indexes for f in _shards(index)]
+        files = [f for f in sorted(path.iterdir())
+                 if f.is_file() and f.name.endswith(suffixes) and not _NOT_WEIGHTS.match(f.name)
+                 and not (skip and f.name.startswith(skip))]
         if files:
             return files
     raise ConversionError(f"{path}: no weight files (.safetensors, .bin, .pt, .pth) in this folder")

@@ -340,3 +340,13 @@ def test_ctrl_c_mid_conversion_leaves_nothing(tmp_path, hf_src):
     with pytest.raises(KeyboardInterrupt):
         convert(detect(src, predictor=pdir), tmp_path / "out", on_progress=interrupt)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_reads_what_its_index_lists(tmp_path, llama):
+    src = ck.hf_folder(llama, tmp_path / "llm", "safetensors", shards=2)
+    (src / "consolidated.safetensors").write_bytes(b"not read")  # as Mistral's repos ship it
+    torch.save({"step": 3}, src / "optimizer.pt")
+    assert len(detect(src).llm) == 21
+    (src / "model.safetensors.index.json").unlink()  # no index: every .safetensors is weights
+    with pytest.raises(ConversionError, match="consolidated.safetensors"):
+        detect(src)
