@@ -285,3 +285,26 @@ def test_cli_dense_in_a_terminal_and_ctrl_d(chat_bundle, tmp_path):
         child.close()
     assert child.exitstatus == 0, screen.getvalue()[-2000:]
     assert "Traceback" not in screen.getvalue()
+
+
+SHIPPED = Path(__file__).parents[1] / "examples" / "train_tiny" / "checkpoint"
+
+
+@pytest.mark.skipif(not (SHIPPED / "llm").exists(), reason="the demo checkpoint is not trained yet")
+def test_the_demo_model_chats_like_it_answers_single_prompts(tmp_path):
+    """On the trained demo model: the first turn answers as generate() does, and a later turn
+    answered from the reused cache equals a fresh prefill of the whole conversation."""
+    result = CliRunner().invoke(app, ["convert", str(SHIPPED), str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    engine = ifp.load(tmp_path / "demo")
+    for policy in ("per-task", "per-turn"):
+        session = ChatSession(engine, policy=policy, max_tokens=16)
+        first = "".join(r.text for r in session.send("Reverse the letters: k e p l"))
+        assert first == engine.generate("Reverse the letters: k e p l", max_tokens=16)
+        tokens, _ = turn(session, "Add the numbers: 3 4 5")
+        same_mask = session.turns[0].mask == session.turns[1].mask
+        assert session.last.cache_hit == same_mask == (session.last.reused_tokens > 0)
+        assert same_mask or policy == "per-turn"
+        engine.apply(session.selection)
+        assert [r.token for r in engine.stream_responses(session.messages[:3], max_tokens=16)] == tokens
+        engine.apply("auto")
