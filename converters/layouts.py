@@ -220,6 +220,10 @@ def to_mlx_config(hf_config: dict, tensors: dict, what: str) -> dict:
         model_classes(hf_config)
     except BundleError as e:
         raise ConversionError(f"cannot convert {what}: {e}") from None
+    if hf_config.get("quantization_config"):
+        method = hf_config["quantization_config"].get("quant_method", "quantized")
+        raise ConversionError(f"cannot convert {what}: it is a {method} checkpoint; convert the float "
+                              "(or bfloat16) model, and pass --quantize 4|8 for a quantized bundle")
     act = hf_config.get("hidden_act", "silu")
     if act not in SWIGLU_ACTS:
         raise ConversionError(f"cannot convert {what}: hidden_act {act!r} is not supported; the prunable "

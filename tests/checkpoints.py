@@ -120,8 +120,9 @@ def public_checkpoint(model: torch.nn.Module, pred: SparsityPredictor, folder: P
     pconfig = folder / "predictor_config.json"
     pred.feature_extractor.config.to_json_file(pconfig)
     suffix = "safetensors" if fmt == "safetensors" else "pt"
+    # torch.save keeps a tied lm_head (it shares the embedding's storage); safetensors refuses it
     pred_state = {k: v for k, v in pred.state_dict().items() if k != "feature_extractor.lm_head.weight"
-                  or not pred.feature_extractor.config.tie_word_embeddings}
+                  or not pred.feature_extractor.config.tie_word_embeddings or fmt != "safetensors"}
     if combined:
         state = {f"llm.{k}": v for k, v in model.state_dict().items()}
         state.update({f"sparsity_predictor.{k}": v for k, v in pred_state.items()})
@@ -133,8 +134,8 @@ def public_checkpoint(model: torch.nn.Module, pred: SparsityPredictor, folder: P
 
 
 def _save_one(state: dict, path: Path, fmt: str) -> Path:
-    state = {k: v.detach().clone().contiguous() for k, v in state.items()}
     if fmt == "safetensors":
+        state = {k: v.detach().clone().contiguous() for k, v in state.items()}
         from safetensors.torch import save_file
 
         save_file(state, path)
