@@ -103,6 +103,23 @@ def test_zeroing_channel_j_equals_zeroing_its_gate_and_up_rows():
         torch.testing.assert_close(llm(x).logits, ref(x).logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
+def test_masks_work_on_other_swiglu_families(family):
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{family}Config")(hidden_size=64, intermediate_size=F, num_hidden_layers=L,
+                                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=V)
+    llm = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+    x = torch.randint(0, V, (1, 5))
+    masks = torch.ones(L, F)
+    masks[1, :64] = 0
+    with torch.no_grad():
+        set_ffn_mask(llm, masks)
+        masked = llm(x).logits
+        set_ffn_mask(llm, None)
+        llm.model.layers[1].mlp.up_proj.weight[:64] = 0
+        torch.testing.assert_close(masked, llm(x).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_per_sequence_masks_equal_running_each_sequence_alone():
     llm = tiny_llama()
     x = torch.randint(0, V, (2, 7))
