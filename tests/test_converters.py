@@ -350,3 +350,19 @@ def test_a_folder_reads_what_its_index_lists(tmp_path, llama):
     (src / "model.safetensors.index.json").unlink()  # no index: every .safetensors is weights
     with pytest.raises(ConversionError, match="consolidated.safetensors"):
         detect(src)
+
+
+def test_a_failed_check_keeps_the_previous_out(tmp_path, hf_src):
+    src, pdir = hf_src
+    source = detect(src, predictor=pdir)
+    convert(source, tmp_path / "out", dtype="float16")
+
+    def reject(folder):
+        assert (folder / "model.safetensors").is_file() and folder.name.startswith(".out.partial-")
+        raise ConversionError("verification failed")
+
+    with pytest.raises(ConversionError, match="verification failed"):
+        convert(source, tmp_path / "out", force=True, check=reject)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["ifpruning"]
+    assert mx.load(str(tmp_path / "out" / "model.safetensors"))["model.norm.weight"].dtype == mx.float16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
