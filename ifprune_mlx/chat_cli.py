@@ -34,7 +34,8 @@ HELP = """\
 /reset             forget the conversation (settings stay)
 /save FILE         write the transcript (messages, settings, per-turn stats) as JSON
 /quit              exit (or Ctrl-D)
-Ctrl-C stops an answer and keeps what was written so far."""
+Ctrl-C stops an answer and keeps what was written so far. Start a message with // to send
+one that begins with a slash."""
 
 
 class UsageError(Exception):
@@ -92,7 +93,9 @@ class ChatREPL:
             if not line:
                 continue
             try:
-                if line.startswith("/"):
+                if line.startswith("//"):  # a message that starts with "/"
+                    self.answer(line[1:])
+                elif line.startswith("/"):
                     if self.command(line):
                         return
                 else:
