@@ -31,7 +31,7 @@ import mlx.nn as nn
 
 from ifprune_mlx.bundle import TOKENIZER_FILES
 from ifprune_mlx.errors import BundleError, ConversionError
-from ifprune_mlx.models import build_model, model_classes
+from ifprune_mlx.models import build_model, normalize_config
 from ifprune_mlx.predictor import HEAD_WIDTH
 
 from .readers import TensorRef, open_checkpoint
@@ -40,7 +40,6 @@ LAYOUTS = ("auto", "hf", "public", "plain")
 LLM_PREFIX, PREDICTOR_PREFIX, BACKBONE_PREFIX = "llm.", "sparsity_predictor.", "feature_extractor."
 HEAD_KEYS = {"prediction_head1.weight": "head1.weight", "prediction_head1.bias": "head1.bias",
              "prediction_head2.weight": "head2.weight", "prediction_head2.bias": "head2.bias"}
-SWIGLU_ACTS = ("silu", "swish")
 
 
 @dataclass
@@ -209,36 +208,11 @@ def _config(explicit: Path | None, folder: Path | None, what: str, flag: str) ->
 
 
 def to_mlx_config(hf_config: dict, tensors: dict, what: str) -> dict:
-    """The config mlx-lm builds the same model from.
-
-    transformers >= 5 nests rope_theta / rope_scaling under "rope_parameters", which mlx-lm's
-    llama and qwen2 do not read (they would silently use their default rope_theta), and
-    configs may leave tie_word_embeddings to a default that differs between the libraries.
-    Both are made explicit here.
-    """
+    """The config mlx-lm builds the same model from (ifprune_mlx.models.normalize_config)."""
     try:
-        model_classes(hf_config)
+        return normalize_config(hf_config, tensors)
     except BundleError as e:
         raise ConversionError(f"cannot convert {what}: {e}") from None
-    if hf_config.get("quantization_config"):
-        method = hf_config["quantization_config"].get("quant_method", "quantized")
-        raise ConversionError(f"cannot convert {what}: it is a {method} checkpoint; convert the float "
-                              "(or bfloat16) model, and pass --quantize 4|8 for a quantized bundle")
-    act = hf_config.get("hidden_act", "silu")
-    if act not in SWIGLU_ACTS:
-        raise ConversionError(f"cannot convert {what}: hidden_act {act!r} is not supported; the prunable "
-                              f"FFN is SwiGLU ({' or '.join(SWIGLU_ACTS)})")
-    config = {k: v for k, v in hf_config.items() if k != "rope_parameters"}
-    rope = hf_config.get("rope_parameters")
-    if isinstance(rope, dict):
-        if "rope_theta" in rope and "rope_theta" not in hf_config:
-            config["rope_theta"] = rope["rope_theta"]
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        if scaling.get("rope_type", "default") != "default" and not hf_config.get("rope_scaling"):
-            config["rope_scaling"] = scaling
-    if "tie_word_embeddings" not in config:
-        config["tie_word_embeddings"] = "lm_head.weight" not in tensors
-    return config
 
 
 def _has_tokenizer(folder: Path) -> bool:

@@ -22,7 +22,7 @@ import mlx.core as mx
 from ifprune_mlx.bundle import copy_tokenizer, new_ifpruning_block, write_atomic
 from ifprune_mlx.engine import PLAIN_DEFAULT_DENSITY
 from ifprune_mlx.errors import ConversionError
-from ifprune_mlx.testing import quantize_rows
+from ifprune_mlx.models import is_quantizable, quantize_rows
 
 from .layouts import Source, is_down_proj
 from .readers import TensorRef
@@ -182,7 +182,7 @@ def _jobs(tensors: dict[str, TensorRef], target: mx.Dtype, *, rows: bool = False
             value = mx.contiguous(value.T) if transpose else value
             return value.astype(dtype)
 
-        if bits and _quantized(name, shape):
+        if bits and is_quantizable(name, shape):
             if shape[-1] % group_size:
                 raise ConversionError(
                     f"cannot quantize {name!r}: its rows hold {shape[-1]} values, not a multiple of "
@@ -203,11 +203,6 @@ def _jobs(tensors: dict[str, TensorRef], target: mx.Dtype, *, rows: bool = False
                 return {name: load()}
         jobs.append(_Job(outputs, produce, ref.nbytes))
     return jobs
-
-
-def _quantized(name: str, shape: tuple[int, ...]) -> bool:
-    """The rule of ifprune_mlx.testing.quantize_rows: 2-D weights that are not norms."""
-    return name.endswith(".weight") and len(shape) == 2 and "norm" not in name
 
 
 def write_safetensors(path: Path, jobs: list[_Job], on_job: Callable[[_Job], None] | None = None) -> None:

@@ -22,7 +22,8 @@ from mlx_lm.utils import load_tokenizer
 
 from . import bundle
 from .errors import BundleError, SelectionError
-from .models import build_model, down_to_rows, load_weights, prunable_mlps, quantize_like
+from .models import (build_model, down_to_rows, load_weights, normalize_config, prunable_mlps,
+                     quantize_like)
 from .predictor import load_predictor
 from .prune import ApplyStats, apply_selection
 from .selectors import ActivationSelector, PredictorSelector, Selection, kept_count, top_k
@@ -210,8 +211,9 @@ def _selector_text(prompt: Prompt) -> str:
 def _read_model(folder: Path, config: dict, on_progress=None) -> nn.Module:
     """The LLM of a bundle (row layout) or of a plain float model folder (converted here)."""
     is_bundle = bundle.ifpruning_block(config, folder) is not None
-    model = build_model(config)
     weights = bundle.read_safetensors(bundle.weight_files(folder))
+    config = normalize_config(config, weights)
+    model = build_model(config)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     quantization = config.get("quantization")

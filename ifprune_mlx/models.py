@@ -27,6 +27,40 @@ def model_classes(config: dict):
     return module.Model, module.ModelArgs
 
 
+SWIGLU_ACTS = ("silu", "swish")
+
+
+def normalize_config(config: dict, weight_names) -> dict:
+    """The config mlx-lm builds the same model from, checked for what the runtime supports.
+
+    transformers >= 5 nests rope_theta / rope_scaling under "rope_parameters", which mlx-lm's
+    llama and qwen2 do not read (they would silently use their default rope_theta), and
+    configs may leave tie_word_embeddings to a default that differs between the libraries.
+    Both are made explicit here. Non-SwiGLU activations and non-MLX quantization formats
+    (GPTQ, AWQ ...) are refused rather than run wrongly.
+    """
+    model_classes(config)
+    if config.get("quantization_config") and "quantization" not in config:
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise BundleError(f"this is a {method} checkpoint; convert the float (or bfloat16) model, "
+                          "with --quantize 4|8 for a quantized bundle")
+    act = config.get("hidden_act", "silu")
+    if act not in SWIGLU_ACTS:
+        raise UnsupportedArchitectureError(
+            f"hidden_act {act!r} is not supported; the prunable FFN is SwiGLU ({' or '.join(SWIGLU_ACTS)})")
+    out = {k: v for k, v in config.items() if k != "rope_parameters"}
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict):
+        if "rope_theta" in rope and "rope_theta" not in config:
+            out["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
+            out["rope_scaling"] = scaling
+    if "tie_word_embeddings" not in out:
+        out["tie_word_embeddings"] = "lm_head.weight" not in set(weight_names)
+    return out
+
+
 def build_model(config: dict, prunable: bool = True) -> nn.Module:
     """Instantiate the mlx-lm model of `config`; with `prunable`, swap in PrunableMLPs."""
     model_class, args_class = model_classes(config)
@@ -131,3 +165,26 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array], where: str,
         mx.eval(part.parameters())
         if on_progress:
             on_progress(done, len(parts))
+
+
+def is_quantizable(name: str, shape) -> bool:
+    """What quantize_rows quantizes: 2-D weights that are not norms (linears, embeddings)."""
+    return name.endswith(".weight") and len(shape) == 2 and "norm" not in name
+
+
+def quantize_rows(weights: dict[str, mx.array], config: dict, bits: int,
+                  group_size: int = 32) -> tuple[dict, dict]:
+    """Affine-quantize every 2-D linear weight (row layout kept) and the embeddings.
+
+    Groups run along the last axis (d_model for FFN rows), so quantized rows stay selectable.
+    """
+    out = {}
+    for name, value in weights.items():
+        if is_quantizable(name, value.shape):
+            base = name[: -len(".weight")]
+            out[name], out[f"{base}.scales"], out[f"{base}.biases"] = mx.quantize(
+                value, group_size=group_size, bits=bits)
+        else:
+            out[name] = value
+    config = dict(config, quantization={"group_size": group_size, "bits": bits})
+    return out, config

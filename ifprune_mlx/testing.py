@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .bundle import save_safetensors, write_bundle
-from .models import build_model, down_to_rows
+from .models import build_model, down_to_rows, quantize_rows  # noqa: F401 (re-exported)
 from .predictor import HEAD_WIDTH
 
 CHAT_TEMPLATE = (
@@ -115,18 +115,3 @@ def make_bundle(folder: Path, config: dict | None = None, *, seed: int = 0,
         weights, config = quantize_rows(weights, config, quantize_bits)
     return write_bundle(folder, config=config, weights=weights, tokenizer_dir=tok_dir,
                         predictor=random_predictor(config) if predictor else None, force=force)
-
-
-def quantize_rows(weights: dict[str, mx.array], config: dict, bits: int,
-                  group_size: int = 32) -> tuple[dict, dict]:
-    """Affine-quantize every 2-D linear weight (row layout kept) and the embeddings."""
-    out = {}
-    for name, value in weights.items():
-        if name.endswith(".weight") and value.ndim == 2 and "norm" not in name:
-            base = name[: -len(".weight")]
-            out[name], out[f"{base}.scales"], out[f"{base}.biases"] = mx.quantize(
-                value, group_size=group_size, bits=bits)
-        else:
-            out[name] = value
-    config = dict(config, quantization={"group_size": group_size, "bits": bits})
-    return out, config

@@ -237,3 +237,24 @@ def test_quantized_mlx_lm_folder_loads_in_row_layout(tmp_path, bits):
     assert diff <= (0.05 if bits == 4 else 0.01) * spread, f"{bits}-bit re-quantization moved logits by {diff:.4f} (max |logit| {spread:.2f})"
     engine.apply(None)
     assert engine.generate("Sort these numbers", max_tokens=4) is not None
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_hugging_face_folder_loads_with_its_rope_theta(tmp_path, model_type):
+    """transformers 5 nests rope_theta in rope_parameters; mlx-lm alone would miss it."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    torch.manual_seed(0)
+    config_class = transformers.LlamaConfig if model_type == "llama" else transformers.Qwen2Config
+    config = config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=320, rope_theta=5e5 if model_type == "llama" else 5e4)
+    model_class = transformers.LlamaForCausalLM if model_type == "llama" else transformers.Qwen2ForCausalLM
+    hf = model_class(config).eval()
+    hf.save_pretrained(tmp_path)
+    testing.make_tokenizer(tmp_path)
+    engine = ifp.load(tmp_path)
+    tokens = [[3, 14, 15, 92, 65, 35, 89, 79] * 4]
+    with torch.no_grad():
+        expected = hf(torch.tensor(tokens)).logits.numpy()
+    assert np.abs(np.array(engine.model(mx.array(tokens))) - expected).max() <= 1e-4
