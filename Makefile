@@ -24,6 +24,10 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q
 
+# Chat with the shipped demo model (converted to .cache/demo-bundle on first use).
+chat: install
+	$(VENV)/bin/ifprune chat
+
 test-all: install
 	$(PY) -m pytest -q -m ""
 
@@ -35,4 +39,4 @@ bench: install
 	$(VENV)/bin/ifprune bench --out docs/BENCHMARKS.md --plot docs/benchmarks.png --json docs/benchmarks.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info .cache

@@ -42,21 +42,26 @@ from .selectors import Selection, check_density, kept_count
 
 POLICIES = ("per-task", "per-turn", "off")
 DENSE = "dense"  # the cache key of the unpruned model
-DEMO_BUNDLE = Path(__file__).resolve().parents[1] / ".cache" / "demo-bundle"
 
 
 def default_model() -> Path:
-    """The model `ifprune chat` opens without MODEL: $IFPRUNE_MODEL, else the demo bundle.
+    """The model `ifprune chat` opens without MODEL: $IFPRUNE_MODEL, else the demo bundle
+    (converted from the shipped checkpoint on first use).
 
-    Raises BundleError (saying how to create it) when that folder does not exist.
+    Raises BundleError, saying what to do, when $IFPRUNE_MODEL names no model folder.
     """
     env = os.environ.get("IFPRUNE_MODEL")
-    path = Path(env).expanduser() if env else DEMO_BUNDLE
+    if not env:
+        from .console import progress_bar
+        from .demo import demo_bundle
+
+        with progress_bar("preparing the demo model (MB)") as update:
+            return demo_bundle(lambda done, total: update(done // 1_000_000, max(1, total // 1_000_000)))
+    path = Path(env).expanduser()
     if not (path / "config.json").is_file():
-        where = f"IFPRUNE_MODEL={env}" if env else f"the demo bundle ({path})"
         raise BundleError(
-            f"no MODEL given and {where} does not exist; create the demo model with `make chat`, "
-            "or pass a bundle or model folder: `ifprune chat PATH`"
+            f"IFPRUNE_MODEL={env} is not a model folder (no config.json); unset it to chat with the "
+            "demo model, or pass a bundle or model folder: `ifprune chat PATH`"
         )
     return path
 

@@ -155,7 +155,7 @@ def test_transcript_and_reset(engine, tmp_path):
 
 def test_default_model(monkeypatch, tmp_path, bundle_dir):
     monkeypatch.setenv("IFPRUNE_MODEL", str(tmp_path / "none"))
-    with pytest.raises(ifp.BundleError, match="make chat"):
+    with pytest.raises(ifp.BundleError, match="unset it to chat with the demo model"):
         default_model()
     monkeypatch.setenv("IFPRUNE_MODEL", str(bundle_dir))
     assert default_model() == Path(bundle_dir)
@@ -170,7 +170,7 @@ def test_cli_user_mistakes_are_one_line(tmp_path, bundle_dir, monkeypatch):
         (["chat", str(tmp_path / "missing")], "no such model folder"),
         (["chat", str(bundle_dir), "--density", "2"], "density must be in (0, 1]"),
         (["chat", str(bundle_dir), "--select", "often"], "--select must be one of"),
-        (["chat"], "make chat"),
+        (["chat"], "unset it to chat with the demo model"),
     ]
     for args, message in cases:
         result = runner.invoke(app, args)
