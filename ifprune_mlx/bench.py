@@ -60,10 +60,12 @@ class Settings:
     decode_prompt: int = 32
     reps: int = 7  # most interleaved blocks per variant and density
     min_reps: int = 3
-    decode_budget: float = 15.0  # seconds of timed decode per density, at most (>= min_reps)
+    decode_budget: float = 16.0  # seconds of timed decode per density (min_reps rounds at least)
     ttft_reps: int = 2
     prompt_lengths: tuple[int, ...] = (32, 256, 1024)
     scaling_prompt_lengths: tuple[int, ...] = (256,)
+    quantized_prompt_lengths: tuple[int, ...] = (32,)  # quantized prefill is slow on Linux CPU
+    memory_prompt: int = 64
     densities: tuple[float, ...] = DENSITIES
     changed: tuple[float, ...] = CHANGED
     memory_tokens: int = 32
@@ -73,8 +75,9 @@ class Settings:
     @classmethod
     def quick(cls) -> "Settings":
         return cls(decode_tokens=4, decode_prompt=8, reps=1, min_reps=1, ttft_reps=1,
-                   prompt_lengths=(8, 32), scaling_prompt_lengths=(8,), densities=(1.0, 0.5, 0.25),
-                   changed=(0.0, 1.0), memory_tokens=4, layers=2, vocab=512)
+                   prompt_lengths=(8, 32), scaling_prompt_lengths=(8,), quantized_prompt_lengths=(8,),
+                   memory_prompt=8, densities=(1.0, 0.5, 0.25), changed=(0.0, 1.0), memory_tokens=4,
+                   layers=2, vocab=512)
 
 
 # -- machine ---------------------------------------------------------------------------
@@ -286,44 +289,51 @@ def _free(*_models) -> None:
 
 
 def decode(engine, dense: nn.Module, s: Settings, log: Callable[[str], None]) -> list[dict]:
-    """Per density: in place vs physically small vs mlx-lm dense.
+    """Per density: the engine pruned in place vs its reference, timed in alternation.
 
-    Blocks of s.decode_tokens tokens, interleaved in rotating order; the ratios are medians
-    of the ratios of neighbouring blocks (paired, so load changes between blocks cancel).
+    The reference is the physically small model (density < 1) or mlx-lm on the dense model
+    (density 1.0, where the two are the same model). Rounds of two blocks in alternating
+    order (AB, BA, ...); the ratio is the median over rounds of the ratio of the two
+    neighbouring blocks, so load changes between rounds cancel.
     """
     from .selectors import kept_count
 
     prompt = _ids(engine, s.decode_prompt)
     text = engine.tokenizer.decode(prompt)
-    rows = []
-    for density in s.densities:
+    rows, dense_tps = [], None
+    for density in sorted(s.densities, reverse=True):
         k = kept_count(density, engine.d_ffn, engine.pad_multiple)
         engine.apply(None if k == engine.d_ffn else engine.select(text, density))
-        small = dense if k == engine.d_ffn else plain_model(engine, k)
-        check = float(mx.abs(engine.model(mx.array([prompt])) - small(mx.array([prompt]))).max())
-        variants = {"inplace": engine.model, "small": small, "mlx_lm": dense}
+        reference = dense if k == engine.d_ffn else plain_model(engine, k)
+        check = float(mx.abs(engine.model(mx.array([prompt])) - reference(mx.array([prompt]))).max())
+        variants = {"inplace": engine.model, "reference": reference}
         warm = [decode_tps(model, prompt, min(2, s.decode_tokens)) for model in variants.values()]
-        block = sum(s.decode_tokens / tps for tps in warm)  # seconds for one round of blocks
-        reps = max(s.min_reps, min(s.reps, int(s.decode_budget / block)))
+        # At least min_reps rounds in the budget: shorter blocks for slow models.
+        per_token = sum(1 / tps for tps in warm)  # seconds for one token of each variant
+        tokens = max(2, min(s.decode_tokens, int(s.decode_budget / (s.min_reps * per_token))))
+        reps = max(s.min_reps, min(s.reps, int(s.decode_budget / (tokens * per_token))))
         times: dict[str, list[float]] = {name: [] for name in variants}
-        names = list(variants)
         for rep in range(reps):
-            for name in names[rep % 3:] + names[: rep % 3]:
-                times[name].append(decode_tps(variants[name], prompt, s.decode_tokens))
+            for name in (("inplace", "reference") if rep % 2 == 0 else ("reference", "inplace")):
+                times[name].append(decode_tps(variants[name], prompt, tokens))
         med = {name: statistics.median(t) for name, t in times.items()}
-        paired = {other: statistics.median(a / b for a, b in zip(times["inplace"], times[other]))
-                  for other in ("small", "mlx_lm")}
-        bpt = bytes_per_token(engine, k, s.decode_prompt + s.decode_tokens // 2)
-        row = {"density": density, "k": k, **{f"{n}_tps": v for n, v in med.items()},
-               "ratio_small": paired["small"], "ratio_mlx_lm": paired["mlx_lm"],
-               "small_vs_mlx_lm": med["small"] / med["mlx_lm"], "reps": reps,
-               "bytes_per_token": bpt["total"], "max_logit_diff": check,
-               "samples": {n: [round(x, 2) for x in t] for n, t in times.items()}}
+        ratio = statistics.median(a / b for a, b in zip(times["inplace"], times["reference"]))
+        if k == engine.d_ffn:
+            dense_tps = med["reference"]
+        bpt = bytes_per_token(engine, k, s.decode_prompt + tokens // 2)
+        row = {"density": density, "k": k, "inplace_tps": med["inplace"], "small_tps": med["reference"],
+               "mlx_lm_tps": dense_tps, "ratio_small": ratio,
+               "ratio_mlx_lm": ratio if k == engine.d_ffn else None,
+               "speedup": med["inplace"] / dense_tps if dense_tps else None,
+               "ratio_best": max(times["inplace"]) / max(times["reference"]),
+               "reps": reps, "block_tokens": tokens, "bytes_per_token": bpt["total"],
+               "max_logit_diff": check, "samples": {n: [round(x, 2) for x in t] for n, t in times.items()}}
         rows.append(row)
+        what = "mlx-lm dense" if k == engine.d_ffn else "small"
         log(f"  decode density {density:.2f} (k={k}): in place {med['inplace']:.1f} tok/s, "
-            f"small {med['small']:.1f}, mlx-lm dense {med['mlx_lm']:.1f} -> "
-            f"{row['ratio_small']:.3f}x small, {row['ratio_mlx_lm']:.3f}x mlx-lm ({reps} blocks)")
-        del small, variants
+            f"{what} {med['reference']:.1f} -> {ratio:.3f}x (best blocks {row['ratio_best']:.3f}x; "
+            f"{reps} x {tokens} tokens)")
+        del reference, variants
         _free()
     engine.apply(None)
     return rows
@@ -458,7 +468,7 @@ def memory(folder: Path, s: Settings) -> dict:
             "print(json.dumps(memory_probe(*sys.argv[1:2], *map(float, sys.argv[2:3]), "
             "*map(int, sys.argv[3:]))))")
     out = subprocess.run([sys.executable, "-c", code, str(folder), str(RESELECT_DENSITY),
-                          str(s.decode_prompt * 8), str(s.memory_tokens)],
+                          str(s.memory_prompt), str(s.memory_tokens)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -504,8 +514,9 @@ def bench_model(folder: Path, name: str, s: Settings, *, detailed: bool,
     dense = plain_model(engine)
     result.decode = decode(engine, dense, s, log)
     if engine.has_predictor:
-        result.ttft = ttft(engine, dense, s.prompt_lengths if detailed else s.scaling_prompt_lengths,
-                           s, log)
+        lengths = (s.prompt_lengths if detailed else
+                   s.quantized_prompt_lengths if q else s.scaling_prompt_lengths)
+        result.ttft = ttft(engine, dense, lengths, s, log)
     del dense
     _free()
     result.reselect = reselect(engine, s, log)
@@ -627,9 +638,12 @@ def write_markdown(info: dict, out: Path, plot: Optional[Path] = None) -> Path:
         f"- measured here: streaming read {bw['stream_gbs']:.1f} GB/s (the roofline uses it), "
         f"matrix-vector {bw['gemv_gbs']:.1f} GB/s, matrix-matrix {bw['gemm_gflops']:.0f} GFLOP/s "
         "(float32)",
-        f"- decode: {s['decode_tokens']} tokens after a {s['decode_prompt']}-token prompt, greedy, "
-        f"`mlx_lm.generate.generate_step` for all variants, median of {s['reps']} interleaved "
-        "repetitions after a warm-up",
+        f"- decode: blocks of up to {s['decode_tokens']} tokens (fewer for slow models, see "
+        f"'rounds') after a {s['decode_prompt']}-token prompt, greedy, "
+        "`mlx_lm.generate.generate_step` for every variant; after a warm-up, "
+        f"{s['min_reps']}-{s['reps']} rounds in rotating order (in place, small, mlx-lm; small, "
+        "mlx-lm, in place; ...); tok/s are medians, ratios are medians over rounds of the ratio "
+        "of neighbouring blocks, so load changes between rounds cancel",
         "- models: random llama weights (speed does not depend on values), "
         f"{main['layers']} layers, vocab {main['vocab']} with an untied lm_head, d_ffn = 4 d_model, "
         "head_dim 64, 4 query heads per KV head; random predictor (1-layer qwen2 backbone of "
@@ -645,20 +659,27 @@ def write_markdown(info: dict, out: Path, plot: Optional[Path] = None) -> Path:
     lines += ["## Targets", ""]
     lines += [_table(["target", "met", "measured"],
                      [[t, "yes" if ok else "**no**", v] for t, ok, v in targets(info)]), ""]
-    for r in res:
+    lines += _scaling(res)
+    for r in sorted(res, key=lambda r: not r["detailed"]):
         lines += [f"## {r['name']}: d_model {r['d_model']}, d_ffn {r['d_ffn']}, {r['layers']} layers, "
                   f"{r['quant']}, weights {r['weight_bytes'] / 1e6:.0f} MB", ""]
-        lines += ["### Decode (tokens/s)", ""]
+        lines += ["### Decode (tokens/s)", "",
+                  "Reference: the physically small model below density 1.0, mlx-lm on the dense "
+                  "model at 1.0. Speed-up: in place vs the dense mlx-lm median.", ""]
         rows = []
         for d in r["decode"]:
             roof = bw["stream_gbs"] * 1e9 / d["bytes_per_token"]
-            rows.append([f"{d['density']:.2f}", d["k"], f"{d['inplace_tps']:.1f}", f"{d['small_tps']:.1f}",
-                         f"{d['mlx_lm_tps']:.1f}", f"**{d['ratio_small']:.3f}**", f"{d['ratio_mlx_lm']:.3f}",
+            ref = "mlx-lm dense" if d["ratio_mlx_lm"] is not None else "small"
+            rows.append([f"{d['density']:.2f}", d["k"], f"{d['inplace_tps']:.1f}",
+                         f"{d['small_tps']:.1f} ({ref})", f"**{d['ratio_small']:.3f}**",
+                         f"{d['ratio_best']:.3f}", f"{d['speedup']:.2f}x" if d["speedup"] else "",
                          f"{d['bytes_per_token'] / 1e6:.1f}", f"{roof:.1f}",
-                         f"{d['inplace_tps'] / roof:.0%}", f"{d['max_logit_diff']:.1e}", ""])
-        lines += [_table(["density", "kept k", "in place", "physically small", "mlx-lm dense",
-                          "in place / small", "in place / mlx-lm", "MB read / token",
-                          "roofline tok/s", "of roofline", "max logit diff", "Mac (Metal) in place / small"],
+                         f"{d['inplace_tps'] / roof:.0%}", f"{d['reps']} x {d['block_tokens']}",
+                         f"{d['max_logit_diff']:.1e}", ""])
+        lines += [_table(["density", "kept k", "in place", "reference", "in place / reference",
+                          "same, best blocks", "speed-up vs dense", "MB read / token",
+                          "roofline tok/s", "in place / roofline", "rounds x tokens", "max logit diff",
+                          "Mac (Metal) in place / reference"],
                          rows), ""]
         if r["ttft"]:
             lines += [f"### Time to first token (ms), density {r['ttft'][0]['density']}", ""]
@@ -679,15 +700,19 @@ def write_markdown(info: dict, out: Path, plot: Optional[Path] = None) -> Path:
         if r["memory"]:
             mem = r["memory"]
             lines += ["### Memory (fresh process: load + select + apply + generate)", ""]
-            lines += [_table(["LLM weights MB", "predictor MB", "KV cache MB", "peak after load",
-                              "peak after apply", "peak MB (mx.get_peak_memory)",
-                              "peak - KV / weights", "RSS growth MB", "RSS growth - KV / weights"],
-                             [[f"{mem['weights'] / 1e6:.1f}", f"{mem['predictor'] / 1e6:.1f}",
-                               f"{mem['kv'] / 1e6:.2f}", f"{mem['peak_load'] / 1e6:.1f}",
-                               f"{mem['peak_apply'] / 1e6:.1f}", f"{mem['peak'] / 1e6:.1f}",
-                               f"**{mem['ratio']:.3f}**", f"{(mem['rss'] - mem['rss_start']) / 1e6:.1f}",
-                               f"{mem['rss_ratio']:.3f}"]]), ""]
-    lines += _scaling(res)
+            base = mem["weights"] + mem["predictor"]
+            lines += [_table(["LLM + predictor weights MB", "KV cache MB", "peak after load",
+                              "peak after select + apply", "peak after generate",
+                              "(peak - KV) / weights", "RSS growth MB", "(RSS growth - KV) / weights"],
+                             [[f"{mem['weights'] / 1e6:.1f} + {mem['predictor'] / 1e6:.1f}",
+                               f"{mem['kv'] / 1e6:.2f}", f"{mem['peak_load'] / 1e6:.1f} "
+                               f"({mem['peak_load'] / base:.3f}x)",
+                               f"{mem['peak_apply'] / 1e6:.1f} ({mem['peak_apply'] / base:.3f}x)",
+                               f"{mem['peak'] / 1e6:.1f}", f"**{mem['ratio']:.3f}**",
+                               f"{(mem['rss'] - mem['rss_start']) / 1e6:.1f}", f"{mem['rss_ratio']:.3f}"]]),
+                      "", f"Prompt {mem['tokens'] - s['memory_tokens']} tokens + {s['memory_tokens']} "
+                      "generated, density 0.33; peaks from `mx.get_peak_memory()`, RSS from the "
+                      "process's high-water mark (VmHWM) minus its RSS before loading.", ""]
     lines += _mac_section()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -716,13 +741,13 @@ def _scaling(res: list[dict]) -> list[str]:
         rows.append([r["name"], f"{r['weight_bytes'] / 1e6:.0f}",
                      f"{min(d['ratio_small'] for d in pruned):.3f}" if pruned else "",
                      f"{full[0]['ratio_mlx_lm']:.3f}" if full else "",
-                     f"{low['mlx_lm_tps']:.1f} -> {low['inplace_tps']:.1f}",
+                     f"{low['speedup']:.2f}x at {low['density']:.2f}" if low["speedup"] else "",
                      f"{t['ratio_dense']:.3f} ({t['tokens']} tok)" if t else "",
                      _ms(r["reselect"][-1]["seconds"]) if r["reselect"] else "",
                      f"{r['memory']['ratio']:.3f}" if r["memory"] else ""])
     return ["## Scaling", "",
             _table(["model", "weights MB", "worst in place / small", "dense in place / mlx-lm",
-                    "tok/s dense mlx-lm -> in place at lowest density", "TTFT pruned / dense",
+                    "decode speed-up vs dense", "TTFT pruned / dense",
                     "re-select 100% ms", "peak memory / weights"], rows), ""]
 
 
@@ -747,10 +772,11 @@ def plot(info: dict, path: Path) -> Path:
     ax = axes[0]
     main = next((r for r in res if r["detailed"]), res[0])
     dens = [d["density"] for d in main["decode"]]
-    for key, label, style in (("inplace_tps", "in place (ifprune)", "o-"),
-                              ("small_tps", "physically small (mlx-lm)", "s--"),
-                              ("mlx_lm_tps", "mlx-lm dense", ":")):
-        ax.plot(dens, [d[key] for d in main["decode"]], style, label=label)
+    ax.plot(dens, [d["inplace_tps"] for d in main["decode"]], "o-", label="in place (ifprune)")
+    ax.plot(dens, [d["small_tps"] for d in main["decode"]], "s--",
+            label="physically small (mlx-lm); at 1.0 mlx-lm dense")
+    if main["decode"][0]["mlx_lm_tps"]:
+        ax.axhline(main["decode"][0]["mlx_lm_tps"], color="gray", ls=":", label="mlx-lm dense")
     ax.set(xlabel="density (fraction of FFN channels kept)", ylabel="decode tokens/s",
            title=f"decode, {main['name']}")
     ax.legend()

@@ -26,7 +26,7 @@ def test_quick_bench_writes_the_report(tmp_path):
                     "### Re-selection", "### Memory", "## Mac (Metal)"):
         assert heading in text
     decode_header = next(line for line in text.splitlines() if line.startswith("| density |"))
-    for column in ("in place", "physically small", "mlx-lm dense", "in place / small",
+    for column in ("in place", "reference", "in place / reference", "speed-up vs dense",
                    "MB read / token", "roofline tok/s", "Mac (Metal)"):
         assert column in decode_header
     for density in bench.Settings.quick().densities:
