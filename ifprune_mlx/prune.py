@@ -176,12 +176,14 @@ def _swap_rows(module: nn.Module, name: str, a: mx.array, b: mx.array) -> None:
     mx.synchronize()  # nothing in flight still reads the rows we overwrite
     host = _host_view(w)
     step = max(16, w.shape[0] // 64)
+    if host is not None:
+        a, b = np.array(a), np.array(b)
+        for i in range(0, a.shape[0], step):
+            ca, cb = a[i : i + step], b[i : i + step]
+            host[np.concatenate([ca, cb])] = host[np.concatenate([cb, ca])]
+        return
     for i in range(0, a.shape[0], step):
         ca, cb = a[i : i + step], b[i : i + step]
-        if host is not None:
-            ca, cb = np.array(ca), np.array(cb)
-            host[np.concatenate([ca, cb])] = host[np.concatenate([cb, ca])]
-            continue
         rows = w[mx.concatenate([cb, ca])]
         mx.eval(rows)  # evaluated before the write, so the scatter reuses w's buffer
         w[mx.concatenate([ca, cb])] = rows
