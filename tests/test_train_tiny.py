@@ -107,6 +107,16 @@ def test_checkpoint_loads_in_the_reference_and_selects(ckpt):
     assert [len(row) for row in ids] == [k] * TINY["n_layers"]
 
 
+def test_mean_training_score_is_folded_into_the_head_bias(ckpt):
+    """Training centers scores on the batch mean; the saved head has the mean subtracted, so
+    plain inference (one prompt, no batch) ranks channels as training did."""
+    _, predictor, tok, _ = load_checkpoint(ckpt)
+    rng = random.Random(Config().seed + 1)  # the prompts train.fold_mean_score averaged over
+    prompts = [data.sample(rng).prompt for _ in range(2048)]
+    mean = np.mean([predict_scores(predictor, tok, prompts[i: i + 512]).sum(0) for i in range(0, 2048, 512)], 0) * 4 / 2048
+    assert np.abs(mean).max() < 1e-4
+
+
 def test_training_is_reproducible(ckpt, tmp_path):
     train(Config(**TINY), tmp_path / "again", log=lambda *a: None)
     for part in ("llm/model.safetensors", "predictor/model.safetensors", "predictor/head.safetensors"):
