@@ -8,9 +8,10 @@ Applying a selection S of k channels makes positions [0, k) hold exactly S:
   incoming = positions >= k whose channel is in S        (sorted)
   outgoing = positions <  k whose channel is not in S    (sorted)
   swap rows incoming[i] <-> outgoing[i] in every row array of the layer.
-The work is a few gathers and scatters per array, sized by the channels that change, not by
-the model. The rows are evaluated before the scatter so MLX writes into the existing buffer
-(no second copy of any weight). Order inside the prefix does not matter: the FFN output is
+The work is a few row copies per array, sized by the channels that change, not by the
+model, done in the weight's own buffer (no second copy of any weight): through a NumPy view
+of the buffer where NumPy has the dtype and writes reach MLX (CPU, unified memory), else
+with MLX gathers evaluated before the scatter, so MLX reuses the buffer. Order inside the prefix does not matter: the FFN output is
 a sum over its channels, so the pruned model equals the dense one with the others zeroed.
 
 A failed apply (error or Ctrl-C) swaps back what it had swapped: swaps are involutions.
@@ -18,6 +19,7 @@ A failed apply (error or Ctrl-C) swaps back what it had swapped: swaps are invol
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -153,8 +155,26 @@ def plan_swaps(perm: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return incoming, outgoing
 
 
+@functools.cache
+def _numpy_writes_reach_mlx(device: str) -> bool:
+    """Whether writing through np.array(a, copy=False) changes the MLX array a on `device`.
+
+    True on the CPU and on Apple silicon's unified memory; checked once per device rather
+    than assumed, so a backend that hands NumPy a copy falls back to MLX scatters.
+    """
+    probe = mx.zeros((2, 2))
+    mx.eval(probe)
+    try:
+        np.array(probe, copy=False)[0, 0] = 1.0
+    except (ValueError, TypeError, RuntimeError):
+        return False
+    return probe[0, 0].item() == 1.0
+
+
 def _host_view(w: mx.array) -> np.ndarray | None:
     """A writable NumPy view of w's own row-major buffer, or None (e.g. bfloat16)."""
+    if not _numpy_writes_reach_mlx(str(mx.default_device())):
+        return None
     try:
         view = np.array(w, copy=False)  # NumPy 2: raises instead of copying
     except (ValueError, TypeError, RuntimeError):
@@ -177,9 +197,9 @@ def _swap_rows(module: nn.Module, name: str, a: mx.array, b: mx.array) -> None:
     host = _host_view(w)
     step = max(16, w.shape[0] // 64)
     if host is not None:
-        a, b = np.array(a), np.array(b)
-        for i in range(0, a.shape[0], step):
-            ca, cb = a[i : i + step], b[i : i + step]
+        ha, hb = np.array(a), np.array(b)
+        for i in range(0, ha.shape[0], step):
+            ca, cb = ha[i : i + step], hb[i : i + step]
             host[np.concatenate([ca, cb])] = host[np.concatenate([cb, ca])]
         return
     for i in range(0, a.shape[0], step):
