@@ -78,7 +78,7 @@ class VerifyReport:
                + ("PASSED" if self.passed else "FAILED"),
                f"  weights: worst {self.worst_weight} at {self.worst_weight_ratio:.2f} of the allowed "
                f"{'quantization' if q else 'rounding'} error",
-               f"  logits max |diff| dense {self.dense_max_diff:.3g}, pruned at density {self.density} "
+               f"  logits max |diff| dense {self.dense_max_diff:.3g}, pruned at density {self.density:.3g} "
                f"{self.pruned_max_diff:.3g} (allowed {self.allowed:.3g}; logits up to {self.logit_scale:.3g})"]
         if q or self.dtype != "float32":
             out.append(f"  vs the float32 source model ({kind} noise included): {self.source_max_diff:.3g}")

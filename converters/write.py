@@ -64,7 +64,7 @@ class Summary:
             f"  {self.tensors} tensors, {self.bytes_read / 1e6:.1f} MB read -> {self.bytes_written / 1e6:.1f} MB "
             f"written as {self.dtype}" + (f", {q['bits']}-bit rows (group {q['group_size']})" if q else ""),
             f"  predictor: {'yes' if self.predictor else 'none (explicit masks or the training-free selector)'}; "
-            f"default density {self.default_density}, pad multiple {self.pad_multiple}",
+            f"default density {self.default_density:.3g}, pad multiple {self.pad_multiple}",
             f"  tokenizer files: {', '.join(self.tokenizer_files) or 'none'}",
             f"  {self.seconds:.1f} s",
         ]
