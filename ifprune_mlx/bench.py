@@ -47,6 +47,7 @@ OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 DENSITIES = (1.0, 0.5, 0.33, 0.25)
 CHANGED = (0.0, 0.1, 0.5, 1.0)
 RESELECT_DENSITY = 0.33
+NOTES = "<!-- Hand-written notes below this line are kept when the benchmark is re-run. -->"
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _TEXT = ("Write a Python function that reverses a list. Translate the sentence into French, "
          "please. What is the sum of 12 and 30? Sort these numbers: 5 3 9 1. ")
@@ -629,7 +630,8 @@ def write_markdown(info: dict, out: Path, plot: Optional[Path] = None) -> Path:
         "ratios, not absolute figures, are what to read: the machine was shared with other "
         "jobs while it ran.",
         "",
-        f"- command: `{info['command']}` ({info['seconds'] / 60:.1f} min)",
+        f"- command: `{info['command']}` ({info['seconds'] / 60:.1f} min; `make bench` runs "
+        "it, preloading OpenBLAS on Linux when installed)",
         f"- date: {info['date']}",
         f"- machine: {m['os']}, {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, MLX device "
         f"{m['device']}",
@@ -715,8 +717,9 @@ def write_markdown(info: dict, out: Path, plot: Optional[Path] = None) -> Path:
                       "process's high-water mark (VmHWM) minus its RSS before loading.", ""]
     lines += _mac_section()
     out = Path(out)
+    kept = out.read_text().split(NOTES, 1)[1] if out.is_file() and NOTES in out.read_text() else "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines) + "\n" + NOTES + kept)
     return out
 
 
@@ -838,6 +841,7 @@ def bench(
     settings = Settings.quick() if quick else Settings()
     args = ([str(model)] if model else [f"--synthetic {synthetic}", f"--bits {bits}", f"--dtype {dtype}"])
     args += (["--quick"] if quick else []) + [f"--out {out}"] + ([f"--plot {plot_path}"] if plot_path else [])
+    args += [f"--json {json_path}"] if json_path else []
     info = run(model=model, widths=widths, bits=bit_list, dtype=dtype, settings=settings,
                detail=detail, command=_command(args), log=lambda msg: typer.echo(msg, err=True))
     if json_path:
