@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -33,7 +34,7 @@ from transformers import (AutoModelForCausalLM, GenerationConfig, LlamaConfig, L
                           PreTrainedTokenizerFast)
 
 from converters.reference import SoftTopK, SparsityPredictor, masked_lm_loss, predictor_input, set_ffn_mask
-from ifprune_mlx.selectors import kept_count
+from ifprune_mlx.selectors import kept_count, top_k
 
 from . import data
 
@@ -66,6 +67,7 @@ class Config:
     pad_multiple: int = 32
     tau: float = 0.5  # SoftTopK temperature
     dense_frac: float = 0.25  # stage-2 rows trained dense
+    center_scores: int = 1  # load balancing: scores minus their batch mean (see centered())
     # training
     steps1: int = 300
     steps2: int = 1200
@@ -167,6 +169,19 @@ def sft_batch(tokenizer, examples: list[data.Example]):
 # the two stages' losses
 
 
+def centered(cfg: Config, scores: torch.Tensor) -> torch.Tensor:
+    """Scores [B, L, F] minus each channel's mean over the batch (if cfg.center_scores).
+
+    Load balancing. Trained from scratch together, the LLM and the predictor otherwise settle on
+    the easy solution: one fixed set of channels for every prompt (the head's bias decides,
+    the prompt does not; our first run did exactly that). Centered, a channel is kept for a
+    prompt only if the prompt scores it higher than prompts on average do, so the mask must
+    come from what the prompt says. At save time the mean score over training prompts is
+    folded into prediction_head2.bias, so inference needs no batch and no extra state.
+    """
+    return scores - scores.mean(0, keepdim=True) if cfg.center_scores else scores
+
+
 def stage1_loss(cfg, llm, predictor, soft_topk, ids: torch.Tensor) -> torch.Tensor:
     """Chunked LM loss: chunk c+1 runs with the mask predicted from chunk c; chunk 0 dense."""
     B, T = ids.shape
@@ -174,7 +189,7 @@ def stage1_loss(cfg, llm, predictor, soft_topk, ids: torch.Tensor) -> torch.Tens
     masks = None
     if predictor is not None:
         chunks = ids[:, : (N - 1) * C].reshape(B * (N - 1), C)  # chunks 0 .. N-2
-        m = soft_topk(predictor(chunks)).view(B, N - 1, L, F)  # mask for chunks 1 .. N-1
+        m = soft_topk(centered(cfg, predictor(chunks))).view(B, N - 1, L, F)  # mask for chunks 1 .. N-1
         m = torch.cat([torch.ones(B, 1, L, F), m], 1)  # [B, N, L, F], chunk 0 dense
         masks = m.permute(0, 2, 1, 3).repeat_interleave(C, dim=2)  # [B, L, T, F] per position
     set_ffn_mask(llm, masks)
@@ -187,7 +202,7 @@ def stage2_loss(cfg, llm, predictor, soft_topk, tokenizer, examples, dense_rows=
     masks = None
     if predictor is not None:
         p_ids, p_mask = predictor_input(tokenizer, [ex.prompt for ex in examples])
-        masks = soft_topk(predictor(p_ids, p_mask))  # [B, L, F]
+        masks = soft_topk(centered(cfg, predictor(p_ids, p_mask)))  # [B, L, F]
         if dense_rows is not None:
             masks = torch.where(dense_rows[:, None, None], torch.ones_like(masks), masks)
     set_ffn_mask(llm, masks)
@@ -241,9 +256,18 @@ def load_checkpoint(path: Path):
 # ---------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def fold_mean_score(predictor, tokenizer, rng: random.Random, n: int = 2048) -> None:
+    """prediction_head2.bias -= the mean score over n training prompts (see centered())."""
+    prompts = [data.sample(rng).prompt for _ in range(n)]
+    mean = sum(predictor(*predictor_input(tokenizer, prompts[i: i + 256])).sum(0)
+               for i in range(0, n, 256)) / n  # [L, F]
+    predictor.prediction_head2.bias -= mean.flatten()
+
+
 def _quick_eval(cfg, llm, predictor, tokenizer) -> str:
     """Mean held-out exact match, dense and (if any) with the predictor's hard masks."""
-    from .evaluate import accuracy, masks_for  # evaluate imports this module
+    from .evaluate import accuracy, jaccard, masks_for  # evaluate imports this module
     from converters.reference import predict_scores
 
     llm.eval()
@@ -252,7 +276,13 @@ def _quick_eval(cfg, llm, predictor, tokenizer) -> str:
     if predictor is not None:
         predictor.eval()
         scores = predict_scores(predictor, tokenizer, [ex.prompt for ex in test])
+        if cfg.center_scores:  # as centered() in training; fold_mean_score does it for good at the end
+            scores = scores - scores.mean(0, keepdims=True)
         out += f"  pruned {accuracy(llm, tokenizer, test, masks_for(scores, cfg.k, cfg.d_ffn))['mean']:.3f}"
+        sel = [top_k(s, cfg.k) for s in scores]
+        within = [jaccard(sel[i], sel[j]) for i in range(len(test)) for j in range(i) if test[i].skill == test[j].skill]
+        across = [jaccard(sel[i], sel[j]) for i in range(len(test)) for j in range(i) if test[i].skill != test[j].skill]
+        out += f"  mask Jaccard within skill {np.mean(within):.2f} across {np.mean(across):.2f}"
         predictor.train()
     return out
 
@@ -298,6 +328,8 @@ def train(cfg: Config, out: Path, log=print) -> None:
     llm.eval()
     if predictor is not None:
         predictor.eval()
+        if cfg.center_scores:
+            fold_mean_score(predictor, tokenizer, random.Random(cfg.seed + 1))
     save_checkpoint(out, cfg, llm, predictor, tokenizer)
     log(f"saved {out}  wall {time.time() - t0:.0f}s")
 
