@@ -20,7 +20,7 @@ from ifprune_mlx.selectors import kept_count  # noqa: E402
 TINY = dict(d_model=32, n_layers=2, n_heads=2, d_ffn=96, d_pred=16, pred_layers=1, pred_heads=2,
             pred_ffn=32, vocab_size=300, steps1=2, steps2=3, batch1=4, batch2=4, chunk=8, n_chunks=3,
             warmup=2, eval_every=0)
-MLX_SKILLS = ("sort", "upper", "copy", "count", "french", "brackets", "last", "max")  # exact on these prompts
+MLX_SKILLS = ("reverse", "sort", "upper", "copy", "count", "last", "max")  # exact on these prompts
 SHIPPED = Path(__file__).parents[1] / "examples" / "train_tiny" / "checkpoint"
 
 

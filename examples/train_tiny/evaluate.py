@@ -109,6 +109,12 @@ def main(argv=None) -> None:
     rows[f"IFPruning per-task (k={k}/{F})"] = accuracy(llm, tokenizer, test, task_masks)
     rows[f"static mask, same for all tasks (k={k}/{F})"] = accuracy(
         llm, tokenizer, test, indices_to_mask(static_indices(train_scores, k), F))
+    # controls: does *which* channels matter? a random mask, and the per-task mask of another skill
+    random_ids = [np.sort(np.random.default_rng(layer).choice(F, k, replace=False)) for layer in range(L)]
+    rows[f"random mask, same for all tasks (k={k}/{F})"] = accuracy(llm, tokenizer, test, indices_to_mask(random_ids, F))
+    other = {s: data.SKILL_NAMES[(i + 1) % len(data.SKILL_NAMES)] for i, s in enumerate(data.SKILL_NAMES)}
+    wrong_masks = torch.stack([indices_to_mask(top_k(task_scores[other[ex.skill]], k), F) for ex in test])
+    rows[f"IFPruning, the next skill's per-task mask (k={k}/{F})"] = accuracy(llm, tokenizer, test, wrong_masks)
     if not (args.narrow / "llm").exists():
         print(f"training the narrow baseline into {args.narrow}")
         train(Config(**{**cfg.__dict__, "narrow": True}), args.narrow)
@@ -188,7 +194,8 @@ def main(argv=None) -> None:
               f"**{np.mean(within):.3f} within a skill** vs **{np.mean(across):.3f} across skills** "
               f"({len(within)} / {len(across)} pairs). Per-task mask vs per-input mask of the same skill: "
               f"{task_vs_input:.3f}. Two random masks of this size would overlap {k / (2 * F - k):.3f}.", "",
-              f"Evaluation wall time: {time.time() - t0:.0f} s (one thread)."]
+              f"Evaluation wall time: {time.time() - t0:.0f} s (one thread).", "",
+              "What these numbers say (and do not): see README.md, section \"What the results say\"."]
     (args.out / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
