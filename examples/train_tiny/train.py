@@ -242,10 +242,10 @@ def load_checkpoint(path: Path):
     """(llm, predictor or None, tokenizer, ifpruning meta or None), all in eval mode."""
     path = Path(path)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "llm")
-    llm = LlamaForCausalLM.from_pretrained(path / "llm", dtype=torch.float32).eval()
+    llm = LlamaForCausalLM.from_pretrained(path / "llm").eval()
     if not (path / "predictor").exists():
         return llm, None, tokenizer, None
-    backbone = AutoModelForCausalLM.from_pretrained(path / "predictor", dtype=torch.float32)
+    backbone = AutoModelForCausalLM.from_pretrained(path / "predictor")
     predictor = SparsityPredictor(backbone, llm.config.num_hidden_layers, llm.config.intermediate_size)
     head = load_file(path / "predictor" / "head.safetensors")
     predictor.load_state_dict({**predictor.state_dict(), **head})
