@@ -29,7 +29,7 @@ from pathlib import Path
 
 import mlx.nn as nn
 
-from ifprune_mlx.bundle import TOKENIZER_FILES
+from ifprune_mlx.bundle import TOKENIZER_FILES, read_config_file
 from ifprune_mlx.errors import BundleError, ConversionError
 from ifprune_mlx.models import build_model, normalize_config
 from ifprune_mlx.predictor import HEAD_WIDTH
@@ -199,12 +199,9 @@ def _config(explicit: Path | None, folder: Path | None, what: str, flag: str) ->
     if not path.is_file():
         raise ConversionError(f"{path}: no such config file ({flag})")
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise ConversionError(f"{path}: has no \"model_type\"; is this a model's config.json?")
-    return config, path.parent
+        return read_config_file(path), path.parent
+    except BundleError as e:
+        raise ConversionError(str(e)) from None
 
 
 def to_mlx_config(hf_config: dict, tensors: dict, what: str) -> dict:

@@ -39,8 +39,13 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise BundleError(f"{path}: missing; a model folder needs its config.json")
+    return read_config_file(path)
+
+
+def read_config_file(path: Path) -> dict:
+    """A model's config.json file, checked to be JSON with a model_type."""
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(config, dict) or "model_type" not in config:
