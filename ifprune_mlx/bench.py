@@ -60,9 +60,9 @@ class Settings:
 
     decode_tokens: int = 8  # tokens per timed block
     decode_prompt: int = 32
-    reps: int = 7  # most interleaved blocks per variant and density
-    min_reps: int = 3
-    decode_budget: float = 14.0  # seconds of timed decode per density (min_reps rounds at least)
+    reps: int = 9  # most rounds per density
+    min_reps: int = 4
+    decode_budget: float = 20.0  # seconds of timed decode per density (min_reps rounds at least)
     ttft_reps: int = 2
     prompt_lengths: tuple[int, ...] = (32, 256, 1024)
     scaling_prompt_lengths: tuple[int, ...] = (256,)
@@ -674,9 +674,9 @@ def write_markdown(info: dict, out: Path, plot: Optional[Path] = None) -> Path:
         f"'rounds'), greedy, `mlx_lm.generate.generate_step` for every variant; each variant "
         f"prefills a {s['decode_prompt']}-token prompt once and continues its own generation "
         "(own KV cache) block after block; after a warm-up, "
-        f"{s['min_reps']}-{s['reps']} rounds in rotating order (in place, small, mlx-lm; small, "
-        "mlx-lm, in place; ...); tok/s are medians, ratios are medians over rounds of the ratio "
-        "of neighbouring blocks, so load changes between rounds cancel",
+        f"{s['min_reps']}-{s['reps']} rounds of two blocks in alternating order (in place, "
+        "reference; reference, in place; ...); tok/s are medians, ratios are medians over rounds "
+        "of the ratio of the round's two blocks, so load changes between rounds cancel",
         "- models: random llama weights (speed does not depend on values), "
         f"{main['layers']} layers, vocab {main['vocab']} with an untied lm_head, d_ffn = 4 d_model, "
         "head_dim 64, 4 query heads per KV head; random predictor (1-layer qwen2 backbone of "
@@ -777,12 +777,12 @@ def _scaling(res: list[dict]) -> list[str]:
         pruned = [d for d in r["decode"] if d["density"] < 1.0]
         full = [d for d in r["decode"] if d["density"] == 1.0]
         low = min(r["decode"], key=lambda d: d["density"])
-        t = r["ttft"][0] if r["ttft"] else None
+        ttft = ", ".join(f"{t['ratio_dense']:.2f} ({t['tokens']} tok)" for t in r["ttft"])
         rows.append([r["name"], f"{r['weight_bytes'] / 1e6:.0f}",
                      f"{min(d['ratio_small'] for d in pruned):.3f}" if pruned else "",
                      f"{full[0]['ratio_mlx_lm']:.3f}" if full else "",
                      f"{low['speedup']:.2f}x at {low['density']:.2f}" if low["speedup"] else "",
-                     f"{t['ratio_dense']:.3f} ({t['tokens']} tok)" if t else "",
+                     ttft,
                      _ms(r["reselect"][-1]["seconds"]) if r["reselect"] else "",
                      f"{r['memory']['ratio']:.3f}" if r["memory"] else ""])
     return ["## Scaling", "",
