@@ -698,7 +698,10 @@ def write_markdown(info: dict, out: Path, plot: Optional[Path] = None) -> Path:
                   f"{r['quant']}, weights {r['weight_bytes'] / 1e6:.0f} MB", ""]
         lines += ["### Decode (tokens/s)", "",
                   "Reference: the physically small model below density 1.0, mlx-lm on the dense "
-                  "model at 1.0. Speed-up: in place vs the dense mlx-lm median.", ""]
+                  "model at 1.0. Speed-up: in place vs the dense mlx-lm median of the density-1.0 "
+                  "rounds; unlike the ratios it is not paired (the densities run one after "
+                  "another, so load changes between them move it). Roofline: MB read per token / "
+                  "the run's best read bandwidth; absolute, so it moves with the load too.", ""]
         rows = []
         for d in r["decode"]:
             roof = _roof_gbs(info) * 1e9 / d["bytes_per_token"]
@@ -819,7 +822,7 @@ def plot(info: dict, path: Path) -> Path:
         ax.axhline(main["decode"][0]["mlx_lm_tps"], color="gray", ls=":", label="mlx-lm dense")
     ax.set(xlabel="density (fraction of FFN channels kept)", ylabel="decode tokens/s",
            title=f"decode, {main['name']}")
-    ax.legend()
+    ax.legend(loc="lower left", fontsize=8)
     ax = axes[1]
     for r in res:
         ax.plot([d["density"] for d in r["decode"]], [d["ratio_small"] for d in r["decode"]], "o-",

@@ -84,3 +84,13 @@ def test_bytes_per_token_counts_kept_rows(engine):
     assert full["weights"] - half["weights"] == pytest.approx(ffn / 2)
     assert full["weights"] < engine.weight_bytes()  # one embedding row, not the table
     assert bench.bytes_per_token(engine, engine.d_ffn, 10)["kv"] > 0
+
+
+def test_bench_runs_on_a_model_folder(plain_dir):
+    """A plain model (no predictor): decode and re-selection with the training-free selector."""
+    info = bench.run(model=plain_dir, widths=[], bits=[None], dtype="float32",
+                     settings=bench.Settings.quick(), log=lambda _: None)
+    (result,) = info["results"]
+    assert [d["density"] for d in result["decode"]] == [1.0, 0.5, 0.25]
+    assert result["ttft"] == [] and result["memory"] == {}  # both need a predictor
+    assert [x["swaps"] for x in result["reselect"]][0] == 0
