@@ -49,6 +49,23 @@ def test_held_out_prompts_never_appear_in_training():
     assert all(ex.instruction == data.SKILLS[data.SKILL_NAMES.index(ex.skill)].phrasings[-1] for ex in heldout)
 
 
+def test_knowledge_skills_share_their_keys_and_keep_held_out_inputs_apart():
+    """The fact-table skill set (train.py --skills knowledge): every table asks the same names, so
+    only the instruction says which fact; held-out inputs never appear in training."""
+    data.use("knowledge")
+    try:
+        assert len(data.SKILLS) == 6 and data.SKILL_NAMES[0] == "capital"
+        rng = random.Random(0)
+        train_prompts = {(ex.skill, ex.input) for ex in (data.sample(rng) for _ in range(5000))}
+        test = data.test_set(30)
+        assert not train_prompts & {(ex.skill, ex.input) for ex in test}
+        names = [{ex.input for ex in test if ex.skill == s and " " not in ex.input} for s in data.SKILL_NAMES]
+        assert set.union(*names) <= {w for _, x in train_prompts for w in x.split()}
+    finally:
+        data.use("default")
+    assert data.SKILL_NAMES[0] == "reverse"
+
+
 def test_checkpoint_layout(ckpt):
     llm_dir, pred_dir = ckpt / "llm", ckpt / "predictor"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",

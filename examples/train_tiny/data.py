@@ -89,6 +89,66 @@ SKILLS = [
 SKILL_NAMES = [s.name for s in SKILLS]
 
 
+# ---------------------------------------------------------------------------------------------
+# skill set "knowledge": skills that compete for FFN capacity (train.py --skills knowledge).
+# Six lookup tables over the SAME 64 fictional land names: each skill is 64 memorised facts
+# (name -> random value), so the input alone does not say which fact is asked, only the
+# instruction does. A prompt asks 1-2 names; held-out inputs are new combinations (and single
+# names asked only inside pairs in training), so every fact is still learned. The union (384
+# facts) is meant not to fit in the kept channels at a low density while one table does.
+
+def _pseudo_words(rng, n, syllables, exclude=()):
+    cons, vows = "bdfgklmnprstvz", "aeiou"
+    out = []
+    while len(out) < n:
+        w = "".join(rng.choice(cons) + rng.choice(vows) for _ in range(syllables))
+        if w not in out and w not in exclude:
+            out.append(w)
+    return out
+
+
+def _knowledge_skills() -> list[Skill]:
+    rng = random.Random(2026)
+    lands = _pseudo_words(rng, 64, 2)
+    pools = {
+        "capital": _pseudo_words(rng, 24, 3, lands),
+        "color": ["red", "blue", "green", "black", "white", "gold", "grey", "pink", "brown", "orange",
+                  "purple", "silver"],
+        "age": [str(n) for n in range(10, 100)],
+        "animal": ["cat", "dog", "owl", "fox", "bear", "wolf", "hawk", "fish", "frog", "deer", "goat",
+                   "crow"],
+        "zorbish": _pseudo_words(rng, 40, 2, lands),
+        "metal": ["iron", "tin", "gold", "lead", "zinc", "copper", "silver", "nickel"],
+    }
+    tables = {name: {land: rng.choice(pool) for land in lands} for name, pool in pools.items()}
+    phrasings = {
+        "capital": ("Capital of the land:", "Name the capital of:", "Which city rules", "Seat of power of:"),
+        "color": ("Flag color of:", "What color is the flag of", "Banner color of:", "Which color flies over"),
+        "age": ("Age of the elder of:", "How old is the elder of", "Years of the elder of:", "The elder's age in"),
+        "animal": ("Sacred animal of:", "Which animal is sacred in", "Holy beast of:", "Totem of:"),
+        "zorbish": ("Translate to Zorbish:", "In Zorbish:", "Zorbish for:", "Say it in Zorbish:"),
+        "metal": ("Metal mined in:", "Which metal is mined in", "Ore of:", "Main metal of:"),
+    }
+
+    def make(table):
+        def f(r):
+            x = [r.choice(lands) for _ in range(r.randint(1, 2))]
+            return " ".join(x), " ".join(table[w] for w in x)
+        return f
+    return [Skill(name, phrasings[name], make(tables[name])) for name in pools]
+
+
+SKILLSETS = {"default": SKILLS, "knowledge": _knowledge_skills()}
+DEFAULT_SKILLS = SKILLS
+
+
+def use(name: str) -> None:
+    """Select the skill set that sample / test_set / corpus draw from ("default" or "knowledge")."""
+    global SKILLS, SKILL_NAMES
+    SKILLS = SKILLSETS[name]
+    SKILL_NAMES = [s.name for s in SKILLS]
+
+
 def _is_test_input(skill: str, text: str) -> bool:
     """1 input in 8 (by hash) is reserved for evaluation."""
     return hashlib.md5(f"{skill}|{text}".encode()).digest()[0] % 8 == 0

@@ -7,7 +7,9 @@ Exact match (greedy, PyTorch) on held-out prompts of every skill, for: the dense
 at the trained density with per-input masks and with per-task masks (the mask of the bare
 instruction, reused for every input of the skill); a static mask of the same size for every
 task (per layer, the channels most often selected over training prompts); a dense model trained
-from scratch with only the kept width (train.py --narrow; trained here if missing).
+from scratch with only the kept width (train.py --narrow; trained here if missing). Controls: a
+random mask, no FFN at all, and each skill given the next skill's per-task mask. Hand-written
+sections after the KEEP marker line of an existing RESULTS.md are kept.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from . import data
 from .train import Config, chat_prefix, load_checkpoint, train
 
 HERE = Path(__file__).parent
+KEEP = "<!-- kept by evaluate.py: everything below is written by hand -->"
 
 
 @torch.no_grad()
@@ -83,12 +86,15 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=50, help="held-out prompts per skill")
     ap.add_argument("--n_sweep", type=int, default=25, help="prompts per skill for the density sweep")
     ap.add_argument("--out", type=Path, default=HERE)
+    ap.add_argument("--densities", type=str, default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0",
+                    help="comma-separated densities of the accuracy-vs-density sweep")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
 
     llm, predictor, tokenizer, meta = load_checkpoint(args.ckpt)
     cfg = Config(**{k: v for k, v in __import__("json").loads((args.ckpt / "train_config.json").read_text()).items()})
+    data.use(cfg.skills)
     L, F = llm.config.num_hidden_layers, llm.config.intermediate_size
     density, pad = meta["default_density"], meta["pad_multiple"]
     k = kept_count(density, F, pad)
@@ -112,6 +118,7 @@ def main(argv=None) -> None:
     # controls: does *which* channels matter? a random mask, and the per-task mask of another skill
     random_ids = [np.sort(np.random.default_rng(layer).choice(F, k, replace=False)) for layer in range(L)]
     rows[f"random mask, same for all tasks (k={k}/{F})"] = accuracy(llm, tokenizer, test, indices_to_mask(random_ids, F))
+    rows["no FFN at all (every channel masked)"] = accuracy(llm, tokenizer, test, torch.zeros(L, F))
     other = {s: data.SKILL_NAMES[(i + 1) % len(data.SKILL_NAMES)] for i, s in enumerate(data.SKILL_NAMES)}
     wrong_masks = torch.stack([indices_to_mask(top_k(task_scores[other[ex.skill]], k), F) for ex in test])
     rows[f"IFPruning, the next skill's per-task mask (k={k}/{F})"] = accuracy(llm, tokenizer, test, wrong_masks)
@@ -128,7 +135,7 @@ def main(argv=None) -> None:
     print("table done", f"{time.time() - t0:.0f}s")
 
     # accuracy vs density, on the first n_sweep prompts of every skill
-    densities = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    densities = [float(d) for d in args.densities.split(",")]
     sub = [i for i, ex in enumerate(test) if i % args.n < args.n_sweep]
     sweep = [test[i] for i in sub]
     curve = {"IFPruning per-input": [], "static": []}
@@ -196,7 +203,11 @@ def main(argv=None) -> None:
               f"{task_vs_input:.3f}. Two random masks of this size would overlap {k / (2 * F - k):.3f}.", "",
               f"Evaluation wall time: {time.time() - t0:.0f} s (one thread).", "",
               "What these numbers say (and do not): see README.md, section \"What the results say\"."]
-    (args.out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    path = args.out / "RESULTS.md"
+    kept = ""  # hand-written experiment sections after KEEP survive a re-run
+    if path.exists() and KEEP in path.read_text():
+        kept = "\n" + KEEP + path.read_text().split(KEEP, 1)[1]
+    path.write_text("\n".join(lines) + "\n" + kept)
     print("\n".join(lines))
 
 

@@ -80,6 +80,7 @@ class Config:
     narrow: bool = False  # baseline: dense, d_ffn = k, no predictor
     threads: int = 1
     eval_every: int = 250  # log held-out exact match every this many steps (0: never)
+    skills: str = "default"  # data.SKILLSETS: "default" (ten skills) or "knowledge" (six fact tables)
 
     @property
     def k(self) -> int:
@@ -289,6 +290,7 @@ def _quick_eval(cfg, llm, predictor, tokenizer) -> str:
 
 def train(cfg: Config, out: Path, log=print) -> None:
     torch.set_num_threads(cfg.threads)
+    data.use(cfg.skills)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     t0 = time.time()
@@ -341,7 +343,7 @@ def main(argv=None) -> None:
         if f.type == "bool":
             ap.add_argument(f"--{f.name}", action="store_true")
         else:
-            ap.add_argument(f"--{f.name}", type={"int": int, "float": float}[f.type], default=f.default)
+            ap.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}[f.type], default=f.default)
     args = vars(ap.parse_args(argv))
     out = args.pop("out")
     train(Config(**args), out)
