@@ -887,6 +887,11 @@ def bench(
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(info, indent=1, default=str))
-    png = plot(info, plot_path) if plot_path else None
+    png = None
+    if plot_path:
+        try:
+            png = plot(info, plot_path)
+        except ImportError:
+            typer.secho("note: no plot (matplotlib is not installed: pip install matplotlib)", err=True)
     write_markdown(info, out, png)
     typer.echo(f"wrote {out}" + (f" and {png}" if png else ""))
