@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import json
 import mmap
 import pickle
 import re
@@ -26,7 +25,7 @@ from typing import Callable, Iterator, Mapping
 
 import mlx.core as mx
 
-from ifprune_mlx.bundle import safetensors_header
+from ifprune_mlx.bundle import index_shards, safetensors_header
 from ifprune_mlx.errors import BundleError, ConversionError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -131,18 +130,9 @@ def weight_files(path: Path, skip: str | None = None) -> list[Path]:
 
 def _shards(index: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ConversionError(f"{index}: not a valid weight index (expected a \"weight_map\"): {e}") from e
-    files = [index.parent / name for name in names]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise ConversionError(
-            f"{index.parent}: shard {missing[0]} listed in {index.name} is missing "
-            f"({len(missing)} of {len(files)} shards missing); copy all shards and convert again"
-        )
-    return files
+        return index_shards(index)
+    except BundleError as e:
+        raise ConversionError(str(e)) from None
 
 
 # -- checkpoints ---------------------------------------------------------------------------------

@@ -102,19 +102,27 @@ def safetensors_header(path: Path) -> dict:
     return header
 
 
+def index_shards(index: Path) -> list[Path]:
+    """The weight files a `*.index.json` lists; each must exist."""
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise BundleError(f"{index}: not a valid weight index (expected a \"weight_map\"): {e}") from e
+    files = [index.parent / name for name in names]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise BundleError(
+            f"{index.parent}: shard {missing[0]} listed in {index.name} is missing "
+            f"({len(missing)} of {len(files)} shards missing); copy all shards again"
+        )
+    return files
+
+
 def weight_files(folder: Path, stem: str = "model") -> list[Path]:
     """The safetensors files of a folder: from its index if sharded, else `{stem}*.safetensors`."""
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise BundleError(f"{index}: not a valid safetensors index ({e})") from e
-        files = [folder / name for name in names]
-        for f in files:
-            if not f.is_file():
-                raise BundleError(f"{f}: shard listed in {index.name} is missing")
-        return files
+        return index_shards(index)
     files = sorted(folder.glob(f"{stem}*.safetensors"))
     if not files:
         raise BundleError(f"{folder}: no {stem}*.safetensors weight files")

@@ -208,9 +208,8 @@ def _selector_text(prompt: Prompt) -> str:
     return users[-1]
 
 
-def _read_model(folder: Path, config: dict, on_progress=None) -> nn.Module:
-    """The LLM of a bundle (row layout) or of a plain float model folder (converted here)."""
-    is_bundle = bundle.ifpruning_block(config, folder) is not None
+def _read_model(folder: Path, config: dict, is_bundle: bool, on_progress=None) -> nn.Module:
+    """The LLM of a bundle (row layout) or of a plain model folder (converted here)."""
     weights = bundle.read_safetensors(bundle.weight_files(folder))
     config = normalize_config(config, weights)
     model = build_model(config)
@@ -238,8 +237,9 @@ def load(path: str | Path, *, cache_size: int = 64,
     """
     folder = Path(path).expanduser()
     config = bundle.read_config(folder)
-    block = bundle.ifpruning_block(config, folder) or {}
-    model = _read_model(folder, config, on_progress)
+    block = bundle.ifpruning_block(config, folder)
+    model = _read_model(folder, config, block is not None, on_progress)
+    block = block or {}
     try:
         tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
     except Exception as e:  # transformers raises many types for a broken tokenizer
