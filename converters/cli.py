@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ifprune_mlx.console import fail, friendly_errors, progress_bar
+from ifprune_mlx.console import fail, friendly_errors, in_megabytes, progress_bar
 from ifprune_mlx.errors import ConversionError
 from ifprune_mlx.selectors import check_density
 
@@ -68,7 +68,7 @@ def convert(
         with progress_bar(f"converting {tensors} tensors (MB)") as update:
             summary = write_bundle(source, out, dtype=dtype, bits=quantize, group_size=group_size,
                                    default_density=density, pad_multiple=pad_multiple, force=force,
-                                   on_progress=lambda done, total: update(done // 1_000_000, max(1, total // 1_000_000)),
+                                   on_progress=in_megabytes(update),
                                    check=check if verify else None)
     except KeyboardInterrupt:
         fail(f"interrupted: {out} was not written (the partial files were removed)")

@@ -52,11 +52,11 @@ def default_model() -> Path:
     """
     env = os.environ.get("IFPRUNE_MODEL")
     if not env:
-        from .console import progress_bar
+        from .console import in_megabytes, progress_bar
         from .demo import demo_bundle
 
         with progress_bar("preparing the demo model (MB)") as update:
-            return demo_bundle(lambda done, total: update(done // 1_000_000, max(1, total // 1_000_000)))
+            return demo_bundle(in_megabytes(update))
     path = Path(env).expanduser()
     if not (path / "config.json").is_file():
         raise BundleError(

@@ -49,6 +49,11 @@ def progress_bar(description: str, total: float | None = None):
         yield update
 
 
+def in_megabytes(update):
+    """Adapt a progress bar's update(done, total) to callbacks that count bytes."""
+    return lambda done, total: update(done // 1_000_000, max(1, total // 1_000_000))
+
+
 def load_with_progress(path: Path):
     """ifprune_mlx.load(path) with a progress bar over the layers."""
     import ifprune_mlx
