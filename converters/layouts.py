@@ -31,7 +31,7 @@ import mlx.nn as nn
 
 from ifprune_mlx.bundle import TOKENIZER_FILES, read_config_file
 from ifprune_mlx.errors import BundleError, ConversionError
-from ifprune_mlx.models import build_model, normalize_config
+from ifprune_mlx.models import build_model, is_down_proj, normalize_config
 from ifprune_mlx.predictor import HEAD_WIDTH
 
 from .readers import TensorRef, open_checkpoint
@@ -293,7 +293,3 @@ def _check_head(head: dict[str, TensorRef], d_pred: int, n_layers: int, d_ffn: i
                 f"width {d_pred}; was this predictor trained for this LLM?"
             )
     return head
-
-
-def is_down_proj(name: str) -> bool:
-    return name.endswith("mlp.down_proj.weight")

@@ -101,6 +101,11 @@ def quantize_like(model: nn.Module, quantization: dict, weights: dict) -> None:
                 mode=quantization.get("mode", "affine"), class_predicate=params)
 
 
+def is_down_proj(name: str) -> bool:
+    """Whether a weight is an FFN down_proj, the matrix the row layout stores transposed."""
+    return name.endswith("mlp.down_proj.weight")
+
+
 def down_to_rows(weights: dict[str, mx.array], quantization: dict | None = None) -> dict[str, mx.array]:
     """Standard layout -> row layout: every mlp.down_proj [d_model, d_ffn] becomes [d_ffn, d_model].
 
@@ -110,7 +115,7 @@ def down_to_rows(weights: dict[str, mx.array], quantization: dict | None = None)
     original one's. Lazy: nothing is computed until the weights are loaded.
     """
     out = dict(weights)
-    for name in [n for n in weights if n.endswith("mlp.down_proj.weight")]:
+    for name in [n for n in weights if is_down_proj(n)]:
         base = name[: -len(".weight")]
         if f"{base}.scales" not in weights:
             out[name] = mx.contiguous(weights[name].T)
