@@ -478,7 +478,7 @@ def memory_probe(folder: str, density: float, prompt_tokens: int, tokens: int) -
     peak = mx.get_peak_memory()
     rss = _rss()[1]
     weights = engine.weight_bytes()
-    predictor = _array_bytes(engine.selector.predictor.parameters()) if engine.has_predictor else 0
+    predictor = _array_bytes(engine.selectors["predictor"].predictor.parameters()) if engine.has_predictor else 0
     k = engine.mlps[0].k
     kv = bytes_per_token(engine, k, len(ids) + n)["kv"]
     return {"weights": weights, "predictor": predictor, "kv": kv, "peak_load": after_load,

@@ -114,6 +114,9 @@ class ChatSession:
         engine: an ifprune_mlx Engine.
         policy: "per-task", "per-turn" or "off" (dense).
         density: fraction of FFN channels kept (default: the bundle's).
+        selector: "predictor" or "activations" (default: the engine's: the trained predictor
+            where the bundle has one). In chat the training-free selector scores the task
+            message in its own dense pass; the turn then prefills pruned like any other.
         system: an optional system message.
         max_tokens, temp, top_p: generation options of every turn.
         seed: seeds the sampler once, at the start of the session.
@@ -123,6 +126,7 @@ class ChatSession:
     engine: object
     policy: str = "per-task"
     density: float | None = None
+    selector: str | None = None
     system: str | None = None
     max_tokens: int = 256
     temp: float = 0.0
@@ -138,6 +142,7 @@ class ChatSession:
 
     def __post_init__(self):
         self.set_policy(self.policy)
+        self.set_selector(self.selector)
         self.density = check_density(self.density if self.density is not None
                                      else self.engine.default_density)
         self._caches: OrderedDict[str, _Cache] = OrderedDict()
@@ -152,6 +157,10 @@ class ChatSession:
         if policy not in POLICIES:
             raise SelectionError(f"unknown selection policy {policy!r}; use one of {', '.join(POLICIES)}")
         self.policy = policy
+
+    def set_selector(self, name: str | None) -> None:
+        """Select masks with `name` ("predictor" or "activations") from the next selection on."""
+        self.selector = self.engine.get_selector(name).name if name is not None else self.engine.selector.name
 
     def set_density(self, density: float) -> int:
         """Keep `density` of the FFN channels from the next turn on; returns the kept count.
@@ -189,10 +198,11 @@ class ChatSession:
             return None, False, 0.0
         if self.policy == "per-turn" or self.task is None or self._reselect:
             self.task, self._reselect = text, False
-        calls = self.engine.selector.calls
+        chooser = self.engine.get_selector(self.selector)
+        calls = chooser.calls
         start = time.perf_counter()
-        selection = self.engine.select(self.task, self.density)
-        return selection, self.engine.selector.calls > calls, time.perf_counter() - start
+        selection = self.engine.select(self.task, self.density, chooser)
+        return selection, chooser.calls > calls, time.perf_counter() - start
 
     def _cache_for(self, key: str, tokens: list[int]) -> tuple[_Cache, int, bool]:
         """The cache of this mask trimmed to its common prefix with `tokens`; (cache, reused, hit)."""
@@ -305,7 +315,7 @@ class ChatSession:
         return total
 
     def settings(self) -> dict:
-        return {"policy": self.policy, "density": self.density, "max_tokens": self.max_tokens,
+        return {"policy": self.policy, "selector": self.selector, "density": self.density, "max_tokens": self.max_tokens,
                 "temp": self.temp, "top_p": self.top_p, "seed": self.seed, "system": self.system}
 
     def transcript(self) -> dict:

@@ -28,6 +28,7 @@ HELP = """\
 /reselect          the next message selects a new mask (per-task: it becomes the task)
 /dense             run the full model (again: back to pruning)
 /select POLICY     per-task | per-turn | off
+/selector NAME     predictor (trained) | activations (training-free)
 /max-tokens N      most tokens per answer
 /stats             costs of the last turn: select, apply, first token, tok/s, memory
 /mask              kept channels per layer, overlap with the previous mask
@@ -70,7 +71,7 @@ class ChatREPL:
         self.commands: dict[str, Callable[[str], bool | None]] = {
             "/help": self.help, "/?": self.help, "/density": self.density,
             "/reselect": self.reselect, "/dense": self.dense, "/select": self.select,
-            "/max-tokens": self.max_tokens,
+            "/selector": self.selector, "/max-tokens": self.max_tokens,
             "/stats": self.stats, "/mask": self.mask, "/reset": self.reset,
             "/clear": self.reset, "/save": self.save, "/quit": self.quit,
             "/exit": self.quit, "/bye": self.quit,
@@ -188,6 +189,17 @@ class ChatREPL:
             self._pruned_policy = arg
         _say(f"selection policy: {arg}")
 
+    def selector(self, arg: str) -> None:
+        names = "|".join(self.engine.selectors)
+        if not arg:
+            raise UsageError(f"usage: /selector {names} (now {self.session.selector})")
+        try:
+            self.session.set_selector(arg)
+        except IFPruneError as e:
+            raise UsageError(str(e)) from None
+        self.session.reselect()
+        _say(f"selector: {arg}; the next message selects a new mask")
+
     def max_tokens(self, arg: str) -> None:
         try:
             value = int(arg)
@@ -207,7 +219,7 @@ class ChatREPL:
         if t.mask == DENSE:
             select = "dense (policy off): no selection"
         else:
-            how = f"{self.engine.selector.name} ran" if t.selected else "cached selection"
+            how = f"{self.session.selector} ran" if t.selected else "cached selection"
             select = f"{t.select_ms:.1f} ms ({how}), mask {t.mask[:8]}"
         reuse = (f"{t.reused_tokens} reused from the mask's cache" if t.cache_hit
                  else "new cache for this mask")
@@ -338,6 +350,7 @@ def chat(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
     seed: Optional[int] = typer.Option(None, help="Random seed, for reproducible sampling."),
     select: str = typer.Option("per-task", "--select", help="When to select a mask: per-task (first message), per-turn (every message), off (dense)."),
+    selector: Optional[str] = typer.Option(None, "--selector", help="Who selects: predictor (the trained one; default where the bundle has one) or activations (training-free, any model)."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message."),
 ):
     """Chat with a pruned model: streams answers; /help lists the slash commands."""
@@ -351,7 +364,7 @@ def chat(
         fail("--temp must be >= 0 and --top-p in (0, 1]")
     path = model if model is not None else default_model()
     engine = load_with_progress(path)
-    session = ChatSession(engine, policy=select, density=density, system=system,
+    session = ChatSession(engine, policy=select, density=density, selector=selector, system=system,
                           max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
     interactive = sys.stdin.isatty()
     repl = ChatREPL(session, interactive)
@@ -360,8 +373,8 @@ def chat(
         what = ("dense (no selection)" if select == "off" else
                 f"{select} selection, density {session.density:.2f} "
                 f"({session.kept_count()} of {engine.d_ffn} channels per layer)")
-        selector = "trained predictor" if engine.has_predictor else "training-free selector"
-        typer.secho(f"{path}: {engine.config['model_type']}, {engine.n_layers} layers, {selector}; {what}",
+        who = {"predictor": "trained predictor", "activations": "training-free selector"}[session.selector]
+        typer.secho(f"{path}: {engine.config['model_type']}, {engine.n_layers} layers, {who}; {what}",
                     dim=True)
         typer.secho("/help for commands, Ctrl-C stops an answer, Ctrl-D or /quit exits", dim=True)
     repl.run()

@@ -33,7 +33,8 @@ def info(path: Path = typer.Argument(..., help="A bundle or a plain mlx-lm / Hug
         ("d_model", c["hidden_size"]),
         ("FFN channels / layer", engine.d_ffn),
         ("weights", f"{engine.weight_bytes() / 1e6:.1f} MB" + (f" ({q['bits']}-bit, group {q['group_size']})" if q else "")),
-        ("selector", "trained predictor" if engine.has_predictor else "training-free (prompt activations)"),
+        ("selectors", "predictor = trained predictor (default), activations = training-free" if engine.has_predictor
+         else "activations (training-free; no trained predictor)"),
         ("default density", f"{engine.default_density:.2f} -> keeps {_kept(engine)} of {engine.d_ffn} channels"),
         ("chat template", "yes" if getattr(engine.tokenizer, "chat_template", None) else "no"),
     ]
@@ -54,6 +55,7 @@ def generate(
     path: Path = typer.Argument(..., help="A bundle or a plain model folder."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user prompt."),
     density: Optional[float] = typer.Option(None, help="Fraction of FFN channels to keep, in (0, 1]. Default: the bundle's."),
+    selector: Optional[str] = typer.Option(None, "--selector", help="Who selects: predictor (the trained one; default where the bundle has one) or activations (training-free: a dense prefill scores the channels, decode runs pruned)."),
     dense: bool = typer.Option(False, "--dense", help="Do not prune: run the full model."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-m", help="Most tokens to generate."),
     temp: float = typer.Option(0.0, help="Sampling temperature (0: greedy)."),
@@ -63,17 +65,21 @@ def generate(
 ):
     """Select channels for PROMPT, prune in place and stream the answer."""
     engine = load_with_progress(path)
+    engine.get_selector(selector)  # an unknown selector, or "predictor" without one, fails here
     if dense:
         engine.apply(None)
+        selector = None
     last = None
     for last in engine.stream_responses(prompt, max_tokens=max_tokens, density=density,
-                                        temp=temp, top_p=top_p, seed=seed):
+                                        selector=selector, temp=temp, top_p=top_p, seed=seed):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     if verbose and last is not None:
         sel = engine.applied
         kept = "dense" if sel is None else f"density {sel.density:.2f}, select {sel.seconds * 1000:.0f} ms ({sel.source})"
+        if sel is not None and sel.source == "activations":
+            kept += " = the dense prefill that scores the channels"
         typer.echo(
             f"[{kept}, apply {engine.last_apply.swaps} row swaps | prompt {last.prompt_tokens} tok "
             f"{last.prompt_tps:.1f} tok/s | gen {last.generation_tokens} tok {last.generation_tps:.1f} tok/s | "

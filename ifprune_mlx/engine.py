@@ -1,9 +1,10 @@
 """The engine: load a model, select FFN channels per prompt, apply them in place, generate.
 
-Who decides the mask: generate()/stream() select per prompt (cached per predictor input)
-at the bundle's default density, or at `density=` when given. apply(selection | indices |
-None) pins a selection (None pins dense) until apply("auto"); `density=` on one call
-overrides a pin for that call only.
+Who decides the mask: generate()/stream() select per prompt (cached per selector input)
+at the bundle's default density, or at `density=` when given, with the trained predictor
+where the bundle has one, else (or with `selector="activations"`) with the training-free
+selector. apply(selection | indices | None) pins a selection (None pins dense) until
+apply("auto"); `density=` or `selector=` on one call overrides a pin for that call only.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Union
+from dataclasses import replace
+from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.generate import GenerationResponse, stream_generate
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_tokenizer
 
@@ -26,21 +29,23 @@ from .models import (build_model, down_to_rows, load_weights, normalize_config, 
                      quantize_like)
 from .predictor import load_predictor
 from .prune import ApplyStats, apply_selection
-from .selectors import ActivationSelector, PredictorSelector, Selection, kept_count, top_k
+from .selectors import (ActivationSelector, PredictorSelector, Prompt, Selection, Selector,
+                        kept_count, top_k)
 
-Prompt = Union[str, Sequence[dict]]
 PLAIN_DEFAULT_DENSITY = 0.5  # training-free selection keeps more than a trained predictor
 
 
 class Engine:
-    """An mlx-lm model whose FFN channels can be selected in place, plus its selector.
+    """An mlx-lm model whose FFN channels can be selected in place, plus its selectors.
 
     Attributes:
         model: the mlx-lm model (callable on token ids, returns logits; reflects the
             applied selection).
         tokenizer: its mlx-lm TokenizerWrapper.
         config: the model's config.json.
-        selector: PredictorSelector for bundles with a predictor, else ActivationSelector.
+        selectors: name -> Selector: "predictor" (bundles with a trained predictor) and
+            "activations" (training-free, every model).
+        selector: the default one: the predictor where there is one, else "activations".
     """
 
     def __init__(self, model: nn.Module, tokenizer, config: dict, selector_tokenizer=None,
@@ -49,13 +54,14 @@ class Engine:
         self.model, self.tokenizer, self.config, self.path = model, tokenizer, config, path
         self.mlps = prunable_mlps(model)
         self.n_layers, self.d_ffn = len(self.mlps), self.mlps[0].d_ffn
+        self.selectors: dict[str, Selector] = {}
         if predictor is not None:
-            self.selector = PredictorSelector(predictor, selector_tokenizer or tokenizer)
-        else:
-            self.selector = ActivationSelector(model, self.mlps, tokenizer)
+            self.selectors["predictor"] = PredictorSelector(predictor, selector_tokenizer or tokenizer)
+        self.selectors["activations"] = ActivationSelector(model, self.mlps, self.prompt_tokens)
+        self.selector: Selector = next(iter(self.selectors.values()))
         self.default_density = default_density or PLAIN_DEFAULT_DENSITY
         self.pad_multiple = pad_multiple
-        self._cache: OrderedDict[tuple[str, int], Selection] = OrderedDict()
+        self._cache: OrderedDict[tuple, Selection] = OrderedDict()
         self._cache_size = cache_size
         self._pinned = False
         self._pinned_selection: Selection | None = None
@@ -64,23 +70,53 @@ class Engine:
 
     # -- selection ---------------------------------------------------------------------
 
-    def select(self, prompt: str, density: float | None = None) -> Selection:
+    def get_selector(self, selector: str | Selector | None = None) -> Selector:
+        """The selector called `selector` (None: the default; a Selector object is returned as is)."""
+        if selector is None:
+            return self.selector
+        if not isinstance(selector, str):
+            return selector
+        if selector not in self.selectors:
+            if selector == "predictor":
+                raise SelectionError(
+                    "this model has no trained predictor (it is a plain model folder or a bundle "
+                    "without one); use the training-free selector: selector=\"activations\"")
+            raise SelectionError(f"unknown selector {selector!r}; this model has: {', '.join(self.selectors)}")
+        return self.selectors[selector]
+
+    def kept_count(self, density: float | None = None) -> int:
+        """Channels kept per layer at `density` (default: the bundle's)."""
+        return kept_count(self.default_density if density is None else density,
+                          self.d_ffn, self.pad_multiple)
+
+    def select(self, prompt: Prompt, density: float | None = None,
+               selector: str | Selector | None = None) -> Selection:
         """The channels to keep for `prompt` at `density` (default: the bundle's).
 
-        Results are cached per (prompt, kept count): a task prompt selected once is free
-        the next time.
+        selector: "predictor" (the default where the bundle has one), "activations" (the
+        training-free selector) or a Selector object. Results are cached per (selector,
+        its input tokens, kept count): a task prompt selected once is free the next time.
         """
-        k = kept_count(self.default_density if density is None else density,
-                       self.d_ffn, self.pad_multiple)
-        key = (prompt, k)
-        if key in self._cache:
+        chooser = self.get_selector(selector)
+        k = self.kept_count(density)
+        return self._select(chooser, chooser.inputs(prompt), k)
+
+    def _select(self, chooser: Selector, tokens: list[int], k: int, kv_cache: list | None = None) -> Selection:
+        """Select by `chooser` on `tokens` (cached). With kv_cache (activations only) the
+        scoring pass always runs, filling the cache: GRIFFIN's dense prefill."""
+        key = (chooser, tuple(tokens), k)
+        if kv_cache is None and key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         start = time.perf_counter()
-        scores = self.selector.scores(prompt)
+        scores = chooser.scores(tokens) if kv_cache is None else chooser.scores(tokens, kv_cache)
+        scores = np.asarray(scores)
+        if scores.shape != (self.n_layers, self.d_ffn):
+            raise SelectionError(f"selector {chooser.name!r} returned scores of shape {scores.shape}, "
+                                 f"expected ({self.n_layers}, {self.d_ffn})")
         selection = Selection(
             indices=tuple(top_k(scores, k)), d_ffn=self.d_ffn,
-            seconds=time.perf_counter() - start, source=self.selector.name,
+            seconds=time.perf_counter() - start, source=chooser.name,
         )
         self._cache[key] = selection
         if len(self._cache) > self._cache_size:
@@ -113,12 +149,13 @@ class Engine:
         self.applied = selection
         return self.last_apply
 
-    def prepare(self, prompt: Prompt, density: float | None = None) -> Selection | None:
+    def prepare(self, prompt: Prompt, density: float | None = None,
+                selector: str | Selector | None = None) -> Selection | None:
         """Apply the selection a generation call on `prompt` uses, and return it."""
-        if self._pinned and density is None:
+        if self._pinned and density is None and selector is None:
             target = self._pinned_selection
         else:
-            target = self.select(_selector_text(prompt), density)
+            target = self.select(prompt, density, selector)
         self._apply(target)
         return target
 
@@ -135,6 +172,7 @@ class Engine:
 
     def stream_responses(self, prompt: Prompt, *, max_tokens: int = 256, density: float | None = None,
                          temp: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                         selector: str | Selector | None = None,
                          prompt_cache: list | None = None, tokens: list[int] | None = None
                          ) -> Iterator[GenerationResponse]:
         """Select, apply and generate; yields mlx-lm GenerationResponses as tokens come.
@@ -146,17 +184,39 @@ class Engine:
                 the bundle's default density).
             temp, top_p: sampling (temp 0 is greedy).
             seed: seed of the sampler, for reproducible sampling.
+            selector: "predictor", "activations" or a Selector (default: the engine's).
+                With "activations" the prompt is prefilled by the dense model, whose pass
+                also scores the channels (GRIFFIN); only generation runs pruned.
             prompt_cache: an mlx-lm KV cache to extend (it must match the applied mask).
             tokens: the token ids to feed instead of the templated prompt (with prompt_cache).
         """
-        self.prepare(prompt, density)
+        ids = self.prompt_tokens(prompt) if tokens is None else list(tokens)
+        chooser = self.get_selector(selector)
+        pinned = self._pinned and density is None and selector is None
+        griffin = (not pinned and isinstance(chooser, ActivationSelector) and prompt_cache is None
+                   and tokens is None and len(ids) > 1)
+        dense_prefill = 0.0
+        if griffin:
+            # The dense pass over the prompt scores the channels and fills the KV cache; its
+            # last token is fed again, pruned, to produce the first token's logits.
+            prompt_cache = make_prompt_cache(self.model)
+            selection = self._select(chooser, ids, self.kept_count(density), kv_cache=prompt_cache)
+            dense_prefill = selection.seconds
+            trim_prompt_cache(prompt_cache, 1)
+            self._apply(selection)
+        else:
+            self.prepare(prompt, density, selector)
         if seed is not None:
             mx.random.seed(seed)
-        ids = self.prompt_tokens(prompt) if tokens is None else tokens
-        yield from stream_generate(
-            self.model, self.tokenizer, mx.array(ids, dtype=mx.int32), max_tokens=max_tokens,
+        feed = ids[-1:] if griffin else ids
+        for response in stream_generate(
+            self.model, self.tokenizer, mx.array(feed, dtype=mx.int32), max_tokens=max_tokens,
             sampler=make_sampler(temp=temp, top_p=top_p), prompt_cache=prompt_cache,
-        )
+        ):
+            if griffin:  # report the whole prompt's prefill, the dense part included
+                seconds = dense_prefill + response.prompt_tokens / max(response.prompt_tps, 1e-9)
+                response = replace(response, prompt_tokens=len(ids), prompt_tps=len(ids) / seconds)
+            yield response
 
     def stream(self, prompt: Prompt, **options) -> Iterator[str]:
         """Like generate(), but yields text pieces as they are decoded."""
@@ -166,7 +226,7 @@ class Engine:
     def generate(self, prompt: Prompt, **options) -> str:
         """Select channels for the prompt, apply them and return the generated text.
 
-        Options are those of stream_responses(): max_tokens, density, temp, top_p, seed.
+        Options are those of stream_responses(): max_tokens, density, selector, temp, top_p, seed.
         """
         return "".join(self.stream(prompt, **options))
 
@@ -174,7 +234,7 @@ class Engine:
 
     @property
     def has_predictor(self) -> bool:
-        return isinstance(self.selector, PredictorSelector)
+        return "predictor" in self.selectors
 
     def weight_bytes(self) -> int:
         """Bytes of the LLM's parameters (the predictor's not included)."""
@@ -196,16 +256,6 @@ class Engine:
         return bundle.write_bundle(out, config=config, weights=weights, tokenizer_dir=self.path,
                                    default_density=self.default_density,
                                    pad_multiple=self.pad_multiple, force=force)
-
-
-def _selector_text(prompt: Prompt) -> str:
-    """What the selector reads: the prompt, or the last user message of a chat."""
-    if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m.get("role") == "user"]
-    if not users:
-        raise SelectionError("chat messages hold no user message to select channels from")
-    return users[-1]
 
 
 def _read_model(folder: Path, config: dict, is_bundle: bool, on_progress=None) -> nn.Module:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Protocol, Sequence, Union
 
 import numpy as np
 
 from .errors import SelectionError
+
+Prompt = Union[str, Sequence[dict]]  # a user prompt, or chat messages [{"role", "content"}, ...]
 
 
 def check_density(density: float) -> float:
@@ -116,57 +118,119 @@ class Selection:
         return cls(indices=tuple(checked), d_ffn=d_ffn)
 
 
+class Selector(Protocol):
+    """What decides the channels: scores every FFN channel of every layer for a prompt.
+
+    Attributes:
+        name: how users ask for it (engine.generate(..., selector=name)).
+        calls: how many times it has scored (tests and stats count work with it).
+    """
+
+    name: str
+    calls: int
+
+    def inputs(self, prompt: Prompt) -> list[int]:
+        """The token ids it reads for `prompt` (its selections are cached by them)."""
+
+    def scores(self, tokens: Sequence[int]) -> np.ndarray:
+        """[n_layers, d_ffn] scores in original channel ids; the top k per layer are kept."""
+
+
+def selector_text(prompt: Prompt) -> str:
+    """What the trained predictor reads: the prompt, or the last user message of a chat."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    if not users:
+        raise SelectionError("chat messages hold no user message to select channels from")
+    return users[-1]
+
+
 class PredictorSelector:
-    """Scores channels with the trained sparsity predictor (the IFPruning method)."""
+    """Scores channels with the trained sparsity predictor (the IFPruning method).
+
+    It reads the user's instruction only (the last user message, no chat template), as it
+    was trained to.
+    """
 
     name = "predictor"
 
     def __init__(self, predictor, tokenizer):
         self.predictor = predictor
         self.tokenizer = tokenizer
-        self.calls = 0  # backbone runs, for tests and stats
+        self.calls = 0
 
-    def scores(self, text: str) -> np.ndarray:
+    def inputs(self, prompt: Prompt) -> list[int]:
+        return list(self.tokenizer.encode(selector_text(prompt)))
+
+    def scores(self, tokens: Sequence[int]) -> np.ndarray:
         self.calls += 1
-        return self.predictor.scores(self.tokenizer.encode(text))
+        return self.predictor.scores(list(tokens))
 
 
 class ActivationSelector:
-    """Training-free: scores channels by their activation on the prompt (GRIFFIN-style).
+    """Training-free (GRIFFIN, Dong et al. 2024): scores channels by their activations on the prompt.
 
-    Runs the dense model over the prompt and, per layer, takes the l2 norm over tokens of
-    each token's activation vector normalized to unit l2 norm. Channels that fire for this
-    prompt are the ones generation will need.
+    The dense model runs over the prompt as the LLM will see it (chat template applied). In
+    each layer, every token's FFN activation vector silu(gate) * up is scaled to unit l2 norm,
+    so that no single token (e.g. the first, whose activations are often huge) dominates;
+    a channel's score is the l2 norm of its column over the tokens. Channels that fire across
+    the prompt are the ones generation will need ("flocking").
+
+    scores(tokens, cache) also fills an mlx-lm KV cache: that is GRIFFIN's dense prefill,
+    which the engine reuses so generation starts without a second prefill.
+    normalize=False skips the per-token scaling (an ablation; docs/SELECTORS.md compares).
     """
 
     name = "activations"
 
-    def __init__(self, model, mlps, tokenizer):
-        self.model, self.mlps, self.tokenizer = model, mlps, tokenizer
+    def __init__(self, model, mlps, prompt_tokens: Callable[[Prompt], list[int]], normalize: bool = True):
+        self.model, self.mlps, self.prompt_tokens = model, mlps, prompt_tokens
+        self.normalize = normalize
         self.calls = 0
 
-    def scores(self, text: str) -> np.ndarray:
-        import mlx.core as mx
+    def inputs(self, prompt: Prompt) -> list[int]:
+        return list(self.prompt_tokens(prompt))
 
+    def scores(self, tokens: Sequence[int], cache: list | None = None) -> np.ndarray:
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        if len(tokens) == 0:
+            raise SelectionError("the prompt has no tokens to score channels on")
         self.calls += 1
-        tokens = self.tokenizer.encode(text)
         collected: list = []
 
         def observe(h):
-            h = h[0].astype(mx.float32)  # (T, d_ffn) in position order
-            h = h / (mx.linalg.norm(h, axis=-1, keepdims=True) + 1e-6)
-            collected.append(mx.linalg.norm(h, axis=0))
+            h = h[0].astype(mx.float32)  # (T, d_ffn), channels in position order
+            if self.normalize:
+                h = h / (mx.linalg.norm(h, axis=-1, keepdims=True) + 1e-6)
+            collected.append(mx.sum(h * h, axis=0))  # squared norms: chunks add up
 
+        if cache is None:  # the chunks of a long prompt attend to the earlier ones through it
+            cache = make_prompt_cache(self.model)
         ks = [mlp.k for mlp in self.mlps]
         try:
             for mlp in self.mlps:
                 mlp.k, mlp.observer = mlp.d_ffn, observe
-            self.model.model(mx.array(tokens, dtype=mx.int32)[None])
-            mx.eval(collected)
+            for chunk in _chunks(tokens, PREFILL_CHUNK):
+                self.model(mx.array(chunk, dtype=mx.int32)[None], cache=cache)
+                mx.eval(collected, [c.state for c in cache])
+                if len(collected) > len(self.mlps):  # fold this chunk into the totals
+                    collected[:] = [a + b for a, b in zip(collected[: len(self.mlps)],
+                                                          collected[len(self.mlps):])]
         finally:
             for mlp, k in zip(self.mlps, ks):
                 mlp.k, mlp.observer = k, None
         scores = np.empty((len(self.mlps), self.mlps[0].d_ffn), dtype=np.float32)
         for layer, (mlp, s) in enumerate(zip(self.mlps, collected)):
-            scores[layer, mlp.perm] = np.array(s)  # back to original channel ids
+            scores[layer, mlp.perm] = np.sqrt(np.array(s))  # back to original channel ids
         return scores
+
+
+PREFILL_CHUNK = 2048  # tokens per forward pass of the scoring prefill (bounds activation memory)
+
+
+def _chunks(tokens: Sequence[int], size: int):
+    for start in range(0, len(tokens), size):
+        yield list(tokens[start:start + size])

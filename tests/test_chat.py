@@ -66,6 +66,22 @@ def test_per_task_keeps_one_selection_and_prefills_only_new_tokens(engine):
     assert list(session.cached_masks()) == [t1.mask]
 
 
+def test_the_training_free_selector_in_chat(engine):
+    session = ChatSession(engine, policy="per-task", selector="activations", max_tokens=4)
+    chooser = engine.get_selector("activations")
+    calls = chooser.calls
+    turn(session, TASK + " (activations)")
+    turn(session, OTHER)
+    assert chooser.calls == calls + 1 and session.last.mask == session.turns[0].mask
+    assert session.selection.source == "activations" and session.settings()["selector"] == "activations"
+    session.set_selector("predictor")
+    session.reselect()
+    turn(session, "a task only this test selects")
+    assert session.selection.source == "predictor"
+    with pytest.raises(ifp.SelectionError, match="unknown selector"):
+        session.set_selector("nope")
+
+
 def test_per_turn_selects_every_message_and_a_new_mask_prefills_everything(engine):
     session = ChatSession(engine, policy="per-turn", max_tokens=6)
     turn(session, TASK)
@@ -230,6 +246,14 @@ def test_cli_in_a_terminal(chat_bundle, tmp_path):
         child.expect(r" +1 +128/256 +[01]\.\d\d")
         child.expect(r"mean overlap [01]\.\d\d")
         child.expect_exact(">>> ")
+        child.sendline("/selector activations")   # the training-free selector, then a new mask
+        child.expect_exact("selector: activations; the next message selects a new mask")
+        child.expect_exact(">>> ")
+        child.sendline(TASK)
+        child.expect_exact(">>> ")
+        child.sendline("/stats")
+        child.expect(r"select +[\d.]+ ms \(activations ran\)")
+        child.expect_exact(">>> ")
         child.sendline("/max-tokens 100000")      # a long answer, stopped by Ctrl-C
         child.expect_exact(">>> ")
         child.sendline("Once upon a time")
@@ -248,7 +272,7 @@ def test_cli_in_a_terminal(chat_bundle, tmp_path):
         child.expect_exact("error: density must be in (0, 1]")
         child.expect_exact(">>> ")
         child.sendline("/save " + str(tmp_path / "chat.json"))
-        child.expect_exact("saved 6 messages, 3 turns")
+        child.expect_exact("saved 8 messages, 4 turns")
         child.expect_exact(">>> ")
         child.sendline("/quit")
         child.expect(pexpect.EOF)
@@ -257,7 +281,8 @@ def test_cli_in_a_terminal(chat_bundle, tmp_path):
     assert child.exitstatus == 0, screen.getvalue()[-2000:]
     assert "Traceback" not in screen.getvalue()
     saved = json.loads((tmp_path / "chat.json").read_text())
-    assert [t["finish_reason"] for t in saved["turns"]] == ["length", "length", "interrupted"]
+    assert [t["finish_reason"] for t in saved["turns"]] == ["length", "length", "length", "interrupted"]
+    assert saved["settings"]["selector"] == "activations"
     assert (tmp_path / "history").read_text().count("/density") == 2  # readline history
 
 

@@ -10,7 +10,7 @@ runner = CliRunner()
 def test_info_describes_a_bundle(bundle_dir):
     result = runner.invoke(app, ["info", str(bundle_dir)])
     assert result.exit_code == 0, result.output
-    for expected in ("ifprune bundle", "llama", "FFN channels / layer  256", "trained predictor",
+    for expected in ("ifprune bundle", "llama", "FFN channels / layer  256", "predictor = trained predictor (default)",
                      "keeps 96 of 256 channels", "chat template         yes"):
         assert expected in result.output
 
@@ -42,4 +42,20 @@ def test_user_mistakes_are_one_line_without_traceback(tmp_path, bundle_dir):
         result = runner.invoke(app, args)
         assert result.exit_code == 1
         assert message in result.output
+        assert "Traceback" not in result.output
+
+
+def test_generate_with_the_training_free_selector(bundle_dir, plain_dir):
+    for folder in (bundle_dir, plain_dir):
+        result = runner.invoke(app, ["generate", str(folder), "-p", "Sort these numbers", "-m", "4",
+                                     "--selector", "activations"])
+        assert result.exit_code == 0, result.output
+        assert "(activations) = the dense prefill" in result.output
+
+
+def test_selector_mistakes(plain_dir):
+    for args, message in ((["--selector", "predictor"], "no trained predictor"),
+                          (["--selector", "nope"], "unknown selector 'nope'")):
+        result = runner.invoke(app, ["generate", str(plain_dir), "-p", "x", *args])
+        assert result.exit_code == 1 and message in result.output
         assert "Traceback" not in result.output

@@ -1,0 +1,179 @@
+"""The selector interface: the trained predictor and the training-free (GRIFFIN) selector."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+import ifprune_mlx as ifp
+from ifprune_mlx import selectors
+from ifprune_mlx.fidelity import kl_after_prefill, random_selection
+from ifprune_mlx.testing import make_model_folder, model_config
+
+PROMPT = "Summarize the following paragraph in one sentence."
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    return ifp.load(make_model_folder(tmp_path_factory.mktemp("plain") / "m",
+                                      model_config(num_hidden_layers=3)))
+
+
+@pytest.fixture(scope="module")
+def with_predictor(bundle_dir):
+    return ifp.load(bundle_dir)
+
+
+def test_activations_is_deterministic_and_respects_density(plain):
+    chooser = plain.get_selector("activations")
+    for density in (0.1, 0.33, 0.5, 1.0):
+        first = plain.select(PROMPT, density=density, selector="activations")
+        plain._cache.clear()
+        calls = chooser.calls
+        again = plain.select(PROMPT, density=density, selector="activations")
+        assert chooser.calls == calls + 1, "the cache was cleared: the selector must run again"
+        assert all((a == b).all() for a, b in zip(first.indices, again.indices))
+        k = ifp.kept_count(density, plain.d_ffn)
+        assert first.kept == [k] * plain.n_layers and first.source == "activations"
+        for ids in first.indices:
+            assert len(np.unique(ids)) == k and ids.min() >= 0 and ids.max() < plain.d_ffn
+    other = plain.select("Translate this sentence into French.", density=0.33, selector="activations")
+    assert other.overlap(plain.select(PROMPT, density=0.33, selector="activations")) != [1.0] * plain.n_layers
+
+
+def test_scores_do_not_depend_on_the_applied_selection(plain):
+    chooser = plain.get_selector("activations")
+    tokens = chooser.inputs(PROMPT)
+    plain.apply(None)
+    dense = chooser.scores(tokens)
+    plain.apply([np.arange(0, plain.d_ffn, 4)] * plain.n_layers)  # rows permuted, k small
+    assert np.allclose(chooser.scores(tokens), dense, atol=1e-5)
+    assert [m.k for m in plain.mlps] == [plain.d_ffn // 4] * plain.n_layers, "scoring left k alone"
+    plain.apply("auto")
+
+
+def test_chunked_scoring_equals_one_pass(plain, monkeypatch):
+    chooser = plain.get_selector("activations")
+    tokens = chooser.inputs(PROMPT * 3)
+    whole = chooser.scores(tokens)
+    monkeypatch.setattr(selectors, "PREFILL_CHUNK", 7)
+    assert np.allclose(chooser.scores(tokens), whole, rtol=1e-4, atol=1e-5)
+
+
+def test_normalization_keeps_one_token_from_dominating(plain):
+    """Per-token scaling: the scores are unchanged when one token's activations are huge."""
+    chooser = plain.get_selector("activations")
+    tokens = chooser.inputs(PROMPT)
+    raw = selectors.ActivationSelector(plain.model, plain.mlps, plain.prompt_tokens, normalize=False)
+    normalized, unnormalized = chooser.scores(tokens), raw.scores(tokens)
+    # every row of normalized activations has unit norm, so a layer's squared scores sum to T
+    assert np.allclose((normalized ** 2).sum(-1), len(tokens), rtol=1e-3)
+    assert not np.allclose(unnormalized ** 2, normalized ** 2)
+
+
+def test_activations_beat_random_masks_in_kl(tmp_path):
+    """After a dense prefill, the activation-selected channels reproduce the dense model's
+    next-token distributions better than random masks of the same size (fixed seeds)."""
+    engine = ifp.load(make_model_folder(tmp_path / "m", model_config(
+        hidden_size=128, num_hidden_layers=4, intermediate_size=512), seed=0))
+    rng = np.random.default_rng(0)
+    k = engine.kept_count(0.25)
+    wins = 0
+    for trial in range(4):
+        tokens = rng.integers(3, 320, size=40).tolist()
+        prompt, continuation = tokens[:28], tokens[28:]
+        chosen = engine._select(engine.get_selector("activations"), prompt, k)
+        ours = kl_after_prefill(engine, prompt, continuation, chosen)
+        chance = [kl_after_prefill(engine, prompt, continuation,
+                                   random_selection(engine.d_ffn, engine.n_layers, k, seed))
+                  for seed in range(3)]
+        wins += ours < min(chance)
+    assert wins == 4
+    assert kl_after_prefill(engine, prompt, continuation, None) < 1e-8  # dense vs itself
+
+
+def test_generation_prefills_dense_then_decodes_pruned(plain):
+    """generate(selector="activations") = the dense prefill that selects, then pruned decoding."""
+    ids = plain.prompt_tokens(PROMPT)
+    selection = plain.select(PROMPT, density=0.25, selector="activations")
+    plain.apply(None)
+    cache = make_prompt_cache(plain.model)
+    plain.model(mx.array([ids[:-1]]), cache=cache)
+    plain.apply(selection)
+    token, expected = ids[-1], []
+    for _ in range(6):
+        token = int(mx.argmax(plain.model(mx.array([[token]]), cache=cache)[0, -1]).item())
+        expected.append(token)
+    plain.apply("auto")
+
+    chooser = plain.get_selector("activations")
+    calls = chooser.calls
+    responses = list(plain.stream_responses(PROMPT, density=0.25, selector="activations", max_tokens=6))
+    assert chooser.calls == calls + 1, "the scoring pass is the prefill: it runs every time"
+    assert [r.token for r in responses] == expected[: len(responses)]
+    assert responses[-1].prompt_tokens == len(ids)
+    assert [(a == b).all() for a, b in zip(plain.applied.indices, selection.indices)] == [True] * plain.n_layers
+    again = plain.generate(PROMPT, density=0.25, selector="activations", max_tokens=6)
+    assert again == "".join(r.text for r in responses), "the same prompt generates the same text"
+
+
+def test_predictor_stays_the_default_where_there_is_one(with_predictor, plain):
+    assert with_predictor.selector.name == "predictor" and with_predictor.has_predictor
+    assert set(with_predictor.selectors) == {"predictor", "activations"}
+    assert with_predictor.select(PROMPT).source == "predictor"
+    assert with_predictor.select(PROMPT, selector="activations").source == "activations"
+    assert with_predictor.generate(PROMPT, selector="activations", max_tokens=3) is not None
+    assert with_predictor.applied.source == "activations"
+    assert plain.selector.name == "activations" and list(plain.selectors) == ["activations"]
+
+
+def test_selector_errors(plain):
+    with pytest.raises(ifp.SelectionError, match="no trained predictor"):
+        plain.select(PROMPT, selector="predictor")
+    with pytest.raises(ifp.SelectionError, match="unknown selector 'griffin'"):
+        plain.generate(PROMPT, selector="griffin")
+    with pytest.raises(ifp.SelectionError, match="no tokens"):
+        plain.get_selector("activations").scores([])
+
+
+class Constant:
+    """A Selector of one's own: keeps the same channels whatever the prompt."""
+
+    name, calls = "constant", 0
+
+    def __init__(self, n_layers, d_ffn):
+        self.table = np.tile(np.arange(d_ffn)[::-1], (n_layers, 1)).astype(np.float32)
+
+    def inputs(self, prompt):
+        return [0]
+
+    def scores(self, tokens):
+        self.calls += 1
+        return self.table
+
+
+def test_a_selector_object_can_be_passed(plain):
+    mine = Constant(plain.n_layers, plain.d_ffn)
+    selection = plain.select(PROMPT, density=0.25, selector=mine)
+    k = plain.kept_count(0.25)
+    assert all((ids == np.arange(k)).all() for ids in selection.indices)  # the highest scores
+    assert selection.source == "constant"
+    plain.generate(PROMPT, selector=mine, density=0.25, max_tokens=2)
+    assert plain.applied is selection
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda c: c.update(model_type="gpt2"), ifp.UnsupportedArchitectureError, "'gpt2' is not supported"),
+    (lambda c: c.update(hidden_act="gelu"), ifp.UnsupportedArchitectureError, "SwiGLU"),
+    (lambda c: c.update(quantization_config={"quant_method": "gptq"}), ifp.BundleError, "gptq checkpoint"),
+    (lambda c: c.update(quantization={"group_size": 32, "bits": 4, "mode": "mxfp4"}), ifp.BundleError, "mxfp4"),
+])
+def test_folders_mlx_lm_cannot_read_or_we_cannot_prune(tmp_path, edit, error, match):
+    folder = make_model_folder(tmp_path / "m", model_config())
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(error, match=match):
+        ifp.load(folder)
