@@ -11,8 +11,10 @@ import mlx.nn as nn
 from .errors import BundleError, UnsupportedArchitectureError
 from .prune import PrunableMLP
 
-# model_type -> mlx-lm module. Each has a SwiGLU MLP with gate/up/down projections.
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# model_type -> mlx-lm module. Each has a SwiGLU MLP with gate/up/down projections; phi3's
+# gate and up are one fused gate_up_proj, split at load (split_gate_up).
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                 "phi3": "phi3"}
 
 
 def model_classes(config: dict):
@@ -33,11 +35,12 @@ SWIGLU_ACTS = ("silu", "swish")
 def normalize_config(config: dict, weight_names) -> dict:
     """The config mlx-lm builds the same model from, checked for what the runtime supports.
 
-    transformers >= 5 nests rope_theta / rope_scaling under "rope_parameters", which mlx-lm's
-    llama and qwen2 do not read (they would silently use their default rope_theta), and
+    transformers >= 5 nests rope_theta, rope_scaling and partial_rotary_factor under
+    "rope_parameters", which mlx-lm does not read (it would silently use its defaults), and
     configs may leave tie_word_embeddings to a default that differs between the libraries.
-    Both are made explicit here. Non-SwiGLU activations and non-MLX quantization formats
-    (GPTQ, AWQ ...) are refused rather than run wrongly.
+    Both are made explicit here (lifted rope scaling also gets the "type" key mlx-lm's phi3
+    reads). Non-SwiGLU activations and non-MLX quantization formats (GPTQ, AWQ ...) are
+    refused rather than run wrongly.
     """
     model_classes(config)
     if config.get("quantization_config") and "quantization" not in config:
@@ -51,11 +54,13 @@ def normalize_config(config: dict, weight_names) -> dict:
     out = {k: v for k, v in config.items() if k != "rope_parameters"}
     rope = config.get("rope_parameters")
     if isinstance(rope, dict):
-        if "rope_theta" in rope and "rope_theta" not in config:
-            out["rope_theta"] = rope["rope_theta"]
+        for key in ("rope_theta", "partial_rotary_factor"):
+            if key in rope and key not in config:
+                out[key] = rope[key]
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        if scaling.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
-            out["rope_scaling"] = scaling
+        rope_type = scaling.get("rope_type", "default")
+        if rope_type != "default" and not config.get("rope_scaling"):
+            out["rope_scaling"] = {"type": rope_type, **scaling}
     if "tie_word_embeddings" not in out:
         out["tie_word_embeddings"] = "lm_head.weight" not in set(weight_names)
     return out
@@ -71,7 +76,7 @@ def build_model(config: dict, prunable: bool = True) -> nn.Module:
     if prunable:
         bias = bool(config.get("mlp_bias", False))
         for layer in model.layers:
-            d_ffn, d_model = layer.mlp.gate_proj.weight.shape
+            d_model, d_ffn = layer.mlp.down_proj.weight.shape
             layer.mlp = PrunableMLP(d_model, d_ffn, bias)
     return model
 
@@ -106,14 +111,39 @@ def is_down_proj(name: str) -> bool:
     return name.endswith("mlp.down_proj.weight")
 
 
+def is_gate_up_proj(name: str) -> bool:
+    """Whether a tensor belongs to a fused FFN gate_up_proj (phi3), which the row layout splits."""
+    return ".mlp.gate_up_proj." in name
+
+
+def split_gate_up(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Fused FFN -> gate_proj and up_proj: the first and second half of gate_up_proj's rows.
+
+    Applies to every mlp.gate_up_proj.{weight,scales,biases,bias} [2*d_ffn, ...], the way
+    mlx-lm's phi3 MLP splits its output. Quantization groups run along d_model, so the split
+    is exact for quantized rows too. Lazy; weights without a fused FFN come back unchanged.
+    """
+    out = {}
+    for name, value in weights.items():
+        if is_gate_up_proj(name):
+            gate, up = mx.split(value, 2, axis=0)
+            out[name.replace(".gate_up_proj.", ".gate_proj.")] = gate
+            out[name.replace(".gate_up_proj.", ".up_proj.")] = up
+        else:
+            out[name] = value
+    return out
+
+
 def down_to_rows(weights: dict[str, mx.array], quantization: dict | None = None) -> dict[str, mx.array]:
     """Standard layout -> row layout: every mlp.down_proj [d_model, d_ffn] becomes [d_ffn, d_model].
 
-    Float weights are transposed. Quantized ones (mlx-lm's config "quantization", with its
-    per-module overrides) are dequantized, transposed and quantized again along d_model with
-    the same bits and group size: a re-quantization, whose error is of the order of the
-    original one's. Lazy: nothing is computed until the weights are loaded.
+    A fused gate_up_proj (phi3) is split first (split_gate_up). Float weights are transposed.
+    Quantized ones (mlx-lm's config "quantization", with its per-module overrides) are
+    dequantized, transposed and quantized again along d_model with the same bits and group
+    size: a re-quantization, whose error is of the order of the original one's. Lazy:
+    nothing is computed until the weights are loaded.
     """
+    weights = split_gate_up(weights)
     out = dict(weights)
     for name in [n for n in weights if is_down_proj(n)]:
         base = name[: -len(".weight")]

@@ -61,6 +61,8 @@ def model_config(model_type: str = "llama", *, hidden_size: int = 64, num_hidden
     }
     if model_type == "qwen3":
         config["head_dim"] = hidden_size // 4
+    if model_type == "phi3":  # Phi3Config's default eos/pad (32000) lie outside a tiny vocabulary
+        config.update(bos_token_id=None, eos_token_id=0, pad_token_id=0)
     config.update(extra)
     return config
 
@@ -84,7 +86,23 @@ def make_model_folder(folder: Path, config: dict | None = None, seed: int = 0) -
     return folder
 
 
-to_rows = down_to_rows  # standard layout -> row layout (down_proj transposed)
+to_rows = down_to_rows  # standard layout -> row layout (gate_up split, down_proj transposed)
+
+
+def quantize_model_folder(folder: Path, bits: int, group_size: int = 64) -> nn.Module:
+    """Quantize a plain model folder in place as `mlx_lm.convert -q` does; returns mlx-lm's model.
+
+    The weights are mlx-lm's (affine, groups along each matrix's input axis) and config.json
+    gets its "quantization" entry: what an mlx-community quantized folder holds.
+    """
+    from mlx_lm.utils import load_model, quantize_model, save_config, save_model
+
+    folder = Path(folder)
+    model, config = load_model(folder)
+    model, config = quantize_model(model, config, group_size, bits)
+    save_model(folder, model)
+    save_config(config, folder / "config.json")
+    return model
 
 
 def random_predictor(config: dict, d_pred: int = 32, seed: int = 1) -> dict:

@@ -57,7 +57,7 @@ def test_config_without_model_type(copy):
 def test_unknown_architecture(copy):
     folder = copy()
     edit_config(folder, model_type="gpt2")
-    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported; supported: llama, mistral, phi3, qwen2, qwen3"):
         ifp.load(folder)
 
 

@@ -124,7 +124,7 @@ def test_unknown_model_type(tmp_path, llama):
     config["model_type"] = "gpt2"
     (src / "config.json").write_text(json.dumps(config))
     assert_fails_cleanly(convert(src, tmp_path / "out"), tmp_path / "out",
-                         "model_type 'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3")
+                         "model_type 'gpt2' is not supported; supported: llama, mistral, phi3, qwen2, qwen3")
 
 
 def test_existing_out_needs_force(tmp_path, llama):
