@@ -9,7 +9,7 @@ else
   MLX := mlx[cpu]
 endif
 
-.PHONY: install test test-all chat bench clean
+.PHONY: install test test-all chat bench selectors clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,11 +32,16 @@ test-all: install
 	$(PY) -m pytest -q -m ""
 
 # Linux: preload OpenBLAS when present (the mlx[cpu] wheel's reference BLAS makes prefill ~20x slower).
+OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
+WITH_BLAS = if [ "$(UNAME)" = Linux ] && [ -f $(OPENBLAS) ]; then export LD_PRELOAD=$(OPENBLAS); \
+	elif [ "$(UNAME)" = Linux ]; then echo "note: no OpenBLAS (apt-get install libopenblas0-pthread); prefill will be slow" >&2; fi;
+
 bench: install
-	@blas=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3; \
-	if [ "$(UNAME)" = Linux ] && [ -f $$blas ]; then export LD_PRELOAD=$$blas; \
-	elif [ "$(UNAME)" = Linux ]; then echo "note: no OpenBLAS (apt-get install libopenblas0-pthread); prefill will be slow" >&2; fi; \
-	$(VENV)/bin/ifprune bench --out docs/BENCHMARKS.md --plot docs/benchmarks.png --json docs/benchmarks.json
+	@$(WITH_BLAS) $(VENV)/bin/ifprune bench --out docs/BENCHMARKS.md --plot docs/benchmarks.png --json docs/benchmarks.json
+
+# Trained predictor vs training-free selector: writes the tables of docs/SELECTORS.md.
+selectors: install
+	@$(WITH_BLAS) $(PY) examples/selector_study.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info .cache

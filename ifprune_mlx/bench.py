@@ -258,7 +258,7 @@ def _ids(engine, n: int) -> list[int]:
     return ids[:n]
 
 
-def _text(engine, n: int, salt: int = 0) -> tuple[str, list[int]]:
+def prompt_text(engine, n: int, salt: int = 0) -> tuple[str, list[int]]:
     """A prompt text of about n tokens (different per salt) and its exact token ids."""
     text = f"Task {salt}: " + _TEXT
     while len(engine.tokenizer.encode(text)) < n:
@@ -376,10 +376,10 @@ def ttft(engine, dense: nn.Module, lengths: tuple[int, ...], s: Settings,
     for n in lengths:
         parts: dict[str, list[float]] = {"predictor": [], "apply": [], "prefill": [], "dense": [],
                                          "swaps": []}
-        other = engine.select(_text(engine, n, salt=10_000)[0], density)
+        other = engine.select(prompt_text(engine, n, salt=10_000)[0], density)
         first_token_seconds(dense, _ids(engine, n))  # warm-up
         for rep in range(s.ttft_reps + 1):
-            text, ids = _text(engine, n, salt=rep + 100 * n)
+            text, ids = prompt_text(engine, n, salt=rep + 100 * n)
             engine.apply(other)
             start = time.perf_counter()
             sel = engine.select(text, density)
@@ -420,7 +420,7 @@ def reselect(engine, s: Settings, log: Callable[[str], None]) -> list[dict]:
     from .selectors import Selection
 
     rng = np.random.default_rng(0)
-    base = engine.select(_text(engine, 32, salt=7)[0], RESELECT_DENSITY)
+    base = engine.select(prompt_text(engine, 32, salt=7)[0], RESELECT_DENSITY)
     k = base.kept[0]
     rows = []
     for fraction in s.changed:
@@ -471,7 +471,7 @@ def memory_probe(folder: str, density: float, prompt_tokens: int, tokens: int) -
     mx.reset_peak_memory()
     engine = ifprune_mlx.load(folder)
     after_load = mx.get_peak_memory()
-    text, ids = _text(engine, prompt_tokens, salt=1)
+    text, ids = prompt_text(engine, prompt_tokens, salt=1)
     engine.apply(engine.select(text, density))
     after_apply = mx.get_peak_memory()
     n = sum(1 for _ in engine.stream_responses(text, max_tokens=tokens, tokens=ids))

@@ -50,6 +50,20 @@ def top_k(scores: np.ndarray, k: int) -> list[np.ndarray]:
     return [np.sort(row).astype(np.int64) for row in order]
 
 
+def static_top_k(scores: np.ndarray, k: int) -> list[np.ndarray]:
+    """One mask for every prompt, from many prompts' scores [n_prompts, n_layers, d_ffn]: per
+    layer, the k channels most often in a prompt's top k (ties by the mean standardized score).
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    frequency = np.zeros(scores.shape[1:], dtype=np.float64)
+    for one in scores:
+        for layer, ids in enumerate(top_k(one, k)):
+            frequency[layer, ids] += 1
+    frequency /= len(scores)
+    frequency += 1e-3 * (scores.mean(0) - scores.mean()) / (scores.std() + 1e-9)
+    return top_k(frequency, k)
+
+
 @dataclass(frozen=True)
 class Selection:
     """The FFN channels kept in every layer.

@@ -25,6 +25,7 @@ import torch
 
 from converters.reference import indices_to_mask, predict_scores, set_ffn_mask
 from ifprune_mlx.selectors import kept_count, top_k
+from ifprune_mlx.selectors import static_top_k as static_indices  # one mask for all tasks
 
 from . import data
 from .train import Config, chat_prefix, load_checkpoint, train
@@ -65,14 +66,6 @@ def accuracy(llm, tokenizer, examples, masks=None) -> dict[str, float]:
 def masks_for(scores: np.ndarray, k: int, d_ffn: int) -> torch.Tensor:
     """Scores [B, L, F] -> hard masks [B, L, F] of the per-layer top k (selectors.top_k)."""
     return torch.stack([indices_to_mask(top_k(s, k), d_ffn) for s in scores])
-
-
-def static_indices(train_scores: np.ndarray, k: int) -> list[np.ndarray]:
-    """One mask for every task: per layer, the k channels most often in the top k over training
-    prompts (ties by mean score)."""
-    hard = np.stack([indices_to_mask(top_k(s, k), train_scores.shape[-1]).numpy() for s in train_scores])
-    freq = hard.mean(0) + 1e-3 * (train_scores.mean(0) - train_scores.mean()) / (train_scores.std() + 1e-9)
-    return top_k(freq, k)
 
 
 def jaccard(a: list[np.ndarray], b: list[np.ndarray]) -> float:

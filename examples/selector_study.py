@@ -1,0 +1,258 @@
+"""Trained predictor vs training-free selector: accuracy, fidelity (KL) and cost.
+
+Writes the generated sections of docs/SELECTORS.md (between its "generated" markers; the
+prose around them is kept):
+
+  demo   the shipped demo model, held-out prompts of every skill, greedy exact match, for the
+         trained predictor, the training-free (GRIFFIN) selector and static masks, all at the
+         demo's density; plus the KL of each mask to the dense model over the dense answers.
+  kl     a tiny random model: KL to the dense model of activation-selected vs random masks.
+  cost   a random 8-layer model (d_model 1024, vocab 32000): selection time vs prefill time.
+
+    python -m examples.selector_study                 # all three (about 10 minutes on 2 cores)
+    python -m examples.selector_study --only demo,kl --n 10
+    make selectors                                    # the same, with OpenBLAS preloaded on Linux
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
+
+import ifprune_mlx as ifp
+from ifprune_mlx.bench import blas_name, prompt_text, synthetic_config, write_synthetic_bundle
+from ifprune_mlx.demo import demo_bundle
+from ifprune_mlx.fidelity import kl_after_prefill, random_selection
+from ifprune_mlx.selectors import ActivationSelector, Selection, static_top_k
+from ifprune_mlx.testing import make_model_folder, model_config
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "SELECTORS.md"
+
+
+# -- the demo model -------------------------------------------------------------------------
+
+def _answer(engine, prompt: str, selection: Selection | None, dense_prefill: bool, max_tokens: int) -> list:
+    """Greedy answer under `selection`; with dense_prefill the prompt is prefilled dense first."""
+    if not dense_prefill:
+        engine.apply(selection)
+        return list(engine.stream_responses(prompt, max_tokens=max_tokens))
+    ids = engine.prompt_tokens(prompt)
+    engine.apply(None)
+    cache = make_prompt_cache(engine.model)
+    engine.model(mx.array([ids[:-1]], dtype=mx.int32), cache=cache)
+    mx.eval([c.state for c in cache])
+    engine.apply(selection)
+    return list(engine.stream_responses(prompt, max_tokens=max_tokens, tokens=ids[-1:], prompt_cache=cache))
+
+
+def demo(n: int, calibration_prompts: int, log) -> str:
+    from examples.train_tiny import data
+
+    engine = ifp.load(demo_bundle())
+    predictor, activations = engine.selectors["predictor"], engine.selectors["activations"]
+    raw = ActivationSelector(engine.model, engine.mlps, engine.prompt_tokens, normalize=False)
+    density = engine.default_density
+    k = engine.kept_count(density)
+    test = data.test_set(n)
+    rng = random.Random(99)
+    calibration = [data.sample(rng).prompt for _ in range(calibration_prompts)]
+    log(f"demo: {len(test)} held-out prompts, k={k}/{engine.d_ffn}; static masks from {len(calibration)} training prompts")
+    static_pred = Selection(tuple(static_top_k(np.stack([predictor.scores(predictor.inputs(p)) for p in calibration]), k)),
+                            engine.d_ffn, source="static")
+    static_act = Selection(tuple(static_top_k(np.stack([activations.scores(activations.inputs(p)) for p in calibration]), k)),
+                           engine.d_ffn, source="static")
+    rand = random_selection(engine.d_ffn, engine.n_layers, k, seed=0)
+
+    # name -> (mask for a prompt, prefill dense?, KL measured: once per distinct mask)
+    variants = {
+        "dense (no pruning)": (lambda p: None, False, True),
+        "trained predictor (IFPruning)": (lambda p: engine.select(p, density, "predictor"), False, True),
+        "training-free, GRIFFIN (dense prefill)": (lambda p: engine.select(p, density, "activations"), True, True),
+        "training-free, pruned prefill": (lambda p: engine.select(p, density, "activations"), False, False),
+        "training-free, not normalized per token (dense prefill)": (lambda p: engine.select(p, density, raw), True, True),
+        "trained predictor, dense prefill": (lambda p: engine.select(p, density, "predictor"), True, False),
+        "static mask from predictor scores": (lambda p: static_pred, False, True),
+        "static mask from activations (calibrated)": (lambda p: static_act, False, True),
+        "random mask": (lambda p: rand, False, True),
+    }
+    hits = {name: {s: [] for s in data.SKILL_NAMES} for name in variants}
+    kl = {name: [] for name in variants}
+    overlap = []
+    start = time.perf_counter()
+    for i, ex in enumerate(test):
+        reference = _answer(engine, ex.prompt, None, False, 16)
+        continuation = [r.token for r in reference][:-1]
+        ids = engine.prompt_tokens(ex.prompt)
+        for name, (mask_of, dense_prefill, measure_kl) in variants.items():
+            selection = mask_of(ex.prompt)
+            text = "".join(r.text for r in _answer(engine, ex.prompt, selection, dense_prefill, 16))
+            hits[name][ex.skill].append(text.strip() == ex.answer)
+            if measure_kl:
+                kl[name].append(kl_after_prefill(engine, ids, continuation, selection))
+        a, b = engine.select(ex.prompt, density, "predictor"), engine.select(ex.prompt, density, "activations")
+        overlap.append(np.mean(a.overlap(b)))
+        if (i + 1) % 50 == 0:
+            log(f"  {i + 1}/{len(test)} prompts, {time.perf_counter() - start:.0f} s")
+    engine.apply("auto")
+
+    skills = data.SKILL_NAMES
+    lines = [f"Demo model ({engine.n_layers} layers, d_ffn {engine.d_ffn}), density {density:.2f}: "
+             f"k = {k} channels kept per layer. {n} held-out prompts per skill (data.test_set, seed 1234), "
+             "greedy, exact match. KL: mean KL(dense || masked) in nats of the next-token "
+             "distributions over the dense model's answer, the prompt prefilled dense.", "",
+             "| selector / mask | " + " | ".join(skills) + " | mean | KL |",
+             "|---|" + "---|" * (len(skills) + 2)]
+    for name in variants:
+        acc = [float(np.mean(hits[name][s])) for s in skills]
+        k_l = f"{np.mean(kl[name]):.3f}" if kl[name] else ""
+        lines.append(f"| {name} | " + " | ".join(f"{a:.2f}" for a in acc) + f" | **{np.mean(acc):.3f}** | {k_l} |")
+    lines += ["", f"Mean per-layer Jaccard overlap of the predictor's and the training-free selector's "
+              f"masks on the same prompt: {np.mean(overlap):.2f} (two random masks of this size: "
+              f"{k / (2 * engine.d_ffn - k):.2f})."]
+    return "\n".join(lines)
+
+
+# -- fidelity on a random model -------------------------------------------------------------
+
+def fidelity(prompts: int, log) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = model_config(hidden_size=128, num_hidden_layers=4, intermediate_size=512, vocab_size=320)
+        engine = ifp.load(make_model_folder(Path(tmp) / "m", config, seed=0))
+        raw = ActivationSelector(engine.model, engine.mlps, engine.prompt_tokens, normalize=False)
+        rng = np.random.default_rng(0)
+        lines = [f"Random llama, 4 layers, d_model 128, d_ffn 512. {prompts} prompts of 32 random tokens, "
+                 "KL over the next 16 random tokens (mean, nats); random masks: mean of 4 seeds per prompt. "
+                 "\"wins\": prompts where the activation mask's KL is below the best of the 4 random masks.", "",
+                 "| density | k | activations (GRIFFIN) | not normalized | random | activations / random | wins |",
+                 "|---|---|---|---|---|---|---|"]
+        for density in (0.25, 0.5, 0.75):
+            k = engine.kept_count(density)
+            ours, unnormalized, chance, wins = [], [], [], 0
+            for _ in range(prompts):
+                tokens = rng.integers(3, config["vocab_size"], size=48).tolist()
+                prompt, continuation = tokens[:32], tokens[32:]
+                ours.append(kl_after_prefill(engine, prompt, continuation,
+                                             engine._select(engine.get_selector("activations"), prompt, k)))
+                unnormalized.append(kl_after_prefill(engine, prompt, continuation, engine._select(raw, prompt, k)))
+                randoms = [kl_after_prefill(engine, prompt, continuation,
+                                            random_selection(engine.d_ffn, engine.n_layers, k, seed)) for seed in range(4)]
+                chance.append(np.mean(randoms))
+                wins += ours[-1] < min(randoms)
+            lines.append(f"| {density} | {k} | {np.mean(ours):.4f} | {np.mean(unnormalized):.4f} | "
+                         f"{np.mean(chance):.4f} | {np.mean(ours) / np.mean(chance):.2f} | {wins}/{prompts} |")
+            log(lines[-1])
+        engine.apply("auto")
+    return "\n".join(lines)
+
+
+# -- cost -----------------------------------------------------------------------------------
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def cost(lengths: list[int], reps: int, d_model: int, log) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = ifp.load(write_synthetic_bundle(Path(tmp) / "b", synthetic_config(d_model)))
+        activations = engine.get_selector("activations")
+        rows = []
+        for n in lengths:
+            t = {key: [] for key in ("dense", "scoring", "griffin", "predictor", "apply", "pruned", "ifp")}
+            for rep in range(reps + 1):
+                text, ids = prompt_text(engine, n, salt=rep + 1000 * n)
+                engine.apply(None)
+
+                def dense_prefill():
+                    cache = make_prompt_cache(engine.model)
+                    engine.model(mx.array([ids], dtype=mx.int32), cache=cache)
+                    mx.eval([c.state for c in cache])
+
+                dense = _seconds(dense_prefill)
+                scoring = _seconds(lambda: activations.scores(ids))
+                # the whole GRIFFIN path to the first token: scoring prefill, top-k, apply, last token
+                engine.apply("auto")
+                engine.apply(engine.select(prompt_text(engine, n, salt=-rep - 1)[0], 0.5, "predictor"))
+                engine.apply("auto")
+                start = time.perf_counter()
+                next(engine.stream_responses(text, density=0.5, selector="activations", max_tokens=1))
+                griffin = time.perf_counter() - start
+                # the trained predictor's path: predictor, apply, pruned prefill
+                start = time.perf_counter()
+                selection = engine.select(text, 0.5, "predictor")
+                predictor_s = time.perf_counter() - start
+                apply_s = _seconds(lambda: engine.apply(selection))
+                pruned = _seconds(lambda: next(engine.stream_responses(text, max_tokens=1)))
+                if rep == 0:
+                    continue  # warm-up
+                for key, value in zip(t, (dense, scoring, griffin, predictor_s, apply_s, pruned,
+                                          predictor_s + apply_s + pruned)):
+                    t[key].append(value)
+            med = {key: statistics.median(v) * 1000 for key, v in t.items()}
+            rows.append((len(ids), med))
+            log(f"  {len(ids)} tokens: " + ", ".join(f"{key} {v:.1f} ms" for key, v in med.items()))
+        engine.apply("auto")
+    lines = [f"Random llama, 8 layers, d_model {d_model}, d_ffn {engine.d_ffn}, vocab 32000, float32, "
+             f"density 0.5, BLAS: {blas_name()}; median of {reps} prompts per length (each new). "
+             "Milliseconds.", "",
+             "| prompt tokens | dense prefill | scoring prefill (overhead) | GRIFFIN: to first token | "
+             "predictor | apply | pruned prefill | predictor: to first token |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n, m in rows:
+        lines.append(f"| {n} | {m['dense']:.1f} | {m['scoring']:.1f} ({m['scoring'] / m['dense'] - 1:+.0%}) | "
+                     f"{m['griffin']:.1f} | {m['predictor']:.1f} | {m['apply']:.1f} | {m['pruned']:.1f} | {m['ifp']:.1f} |")
+    return "\n".join(lines)
+
+
+# -- the document ---------------------------------------------------------------------------
+
+def write_section(doc: Path, name: str, body: str) -> None:
+    """Replace the text between <!-- generated: NAME --> and <!-- end: NAME --> in doc."""
+    text = doc.read_text()
+    begin, end = f"<!-- generated: {name} -->", f"<!-- end: {name} -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"{doc} has no {begin} ... {end} markers")
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    doc.write_text(pattern.sub(lambda _: f"{begin}\n{body}\n{end}", text))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default="demo,kl,cost", help="comma-separated sections: demo, kl, cost")
+    ap.add_argument("--n", type=int, default=50, help="held-out prompts per skill (demo)")
+    ap.add_argument("--calibration", type=int, default=300, help="training prompts behind the static masks (demo)")
+    ap.add_argument("--prompts", type=int, default=20, help="random prompts per density (kl)")
+    ap.add_argument("--lengths", default="64,256,1024", help="prompt lengths in tokens (cost)")
+    ap.add_argument("--reps", type=int, default=5, help="prompts per length (cost)")
+    ap.add_argument("--d-model", type=int, default=1024, help="width of the random model (cost)")
+    ap.add_argument("--doc", type=Path, default=DOC, help="the markdown file to update")
+    args = ap.parse_args(argv)
+    mx.random.seed(0)
+    only = set(args.only.split(","))
+    sections = {
+        "demo": lambda: demo(args.n, args.calibration, print),
+        "kl": lambda: fidelity(args.prompts, print),
+        "cost": lambda: cost([int(x) for x in args.lengths.split(",")], args.reps, args.d_model, print),
+    }
+    for name, run in sections.items():
+        if name in only:
+            start = time.perf_counter()
+            body = run()
+            write_section(args.doc, name, body + f"\n\n<sub>`python -m examples.selector_study --only {name}` "
+                                                 f"({time.perf_counter() - start:.0f} s)</sub>")
+            print(body)
+
+
+if __name__ == "__main__":
+    main()
