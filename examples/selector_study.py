@@ -114,7 +114,7 @@ def demo(n: int, calibration_prompts: int, log) -> str:
              "|---|" + "---|" * (len(skills) + 2)]
     for name in variants:
         acc = [float(np.mean(hits[name][s])) for s in skills]
-        k_l = f"{np.mean(kl[name]):.3f}" if kl[name] else ""
+        k_l = f"{max(0.0, float(np.mean(kl[name]))):.3f}" if kl[name] else ""  # no "-0.000"
         lines.append(f"| {name} | " + " | ".join(f"{a:.2f}" for a in acc) + f" | **{np.mean(acc):.3f}** | {k_l} |")
     lines += ["", f"Mean per-layer Jaccard overlap of the predictor's and the training-free selector's "
               f"masks on the same prompt: {np.mean(overlap):.2f} (two random masks of this size: "

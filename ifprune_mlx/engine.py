@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.generate import GenerationResponse, stream_generate
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_tokenizer
 
@@ -193,30 +193,40 @@ class Engine:
         ids = self.prompt_tokens(prompt) if tokens is None else list(tokens)
         chooser = self.get_selector(selector)
         pinned = self._pinned and density is None and selector is None
-        griffin = (not pinned and isinstance(chooser, ActivationSelector) and prompt_cache is None
-                   and tokens is None and len(ids) > 1)
-        dense_prefill = 0.0
-        if griffin:
-            # The dense pass over the prompt scores the channels and fills the KV cache; its
-            # last token is fed again, pruned, to produce the first token's logits.
-            prompt_cache = make_prompt_cache(self.model)
-            selection = self._select(chooser, ids, self.kept_count(density), kv_cache=prompt_cache)
-            dense_prefill = selection.seconds
-            trim_prompt_cache(prompt_cache, 1)
-            self._apply(selection)
-        else:
+        prefilled = None
+        if not pinned and isinstance(chooser, ActivationSelector) and prompt_cache is None and tokens is None:
+            prefilled = self._griffin_prefill(chooser, ids, density)
+        if prefilled is None:
             self.prepare(prompt, density, selector)
+        else:
+            prompt_cache, dense_seconds = prefilled
         if seed is not None:
             mx.random.seed(seed)
-        feed = ids[-1:] if griffin else ids
+        feed = ids if prefilled is None else ids[-1:]
         for response in stream_generate(
             self.model, self.tokenizer, mx.array(feed, dtype=mx.int32), max_tokens=max_tokens,
             sampler=make_sampler(temp=temp, top_p=top_p), prompt_cache=prompt_cache,
         ):
-            if griffin:  # report the whole prompt's prefill, the dense part included
-                seconds = dense_prefill + response.prompt_tokens / max(response.prompt_tps, 1e-9)
+            if prefilled is not None:  # report the whole prompt's prefill, the dense part included
+                seconds = dense_seconds + response.prompt_tokens / max(response.prompt_tps, 1e-9)
                 response = replace(response, prompt_tokens=len(ids), prompt_tps=len(ids) / seconds)
             yield response
+
+    def _griffin_prefill(self, chooser: ActivationSelector, ids: list[int],
+                         density: float | None) -> tuple[list, float] | None:
+        """GRIFFIN: one dense pass over the prompt scores the channels and fills a KV cache.
+
+        The selection is applied and the cache trimmed to all but the last token, which is
+        fed again, pruned, for the first token's logits. Returns (cache, seconds), or None
+        where that cannot be done (a one-token prompt, a cache that cannot be trimmed).
+        """
+        cache = make_prompt_cache(self.model)
+        if len(ids) < 2 or not can_trim_prompt_cache(cache):
+            return None
+        selection = self._select(chooser, ids, self.kept_count(density), kv_cache=cache)
+        trim_prompt_cache(cache, 1)
+        self._apply(selection)
+        return cache, selection.seconds
 
     def stream(self, prompt: Prompt, **options) -> Iterator[str]:
         """Like generate(), but yields text pieces as they are decoded."""
