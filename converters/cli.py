@@ -1,4 +1,4 @@
-"""`ifprune convert SRC OUT`: a PyTorch IFPruning checkpoint (or a plain LLM) to a bundle."""
+"""`ifprune convert SRC OUT`: a PyTorch IFPruning checkpoint, a plain LLM or an mlx-lm folder to a bundle."""
 
 from __future__ import annotations
 
@@ -17,30 +17,36 @@ from .write import DTYPES, convert as write_bundle
 
 @friendly_errors
 def convert(
-    src: Path = typer.Argument(..., help="The LLM: a Hugging Face folder, a state-dict file or folder, "
-                                         "or a folder with llm/ and predictor/."),
+    src: Path = typer.Argument(..., help="The LLM: a Hugging Face folder, an mlx-lm folder (float, or quantized "
+                                         "as mlx-community models are: copied as is, down_proj re-quantized "
+                                         "once by rows), a state-dict file or folder, or a folder with llm/ "
+                                         "and predictor/."),
     out: Path = typer.Argument(..., help="The bundle folder to create."),
     predictor: Optional[Path] = typer.Option(None, "--predictor", "-p", help="The sparsity predictor: a folder "
                                              "(config.json, weights, head.safetensors) or a state-dict file."),
-    layout: str = typer.Option("auto", help=f"Source layout: {', '.join(LAYOUTS)}."),
+    layout: str = typer.Option("auto", help=f"Source layout: {', '.join(LAYOUTS)} (detected by default; "
+                               "mlx: an mlx-lm folder)."),
     config: Optional[Path] = typer.Option(None, "--config", help="The LLM's config.json or its folder "
                                           "(required for state dicts)."),
     predictor_config: Optional[Path] = typer.Option(None, "--predictor-config", help="The predictor "
                                                     "backbone's config.json or folder (required for state dicts)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Folder of the LLM's tokenizer files "
                                              "(default: next to its config)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help=f"{' | '.join(DTYPES)} (default: the source's)."),
-    quantize: Optional[int] = typer.Option(None, "--quantize", "-q", help="Quantize the LLM by rows: 4 or 8 bits."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=f"{' | '.join(DTYPES)} (default: the source's; "
+                                        "a quantized mlx-lm folder keeps its own)."),
+    quantize: Optional[int] = typer.Option(None, "--quantize", "-q", help="Quantize the LLM by rows: 4 or 8 bits "
+                                           "(not for an already quantized mlx-lm folder)."),
     group_size: int = typer.Option(64, "--group-size", help="Quantization group size: 32, 64 or 128."),
     density: Optional[float] = typer.Option(None, "--density", help="The bundle's default density "
                                             "(default: ifpruning.json's, else 0.33)."),
     pad_multiple: Optional[int] = typer.Option(None, "--pad-multiple", help="Round kept channels up to a "
                                                "multiple of this (default: ifpruning.json's, else 32)."),
     verify: bool = typer.Option(False, "--verify", help="Compare with the PyTorch reference on a few prompts "
-                                "(needs torch); the bundle is only written if it passes."),
+                                "(needs torch), or with mlx-lm's own model for an mlx-lm folder; the bundle "
+                                "is only written if it passes."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
 ):
-    """Convert a PyTorch IFPruning checkpoint (LLM + sparsity predictor) to an MLX bundle."""
+    """Convert a PyTorch IFPruning checkpoint (LLM + sparsity predictor), or an mlx-lm folder, to an MLX bundle."""
     if density is not None:
         check_density(density)
     if out.exists() and not force:
@@ -60,7 +66,7 @@ def convert(
         for line in report.lines():
             typer.echo(line, err=True)
         if not report.passed:
-            raise ConversionError("verification failed: the bundle does not match the PyTorch reference "
+            raise ConversionError(f"verification failed: the bundle does not match the reference ({report.reference}) "
                                   "within tolerance; nothing was written")
 
     try:

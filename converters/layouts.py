@@ -1,6 +1,6 @@
 """Source layouts: where an IFPruning checkpoint keeps its LLM, predictor, head and configs.
 
-Three layouts, detected from the files and their tensor names (or forced with --layout):
+Four layouts, detected from the files and their tensor names (or forced with --layout):
 
   hf      SRC is a Hugging Face folder (config.json, weights, tokenizer files); --predictor P
           is a folder with config.json, the backbone's weights (HF keys model.*, lm_head.weight)
@@ -14,6 +14,10 @@ Three layouts, detected from the files and their tensor names (or forced with --
           tokenizer files) and --predictor-config are required.
   plain   an LLM and no predictor: the bundle selects with explicit masks or the training-free
           selector.
+  mlx     SRC is an mlx-lm folder (what mlx_lm.convert writes, e.g. an mlx-community model):
+          float, or quantized (config.json "quantization", tensors X.weight/.scales/.biases).
+          A quantized one is written as is except down_proj, re-quantized once along d_model
+          (models.down_to_rows); --predictor P works as for hf.
 
 Every layout resolves to a `Source`: configs as mlx-lm reads them and, for each tensor of the
 bundle, the checkpoint tensor it comes from (names are mlx-lm's; for llama, qwen2, qwen3 and
@@ -29,14 +33,15 @@ from pathlib import Path
 
 import mlx.nn as nn
 
-from ifprune_mlx.bundle import TOKENIZER_FILES, read_config_file
+from ifprune_mlx.bundle import TOKENIZER_FILES, read_config_file, safetensors_header
 from ifprune_mlx.errors import BundleError, ConversionError
 from ifprune_mlx.models import build_model, is_down_proj, normalize_config
 from ifprune_mlx.predictor import HEAD_WIDTH
 
-from .readers import TensorRef, open_checkpoint
+from .readers import Checkpoint, TensorRef, open_checkpoint
 
-LAYOUTS = ("auto", "hf", "public", "plain")
+LAYOUTS = ("auto", "hf", "public", "plain", "mlx")
+FFN_BITS = (4, 8)  # what the runtime's quantized FFN rows hold (prune.QuantizedRowLinear)
 LLM_PREFIX, PREDICTOR_PREFIX, BACKBONE_PREFIX = "llm.", "sparsity_predictor.", "feature_extractor."
 HEAD_KEYS = {"prediction_head1.weight": "head1.weight", "prediction_head1.bias": "head1.bias",
              "prediction_head2.weight": "head2.weight", "prediction_head2.bias": "head2.bias"}
@@ -47,7 +52,7 @@ class Source:
     """What a checkpoint holds, resolved to the bundle's names and checked.
 
     Attributes:
-        layout: "hf", "public" or "plain".
+        layout: "hf", "public", "plain" or "mlx".
         config: the LLM's config as mlx-lm reads it (the bundle's config.json, minus "ifpruning").
         hf_config: the LLM's config as Hugging Face wrote it (the PyTorch reference builds from it).
         llm: bundle tensor name -> checkpoint tensor (standard layout; the writer transposes
@@ -57,6 +62,9 @@ class Source:
             backbone; head maps head1.weight ... to prediction_head1.weight ... (None: no predictor).
         predictor_tokenizer_dir: the predictor's own tokenizer, if it has one.
         defaults: ifpruning.json's values (default_density, pad_multiple).
+        quantization: an mlx-lm quantized LLM's config "quantization" (per-module overrides
+            included): llm then holds its X.weight/.scales/.biases as mlx-lm wrote them (None: floats).
+        folder: the mlx-lm folder (layout mlx), from which verify loads mlx-lm's own model.
     """
 
     layout: str
@@ -70,6 +78,8 @@ class Source:
     head: dict[str, TensorRef] | None = None
     predictor_tokenizer_dir: Path | None = None
     defaults: dict = field(default_factory=dict)
+    quantization: dict | None = None
+    folder: Path | None = None
 
     @property
     def n_layers(self) -> int:
@@ -86,9 +96,9 @@ def detect(src: Path, *, predictor: Path | None = None, layout: str = "auto",
     """Resolve a checkpoint to a checked Source (see the module docstring for the layouts).
 
     Args:
-        src: the LLM: a Hugging Face folder, a state-dict file or folder, or a combined file.
-        predictor: the predictor: a folder (hf) or a state-dict file (public).
-        layout: "auto", "hf", "public" or "plain" (plain ignores any predictor in src).
+        src: the LLM: a Hugging Face or mlx-lm folder, a state-dict file or folder, or a combined file.
+        predictor: the predictor: a folder (hf, mlx) or a state-dict file (public).
+        layout: "auto", "hf", "public", "plain" or "mlx" (plain ignores any predictor in src).
         config: the LLM's config.json or its folder (required for state dicts without one).
         predictor_config: the predictor backbone's config.json or folder (same rule).
         tokenizer: a folder with the LLM's tokenizer files (default: next to the config).
@@ -101,7 +111,8 @@ def detect(src: Path, *, predictor: Path | None = None, layout: str = "auto",
     if layout == "plain" and predictor is not None:
         raise ConversionError("--layout plain converts an LLM without a predictor; drop --predictor")
 
-    llm, pred = _split(open_checkpoint(src))
+    checkpoint = open_checkpoint(src)
+    llm, pred = _split(checkpoint)
     pred_dir = None
     if predictor is not None:
         predictor = Path(predictor)
@@ -115,15 +126,19 @@ def detect(src: Path, *, predictor: Path | None = None, layout: str = "auto",
             pred.update(_head_file(pred_dir))
     if layout == "plain":
         pred = {}
+
+    hf_config, config_dir = _config(config, src, "the LLM", "--config")
+    if "ifpruning" in hf_config:
+        raise ConversionError(f"{src} is already an ifprune bundle: load it as it is (ifprune_mlx.load), "
+                              "there is nothing to convert")
     public = any(k.startswith(BACKBONE_PREFIX) for k in pred) or _had_prefix(llm)
-    found = "plain" if not pred else "public" if public else "hf"
+    mlx = _is_mlx_lm(hf_config, checkpoint)
+    found = "mlx" if mlx else "plain" if not pred else "public" if public else "hf"
     if layout != "auto" and layout != found and layout != "plain":
         raise ConversionError(
             f"--layout {layout} does not match the checkpoint, whose tensor names are those of "
             f"the {found!r} layout; drop --layout to detect it"
         )
-
-    hf_config, config_dir = _config(config, src, "the LLM", "--config")
     tok_dir = Path(tokenizer) if tokenizer else config_dir
     if tok_dir is None or not _has_tokenizer(tok_dir):
         raise ConversionError(
@@ -132,8 +147,16 @@ def detect(src: Path, *, predictor: Path | None = None, layout: str = "auto",
         )
     llm = {k.removeprefix(LLM_PREFIX): v for k, v in llm.items()}
     mlx_config = to_mlx_config(hf_config, llm, "the LLM")
-    source = Source(found, mlx_config, hf_config, _check_model(mlx_config, llm, "the LLM", rows=True),
-                    tok_dir)
+    quantization = mlx_config.get("quantization") if any(k.endswith(".scales") for k in llm) else None
+    if quantization is None and any(k.endswith(".scales") for k in llm):
+        raise ConversionError(f"{src}: the weights are quantized (X.scales tensors) but config.json has no "
+                              "\"quantization\" entry saying how; is this an mlx-lm folder?")
+    if quantization:
+        tensors = _check_quantized(mlx_config, quantization, llm, "the LLM")
+    else:
+        tensors = _check_model(mlx_config, llm, "the LLM", rows=True)
+    source = Source(found, mlx_config, hf_config, tensors, tok_dir, quantization=quantization,
+                    folder=src if mlx else None)
     if not pred:
         return source
 
@@ -171,6 +194,19 @@ def _split(checkpoint, predictor_only: bool = False) -> tuple[dict, dict]:
 
 def _had_prefix(llm: dict) -> bool:
     return any(k.startswith(LLM_PREFIX) for k in llm)
+
+
+def _is_mlx_lm(config: dict, checkpoint: Checkpoint) -> bool:
+    """Whether mlx-lm wrote the LLM: a "quantization" entry (Hugging Face writes
+    "quantization_config" only), quantized tensors, or safetensors tagged {"format": "mlx"}."""
+    if "quantization" in config or any(name.endswith(".scales") for name in checkpoint):
+        return True
+    tags = set()
+    for path in checkpoint.files:
+        if not path.name.endswith(".safetensors"):
+            return False
+        tags.add(safetensors_header(path).get("__metadata__", {}).get("format"))
+    return tags == {"mlx"}
 
 
 def _head_file(folder: Path) -> dict[str, TensorRef]:
@@ -234,22 +270,21 @@ def _ifpruning_json(folder: Path) -> dict:
 # -- checks --------------------------------------------------------------------------------------
 
 
-def _check_model(config: dict, tensors: dict[str, TensorRef], what: str, rows: bool) -> dict[str, TensorRef]:
-    """Keep the tensors the mlx-lm model of `config` has; check names and shapes.
-
-    Drops rotary inv_freq buffers, and lm_head when the embeddings are tied. `rows`: the
-    model is the prunable LLM, whose down_proj the writer stores transposed.
-    """
+def _expected_shapes(config: dict, what: str, rows: bool) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of the (unquantized) mlx-lm model of `config`; `rows`: the
+    prunable LLM, whose down_proj is [d_ffn, d_model]."""
     try:
         model = build_model(config, prunable=rows)  # parameters stay lazy: nothing is allocated
     except BundleError as e:
         raise ConversionError(f"cannot convert {what}: {e}") from None
-    expected = {name: tuple(p.shape) for name, p in nn.utils.tree_flatten(model.parameters())}
-    kept = {}
-    for name, ref in tensors.items():
-        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config["tie_word_embeddings"]):
-            continue
-        kept[name] = ref
+    return {name: tuple(p.shape) for name, p in nn.utils.tree_flatten(model.parameters())}
+
+
+def _match_names(config: dict, expected, tensors: dict[str, TensorRef], what: str) -> dict[str, TensorRef]:
+    """The tensors, minus rotary inv_freq buffers and a tied lm_head; exactly the expected names."""
+    tied = config["tie_word_embeddings"]
+    kept = {name: ref for name, ref in tensors.items()
+            if not (name.endswith("rotary_emb.inv_freq") or (tied and name.startswith("lm_head.")))}
     missing = sorted(set(expected) - set(kept))
     if missing:
         raise ConversionError(
@@ -262,6 +297,17 @@ def _check_model(config: dict, tensors: dict[str, TensorRef], what: str, rows: b
             f"{what}: tensor {unexpected[0]!r} ({len(unexpected)} in all) has no place in a "
             f"{config['model_type']} model of this config; is this the right checkpoint?"
         )
+    return kept
+
+
+def _check_model(config: dict, tensors: dict[str, TensorRef], what: str, rows: bool) -> dict[str, TensorRef]:
+    """Keep the tensors the mlx-lm model of `config` has; check names and shapes.
+
+    Drops rotary inv_freq buffers, and lm_head when the embeddings are tied. `rows`: the
+    model is the prunable LLM, whose down_proj the writer stores transposed.
+    """
+    expected = _expected_shapes(config, what, rows)
+    kept = _match_names(config, expected, tensors, what)
     for name, ref in kept.items():
         shape = ref.shape[::-1] if rows and is_down_proj(name) else ref.shape
         if tuple(shape) != expected[name]:
@@ -272,6 +318,68 @@ def _check_model(config: dict, tensors: dict[str, TensorRef], what: str, rows: b
             )
         if not ref.dtype.startswith(("float", "bfloat")):
             raise ConversionError(f"{ref.path.name}: tensor {ref.name!r} has dtype {ref.dtype}; expected floats")
+    return kept
+
+
+def module_quantization(quantization: dict, module: str) -> dict:
+    """How one module is quantized: mlx-lm's per-module entry in "quantization", else its defaults."""
+    return {**quantization, **(quantization.get(module) or {})}
+
+
+def _check_quantized(config: dict, quantization: dict, tensors: dict[str, TensorRef],
+                     what: str) -> dict[str, TensorRef]:
+    """An mlx-lm quantized LLM: names, shapes and dtypes against mlx-lm's model quantized as its
+    config.json says, and what the row layout needs.
+
+    The runtime's FFN rows are affine 4- or 8-bit with groups along d_model, so every FFN matrix
+    must be 4- or 8-bit affine and down_proj's group size must divide d_model (its groups move
+    from d_ffn to d_model). Other modules may use any affine bits; they are copied as they are.
+    """
+    modules = [(None, quantization)] + [(k, v) for k, v in quantization.items() if isinstance(v, dict)]
+    for module, params in modules:
+        mode = params.get("mode", "affine")
+        if mode != "affine":
+            raise ConversionError(
+                f"{what}: {mode} quantization{f' of {module}' if module else ''} cannot be converted: the "
+                "runtime's FFN rows are affine 4- or 8-bit; convert the float model (with --quantize 4|8)")
+    d_model = config["hidden_size"]
+    quantized = {name.removesuffix(".scales") for name in tensors if name.endswith(".scales")}
+    expected, packed = {}, {}
+    for name, shape in _expected_shapes(config, what, rows=False).items():
+        base = name.removesuffix(".weight")
+        if not (name.endswith(".weight") and base in quantized):
+            expected[name] = shape
+            continue
+        q = module_quantization(quantization, base)
+        bits, group = q.get("bits"), q.get("group_size")
+        if bits is None or group is None:
+            raise ConversionError(f"{what}: config.json's \"quantization\" gives no bits and group_size for {base}")
+        if ".mlp." in name and bits not in FFN_BITS:
+            raise ConversionError(
+                f"{what}: {base} is {bits}-bit; the runtime's FFN rows are 4- or 8-bit (affine) and gate/up "
+                "are copied as they are (mlx-lm's mixed_* recipes use other bits). Convert a 4- or 8-bit "
+                "model, or the float model with --quantize 4|8")
+        if is_down_proj(name) and d_model % group:
+            raise ConversionError(
+                f"{what}: {base} is quantized in groups of {group}; in row layout its groups run along "
+                f"d_model ({d_model}), which {group} does not divide")
+        rows, cols = shape
+        expected[name] = (rows, cols * bits // 32)
+        expected[f"{base}.scales"] = expected[f"{base}.biases"] = (rows, cols // group)
+        packed[name] = f"{bits}-bit, group {group}"
+    kept = _match_names(config, expected, tensors, what)
+    for name, ref in kept.items():
+        module = name.rsplit(".", 1)[0]
+        how = packed.get(f"{module}.weight")
+        if tuple(ref.shape) != expected[name]:
+            because = f"config.json's quantization of {module} ({how})" if how else "the config"
+            raise ConversionError(
+                f"{ref.path.name}: tensor {ref.name!r} has shape {tuple(ref.shape)}, {because} implies "
+                f"{expected[name]}; the checkpoint and its config.json do not match")
+        want = "uint32" if name in packed else "float"
+        if not ref.dtype.startswith(("uint32",) if name in packed else ("float", "bfloat")):
+            raise ConversionError(f"{ref.path.name}: tensor {ref.name!r} has dtype {ref.dtype}; expected {want}"
+                                  + (" (affine quantization keeps its scales and biases in floats)" if how else ""))
     return kept
 
 

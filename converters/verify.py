@@ -1,4 +1,4 @@
-"""Parity check of a conversion: the PyTorch reference against the MLX bundle.
+"""Parity check of a conversion: the PyTorch reference (or mlx-lm's model) against the bundle.
 
 The reference (converters/reference.py) is built with transformers from the *source*
 checkpoint in float32; the bundle is loaded with ifprune_mlx.load. Three checks:
@@ -14,10 +14,17 @@ checkpoint in float32; the bundle is loaded with ifprune_mlx.load. Three checks:
               source model (rounding / quantization noise included) is reported too;
   selection   reference select_channels(...) (source predictor, float32) against
               engine.select(prompt, density): mean per-layer overlap >= AGREEMENT.
+
+An mlx-lm folder has no PyTorch original: its reference is mlx-lm's own model of the folder
+(verify_with_mlx_lm). The logits check then runs against mlx-lm's model holding the bundle's
+weights (dequantized, float32), and the bundle is also compared with mlx-lm's model as it is:
+max |logit diff| within requantization_tolerance when down_proj was re-quantized, KL of the
+next-token distributions, top-1 agreement and greedy continuations (reported).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +33,9 @@ import numpy as np
 
 from ifprune_mlx.bundle import read_safetensors, weight_files
 from ifprune_mlx.errors import ConversionError
+from ifprune_mlx.models import is_gate_up_proj
 
-from .layouts import Source, is_down_proj
+from .layouts import Source, is_down_proj, module_quantization
 from .readers import TensorRef, torch_or_error
 
 PROMPTS = (
@@ -43,6 +51,14 @@ TOLERANCES = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 6e-2}
 AGREEMENT = {"float32": 0.99, "float16": 0.9, "bfloat16": 0.9}
 _EPS = {"float32": 0.0, "float16": 2.0**-11, "bfloat16": 2.0**-8}  # relative rounding error
 _TINY = {"float32": 0.0, "float16": 2.0**-24, "bfloat16": 0.0}  # absolute, float16 subnormals
+GREEDY_TOKENS = 16
+
+
+def requantization_tolerance(bits: int) -> float:
+    """Largest allowed |logit difference| / max(1, max |logit|) between the bundle and mlx-lm's
+    model of a quantized folder whose down_proj was re-quantized at `bits`: proportional to the
+    quantization step, 0.25 at 4 bits (0.015 at 8), 5x the worst measured (docs/CONVERTING.md)."""
+    return 0.25 * 15 / (2**bits - 1)
 
 
 @dataclass
@@ -61,26 +77,45 @@ class VerifyReport:
     selections_identical: int | None
     mean_overlap: float | None
     min_agreement: float
+    reference: str = "PyTorch reference"
+    # against mlx-lm's model of an mlx-lm folder, as it is (verify_with_mlx_lm only)
+    source_tolerance: float | None = None  # relative bound on source_max_diff (None: reported only)
+    kl: float | None = None  # mean KL(mlx-lm || bundle) of the next-token distributions
+    top1_agreement: float | None = None  # fraction of positions whose most likely token is the same
+    greedy_identical: int | None = None  # prompts whose greedy continuations are identical
 
     @property
     def allowed(self) -> float:
         return self.tolerance * max(1.0, self.logit_scale)
 
     @property
+    def source_allowed(self) -> float | None:
+        return None if self.source_tolerance is None else self.source_tolerance * max(1.0, self.logit_scale)
+
+    @property
     def passed(self) -> bool:
         return (self.worst_weight_ratio <= 1.0 and max(self.dense_max_diff, self.pruned_max_diff) <= self.allowed
-                and (self.mean_overlap is None or self.mean_overlap >= self.min_agreement))
+                and (self.mean_overlap is None or self.mean_overlap >= self.min_agreement)
+                and (self.source_allowed is None or self.source_max_diff <= self.source_allowed))
 
     def lines(self) -> list[str]:
         q = self.quantization
         kind = f"{q['bits']}-bit rows" if q else self.dtype
-        out = [f"verify ({self.prompts} prompts, PyTorch reference vs MLX bundle, {kind}): "
+        mlx_lm = self.kl is not None
+        out = [f"verify ({self.prompts} prompts, {self.reference} vs MLX bundle, {kind}): "
                + ("PASSED" if self.passed else "FAILED"),
                f"  weights: worst {self.worst_weight} at {self.worst_weight_ratio:.2f} of the allowed "
                f"{'quantization' if q else 'rounding'} error",
                f"  logits max |diff| dense {self.dense_max_diff:.3g}, pruned at density {self.density:.3g} "
-               f"{self.pruned_max_diff:.3g} (allowed {self.allowed:.3g}; logits up to {self.logit_scale:.3g})"]
-        if q or self.dtype != "float32":
+               f"{self.pruned_max_diff:.3g} (allowed {self.allowed:.3g}; logits up to {self.logit_scale:.3g})"
+               + (", mlx-lm holding the bundle's weights" if mlx_lm else "")]
+        if mlx_lm:
+            bound = "" if self.source_allowed is None else f" (allowed {self.source_allowed:.3g})"
+            out.append(f"  vs mlx-lm's model as it is: max |diff| {self.source_max_diff:.3g}{bound}, KL "
+                       f"{self.kl:.2g}, same top-1 token at {100 * self.top1_agreement:.1f}% of positions, "
+                       f"greedy continuations identical on {self.greedy_identical}/{self.prompts} prompts "
+                       f"({GREEDY_TOKENS} tokens)")
+        elif q or self.dtype != "float32":
             out.append(f"  vs the float32 source model ({kind} noise included): {self.source_max_diff:.3g}")
         if self.mean_overlap is not None:
             out.append(f"  predictor selections identical on {self.selections_identical}/{self.prompts} prompts, "
@@ -115,11 +150,16 @@ def _hf_model(torch, hf_config: dict, tensors: dict[str, TensorRef], what: str):
 def reference_models(source: Source):
     """(Hugging Face LLM, SparsityPredictor or None) built from the source in float32."""
     torch = torch_or_error("--verify")
+    return _hf_model(torch, source.hf_config, source.llm, "the LLM"), reference_predictor(source)
+
+
+def reference_predictor(source: Source):
+    """The source's SparsityPredictor in float32 (PyTorch), or None without a predictor."""
+    if source.predictor is None:
+        return None
+    torch = torch_or_error("--verify with a predictor")
     from .reference import SparsityPredictor
 
-    llm = _hf_model(torch, source.hf_config, source.llm, "the LLM")
-    if source.predictor is None:
-        return llm, None
     backbone = _hf_model(torch, source.predictor_hf_config, source.predictor, "the predictor")
     predictor = SparsityPredictor(backbone, source.n_layers, source.d_ffn).eval()
     with torch.no_grad():
@@ -127,26 +167,58 @@ def reference_models(source: Source):
             layer = getattr(predictor, f"prediction_head{i}")
             layer.weight.copy_(_tensor(torch, source.head[f"head{i}.weight"].load()))
             layer.bias.copy_(_tensor(torch, source.head[f"head{i}.bias"].load()))
-    return llm, predictor
+    return predictor
 
 
 # -- weights ---------------------------------------------------------------------------------------
 
 
-def _bundle_tensors(files: list[Path], tensors: dict[str, TensorRef], quantization: dict | None, rows: bool):
-    """Yield (name, bundle tensor as float32 in the source's layout, ratio of its error to the bound)."""
+def _dequantize(weight: mx.array, scales: mx.array, biases: mx.array, q: dict) -> mx.array:
+    return mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32),
+                         group_size=q["group_size"], bits=q["bits"])
+
+
+def _bundle_names(name: str) -> list[str]:
+    """The bundle tensors a source tensor became: itself, or a fused gate_up_proj's (phi3) gate and up rows."""
+    if is_gate_up_proj(name):
+        return [name.replace(".gate_up_proj.", part) for part in (".gate_proj.", ".up_proj.")]
+    return [name]
+
+
+def _take(weights: dict[str, mx.array], name: str) -> mx.array:
+    """Pop the bundle's tensor for source tensor `name` (gate and up rows fused back for phi3)."""
+    parts = [weights.pop(part) for part in _bundle_names(name)]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+
+
+def _bundle_tensors(files: list[Path], tensors: dict[str, TensorRef], quantization: dict | None, rows: bool,
+                    source_quantization: dict | None = None):
+    """Yield (name, bundle tensor as float32 in the source's layout, ratio of its error to the bound).
+
+    Quantized weights, the bundle's or the source's, are dequantized (their scales and biases go
+    with them); a quantized bundle weight may differ by its group's scale (a few float rounding
+    steps more when the scales are float16 / bfloat16).
+    """
     weights = read_safetensors(files)
     for name, ref in tensors.items():
-        value = weights.pop(name)
-        original = ref.load().astype(mx.float32)
+        base = name.rsplit(".", 1)[0]
+        if name.endswith((".scales", ".biases")) and f"{base}.weight" in tensors:
+            continue  # part of a quantized source weight
+        original = ref.load()
+        if source_quantization and name.endswith(".weight") and f"{base}.scales" in tensors:
+            original = _dequantize(original, tensors[f"{base}.scales"].load(), tensors[f"{base}.biases"].load(),
+                                   module_quantization(source_quantization, base))
+        original = original.astype(mx.float32)
         if rows and is_down_proj(name):
             original = original.T
-        base = name.removesuffix(".weight")
-        if quantization and f"{base}.scales" in weights and name.endswith(".weight"):
-            scales, biases = weights.pop(f"{base}.scales"), weights.pop(f"{base}.biases")
-            g = quantization["group_size"]
-            value = mx.dequantize(value, scales, biases, group_size=g, bits=quantization["bits"])
-            bound = 1.01 * mx.repeat(mx.abs(scales.astype(mx.float32)), g, axis=-1)
+        value = _take(weights, name)
+        if quantization and name.endswith(".weight") and _bundle_names(f"{base}.scales")[0] in weights:
+            scales, biases = _take(weights, f"{base}.scales"), _take(weights, f"{base}.biases")
+            q = module_quantization(quantization, base)  # the bundle keeps the source's per-module entries
+            value = _dequantize(value, scales, biases, q)
+            kind = str(scales.dtype).rsplit(".", 1)[-1]
+            step = mx.repeat(mx.abs(scales.astype(mx.float32)), q["group_size"], axis=-1)
+            bound = 1.01 * (step + mx.abs(original) * _EPS[kind])
         else:
             kind = str(value.dtype).rsplit(".", 1)[-1]
             bound = 1.01 * (mx.abs(original) * _EPS[kind] + _TINY[kind])
@@ -156,14 +228,36 @@ def _bundle_tensors(files: list[Path], tensors: dict[str, TensorRef], quantizati
         yield name, (value.T if rows and is_down_proj(name) else value), ratio
 
 
+def _predictor_tokenizer(bundle: Path):
+    import transformers
+
+    own = (bundle / "predictor" / "tokenizer_config.json").is_file()
+    return transformers.AutoTokenizer.from_pretrained(bundle / "predictor" if own else bundle)
+
+
+def _selection_overlaps(expected: list, selection) -> list[float]:
+    """Per-layer Jaccard overlap of the reference's channels and the engine's."""
+    return [len(np.intersect1d(a, b)) / len(np.union1d(a, b)) for a, b in zip(expected, selection.indices)]
+
+
+def _predictor_weights(bundle: Path, source: Source):
+    """_bundle_tensors of the predictor's backbone and head."""
+    if source.predictor is None:
+        return []
+    return [_bundle_tensors(weight_files(bundle / "predictor"), source.predictor, None, rows=False),
+            _bundle_tensors([bundle / "predictor" / "head.safetensors"], source.head, None, rows=False)]
+
+
 # -- the check -------------------------------------------------------------------------------------
 
 
 def verify(bundle: Path, source: Source, *, prompts=PROMPTS, density: float | None = None,
            tolerance: float | None = None) -> VerifyReport:
-    """Compare the bundle at `bundle` with the PyTorch reference of `source` (see module doc)."""
+    """Compare the bundle at `bundle` with the reference of `source` (see module doc): the
+    PyTorch reference, or mlx-lm's own model for an mlx-lm folder (verify_with_mlx_lm)."""
+    if source.folder is not None:
+        return verify_with_mlx_lm(bundle, source, prompts=prompts, density=density, tolerance=tolerance)
     torch = torch_or_error("--verify")
-    import transformers
 
     import ifprune_mlx
     from .reference import indices_to_mask, select_channels, set_ffn_mask
@@ -174,9 +268,7 @@ def verify(bundle: Path, source: Source, *, prompts=PROMPTS, density: float | No
     quantization = engine.config.get("quantization")
     dtype = str(engine.model.model.norm.weight.dtype).rsplit(".", 1)[-1]
     density = engine.default_density if density is None else density
-    own = (bundle / "predictor" / "tokenizer_config.json").is_file()
-    pred_tokenizer = (transformers.AutoTokenizer.from_pretrained(bundle / "predictor" if own else bundle)
-                      if predictor is not None else None)
+    pred_tokenizer = _predictor_tokenizer(bundle) if predictor is not None else None
 
     def logits(ids, selection):
         set_ffn_mask(llm, None if selection is None else indices_to_mask(list(selection.indices), engine.d_ffn))
@@ -195,15 +287,13 @@ def verify(bundle: Path, source: Source, *, prompts=PROMPTS, density: float | No
         if predictor is not None:
             expected = select_channels(predictor, pred_tokenizer, prompt, density, engine.pad_multiple)
             identical += all(np.array_equal(a, b) for a, b in zip(expected, selection.indices))
-            overlaps += [len(np.intersect1d(a, b)) / len(np.union1d(a, b)) for a, b in zip(expected, selection.indices)]
+            overlaps += _selection_overlaps(expected, selection)
     engine.apply(None)
 
     # every weight against its source; the reference then takes the bundle's weights
     worst, ratio = "", 0.0
-    checks = [_bundle_tensors(weight_files(bundle), source.llm, quantization, rows=True)]
-    if source.predictor is not None:
-        checks += [_bundle_tensors(weight_files(bundle / "predictor"), source.predictor, None, rows=False),
-                   _bundle_tensors([bundle / "predictor" / "head.safetensors"], source.head, None, rows=False)]
+    checks = [_bundle_tensors(weight_files(bundle), source.llm, quantization, rows=True),
+              *_predictor_weights(bundle, source)]
     params = dict(llm.named_parameters())
     with torch.no_grad():
         for check in checks:
@@ -228,4 +318,130 @@ def verify(bundle: Path, source: Source, *, prompts=PROMPTS, density: float | No
         selections_identical=identical if predictor is not None else None,
         mean_overlap=float(np.mean(overlaps)) if overlaps else None,
         min_agreement=AGREEMENT.get(dtype, 0.9),
+    )
+
+
+# -- an mlx-lm folder: mlx-lm's own model is the reference -----------------------------------------
+
+
+@contextmanager
+def _gates_masked(model, selection, d_ffn: int):
+    """mlx-lm's model with the FFN channels outside `selection` switched off, by zeroing their
+    gate_proj rows (weight, bias, or scales and biases when quantized): silu(0) * up = 0. A fused
+    gate_up_proj (phi3) holds the gate rows first."""
+    saved = []
+    try:
+        for layer, kept in zip(model.layers, [] if selection is None else selection.indices):
+            mask = np.zeros(d_ffn, dtype=np.float32)
+            mask[np.asarray(kept)] = 1
+            gate = getattr(layer.mlp, "gate_proj", None)
+            if gate is None:
+                gate, mask = layer.mlp.gate_up_proj, np.concatenate([mask, np.ones(d_ffn, dtype=np.float32)])
+            names = [n for n in ("scales", "biases", "bias") if n in gate] if "scales" in gate else \
+                [n for n in ("weight", "bias") if n in gate]
+            saved.append((gate, {n: gate[n] for n in names}))
+            gate.update({n: gate[n] * mx.array(mask if gate[n].ndim == 1 else mask[:, None]).astype(gate[n].dtype)
+                         for n in names})
+        yield model
+    finally:
+        for gate, params in saved:
+            gate.update(params)
+
+
+def _greedy(model, ids: list[int], n: int) -> list[int]:
+    from mlx_lm.generate import generate_step
+
+    return [int(token) for token, _ in generate_step(mx.array(ids), model, max_tokens=n)]
+
+
+def _float32_logits(model, ids: list[int]) -> mx.array:
+    """Evaluated now: an apply() swaps rows in place, which a lazy graph would see."""
+    logits = model(mx.array([ids]))[0].astype(mx.float32)
+    mx.eval(logits)
+    return logits
+
+
+def verify_with_mlx_lm(bundle: Path, source: Source, *, prompts=PROMPTS, density: float | None = None,
+                       tolerance: float | None = None) -> VerifyReport:
+    """Compare the bundle converted from an mlx-lm folder with mlx-lm's own model of it.
+
+    Weights: copied tensors equal, a re-quantized down_proj within its new groups' scale of the
+    source's. Logits (dense and pruned): against mlx-lm's model holding the bundle's weights
+    (dequantized, float32), within TOLERANCES of the dtype the engine computes in. Against
+    mlx-lm's model as it is (the folder's config made explicit as in the bundle): dense max
+    |logit diff| within requantization_tolerance(bits) if down_proj was re-quantized (reported only
+    for a float source, whose bundle may be cast or quantized on request), KL, top-1 agreement
+    and greedy continuations. A predictor is checked as in verify() (needs torch).
+    """
+    import ifprune_mlx
+    from ifprune_mlx.models import build_model
+    from mlx_lm.utils import load_model
+
+    bundle = Path(bundle)
+    engine = ifprune_mlx.load(bundle)
+    mlx_lm_model, _ = load_model(Path(source.folder), model_config=source.config)
+    quantization = engine.config.get("quantization")
+    dtype = str(engine.model.model.norm.weight.dtype).rsplit(".", 1)[-1]
+    density = engine.default_density if density is None else density
+    predictor = reference_predictor(source)
+    pred_tokenizer = _predictor_tokenizer(bundle) if predictor is not None else None
+
+    # the bundle against mlx-lm's model as it is
+    runs, source_diff, scale, kls, top1, positions, greedy_same, overlaps, identical = [], 0.0, 0.0, [], 0, 0, 0, [], 0
+    for prompt in prompts:
+        ids = engine.prompt_tokens(prompt)
+        engine.apply(None)
+        theirs = _greedy(mlx_lm_model, ids, GREEDY_TOKENS)
+        greedy_same += _greedy(engine.model, ids, GREEDY_TOKENS) == theirs
+        ref, got = _float32_logits(mlx_lm_model, ids + theirs), _float32_logits(engine.model, ids + theirs)
+        log_ref, log_got = ref - mx.logsumexp(ref, -1, keepdims=True), got - mx.logsumexp(got, -1, keepdims=True)
+        kls.append(np.array(mx.sum(mx.exp(log_ref) * (log_ref - log_got), axis=-1)))
+        top1 += int(mx.sum(ref.argmax(-1) == got.argmax(-1)))
+        positions += ref.shape[0]
+        source_diff = max(source_diff, float(mx.abs(ref - got).max()))
+        scale = max(scale, float(mx.abs(ref).max()))
+        selection = engine.select(prompt, density)
+        for sel in (None, selection):
+            engine.apply(sel)
+            runs.append((ids, sel, _float32_logits(engine.model, ids)))
+        if predictor is not None:
+            from .reference import select_channels
+
+            expected = select_channels(predictor, pred_tokenizer, prompt, density, engine.pad_multiple)
+            identical += all(np.array_equal(a, b) for a, b in zip(expected, selection.indices))
+            overlaps += _selection_overlaps(expected, selection)
+    engine.apply(None)
+
+    # every weight against its source; mlx-lm's float32 model then takes the bundle's weights
+    worst, ratio, own = "", 0.0, {}
+    checks = [_bundle_tensors(weight_files(bundle), source.llm, quantization, rows=True,
+                              source_quantization=source.quantization),
+              *_predictor_weights(bundle, source)]
+    for check in checks:
+        for name, value, r in check:
+            if r > ratio or not worst:
+                worst, ratio = name, r
+            if check is checks[0]:
+                own[name] = value
+    float_config = {k: v for k, v in source.config.items() if k not in ("quantization", "quantization_config")}
+    reference = build_model(float_config, prunable=False)
+    reference.load_weights(list(own.items()), strict=True)
+    dense = pruned = 0.0
+    for ids, sel, got in runs:
+        with _gates_masked(reference, sel, engine.d_ffn) as masked:
+            diff = float(mx.abs(_float32_logits(masked, ids) - got).max())
+        dense, pruned = (max(dense, diff), pruned) if sel is None else (dense, max(pruned, diff))
+
+    down_bits = [module_quantization(source.quantization, name.removesuffix(".scales"))["bits"]
+                 for name in source.llm if source.quantization and name.endswith("mlp.down_proj.scales")]
+    return VerifyReport(
+        prompts=len(prompts), density=density, dtype=dtype, quantization=quantization,
+        dense_max_diff=dense, pruned_max_diff=pruned, source_max_diff=source_diff, logit_scale=scale,
+        tolerance=TOLERANCES[dtype] if tolerance is None else tolerance,
+        worst_weight=worst, worst_weight_ratio=ratio,
+        selections_identical=identical if predictor is not None else None,
+        mean_overlap=float(np.mean(overlaps)) if overlaps else None,
+        min_agreement=AGREEMENT.get(dtype, 0.9), reference=f"mlx-lm's model of {source.folder}",
+        source_tolerance=requantization_tolerance(min(down_bits)) if down_bits else None,
+        kl=float(np.mean(np.concatenate(kls))), top1_agreement=top1 / positions, greedy_identical=greedy_same,
     )

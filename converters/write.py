@@ -2,10 +2,12 @@
 
 The bundle's safetensors files are written tensor by tensor: the header is computed from the
 checked shapes first, then each tensor is read, put in row layout (down_proj transposed),
-cast to the target dtype (or quantized by rows), written and freed. Peak memory is the
-runtime's baseline plus a few tensors, never a second copy of the model. The folder is built
-next to OUT and renamed into place (`ifprune_mlx.bundle.write_atomic`): an error or Ctrl-C
-leaves no partial OUT.
+cast to the target dtype (or quantized by rows), written and freed. An mlx-lm quantized LLM
+is copied as it is, except each layer's FFN, which goes through models.down_to_rows: down_proj
+is dequantized, transposed and quantized again along d_model (same bits and group size). Peak
+memory is the runtime's baseline plus a few tensors, never a second copy of the model. The
+folder is built next to OUT and renamed into place (`ifprune_mlx.bundle.write_atomic`): an
+error or Ctrl-C leaves no partial OUT.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import mlx.core as mx
 from ifprune_mlx.bundle import copy_tokenizer, new_ifpruning_block, write_atomic
 from ifprune_mlx.engine import PLAIN_DEFAULT_DENSITY
 from ifprune_mlx.errors import ConversionError
-from ifprune_mlx.models import is_quantizable, quantize_rows
+from ifprune_mlx.models import down_to_rows, is_quantizable, quantize_rows
 
 from .layouts import Source, is_down_proj
 from .readers import TensorRef
@@ -55,9 +57,12 @@ class Summary:
     tokenizer_files: list[str] = field(default_factory=list)
     default_density: float = DEFAULT_DENSITY
     pad_multiple: int = DEFAULT_PAD_MULTIPLE
+    requantized: int = 0  # down_proj matrices re-quantized by rows (quantized mlx-lm source)
 
     def lines(self) -> list[str]:
         q = self.quantization
+        copied = ([f"  quantized tensors copied as they are; down_proj re-quantized along d_model in "
+                   f"{self.requantized} layers (same bits and group size)"] if self.requantized else [])
         return [
             f"wrote {self.out}",
             f"  layout {self.layout}, {self.model_type}, {self.n_layers} layers x {self.d_ffn} FFN channels",
@@ -65,6 +70,7 @@ class Summary:
             f"written as {self.dtype}" + (f", {q['bits']}-bit rows (group {q['group_size']})" if q else ""),
             f"  predictor: {'yes' if self.predictor else 'none (explicit masks or the training-free selector)'}; "
             f"default density {self.default_density:.3g}, pad multiple {self.pad_multiple}",
+            *copied,
             f"  tokenizer files: {', '.join(self.tokenizer_files) or 'none'}",
             f"  {self.seconds:.1f} s",
         ]
@@ -80,9 +86,11 @@ class _Job:
 
 
 def source_dtype(source: Source) -> str:
-    """The float dtype holding most of the LLM's bytes (float64 counts as float32)."""
+    """The float dtype holding most of the LLM's float bytes (float64 counts as float32)."""
     totals: dict[str, int] = {}
     for ref in source.llm.values():
+        if not ref.dtype.startswith(("float", "bfloat")):
+            continue  # quantized weights (uint32)
         name = "float32" if ref.dtype == "float64" else ref.dtype
         totals[name] = totals.get(name, 0) + ref.nbytes
     return max(totals, key=totals.get)
@@ -98,8 +106,9 @@ def convert(source: Source, out: Path, *, dtype: str | None = None, bits: int | 
         source: a checked checkpoint (layouts.detect).
         out: the bundle folder to create.
         dtype: float32, float16 or bfloat16 (default: the source's dtype; float64 -> float32).
+            A quantized mlx-lm source keeps its own (its tensors are copied as they are).
         bits: quantize the LLM's linear and embedding weights by rows to 4 or 8 bits
-            (the predictor stays in `dtype`).
+            (the predictor stays in `dtype`). Not for an already quantized source.
         group_size: quantization group size (32, 64 or 128; must divide every row).
         default_density, pad_multiple: the bundle's defaults (else ifpruning.json's, else
             0.33 with a predictor, the engine's training-free default (0.5) without, and 32).
@@ -119,6 +128,11 @@ def convert(source: Source, out: Path, *, dtype: str | None = None, bits: int | 
         raise ConversionError(f"--quantize {bits}: only 4- and 8-bit rows are supported")
     if bits is not None and group_size not in GROUP_SIZES:
         raise ConversionError(f"--group-size {group_size}: choose one of {', '.join(map(str, GROUP_SIZES))}")
+    if source.quantization and (bits is not None or dtype != source_dtype(source)):
+        raise ConversionError(
+            f"{source.folder or 'the LLM'} is already quantized: its tensors are copied as they are and "
+            f"down_proj is re-quantized by rows; drop {'--quantize' if bits is not None else '--dtype'} "
+            "(or convert the float model to choose bits or dtype)")
     target = getattr(mx, dtype)
     fallback = DEFAULT_DENSITY if source.predictor is not None else PLAIN_DEFAULT_DENSITY
     density = default_density if default_density is not None else source.defaults.get("default_density", fallback)
@@ -128,7 +142,11 @@ def convert(source: Source, out: Path, *, dtype: str | None = None, bits: int | 
     if bits:
         config["quantization"] = {"group_size": group_size, "bits": bits}
     config["ifpruning"] = new_ifpruning_block(density, pad, source.predictor is not None)
-    files = {"model.safetensors": _jobs(source.llm, target, rows=True, bits=bits, group_size=group_size)}
+    if source.quantization:
+        llm_jobs = _requantize_jobs(source.llm, source.quantization)
+    else:
+        llm_jobs = _jobs(source.llm, target, rows=True, bits=bits, group_size=group_size)
+    files = {"model.safetensors": llm_jobs}
     if source.predictor is not None:
         files["predictor/model.safetensors"] = _jobs(source.predictor, target)
         files["predictor/head.safetensors"] = _jobs(source.head, target)
@@ -161,7 +179,8 @@ def convert(source: Source, out: Path, *, dtype: str | None = None, bits: int | 
     return Summary(out, source.layout, config["model_type"], source.n_layers, source.d_ffn, dtype,
                    config.get("quantization"), source.predictor is not None,
                    sum(len(job.outputs) for jobs in files.values() for job in jobs),
-                   total, written, time.perf_counter() - start, copied, density, pad)
+                   total, written, time.perf_counter() - start, copied, density, pad,
+                   sum(name.endswith("mlp.down_proj.scales") for name in source.llm))
 
 
 # -- tensors -------------------------------------------------------------------------------------
@@ -202,6 +221,26 @@ def _jobs(tensors: dict[str, TensorRef], target: mx.Dtype, *, rows: bool = False
             def produce(name=name, load=load) -> dict[str, mx.array]:
                 return {name: load()}
         jobs.append(_Job(outputs, produce, ref.nbytes))
+    return jobs
+
+
+def _requantize_jobs(tensors: dict[str, TensorRef], quantization: dict) -> list[_Job]:
+    """An mlx-lm quantized LLM: one job per layer's FFN, through models.down_to_rows (down_proj
+    re-quantized along d_model, as ifprune_mlx.load does for such a folder), one per other tensor,
+    copied as it is. The output shapes are read off the lazy result: nothing is read to plan."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(tensors):
+        key = name[: name.index(".mlp.")] if ".mlp." in name else name
+        groups.setdefault(key, []).append(name)
+    jobs = []
+    for names in groups.values():
+        def produce(names=names) -> dict[str, mx.array]:
+            return down_to_rows({name: tensors[name].load() for name in names}, quantization)
+
+        planned = produce()
+        outputs = [(name, tuple(value.shape), value.dtype) for name, value in sorted(planned.items())]
+        del planned
+        jobs.append(_Job(outputs, produce, sum(tensors[name].nbytes for name in names)))
     return jobs
 
 
