@@ -35,7 +35,7 @@ import mlx.nn as nn
 
 from ifprune_mlx.bundle import TOKENIZER_FILES, read_config_file, safetensors_header
 from ifprune_mlx.errors import BundleError, ConversionError
-from ifprune_mlx.models import build_model, is_down_proj, normalize_config
+from ifprune_mlx.models import build_model, is_down_proj, is_gate_up_proj, normalize_config
 from ifprune_mlx.predictor import HEAD_WIDTH
 
 from .readers import Checkpoint, TensorRef, open_checkpoint
@@ -154,6 +154,11 @@ def detect(src: Path, *, predictor: Path | None = None, layout: str = "auto",
     if quantization:
         tensors = _check_quantized(mlx_config, quantization, llm, "the LLM")
     else:
+        if any(is_gate_up_proj(name) for name in llm):
+            raise ConversionError(
+                f"{src}: the LLM's FFN is fused (mlp.gate_up_proj, {mlx_config['model_type']}); ifprune "
+                "convert splits it only in quantized mlx-lm folders. Load a float folder directly "
+                "(ifprune_mlx.load / ifprune chat FOLDER: split at load, training-free selection)")
         tensors = _check_model(mlx_config, llm, "the LLM", rows=True)
     source = Source(found, mlx_config, hf_config, tensors, tok_dir, quantization=quantization,
                     folder=src if mlx else None)

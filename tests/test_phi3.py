@@ -155,3 +155,13 @@ def test_hugging_face_phi3_matches_transformers(tmp_path, rope):
             layer.mlp.gate_up_proj.weight[torch.from_numpy(dropped)] = 0  # gate rows come first
         expected = hf(torch.tensor(tokens)).logits.numpy()
     assert max_diff(engine.model(mx.array(tokens)), expected) <= 1e-4
+
+
+def test_convert_refuses_a_float_phi3_folder_in_one_line(phi3_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from ifprune_mlx.cli import app
+
+    result = CliRunner().invoke(app, ["convert", str(phi3_dir), str(tmp_path / "out")])
+    assert result.exit_code == 1 and "FFN is fused (mlp.gate_up_proj, phi3)" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
