@@ -37,11 +37,12 @@ from ifprune_mlx.bundle import TOKENIZER_FILES, read_config_file, safetensors_he
 from ifprune_mlx.errors import BundleError, ConversionError
 from ifprune_mlx.models import build_model, is_down_proj, is_gate_up_proj, normalize_config
 from ifprune_mlx.predictor import HEAD_WIDTH
+from ifprune_mlx.prune import QuantizedRowLinear
 
 from .readers import Checkpoint, TensorRef, open_checkpoint
 
 LAYOUTS = ("auto", "hf", "public", "plain", "mlx")
-FFN_BITS = (4, 8)  # what the runtime's quantized FFN rows hold (prune.QuantizedRowLinear)
+FFN_BITS = QuantizedRowLinear.BITS  # what the runtime's quantized FFN rows hold
 LLM_PREFIX, PREDICTOR_PREFIX, BACKBONE_PREFIX = "llm.", "sparsity_predictor.", "feature_extractor."
 HEAD_KEYS = {"prediction_head1.weight": "head1.weight", "prediction_head1.bias": "head1.bias",
              "prediction_head2.weight": "head2.weight", "prediction_head2.bias": "head2.bias"}

@@ -164,39 +164,38 @@ def _seconds(fn) -> float:
 
 
 def cost(lengths: list[int], reps: int, d_model: int, log) -> str:
+    """Time to first token of dense, GRIFFIN and IFPruning generation, all through
+    engine.stream_responses, timed in alternation on new prompts; and the scoring pass's
+    overhead over a plain dense forward pass."""
     with tempfile.TemporaryDirectory() as tmp:
         engine = ifp.load(write_synthetic_bundle(Path(tmp) / "b", synthetic_config(d_model)))
         activations = engine.get_selector("activations")
         rows = []
         for n in lengths:
-            t = {key: [] for key in ("dense", "scoring", "griffin", "predictor", "apply", "pruned", "ifp")}
+            t = {key: [] for key in ("dense", "griffin", "forward", "scoring", "predictor", "apply",
+                                     "pruned", "ifp")}
             for rep in range(reps + 1):
                 text, ids = prompt_text(engine, n, salt=rep + 1000 * n)
                 engine.apply(None)
+                dense = _seconds(lambda: next(engine.stream_responses(text, max_tokens=1)))
 
-                def dense_prefill():
+                def forward():  # every layer on every token, as the scoring pass needs
                     cache = make_prompt_cache(engine.model)
-                    engine.model(mx.array([ids], dtype=mx.int32), cache=cache)
-                    mx.eval([c.state for c in cache])
+                    hidden = engine.model.model(mx.array([ids], dtype=mx.int32), cache=cache)
+                    mx.eval(hidden, [c.state for c in cache])
 
-                dense = _seconds(dense_prefill)
+                plain = _seconds(forward)
                 scoring = _seconds(lambda: activations.scores(ids))
-                # the whole GRIFFIN path to the first token: scoring prefill, top-k, apply, last token
                 engine.apply("auto")
-                engine.apply(engine.select(prompt_text(engine, n, salt=-rep - 1)[0], 0.5, "predictor"))
-                engine.apply("auto")
-                start = time.perf_counter()
-                next(engine.stream_responses(text, density=0.5, selector="activations", max_tokens=1))
-                griffin = time.perf_counter() - start
-                # the trained predictor's path: predictor, apply, pruned prefill
-                start = time.perf_counter()
-                selection = engine.select(text, 0.5, "predictor")
-                predictor_s = time.perf_counter() - start
-                apply_s = _seconds(lambda: engine.apply(selection))
+                griffin = _seconds(lambda: next(engine.stream_responses(
+                    text, density=0.5, selector="activations", max_tokens=1)))
+                # IFPruning: predictor, apply (from the GRIFFIN mask: a new task's swaps), pruned prefill
+                predictor_s = _seconds(lambda: engine.select(text, 0.5, "predictor"))
+                apply_s = _seconds(lambda: engine.apply(engine.select(text, 0.5, "predictor")))
                 pruned = _seconds(lambda: next(engine.stream_responses(text, max_tokens=1)))
                 if rep == 0:
                     continue  # warm-up
-                for key, value in zip(t, (dense, scoring, griffin, predictor_s, apply_s, pruned,
+                for key, value in zip(t, (dense, griffin, plain, scoring, predictor_s, apply_s, pruned,
                                           predictor_s + apply_s + pruned)):
                     t[key].append(value)
             med = {key: statistics.median(v) * 1000 for key, v in t.items()}
@@ -204,14 +203,17 @@ def cost(lengths: list[int], reps: int, d_model: int, log) -> str:
             log(f"  {len(ids)} tokens: " + ", ".join(f"{key} {v:.1f} ms" for key, v in med.items()))
         engine.apply("auto")
     lines = [f"Random llama, 8 layers, d_model {d_model}, d_ffn {engine.d_ffn}, vocab 32000, float32, "
-             f"density 0.5, BLAS: {blas_name()}; median of {reps} prompts per length (each new). "
-             "Milliseconds.", "",
-             "| prompt tokens | dense prefill | scoring prefill (overhead) | GRIFFIN: to first token | "
-             "predictor | apply | pruned prefill | predictor: to first token |",
+             f"density 0.5, BLAS: {blas_name()}; median of {reps} new prompts per length, the variants "
+             "timed in alternation. Milliseconds; TTFT = time to the first token through "
+             "engine.stream_responses.", "",
+             "| prompt tokens | dense TTFT | GRIFFIN TTFT (/ dense) | scoring pass vs a dense pass | "
+             "predictor | apply | pruned prefill | IFPruning TTFT (/ dense) |",
              "|---|---|---|---|---|---|---|---|"]
     for n, m in rows:
-        lines.append(f"| {n} | {m['dense']:.1f} | {m['scoring']:.1f} ({m['scoring'] / m['dense'] - 1:+.0%}) | "
-                     f"{m['griffin']:.1f} | {m['predictor']:.1f} | {m['apply']:.1f} | {m['pruned']:.1f} | {m['ifp']:.1f} |")
+        lines.append(f"| {n} | {m['dense']:.0f} | {m['griffin']:.0f} ({m['griffin'] / m['dense']:.2f}) | "
+                     f"{m['scoring']:.0f} vs {m['forward']:.0f} ({m['scoring'] / m['forward'] - 1:+.0%}) | "
+                     f"{m['predictor']:.1f} | {m['apply']:.1f} | {m['pruned']:.0f} | "
+                     f"{m['ifp']:.0f} ({m['ifp'] / m['dense']:.2f}) |")
     return "\n".join(lines)
 
 

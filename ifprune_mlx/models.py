@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import BundleError, UnsupportedArchitectureError
-from .prune import PrunableMLP
+from .prune import PrunableMLP, QuantizedRowLinear, RowLinear
 
 # model_type -> mlx-lm module. Each has a SwiGLU MLP with gate/up/down projections; phi3's
 # gate and up are one fused gate_up_proj, split at load (split_gate_up).
@@ -96,9 +96,15 @@ def quantize_like(model: nn.Module, quantization: dict, weights: dict) -> None:
         if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
             return False
         in_dims = module.weight.shape[-1]
+        bits = weights[f"{path}.weight"].shape[-1] * 32 // in_dims
+        if isinstance(module, RowLinear) and bits not in QuantizedRowLinear.BITS:
+            raise BundleError(
+                f"{path} is {bits}-bit: prunable FFN rows are affine "
+                f"{' or '.join(map(str, QuantizedRowLinear.BITS))}-bit (mixed recipes such as "
+                "mixed_4_6 are not supported); quantize the float model with 4 or 8 bits")
         return {
             "group_size": in_dims // weights[f"{path}.scales"].shape[-1],
-            "bits": weights[f"{path}.weight"].shape[-1] * 32 // in_dims,
+            "bits": bits,
             "mode": quantization.get("mode", "affine"),
         }
 

@@ -171,9 +171,19 @@ def test_a_selector_object_can_be_passed(plain):
     (lambda c: c.update(quantization={"group_size": 32, "bits": 4, "mode": "mxfp4"}), ifp.BundleError, "mxfp4"),
 ])
 def test_folders_mlx_lm_cannot_read_or_we_cannot_prune(tmp_path, edit, error, match):
+    """Each refused with a typed error that says why."""
     folder = make_model_folder(tmp_path / "m", model_config())
     config = json.loads((folder / "config.json").read_text())
     edit(config)
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(error, match=match):
+        ifp.load(folder)
+
+
+def test_a_6_bit_ffn_is_refused_with_a_clear_error(tmp_path):
+    from ifprune_mlx.testing import quantize_model_folder
+
+    folder = make_model_folder(tmp_path / "m", model_config())
+    quantize_model_folder(folder, bits=6, group_size=32)
+    with pytest.raises(ifp.BundleError, match="is 6-bit: prunable FFN rows are affine 4 or 8-bit"):
         ifp.load(folder)
