@@ -250,9 +250,9 @@ def _channel_energy(normalize: bool):
     """A compiled map (T, d_ffn) activations -> (d_ffn,): per channel, the sum over tokens of
     its squared activation, each token first scaled to unit norm when `normalize`.
 
-    Normalizing is one weighted sum (1 / ||h_t||^2 per token), not a divided copy of h: the
-    [T, d_ffn] passes are memory-bound on CPU, and normalize-square-sum took ~20% of a
-    1k-token prefill.
+    Normalizing is a weighted sum (1 / ||h_t||^2 per token), not a divided copy of h, and the
+    whole map is compiled: [T, d_ffn] passes are memory-bound on CPU. docs/SELECTORS.md
+    measures the scoring pass within a few percent of a plain dense pass.
     """
     import mlx.core as mx
 
