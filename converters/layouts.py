@@ -17,7 +17,7 @@ Four layouts, detected from the files and their tensor names (or forced with --l
   mlx     SRC is an mlx-lm folder (what mlx_lm.convert writes, e.g. an mlx-community model):
           float, or quantized (config.json "quantization", tensors X.weight/.scales/.biases).
           A quantized one is written as is except down_proj, re-quantized once along d_model
-          (models.down_to_rows); --predictor P works as for hf.
+          (models.to_row_layout); --predictor P works as for hf.
 
 Every layout resolves to a `Source`: configs as mlx-lm reads them and, for each tensor of the
 bundle, the checkpoint tensor it comes from (names are mlx-lm's; for llama, qwen2, qwen3 and

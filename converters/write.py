@@ -3,7 +3,7 @@
 The bundle's safetensors files are written tensor by tensor: the header is computed from the
 checked shapes first, then each tensor is read, put in row layout (down_proj transposed),
 cast to the target dtype (or quantized by rows), written and freed. An mlx-lm quantized LLM
-is copied as it is, except each layer's FFN, which goes through models.down_to_rows: down_proj
+is copied as it is, except each layer's FFN, which goes through models.to_row_layout: down_proj
 is dequantized, transposed and quantized again along d_model (same bits and group size). Peak
 memory is the runtime's baseline plus a few tensors, never a second copy of the model. The
 folder is built next to OUT and renamed into place (`ifprune_mlx.bundle.write_atomic`): an
@@ -24,7 +24,7 @@ import mlx.core as mx
 from ifprune_mlx.bundle import copy_tokenizer, new_ifpruning_block, write_atomic
 from ifprune_mlx.engine import PLAIN_DEFAULT_DENSITY
 from ifprune_mlx.errors import ConversionError
-from ifprune_mlx.models import down_to_rows, is_quantizable, quantize_rows
+from ifprune_mlx.models import is_quantizable, quantize_rows, to_row_layout
 
 from .layouts import Source, is_down_proj
 from .readers import TensorRef
@@ -225,7 +225,7 @@ def _jobs(tensors: dict[str, TensorRef], target: mx.Dtype, *, rows: bool = False
 
 
 def _requantize_jobs(tensors: dict[str, TensorRef], quantization: dict) -> list[_Job]:
-    """An mlx-lm quantized LLM: one job per layer's FFN, through models.down_to_rows (down_proj
+    """An mlx-lm quantized LLM: one job per layer's FFN, through models.to_row_layout (down_proj
     re-quantized along d_model, as ifprune_mlx.load does for such a folder), one per other tensor,
     copied as it is. The output shapes are read off the lazy result: nothing is read to plan."""
     groups: dict[str, list[str]] = {}
@@ -235,7 +235,7 @@ def _requantize_jobs(tensors: dict[str, TensorRef], quantization: dict) -> list[
     jobs = []
     for names in groups.values():
         def produce(names=names) -> dict[str, mx.array]:
-            return down_to_rows({name: tensors[name].load() for name in names}, quantization)
+            return to_row_layout({name: tensors[name].load() for name in names}, quantization)
 
         planned = produce()
         outputs = [(name, tuple(value.shape), value.dtype) for name, value in sorted(planned.items())]

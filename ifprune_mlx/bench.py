@@ -167,11 +167,12 @@ def write_synthetic_bundle(folder: Path, config: dict, *, bits: int | None = Non
                            dtype: str = "float32", seed: int = 0) -> Path:
     """A bundle of random weights with a random predictor (backbone width d_model / 4)."""
     from .bundle import write_bundle
-    from .testing import make_tokenizer, quantize_rows, random_predictor, random_weights, to_rows
+    from .models import quantize_rows, to_row_layout
+    from .testing import make_tokenizer, random_predictor, random_weights
 
     folder = Path(folder)
     tok_dir = make_tokenizer(folder.parent / f".{folder.name}-tokenizer", 512)
-    weights = to_rows(random_weights(config, seed))
+    weights = to_row_layout(random_weights(config, seed))
     if dtype != "float32":
         weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
     if bits:

@@ -25,7 +25,7 @@ from mlx_lm.utils import load_tokenizer
 
 from . import bundle
 from .errors import BundleError, SelectionError
-from .models import (build_model, down_to_rows, load_weights, normalize_config, prunable_mlps,
+from .models import (build_model, load_weights, normalize_config, prunable_mlps, to_row_layout,
                      quantize_like)
 from .predictor import load_predictor
 from .prune import ApplyStats, apply_selection
@@ -279,7 +279,7 @@ def _read_model(folder: Path, config: dict, is_bundle: bool, on_progress=None) -
     if quantization and quantization.get("mode", "affine") != "affine":
         raise BundleError(f"{folder}: {quantization['mode']} quantization is not supported; use affine 4- or 8-bit")
     if not is_bundle:
-        weights = down_to_rows(weights, quantization)
+        weights = to_row_layout(weights, quantization)
     if quantization:
         quantize_like(model, quantization, weights)
     load_weights(model, weights, str(folder), on_progress)

@@ -140,7 +140,7 @@ def split_gate_up(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return out
 
 
-def down_to_rows(weights: dict[str, mx.array], quantization: dict | None = None) -> dict[str, mx.array]:
+def to_row_layout(weights: dict[str, mx.array], quantization: dict | None = None) -> dict[str, mx.array]:
     """Standard layout -> row layout: every mlp.down_proj [d_model, d_ffn] becomes [d_ffn, d_model].
 
     A fused gate_up_proj (phi3) is split first (split_gate_up). Float weights are transposed.

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .bundle import save_safetensors, write_bundle
-from .models import build_model, down_to_rows, quantize_rows  # noqa: F401 (re-exported)
+from .models import build_model, quantize_rows, to_row_layout  # noqa: F401 (re-exported)
 from .predictor import HEAD_WIDTH
 
 CHAT_TEMPLATE = (
@@ -86,7 +86,6 @@ def make_model_folder(folder: Path, config: dict | None = None, seed: int = 0) -
     return folder
 
 
-to_rows = down_to_rows  # standard layout -> row layout (gate_up split, down_proj transposed)
 
 
 def quantize_model_folder(folder: Path, bits: int, group_size: int = 64) -> nn.Module:
@@ -128,7 +127,7 @@ def make_bundle(folder: Path, config: dict | None = None, *, seed: int = 0,
     folder = Path(folder)
     config = dict(config or model_config())
     tok_dir = make_tokenizer(folder.parent / f".{folder.name}-tokenizer", config["vocab_size"])
-    weights = to_rows(random_weights(config, seed))
+    weights = to_row_layout(random_weights(config, seed))
     if quantize_bits:
         weights, config = quantize_rows(weights, config, quantize_bits)
     return write_bundle(folder, config=config, weights=weights, tokenizer_dir=tok_dir,

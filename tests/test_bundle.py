@@ -139,7 +139,7 @@ def test_missing_tokenizer(copy):
 def test_predictor_head_that_does_not_fit(tmp_path):
     config = testing.model_config(intermediate_size=256)
     predictor = testing.random_predictor(testing.model_config(intermediate_size=128))
-    weights = testing.to_rows(testing.random_weights(config))
+    weights = testing.to_row_layout(testing.random_weights(config))
     tok = testing.make_tokenizer(tmp_path / "tok")
     bundle.write_bundle(tmp_path / "b", config=config, weights=weights, tokenizer_dir=tok, predictor=predictor)
     with pytest.raises(PredictorError, match=r"head2.weight has shape \(256, 128\), expected \(512, 128\).*trained for another LLM"):

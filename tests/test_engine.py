@@ -196,7 +196,7 @@ def test_every_architecture_matches_mlx_lm_dense_and_pruned(tmp_path, model_type
     model, _ = mlx_lm_load(str(folder))
     if bits:  # quantize both the same way: mlx-lm's model and our row-layout bundle
         nn.quantize(model, group_size=32, bits=bits)
-        weights, qconfig = testing.quantize_rows(testing.to_rows(testing.random_weights(config)), config, bits)
+        weights, qconfig = testing.quantize_rows(testing.to_row_layout(testing.random_weights(config)), config, bits)
         engine_dir = tmp_path / "bundle"
         write_bundle(engine_dir, config=qconfig, weights=weights, tokenizer_dir=folder)
         engine = ifp.load(engine_dir)
