@@ -6,10 +6,11 @@ prose around them is kept):
   demo   the shipped demo model, held-out prompts of every skill, greedy exact match, for the
          trained predictor, the training-free (GRIFFIN) selector and static masks, all at the
          demo's density; plus the KL of each mask to the dense model over the dense answers.
+  sweep  the same selectors over densities (docs/selectors_density.png).
   kl     a tiny random model: KL to the dense model of activation-selected vs random masks.
   cost   a random 8-layer model (d_model 1024, vocab 32000): selection time vs prefill time.
 
-    python -m examples.selector_study                 # all three (about 10 minutes on 2 cores)
+    python -m examples.selector_study                 # all four (about 15 minutes on 2 cores)
     python -m examples.selector_study --only demo,kl --n 10
     make selectors                                    # the same, with OpenBLAS preloaded on Linux
 """
@@ -55,22 +56,106 @@ def _answer(engine, prompt: str, selection: Selection | None, dense_prefill: boo
     return list(engine.stream_responses(prompt, max_tokens=max_tokens, tokens=ids[-1:], prompt_cache=cache))
 
 
+def _calibration_scores(engine, prompts: int) -> dict[str, np.ndarray]:
+    """Each selector's scores [prompts, n_layers, d_ffn] over training prompts of the demo."""
+    from examples.train_tiny import data
+
+    rng = random.Random(99)
+    texts = [data.sample(rng).prompt for _ in range(prompts)]
+    return {name: np.stack([chooser.scores(chooser.inputs(t)) for t in texts])
+            for name, chooser in engine.selectors.items()}
+
+
+def _static(engine, scores: np.ndarray, k: int) -> Selection:
+    return Selection(tuple(static_top_k(scores, k)), engine.d_ffn, source="static")
+
+
+def _exact_match(engine, examples, mask_of, dense_prefill: bool) -> float:
+    """Mean over skills of the exact-match rate of greedy 16-token answers."""
+    hits: dict[str, list[bool]] = {}
+    for ex in examples:
+        text = "".join(r.text for r in _answer(engine, ex.prompt, mask_of(ex.prompt), dense_prefill, 16))
+        hits.setdefault(ex.skill, []).append(text.strip() == ex.answer)
+    return float(np.mean([np.mean(h) for h in hits.values()]))
+
+
+def sweep(n: int, calibration_prompts: int, densities: list[float], plot: Path | None, log) -> str:
+    """Accuracy vs density on the demo model: where do the selectors part ways?"""
+    from examples.train_tiny import data
+
+    engine = ifp.load(demo_bundle())
+    examples = data.test_set(n)
+    calibration = _calibration_scores(engine, calibration_prompts)
+    curves = {"trained predictor": [], "training-free, GRIFFIN (dense prefill)": [],
+              "training-free, pruned prefill": [], "static mask from predictor scores": [],
+              "static mask from activations": [], "random mask": []}
+    ks = []
+    for density in densities:
+        k = engine.kept_count(density)
+        ks.append(k)
+        static_pred, static_act = (_static(engine, calibration[name], k) for name in ("predictor", "activations"))
+        rand = random_selection(engine.d_ffn, engine.n_layers, k, seed=0)
+        runs = {
+            "trained predictor": (lambda p: engine.select(p, density, "predictor"), False),
+            "training-free, GRIFFIN (dense prefill)": (lambda p: engine.select(p, density, "activations"), True),
+            "training-free, pruned prefill": (lambda p: engine.select(p, density, "activations"), False),
+            "static mask from predictor scores": (lambda p: static_pred, False),
+            "static mask from activations": (lambda p: static_act, False),
+            "random mask": (lambda p: rand, False),
+        }
+        for name, (mask_of, dense_prefill) in runs.items():
+            curves[name].append(_exact_match(engine, examples, mask_of, dense_prefill))
+        log(f"  density {density}: " + ", ".join(f"{name} {c[-1]:.3f}" for name, c in curves.items()))
+    dense = _exact_match(engine, examples, lambda p: None, False)
+    engine.apply("auto")
+    lines = [f"Mean exact match over the 10 skills, {n} held-out prompts per skill, greedy; dense "
+             f"model {dense:.3f}. k = channels kept per layer of {engine.d_ffn}; static masks: "
+             f"from {calibration_prompts} training prompts' predictor or activation scores.", ""]
+    if plot is not None and _plot_sweep(densities, curves, dense, engine.default_density, plot):
+        lines += [f"![accuracy vs density]({plot.name})", ""]
+    lines += ["| density | " + " | ".join(f"{d} (k={k})" for d, k in zip(densities, ks)) + " |",
+              "|---|" + "---|" * len(densities)]
+    lines += [f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |" for name, values in curves.items()]
+    return "\n".join(lines)
+
+
+def _plot_sweep(densities, curves, dense: float, trained: float, path: Path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        print("note: no plot (matplotlib is not installed)")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, values in curves.items():
+        ax.plot(densities, values, marker="o", label=name)
+    ax.axhline(dense, color="gray", ls="--", label="dense")
+    ax.axvline(trained, color="gray", ls=":", label=f"trained density {trained:.2f}")
+    ax.set_xlabel("density (fraction of FFN channels kept per layer)")
+    ax.set_ylabel("mean exact match over skills")
+    lowest = min(min(values) for values in curves.values())
+    ax.set_ylim(max(0.0, lowest - 0.05), 1.0)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("demo model: selectors vs density")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def demo(n: int, calibration_prompts: int, log) -> str:
     from examples.train_tiny import data
 
     engine = ifp.load(demo_bundle())
-    predictor, activations = engine.selectors["predictor"], engine.selectors["activations"]
     raw = ActivationSelector(engine.model, engine.mlps, engine.prompt_tokens, normalize=False)
     density = engine.default_density
     k = engine.kept_count(density)
     test = data.test_set(n)
-    rng = random.Random(99)
-    calibration = [data.sample(rng).prompt for _ in range(calibration_prompts)]
-    log(f"demo: {len(test)} held-out prompts, k={k}/{engine.d_ffn}; static masks from {len(calibration)} training prompts")
-    static_pred = Selection(tuple(static_top_k(np.stack([predictor.scores(predictor.inputs(p)) for p in calibration]), k)),
-                            engine.d_ffn, source="static")
-    static_act = Selection(tuple(static_top_k(np.stack([activations.scores(activations.inputs(p)) for p in calibration]), k)),
-                           engine.d_ffn, source="static")
+    calibration = _calibration_scores(engine, calibration_prompts)
+    log(f"demo: {len(test)} held-out prompts, k={k}/{engine.d_ffn}; static masks from {calibration_prompts} training prompts")
+    static_pred, static_act = (_static(engine, calibration[name], k) for name in ("predictor", "activations"))
     rand = random_selection(engine.d_ffn, engine.n_layers, k, seed=0)
 
     # name -> (mask for a prompt, prefill dense?, KL measured: once per distinct mask)
@@ -231,7 +316,9 @@ def write_section(doc: Path, name: str, body: str) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default="demo,kl,cost", help="comma-separated sections: demo, kl, cost")
+    ap.add_argument("--only", default="demo,sweep,kl,cost", help="comma-separated sections: demo, sweep, kl, cost")
+    ap.add_argument("--sweep-n", type=int, default=25, help="held-out prompts per skill (sweep)")
+    ap.add_argument("--densities", default="0.05,0.1,0.15,0.2,0.33,0.5", help="densities of the sweep")
     ap.add_argument("--n", type=int, default=50, help="held-out prompts per skill (demo)")
     ap.add_argument("--calibration", type=int, default=300, help="training prompts behind the static masks (demo)")
     ap.add_argument("--prompts", type=int, default=20, help="random prompts per density (kl)")
@@ -244,6 +331,8 @@ def main(argv=None) -> None:
     only = set(args.only.split(","))
     sections = {
         "demo": lambda: demo(args.n, args.calibration, print),
+        "sweep": lambda: sweep(args.sweep_n, args.calibration, [float(d) for d in args.densities.split(",")],
+                               args.doc.parent / "selectors_density.png", print),
         "kl": lambda: fidelity(args.prompts, print),
         "cost": lambda: cost([int(x) for x in args.lengths.split(",")], args.reps, args.d_model, print),
     }

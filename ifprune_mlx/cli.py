@@ -25,9 +25,15 @@ def info(path: Path = typer.Argument(..., help="A bundle or a plain mlx-lm / Hug
     engine = load_with_progress(path)
     c = engine.config
     q = c.get("quantization")
+    if "ifpruning" in c:
+        kind = "ifprune bundle"
+    elif q:
+        kind = "plain quantized model (down_proj re-quantized by rows at every load; `ifprune convert` does it once)"
+    else:
+        kind = "plain model (FFN put in row layout at load)"
     rows = [
         ("path", str(path)),
-        ("kind", "ifprune bundle" if "ifpruning" in c else "plain model (FFN converted at load)"),
+        ("kind", kind),
         ("architecture", c["model_type"]),
         ("layers", engine.n_layers),
         ("d_model", c["hidden_size"]),

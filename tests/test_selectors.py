@@ -187,3 +187,17 @@ def test_a_6_bit_ffn_is_refused_with_a_clear_error(tmp_path):
     quantize_model_folder(folder, bits=6, group_size=32)
     with pytest.raises(ifp.BundleError, match="is 6-bit: prunable FFN rows are affine 4 or 8-bit"):
         ifp.load(folder)
+
+
+def test_without_a_trimmable_cache_it_selects_then_prefills_pruned(plain, monkeypatch):
+    from ifprune_mlx import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "can_trim_prompt_cache", lambda cache: False)
+    chooser = plain.get_selector("activations")
+    expected = plain.select("a prompt for the fallback", density=0.25, selector="activations")
+    calls = chooser.calls
+    responses = list(plain.stream_responses("a prompt for the fallback", density=0.25,
+                                            selector="activations", max_tokens=3))
+    assert chooser.calls == calls, "the cached selection is reused: no dense pass"
+    assert plain.applied is expected and responses[-1].prompt_tokens == len(
+        plain.prompt_tokens("a prompt for the fallback"))
