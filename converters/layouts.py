@@ -337,9 +337,9 @@ def _check_quantized(config: dict, quantization: dict, tensors: dict[str, Tensor
     """An mlx-lm quantized LLM: names, shapes and dtypes against mlx-lm's model quantized as its
     config.json says, and what the row layout needs.
 
-    The runtime's FFN rows are affine 4- or 8-bit with groups along d_model, so every FFN matrix
-    must be 4- or 8-bit affine and down_proj's group size must divide d_model (its groups move
-    from d_ffn to d_model). Other modules may use any affine bits; they are copied as they are.
+    The runtime's FFN rows are affine (any of MLX's widths) with groups along d_model, so
+    down_proj's group size must divide d_model (its groups move from d_ffn to d_model). Every
+    module keeps its own bits: mlx-lm's mixed recipes convert as written.
     """
     modules = [(None, quantization)] + [(k, v) for k, v in quantization.items() if isinstance(v, dict)]
     for module, params in modules:
@@ -347,7 +347,7 @@ def _check_quantized(config: dict, quantization: dict, tensors: dict[str, Tensor
         if mode != "affine":
             raise ConversionError(
                 f"{what}: {mode} quantization{f' of {module}' if module else ''} cannot be converted: the "
-                "runtime's FFN rows are affine 4- or 8-bit; convert the float model (with --quantize 4|8)")
+                "runtime's FFN rows are affine; convert the float model (with --quantize 4|8)")
     d_model = config["hidden_size"]
     quantized = {name.removesuffix(".scales") for name in tensors if name.endswith(".scales")}
     expected, packed = {}, {}
@@ -362,9 +362,8 @@ def _check_quantized(config: dict, quantization: dict, tensors: dict[str, Tensor
             raise ConversionError(f"{what}: config.json's \"quantization\" gives no bits and group_size for {base}")
         if ".mlp." in name and bits not in FFN_BITS:
             raise ConversionError(
-                f"{what}: {base} is {bits}-bit; the runtime's FFN rows are 4- or 8-bit (affine) and gate/up "
-                "are copied as they are (mlx-lm's mixed_* recipes use other bits). Convert a 4- or 8-bit "
-                "model, or the float model with --quantize 4|8")
+                f"{what}: {base} is {bits}-bit; the runtime's FFN rows are affine "
+                f"{'/'.join(map(str, FFN_BITS))}-bit. Convert the float model with --quantize 4|8")
         if is_down_proj(name) and d_model % group:
             raise ConversionError(
                 f"{what}: {base} is quantized in groups of {group}; in row layout its groups run along "

@@ -100,8 +100,7 @@ def quantize_like(model: nn.Module, quantization: dict, weights: dict) -> None:
         if isinstance(module, RowLinear) and bits not in QuantizedRowLinear.BITS:
             raise BundleError(
                 f"{path} is {bits}-bit: prunable FFN rows are affine "
-                f"{' or '.join(map(str, QuantizedRowLinear.BITS))}-bit (mixed recipes such as "
-                "mixed_4_6 are not supported); quantize the float model with 4 or 8 bits")
+                f"{'/'.join(map(str, QuantizedRowLinear.BITS))}-bit; quantize the float model with 4 or 8 bits")
         return {
             "group_size": in_dims // weights[f"{path}.scales"].shape[-1],
             "bits": bits,

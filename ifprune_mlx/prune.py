@@ -65,13 +65,13 @@ class QuantizedRowLinear(nn.Module):
     Groups run along d_model for every matrix, so rows stay independently selectable.
     """
 
-    BITS = (4, 8)  # the widths whose row-layout matmuls are tested (quantized_matmul, transpose=False)
+    BITS = (2, 3, 4, 5, 6, 8)  # MLX's affine widths; quantized_matmul takes each either way round
 
     def __init__(self, d_ffn: int, d_model: int, bias: bool = False, channel_in: bool = False,
                  group_size: int = 64, bits: int = 4, mode: str = "affine"):
         super().__init__()
         if mode != "affine" or bits not in self.BITS:
-            raise ValueError(f"quantized FFN rows support affine 4- or 8-bit, got {mode} {bits}-bit")
+            raise ValueError(f"quantized FFN rows are affine {'/'.join(map(str, self.BITS))}-bit, got {mode} {bits}-bit")
         self.channel_in = channel_in
         self.group_size, self.bits, self.mode = group_size, bits, mode
         self.weight, self.scales, self.biases = mx.quantize(

@@ -88,17 +88,18 @@ def make_model_folder(folder: Path, config: dict | None = None, seed: int = 0) -
 
 
 
-def quantize_model_folder(folder: Path, bits: int, group_size: int = 64) -> nn.Module:
+def quantize_model_folder(folder: Path, bits: int, group_size: int = 64, predicate=None) -> nn.Module:
     """Quantize a plain model folder in place as `mlx_lm.convert -q` does; returns mlx-lm's model.
 
     The weights are mlx-lm's (affine, groups along each matrix's input axis) and config.json
-    gets its "quantization" entry: what an mlx-community quantized folder holds.
+    gets its "quantization" entry: what an mlx-community quantized folder holds. `predicate`
+    is mlx-lm's quant_predicate (path, module) -> bool | {"bits", "group_size"}: mixed recipes.
     """
     from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
     folder = Path(folder)
     model, config = load_model(folder)
-    model, config = quantize_model(model, config, group_size, bits)
+    model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
     save_model(folder, model)
     save_config(config, folder / "config.json")
     return model

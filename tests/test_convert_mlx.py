@@ -65,10 +65,17 @@ def max_diff(a: mx.array, b: mx.array) -> float:
     return mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
 
 
-@pytest.mark.parametrize("kind", ["float32", "4-bit g64", "8-bit g32", "override"])
+def mixed_3_6(path, module):
+    """mlx-lm's mixed_3_6 recipe in miniature: 3-bit gate/up, 6-bit down_proj, 4-bit elsewhere."""
+    bits = 3 if "gate_proj" in path or "up_proj" in path else 6 if "down_proj" in path else 4
+    return {"group_size": 64, "bits": bits, "mode": "affine"}
+
+
+@pytest.mark.parametrize("kind", ["float32", "4-bit g64", "8-bit g32", "override", "mixed_3_6"])
 def test_mlx_lm_folder_converts_to_what_load_computes(tmp_path, float_folder, kind):
     bits, group, predicate = {"float32": (None, None, None), "4-bit g64": (4, 64, None),
-                              "8-bit g32": (8, 32, None), "override": (4, 64, down_8_bit_in_layer_1)}[kind]
+                              "8-bit g32": (8, 32, None), "override": (4, 64, down_8_bit_in_layer_1),
+                              "mixed_3_6": (4, 64, mixed_3_6)}[kind]
     src = mlx_lm_folder(float_folder, tmp_path / "src", bits, group, predicate=predicate)
     out = tmp_path / "out"
     result = convert(src, out, "--verify")
@@ -87,8 +94,9 @@ def test_mlx_lm_folder_converts_to_what_load_computes(tmp_path, float_folder, ki
     bundle.apply(keep)
     folder.apply(keep)
     assert max_diff(bundle.model(TOKENS), folder.model(TOKENS)) <= 1e-5
-    if predicate:  # mlx-lm's override is honoured: layer 1's down_proj rows stay 8-bit
-        assert [mlp.down_proj.bits for mlp in bundle.mlps] == [4, 8]
+    if predicate:  # mlx-lm's overrides are honoured: each down_proj keeps its bits
+        assert [mlp.down_proj.bits for mlp in bundle.mlps] == ([6, 6] if kind == "mixed_3_6" else [4, 8])
+        assert kind != "mixed_3_6" or [mlp.gate_proj.bits for mlp in bundle.mlps] == [3, 3]
 
     bundle.apply(None)
     reference, _ = mlx_lm_load(str(src))
@@ -185,12 +193,10 @@ def _bundle(folder: Path) -> None:
     (dict(), _config(quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128}),
      "this is a gptq checkpoint; convert the float"),
     (dict(mode="mxfp4"), None, "mxfp4 quantization cannot be converted"),
-    (dict(bits=4, group_size=64, predicate=lambda p, m: {"group_size": 64, "bits": 3 if "gate" in p else 4}), None,
-     "model.layers.0.mlp.gate_proj is 3-bit; the runtime's FFN rows are 4- or 8-bit"),
     (dict(bits=4, group_size=64), _config(model_type="gpt2"), "model_type 'gpt2' is not supported"),
     (dict(bits=4, group_size=64), ["--quantize", "8"], "is already quantized"),
     (dict(bits=4, group_size=64), _bundle, "is already an ifprune bundle"),
-], ids=["missing-shard", "gptq", "mxfp4", "3-bit-gate", "unknown-model-type", "requantize", "a-bundle"])
+], ids=["missing-shard", "gptq", "mxfp4", "unknown-model-type", "requantize", "a-bundle"])
 def test_bad_inputs_fail_in_one_line_and_leave_no_out(tmp_path, float_folder, make, args, message):
     src = mlx_lm_folder(float_folder, tmp_path / "src", **make)
     options = args if isinstance(args, list) else []

@@ -1,12 +1,9 @@
 """The engine API: parity with mlx-lm, selection, pinning, caching, failures."""
 
-import json
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 from mlx_lm import generate as mlx_lm_generate
 from mlx_lm import load as mlx_lm_load
 
@@ -224,24 +221,31 @@ def test_every_architecture_matches_mlx_lm_dense_and_pruned(tmp_path, model_type
     assert mx.abs(engine.model(tokens) - model(tokens)).max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+def mixed_4_6(path, module):
+    """mlx-lm's mixed_4_6 recipe in miniature: 6-bit down_proj in the first layer, 4-bit elsewhere."""
+    return {"group_size": 64, "bits": 6 if path == "model.layers.0.mlp.down_proj" else 4}
+
+
+# bits -> largest logit change re-quantizing down_proj may cause, relative to the largest logit
+QUANTIZED_FOLDERS = {3: 0.08, 4: 0.05, 6: 0.02, 8: 0.01, "mixed_4_6": 0.03}
+
+
+@pytest.mark.parametrize("bits", list(QUANTIZED_FOLDERS))
 def test_quantized_mlx_lm_folder_loads_in_row_layout(tmp_path, bits):
-    """An mlx-lm quantized folder: down_proj is re-quantized along d_model at load."""
+    """An mlx-lm quantized folder (any affine width, mixed recipes too): down_proj is
+    re-quantized along d_model at load, with its own bits."""
     folder = testing.make_model_folder(tmp_path / "q", testing.model_config(hidden_size=128, intermediate_size=512))
-    model, _ = mlx_lm_load(str(folder))
-    nn.quantize(model, group_size=64, bits=bits)
-    write = dict(tree_flatten(model.parameters()))
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization"] = {"group_size": 64, "bits": bits}
-    (folder / "config.json").write_text(json.dumps(config))
-    mx.save_safetensors(str(folder / "model.safetensors"), write)
+    mixed = bits == "mixed_4_6"
+    model = testing.quantize_model_folder(folder, 4 if mixed else bits, predicate=mixed_4_6 if mixed else None)
     engine = ifp.load(folder)
+    if mixed:
+        assert [mlp.down_proj.bits for mlp in engine.mlps] == [6, 4]
     tokens = mx.array([[3, 14, 15, 92, 65, 35, 89, 79]])
     reference = model(tokens)
     diff = mx.abs(engine.model(tokens) - reference).max().item()
     spread = mx.abs(reference).max().item()
-    assert diff <= (0.05 if bits == 4 else 0.01) * spread, f"{bits}-bit re-quantization moved logits by {diff:.4f} (max |logit| {spread:.2f})"
-    engine.apply(None)
+    assert diff <= QUANTIZED_FOLDERS[bits] * spread, f"{bits}: re-quantization moved logits by {diff:.4f} (max |logit| {spread:.2f})"
+    engine.apply([np.arange(0, 512, 3)] * engine.n_layers)
     assert engine.generate("Sort these numbers", max_tokens=4) is not None
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import ifprune_mlx as ifp
 from ifprune_mlx.models import build_model
 from ifprune_mlx.prune import QuantizedRowLinear, RowLinear, apply_selection, plan_swaps
-from ifprune_mlx.testing import model_config
+from ifprune_mlx.testing import make_bundle, model_config
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 64]])
 
@@ -33,9 +33,15 @@ def make_reference(path):
     return reference
 
 
-@pytest.fixture(scope="module", params=["float32", "4-bit"])
-def engines(request, bundle_dir, q4_bundle_dir):
-    path = bundle_dir if request.param == "float32" else q4_bundle_dir
+@pytest.fixture(scope="module", params=["float32", "4-bit", "3-bit", "6-bit"])
+def engines(request, bundle_dir, q4_bundle_dir, tmp_path_factory):
+    if request.param == "float32":
+        path = bundle_dir
+    elif request.param == "4-bit":
+        path = q4_bundle_dir
+    else:  # every affine width MLX has works in row layout; these two pack rows unevenly
+        bits = int(request.param[0])
+        path = make_bundle(tmp_path_factory.mktemp("bits") / f"q{bits}", quantize_bits=bits)
     return ifp.load(path), make_reference(path)
 
 

@@ -180,15 +180,6 @@ def test_folders_mlx_lm_cannot_read_or_we_cannot_prune(tmp_path, edit, error, ma
         ifp.load(folder)
 
 
-def test_a_6_bit_ffn_is_refused_with_a_clear_error(tmp_path):
-    from ifprune_mlx.testing import quantize_model_folder
-
-    folder = make_model_folder(tmp_path / "m", model_config())
-    quantize_model_folder(folder, bits=6, group_size=32)
-    with pytest.raises(ifp.BundleError, match="is 6-bit: prunable FFN rows are affine 4 or 8-bit"):
-        ifp.load(folder)
-
-
 def test_without_a_trimmable_cache_it_selects_then_prefills_pruned(plain, monkeypatch):
     from ifprune_mlx import engine as engine_module
 
