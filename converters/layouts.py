@@ -35,7 +35,7 @@ import mlx.nn as nn
 
 from ifprune_mlx.bundle import TOKENIZER_FILES, read_config_file, safetensors_header
 from ifprune_mlx.errors import BundleError, ConversionError
-from ifprune_mlx.models import build_model, is_down_proj, is_gate_up_proj, normalize_config
+from ifprune_mlx.models import build_model, is_down_proj, is_gate_up_proj, normalize_config, split_gate_up
 from ifprune_mlx.predictor import HEAD_WIDTH
 from ifprune_mlx.prune import QuantizedRowLinear
 
@@ -155,12 +155,7 @@ def detect(src: Path, *, predictor: Path | None = None, layout: str = "auto",
     if quantization:
         tensors = _check_quantized(mlx_config, quantization, llm, "the LLM")
     else:
-        if any(is_gate_up_proj(name) for name in llm):
-            raise ConversionError(
-                f"{src}: the LLM's FFN is fused (mlp.gate_up_proj, {mlx_config['model_type']}); ifprune "
-                "convert splits it only in quantized mlx-lm folders. Load a float folder directly "
-                "(ifprune_mlx.load / ifprune chat FOLDER: split at load, training-free selection)")
-        tensors = _check_model(mlx_config, llm, "the LLM", rows=True)
+        tensors = _check_model(mlx_config, _split_fused_ffn(llm), "the LLM", rows=True)
     source = Source(found, mlx_config, hf_config, tensors, tok_dir, quantization=quantization,
                     folder=src if mlx else None)
     if not pred:
@@ -196,6 +191,21 @@ def _split(checkpoint, predictor_only: bool = False) -> tuple[dict, dict]:
         else:
             llm[name] = ref
     return llm, pred
+
+
+def _split_fused_ffn(tensors: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    """phi3's fused gate_up_proj -> gate_proj and up_proj refs, each reading its half of the
+    rows (models.split_gate_up, one tensor at a time); other tensors unchanged."""
+    out = {}
+    for name, ref in tensors.items():
+        if not is_gate_up_proj(name):
+            out[name] = ref
+            continue
+        for part in ("gate_proj", "up_proj"):
+            half = name.replace(".gate_up_proj.", f".{part}.")
+            out[half] = TensorRef(half, (ref.shape[0] // 2, *ref.shape[1:]), ref.dtype, ref.path,
+                                  lambda ref=ref, half=half: split_gate_up({ref.name: ref.load()})[half])
+    return out
 
 
 def _had_prefix(llm: dict) -> bool:

@@ -136,8 +136,12 @@ def _hf_model(torch, hf_config: dict, tensors: dict[str, TensorRef], what: str):
     config = dict(hf_config)
     config_obj = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
     model = transformers.AutoModelForCausalLM.from_config(config_obj).float().eval()
-    missing, unexpected = model.load_state_dict({k: _tensor(torch, v.load()) for k, v in tensors.items()},
-                                                strict=False)
+    state = {k: _tensor(torch, v.load()) for k, v in tensors.items()}
+    for name in model.state_dict():  # a fused FFN (phi3) takes back the halves the bundle splits
+        halves = [name.replace(".gate_up_proj.", f".{part}.") for part in ("gate_proj", "up_proj")]
+        if is_gate_up_proj(name) and all(h in state for h in halves):
+            state[name] = torch.cat([state.pop(h) for h in halves])
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" and not k.endswith("inv_freq")]
     if missing or unexpected:
         raise ConversionError(f"verify: the PyTorch reference of {what} does not take the checkpoint's "

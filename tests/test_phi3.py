@@ -157,11 +157,25 @@ def test_hugging_face_phi3_matches_transformers(tmp_path, rope):
     assert max_diff(engine.model(mx.array(tokens)), expected) <= 1e-4
 
 
-def test_convert_refuses_a_float_phi3_folder_in_one_line(phi3_dir, tmp_path):
+def test_a_hugging_face_phi3_converts_and_verifies(tmp_path):
+    """The converter splits the fused gate_up_proj too; --verify re-fuses it for PyTorch."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
     from typer.testing import CliRunner
 
     from ifprune_mlx.cli import app
 
-    result = CliRunner().invoke(app, ["convert", str(phi3_dir), str(tmp_path / "out")])
-    assert result.exit_code == 1 and "FFN is fused (mlp.gate_up_proj, phi3)" in result.output
-    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
+                                     bos_token_id=None, eos_token_id=0, pad_token_id=0)
+    transformers.Phi3ForCausalLM(config).save_pretrained(tmp_path / "hf")
+    testing.make_tokenizer(tmp_path / "hf", 320)
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--verify"])
+    assert result.exit_code == 0 and "PASSED" in result.output, result.output
+    bundle, folder = ifp.load(tmp_path / "out"), ifp.load(tmp_path / "hf")
+    keep = random_keep(128, 2, count=40)
+    for selection in (None, keep):
+        bundle.apply(selection)
+        folder.apply(selection)
+        assert max_diff(bundle.model(TOKENS), folder.model(TOKENS)) <= 1e-5
