@@ -41,7 +41,7 @@ bench: install
 
 # Trained predictor vs training-free selector: writes the tables of docs/SELECTORS.md.
 selectors: install
-	@$(WITH_BLAS) $(PY) examples/selector_study.py
+	@$(WITH_BLAS) $(PY) -m examples.selector_study
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info .cache
