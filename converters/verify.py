@@ -25,7 +25,7 @@ next-token distributions, top-1 agreement and greedy continuations (reported).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -33,6 +33,7 @@ import numpy as np
 
 from ifprune_mlx.bundle import read_safetensors, weight_files
 from ifprune_mlx.errors import ConversionError
+from ifprune_mlx.fidelity import greedy_tokens, next_token_kl
 from ifprune_mlx.models import is_gate_up_proj
 
 from .layouts import Source, is_down_proj, module_quantization
@@ -239,9 +240,58 @@ def _predictor_tokenizer(bundle: Path):
     return transformers.AutoTokenizer.from_pretrained(bundle / "predictor" if own else bundle)
 
 
-def _selection_overlaps(expected: list, selection) -> list[float]:
-    """Per-layer Jaccard overlap of the reference's channels and the engine's."""
-    return [len(np.intersect1d(a, b)) / len(np.union1d(a, b)) for a, b in zip(expected, selection.indices)]
+@dataclass
+class _Tally:
+    """What both verifications gather over the prompts, and the report they make of it."""
+
+    dense: float = 0.0          # largest |logit diff| against the reference, dense
+    pruned: float = 0.0         # the same, pruned
+    source_diff: float = 0.0    # largest |logit diff| against the source model as it is
+    scale: float = 0.0          # largest |logit| of the source model
+    identical: int = 0          # prompts whose predictor selections are identical
+    overlaps: list = field(default_factory=list)  # per-layer Jaccard overlaps of the selections
+
+    def logits(self, selection, diff: float) -> None:
+        if selection is None:
+            self.dense = max(self.dense, diff)
+        else:
+            self.pruned = max(self.pruned, diff)
+
+    def source(self, diff: float, scale: float) -> None:
+        self.source_diff, self.scale = max(self.source_diff, diff), max(self.scale, scale)
+
+    def selection(self, predictor, tokenizer, prompt: str, density: float, engine, selection) -> None:
+        """The reference predictor's channels for `prompt` against the engine's `selection`."""
+        from .reference import select_channels
+
+        expected = select_channels(predictor, tokenizer, prompt, density, engine.pad_multiple)
+        self.identical += all(np.array_equal(a, b) for a, b in zip(expected, selection.indices))
+        self.overlaps += [len(np.intersect1d(a, b)) / len(np.union1d(a, b))
+                          for a, b in zip(expected, selection.indices)]
+
+    def report(self, *, prompts: int, density: float, dtype: str, quantization: dict | None,
+               tolerance: float | None, worst: tuple[str, float], with_predictor: bool, **extra) -> VerifyReport:
+        return VerifyReport(
+            prompts=prompts, density=density, dtype=dtype, quantization=quantization,
+            dense_max_diff=self.dense, pruned_max_diff=self.pruned, source_max_diff=self.source_diff,
+            logit_scale=self.scale, tolerance=TOLERANCES[dtype] if tolerance is None else tolerance,
+            worst_weight=worst[0], worst_weight_ratio=worst[1],
+            selections_identical=self.identical if with_predictor else None,
+            mean_overlap=float(np.mean(self.overlaps)) if self.overlaps else None,
+            min_agreement=AGREEMENT.get(dtype, 0.9), **extra)
+
+
+def _check_weights(checks: list, take_llm_weight) -> tuple[str, float]:
+    """Run every weight check (_bundle_tensors); return the worst (name, ratio). The LLM's
+    weights (the first check) are handed to take_llm_weight(name, value) one by one."""
+    worst, ratio = "", 0.0
+    for check in checks:
+        for name, value, r in check:
+            if r > ratio or not worst:
+                worst, ratio = name, r
+            if check is checks[0]:
+                take_llm_weight(name, value)
+    return worst, ratio
 
 
 def _predictor_weights(bundle: Path, source: Source):
@@ -264,7 +314,7 @@ def verify(bundle: Path, source: Source, *, prompts=PROMPTS, density: float | No
     torch = torch_or_error("--verify")
 
     import ifprune_mlx
-    from .reference import indices_to_mask, select_channels, set_ffn_mask
+    from .reference import indices_to_mask, set_ffn_mask
 
     bundle = Path(bundle)
     engine = ifprune_mlx.load(bundle)
@@ -280,7 +330,7 @@ def verify(bundle: Path, source: Source, *, prompts=PROMPTS, density: float | No
             return llm(torch.tensor([ids])).logits[0].numpy()
 
     # the engine, and the float32 source model, on every prompt: dense and pruned
-    runs, identical, overlaps = [], 0, []
+    runs, tally = [], _Tally()
     for prompt in prompts:
         ids = engine.prompt_tokens(prompt)
         selection = engine.select(prompt, density)  # predictor, or training-free for plain bundles
@@ -289,40 +339,26 @@ def verify(bundle: Path, source: Source, *, prompts=PROMPTS, density: float | No
             got = np.array(engine.model(mx.array([ids])).astype(mx.float32))[0]
             runs.append((ids, sel, got, logits(ids, sel)))
         if predictor is not None:
-            expected = select_channels(predictor, pred_tokenizer, prompt, density, engine.pad_multiple)
-            identical += all(np.array_equal(a, b) for a, b in zip(expected, selection.indices))
-            overlaps += _selection_overlaps(expected, selection)
+            tally.selection(predictor, pred_tokenizer, prompt, density, engine, selection)
     engine.apply(None)
 
     # every weight against its source; the reference then takes the bundle's weights
-    worst, ratio = "", 0.0
     checks = [_bundle_tensors(weight_files(bundle), source.llm, quantization, rows=True),
               *_predictor_weights(bundle, source)]
     params = dict(llm.named_parameters())
-    with torch.no_grad():
-        for check in checks:
-            for name, value, r in check:
-                if r > ratio or not worst:
-                    worst, ratio = name, r
-                if check is checks[0] and name in params:
-                    params[name].copy_(_tensor(torch, value))
 
-    dense = pruned = source_diff = scale = 0.0
+    def into_reference(name, value):
+        if name in params:
+            params[name].copy_(_tensor(torch, value))
+
+    with torch.no_grad():
+        worst = _check_weights(checks, into_reference)
+
     for ids, sel, got, source_logits in runs:
-        ref = logits(ids, sel)
-        diff = float(np.abs(ref - got).max())
-        dense, pruned = (max(dense, diff), pruned) if sel is None else (dense, max(pruned, diff))
-        source_diff = max(source_diff, float(np.abs(source_logits - got).max()))
-        scale = max(scale, float(np.abs(source_logits).max()))
-    return VerifyReport(
-        prompts=len(prompts), density=density, dtype=dtype, quantization=quantization,
-        dense_max_diff=dense, pruned_max_diff=pruned, source_max_diff=source_diff, logit_scale=scale,
-        tolerance=TOLERANCES[dtype] if tolerance is None else tolerance,
-        worst_weight=worst, worst_weight_ratio=ratio,
-        selections_identical=identical if predictor is not None else None,
-        mean_overlap=float(np.mean(overlaps)) if overlaps else None,
-        min_agreement=AGREEMENT.get(dtype, 0.9),
-    )
+        tally.logits(sel, float(np.abs(logits(ids, sel) - got).max()))
+        tally.source(float(np.abs(source_logits - got).max()), float(np.abs(source_logits).max()))
+    return tally.report(prompts=len(prompts), density=density, dtype=dtype, quantization=quantization,
+                        tolerance=tolerance, worst=worst, with_predictor=predictor is not None)
 
 
 # -- an mlx-lm folder: mlx-lm's own model is the reference -----------------------------------------
@@ -350,12 +386,6 @@ def _gates_masked(model, selection, d_ffn: int):
     finally:
         for gate, params in saved:
             gate.update(params)
-
-
-def _greedy(model, ids: list[int], n: int) -> list[int]:
-    from mlx_lm.generate import generate_step
-
-    return [int(token) for token, _ in generate_step(mx.array(ids), model, max_tokens=n)]
 
 
 def _float32_logits(model, ids: list[int]) -> mx.array:
@@ -391,61 +421,43 @@ def verify_with_mlx_lm(bundle: Path, source: Source, *, prompts=PROMPTS, density
     pred_tokenizer = _predictor_tokenizer(bundle) if predictor is not None else None
 
     # the bundle against mlx-lm's model as it is
-    runs, source_diff, scale, kls, top1, positions, greedy_same, overlaps, identical = [], 0.0, 0.0, [], 0, 0, 0, [], 0
+    runs, tally, kls, top1, positions, greedy_same = [], _Tally(), [], 0, 0, 0
     for prompt in prompts:
         ids = engine.prompt_tokens(prompt)
         engine.apply(None)
-        theirs = _greedy(mlx_lm_model, ids, GREEDY_TOKENS)
-        greedy_same += _greedy(engine.model, ids, GREEDY_TOKENS) == theirs
+        theirs = greedy_tokens(mlx_lm_model, ids, GREEDY_TOKENS)
+        greedy_same += greedy_tokens(engine.model, ids, GREEDY_TOKENS) == theirs
         ref, got = _float32_logits(mlx_lm_model, ids + theirs), _float32_logits(engine.model, ids + theirs)
-        log_ref, log_got = ref - mx.logsumexp(ref, -1, keepdims=True), got - mx.logsumexp(got, -1, keepdims=True)
-        kls.append(np.array(mx.sum(mx.exp(log_ref) * (log_ref - log_got), axis=-1)))
+        kls.append(np.array(next_token_kl(ref, got)))
         top1 += int(mx.sum(ref.argmax(-1) == got.argmax(-1)))
         positions += ref.shape[0]
-        source_diff = max(source_diff, float(mx.abs(ref - got).max()))
-        scale = max(scale, float(mx.abs(ref).max()))
+        tally.source(float(mx.abs(ref - got).max()), float(mx.abs(ref).max()))
         selection = engine.select(prompt, density)
         for sel in (None, selection):
             engine.apply(sel)
             runs.append((ids, sel, _float32_logits(engine.model, ids)))
         if predictor is not None:
-            from .reference import select_channels
-
-            expected = select_channels(predictor, pred_tokenizer, prompt, density, engine.pad_multiple)
-            identical += all(np.array_equal(a, b) for a, b in zip(expected, selection.indices))
-            overlaps += _selection_overlaps(expected, selection)
+            tally.selection(predictor, pred_tokenizer, prompt, density, engine, selection)
     engine.apply(None)
 
     # every weight against its source; mlx-lm's float32 model then takes the bundle's weights
-    worst, ratio, own = "", 0.0, {}
+    own = {}
     checks = [_bundle_tensors(weight_files(bundle), source.llm, quantization, rows=True,
                               source_quantization=source.quantization),
               *_predictor_weights(bundle, source)]
-    for check in checks:
-        for name, value, r in check:
-            if r > ratio or not worst:
-                worst, ratio = name, r
-            if check is checks[0]:
-                own[name] = value
+    worst = _check_weights(checks, own.__setitem__)
     float_config = {k: v for k, v in source.config.items() if k not in ("quantization", "quantization_config")}
     reference = build_model(float_config, prunable=False)
     reference.load_weights(list(own.items()), strict=True)
-    dense = pruned = 0.0
     for ids, sel, got in runs:
         with _gates_masked(reference, sel, engine.d_ffn) as masked:
-            diff = float(mx.abs(_float32_logits(masked, ids) - got).max())
-        dense, pruned = (max(dense, diff), pruned) if sel is None else (dense, max(pruned, diff))
+            tally.logits(sel, float(mx.abs(_float32_logits(masked, ids) - got).max()))
 
     down_bits = [module_quantization(source.quantization, name.removesuffix(".scales"))["bits"]
                  for name in source.llm if source.quantization and name.endswith("mlp.down_proj.scales")]
-    return VerifyReport(
-        prompts=len(prompts), density=density, dtype=dtype, quantization=quantization,
-        dense_max_diff=dense, pruned_max_diff=pruned, source_max_diff=source_diff, logit_scale=scale,
-        tolerance=TOLERANCES[dtype] if tolerance is None else tolerance,
-        worst_weight=worst, worst_weight_ratio=ratio,
-        selections_identical=identical if predictor is not None else None,
-        mean_overlap=float(np.mean(overlaps)) if overlaps else None,
-        min_agreement=AGREEMENT.get(dtype, 0.9), reference=f"mlx-lm's model of {source.folder}",
+    return tally.report(
+        prompts=len(prompts), density=density, dtype=dtype, quantization=quantization, tolerance=tolerance,
+        worst=worst, with_predictor=predictor is not None, reference=f"mlx-lm's model of {source.folder}",
         source_tolerance=requantization_tolerance(min(down_bits)) if down_bits else None,
         kl=float(np.mean(np.concatenate(kls))), top1_agreement=top1 / positions, greedy_identical=greedy_same,
     )

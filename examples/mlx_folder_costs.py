@@ -47,6 +47,7 @@ from converters.verify import PROMPTS  # noqa: E402
 from converters.write import convert  # noqa: E402
 from examples.train_tiny import data  # noqa: E402
 from ifprune_mlx import testing  # noqa: E402
+from ifprune_mlx.fidelity import greedy_tokens, next_token_kl  # noqa: E402
 
 DEMO = ROOT / "examples" / "train_tiny" / "checkpoint"
 SETTINGS = [(4, 64), (4, 32), (8, 64), (8, 32)]  # (bits, group size), as mlx_lm.convert -q takes them
@@ -81,23 +82,8 @@ def to_bundle(src: Path, out: Path, predictor: Path | None = None) -> None:
 # -- accuracy ------------------------------------------------------------------------------------
 
 
-def greedy(model, ids: list[int], n: int = CONTINUATION) -> list[int]:
-    from mlx_lm.generate import generate_step
-
-    return [int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=n)]
-
-
 def logits(model, ids: list[int]) -> mx.array:
     return model(mx.array([ids]))[0].astype(mx.float32)
-
-
-def log_softmax(x: mx.array) -> mx.array:
-    return x - mx.logsumexp(x, axis=-1, keepdims=True)
-
-
-def kl(p: mx.array, q: mx.array) -> np.ndarray:
-    """KL(p || q) per position, from log-probabilities."""
-    return np.array(mx.sum(mx.exp(p) * (p - q), axis=-1))
 
 
 def down_at_8_bits(engine, mlx_lm_model, group_size: int) -> None:
@@ -115,21 +101,19 @@ def compare(reference, candidates: dict, float_model, prompts: list[list[int]]) 
     out = {name: {"kl": [], "diff": 0.0, "scale": 0.0, "top1": 0, "greedy": 0} for name in candidates}
     positions, quant_kl = 0, []
     for ids in prompts:
-        theirs = greedy(reference, ids)
+        theirs = greedy_tokens(reference, ids, CONTINUATION)
         seq = ids + theirs
-        raw = logits(reference, seq)
-        ref = log_softmax(raw)
-        quant_kl.append(kl(log_softmax(logits(float_model, seq)), ref))
+        ref = logits(reference, seq)
+        quant_kl.append(np.array(next_token_kl(logits(float_model, seq), ref)))
         positions += len(seq)
         for name, model in candidates.items():
-            mine = logits(model, seq)
-            got = log_softmax(mine)
+            got = logits(model, seq)
             row = out[name]
-            row["kl"].append(kl(ref, got))
-            row["diff"] = max(row["diff"], float(mx.abs(mine - raw).max()))
-            row["scale"] = max(row["scale"], float(mx.abs(raw).max()))
+            row["kl"].append(np.array(next_token_kl(ref, got)))
+            row["diff"] = max(row["diff"], float(mx.abs(got - ref).max()))
+            row["scale"] = max(row["scale"], float(mx.abs(ref).max()))
             row["top1"] += int(mx.sum(ref.argmax(-1) == got.argmax(-1)))
-            row["greedy"] += greedy(model, ids) == theirs
+            row["greedy"] += greedy_tokens(model, ids, CONTINUATION) == theirs
     for row in out.values():
         all_kl = np.concatenate(row.pop("kl"))
         row.update(kl_mean=float(all_kl.mean()), kl_max=float(all_kl.max()), top1=row["top1"] / positions,

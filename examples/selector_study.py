@@ -32,7 +32,7 @@ from mlx_lm.models.cache import make_prompt_cache
 import ifprune_mlx as ifp
 from ifprune_mlx.bench import blas_name, prompt_text, synthetic_config, write_synthetic_bundle
 from ifprune_mlx.demo import demo_bundle
-from ifprune_mlx.fidelity import kl_after_prefill, random_selection
+from ifprune_mlx.fidelity import kl_after_prefill, prefill_dense, random_selection
 from ifprune_mlx.selectors import ActivationSelector, Selection, static_top_k
 from ifprune_mlx.testing import make_model_folder, model_config
 
@@ -48,10 +48,7 @@ def _answer(engine, prompt: str, selection: Selection | None, dense_prefill: boo
         engine.apply(selection)
         return list(engine.stream_responses(prompt, max_tokens=max_tokens))
     ids = engine.prompt_tokens(prompt)
-    engine.apply(None)
-    cache = make_prompt_cache(engine.model)
-    engine.model(mx.array([ids[:-1]], dtype=mx.int32), cache=cache)
-    mx.eval([c.state for c in cache])
+    cache = prefill_dense(engine, ids)
     engine.apply(selection)
     return list(engine.stream_responses(prompt, max_tokens=max_tokens, tokens=ids[-1:], prompt_cache=cache))
 
@@ -180,7 +177,8 @@ def demo(n: int, calibration_prompts: int, log) -> str:
         ids = engine.prompt_tokens(ex.prompt)
         for name, (mask_of, dense_prefill, measure_kl) in variants.items():
             selection = mask_of(ex.prompt)
-            text = "".join(r.text for r in _answer(engine, ex.prompt, selection, dense_prefill, 16))
+            responses = reference if selection is None else _answer(engine, ex.prompt, selection, dense_prefill, 16)
+            text = "".join(r.text for r in responses)
             hits[name][ex.skill].append(text.strip() == ex.answer)
             if measure_kl:
                 kl[name].append(kl_after_prefill(engine, ids, continuation, selection))

@@ -23,6 +23,32 @@ def random_selection(d_ffn: int, n_layers: int, k: int, seed: int) -> Selection:
     return Selection(tuple(indices), d_ffn, source="random")
 
 
+def next_token_kl(p_logits: mx.array, q_logits: mx.array) -> mx.array:
+    """KL(p || q) in nats at every position, from two [..., vocab] arrays of logits."""
+    log_p, log_q = _log_softmax(p_logits.astype(mx.float32)), _log_softmax(q_logits.astype(mx.float32))
+    return mx.sum(mx.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def greedy_tokens(model, ids: Sequence[int], n: int) -> list[int]:
+    """The model's greedy continuation of `ids`: n tokens (mlx-lm's generate_step)."""
+    from mlx_lm.generate import generate_step
+
+    return [int(token) for token, _ in generate_step(mx.array(list(ids)), model, max_tokens=n)]
+
+
+def prefill_dense(engine, prompt: Sequence[int]) -> list:
+    """GRIFFIN's setting: all but the last token of `prompt` prefilled by the dense model.
+
+    Returns the mlx-lm KV cache, evaluated, so the caller may apply a selection next (rows
+    move in place) and feed the last token pruned.
+    """
+    engine.apply(None)
+    cache = make_prompt_cache(engine.model)
+    engine.model(mx.array([list(prompt[:-1])], dtype=mx.int32), cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache
+
+
 def kl_after_prefill(engine, prompt: Sequence[int], continuation: Sequence[int],
                      selection: Selection | None) -> float:
     """Mean KL(dense || pruned), in nats, of the next-token distributions at the prompt's last
@@ -35,15 +61,11 @@ def kl_after_prefill(engine, prompt: Sequence[int], continuation: Sequence[int],
         raise ValueError("the prompt needs at least 2 tokens (all but the last are prefilled dense)")
     engine.apply(None)
     dense = engine.model(mx.array([prompt + continuation], dtype=mx.int32))[0, len(prompt) - 1:]
-    cache = make_prompt_cache(engine.model)
-    engine.model(mx.array([prompt[:-1]], dtype=mx.int32), cache=cache)
-    mx.eval([c.state for c in cache], dense)  # before the rows move
+    mx.eval(dense)  # before the rows move
+    cache = prefill_dense(engine, prompt)
     engine.apply(selection)
     pruned = engine.model(mx.array([prompt[-1:] + continuation], dtype=mx.int32), cache=cache)[0]
-    log_p = _log_softmax(dense.astype(mx.float32))
-    log_q = _log_softmax(pruned.astype(mx.float32))
-    kl = mx.sum(mx.exp(log_p) * (log_p - log_q), axis=-1)
-    return float(mx.mean(kl).item())
+    return float(mx.mean(next_token_kl(dense, pruned)).item())
 
 
 def _log_softmax(logits: mx.array) -> mx.array:
