@@ -160,7 +160,7 @@ class ChatSession:
 
     def set_selector(self, name: str | None) -> None:
         """Select masks with `name` ("predictor" or "activations") from the next selection on."""
-        self.selector = self.engine.get_selector(name).name if name is not None else self.engine.selector.name
+        self.selector = self.engine.get_selector(name).name
 
     def set_density(self, density: float) -> int:
         """Keep `density` of the FFN channels from the next turn on; returns the kept count.

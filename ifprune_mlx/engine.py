@@ -149,10 +149,14 @@ class Engine:
         self.applied = selection
         return self.last_apply
 
+    def _uses_pin(self, density: float | None, selector) -> bool:
+        """Whether a call with these overrides computes with the pinned selection."""
+        return self._pinned and density is None and selector is None
+
     def prepare(self, prompt: Prompt, density: float | None = None,
                 selector: str | Selector | None = None) -> Selection | None:
         """Apply the selection a generation call on `prompt` uses, and return it."""
-        if self._pinned and density is None and selector is None:
+        if self._uses_pin(density, selector):
             target = self._pinned_selection
         else:
             target = self.select(prompt, density, selector)
@@ -192,9 +196,9 @@ class Engine:
         """
         ids = self.prompt_tokens(prompt) if tokens is None else list(tokens)
         chooser = self.get_selector(selector)
-        pinned = self._pinned and density is None and selector is None
         prefilled = None
-        if not pinned and isinstance(chooser, ActivationSelector) and prompt_cache is None and tokens is None:
+        if (isinstance(chooser, ActivationSelector) and not self._uses_pin(density, selector)
+                and prompt_cache is None and tokens is None):
             prefilled = self._griffin_prefill(chooser, ids, density)
         if prefilled is None:
             self.prepare(prompt, density, selector)
