@@ -35,7 +35,8 @@ import mlx.nn as nn
 
 from ifprune_mlx.bundle import TOKENIZER_FILES, read_config_file, safetensors_header
 from ifprune_mlx.errors import BundleError, ConversionError
-from ifprune_mlx.models import build_model, is_down_proj, is_gate_up_proj, normalize_config, split_gate_up
+from ifprune_mlx.models import (build_model, is_down_proj, is_gate_up_proj, module_quantization,
+                                normalize_config, split_gate_up)
 from ifprune_mlx.predictor import HEAD_WIDTH
 from ifprune_mlx.prune import QuantizedRowLinear
 
@@ -335,11 +336,6 @@ def _check_model(config: dict, tensors: dict[str, TensorRef], what: str, rows: b
         if not ref.dtype.startswith(("float", "bfloat")):
             raise ConversionError(f"{ref.path.name}: tensor {ref.name!r} has dtype {ref.dtype}; expected floats")
     return kept
-
-
-def module_quantization(quantization: dict, module: str) -> dict:
-    """How one module is quantized: mlx-lm's per-module entry in "quantization", else its defaults."""
-    return {**quantization, **(quantization.get(module) or {})}
 
 
 def _check_quantized(config: dict, quantization: dict, tensors: dict[str, TensorRef],

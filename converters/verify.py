@@ -34,9 +34,9 @@ import numpy as np
 from ifprune_mlx.bundle import read_safetensors, weight_files
 from ifprune_mlx.errors import ConversionError
 from ifprune_mlx.fidelity import greedy_tokens, next_token_kl
-from ifprune_mlx.models import is_gate_up_proj
+from ifprune_mlx.models import is_down_proj, is_gate_up_proj, module_quantization
 
-from .layouts import Source, is_down_proj, module_quantization
+from .layouts import Source
 from .readers import TensorRef, torch_or_error
 
 PROMPTS = (

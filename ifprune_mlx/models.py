@@ -139,6 +139,11 @@ def split_gate_up(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return out
 
 
+def module_quantization(quantization: dict, module: str) -> dict:
+    """How one module is quantized: mlx-lm's per-module entry in "quantization", else its defaults."""
+    return {**quantization, **(quantization.get(module) or {})}
+
+
 def to_row_layout(weights: dict[str, mx.array], quantization: dict | None = None) -> dict[str, mx.array]:
     """Standard layout -> row layout: every mlp.down_proj [d_model, d_ffn] becomes [d_ffn, d_model].
 
@@ -155,7 +160,7 @@ def to_row_layout(weights: dict[str, mx.array], quantization: dict | None = None
         if f"{base}.scales" not in weights:
             out[name] = mx.contiguous(weights[name].T)
             continue
-        q = {**quantization, **(quantization.get(base) or {})}
+        q = module_quantization(quantization, base)
         dense = mx.dequantize(weights[name], weights[f"{base}.scales"], weights[f"{base}.biases"],
                               group_size=q["group_size"], bits=q["bits"])
         out[name], out[f"{base}.scales"], out[f"{base}.biases"] = mx.quantize(

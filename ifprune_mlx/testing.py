@@ -86,8 +86,6 @@ def make_model_folder(folder: Path, config: dict | None = None, seed: int = 0) -
     return folder
 
 
-
-
 def quantize_model_folder(folder: Path, bits: int, group_size: int = 64, predicate=None) -> nn.Module:
     """Quantize a plain model folder in place as `mlx_lm.convert -q` does; returns mlx-lm's model.
 
