@@ -321,13 +321,11 @@ def decode(engine, dense: nn.Module, s: Settings, log: Callable[[str], None]) ->
     order (AB, BA, ...); the ratio is the median over rounds of the ratio of the two
     neighbouring blocks, so load changes between rounds cancel.
     """
-    from .selectors import kept_count
-
     prompt = _ids(engine, s.decode_prompt)
     text = engine.tokenizer.decode(prompt)
     rows, dense_tps = [], None
     for density in sorted(s.densities, reverse=True):
-        k = kept_count(density, engine.d_ffn, engine.pad_multiple)
+        k = engine.kept_count(density)
         engine.apply(None if k == engine.d_ffn else engine.select(text, density))
         reference = dense if k == engine.d_ffn else plain_model(engine, k)
         few = mx.array([prompt[:4]])

@@ -38,7 +38,7 @@ from mlx_lm.generate import GenerationResponse
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from .errors import BundleError, SelectionError
-from .selectors import Selection, check_density, kept_count
+from .selectors import Selection, check_density
 
 POLICIES = ("per-task", "per-turn", "off")
 DENSE = "dense"  # the cache key of the unpruned model
@@ -172,7 +172,7 @@ class ChatSession:
         return self.kept_count()
 
     def kept_count(self) -> int:
-        return kept_count(self.density, self.engine.d_ffn, self.engine.pad_multiple)
+        return self.engine.kept_count(self.density)
 
     def reselect(self) -> None:
         """The next user message selects a new mask (per-task: it becomes the new task)."""

@@ -41,18 +41,12 @@ def info(path: Path = typer.Argument(..., help="A bundle or a plain mlx-lm / Hug
         ("weights", f"{engine.weight_bytes() / 1e6:.1f} MB" + (f" ({q['bits']}-bit, group {q['group_size']})" if q else "")),
         ("selectors", "predictor = trained predictor (default), activations = training-free" if engine.has_predictor
          else "activations (training-free; no trained predictor)"),
-        ("default density", f"{engine.default_density:.2f} -> keeps {_kept(engine)} of {engine.d_ffn} channels"),
+        ("default density", f"{engine.default_density:.2f} -> keeps {engine.kept_count()} of {engine.d_ffn} channels"),
         ("chat template", "yes" if getattr(engine.tokenizer, "chat_template", None) else "no"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")
-
-
-def _kept(engine) -> int:
-    from .selectors import kept_count
-
-    return kept_count(engine.default_density, engine.d_ffn, engine.pad_multiple)
 
 
 @app.command()
