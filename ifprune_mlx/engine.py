@@ -46,12 +46,16 @@ class Engine:
         selectors: name -> Selector: "predictor" (bundles with a trained predictor) and
             "activations" (training-free, every model).
         selector: the default one: the predictor where there is one, else "activations".
+        deterministic: whether kept rows are kept in channel order, so a selection computes
+            the same logits bit for bit whatever was applied before (costs up to two row
+            copies per kept channel per apply instead of one per changed channel).
     """
 
     def __init__(self, model: nn.Module, tokenizer, config: dict, selector_tokenizer=None,
                  predictor=None, default_density: float | None = None, pad_multiple: int = 32,
-                 cache_size: int = 64, path: Path | None = None):
+                 cache_size: int = 64, path: Path | None = None, deterministic: bool = True):
         self.model, self.tokenizer, self.config, self.path = model, tokenizer, config, path
+        self.deterministic = deterministic
         self.mlps = prunable_mlps(model)
         self.n_layers, self.d_ffn = len(self.mlps), self.mlps[0].d_ffn
         self.selectors: dict[str, Selector] = {}
@@ -145,7 +149,8 @@ class Engine:
     def _apply(self, selection: Selection | None) -> ApplyStats:
         if selection is self.applied:
             return ApplyStats([0] * self.n_layers)
-        self.last_apply = apply_selection(self.mlps, None if selection is None else list(selection.indices))
+        self.last_apply = apply_selection(self.mlps, None if selection is None else list(selection.indices),
+                                          canonical=self.deterministic)
         self.applied = selection
         return self.last_apply
 
@@ -290,13 +295,15 @@ def _read_model(folder: Path, config: dict, is_bundle: bool, on_progress=None) -
     return model
 
 
-def load(path: str | Path, *, cache_size: int = 64,
+def load(path: str | Path, *, cache_size: int = 64, deterministic: bool = True,
          on_progress: Callable[[int, int], None] | None = None) -> Engine:
     """Load a bundle, or a plain mlx-lm / Hugging Face float model folder, as an Engine.
 
     Args:
         path: the folder.
         cache_size: how many selections to keep (LRU, keyed by prompt and density).
+        deterministic: keep kept rows in channel order, so the same prompt and density give
+            the same text whatever ran before (False: cheaper applies, order follows history).
         on_progress: called as on_progress(done, total) while the LLM's layers load.
     """
     folder = Path(path).expanduser()
@@ -317,4 +324,5 @@ def load(path: str | Path, *, cache_size: int = 64,
             selector_tokenizer = load_tokenizer(pdir)
     return Engine(model, tokenizer, config, selector_tokenizer, predictor,
                   default_density=block.get("default_density"),
-                  pad_multiple=block.get("pad_multiple", 32), cache_size=cache_size, path=folder)
+                  pad_multiple=block.get("pad_multiple", 32), cache_size=cache_size, path=folder,
+                  deterministic=deterministic)

@@ -11,8 +11,15 @@ Applying a selection S of k channels makes positions [0, k) hold exactly S:
 The work is a few row copies per array, sized by the channels that change, not by the
 model, done in the weight's own buffer (no second copy of any weight): through a NumPy view
 of the buffer where NumPy has the dtype and writes reach MLX (CPU, unified memory), else
-with MLX gathers evaluated before the scatter, so MLX reuses the buffer. Order inside the prefix does not matter: the FFN output is
-a sum over its channels, so the pruned model equals the dense one with the others zeroed.
+with MLX gathers evaluated before the scatter, so MLX reuses the buffer.
+
+The FFN output is a sum over its channels, so any order inside the prefix computes the dense
+model with the others zeroed, but float rounding follows the order, and near-ties in greedy
+decoding can flip with it. With `canonical=True` the prefix is also put in ascending channel
+order (and dense in the original order), so the same selection computes bit for bit the same
+whatever was applied before. That costs up to two row copies per kept channel instead of
+one per changed channel: the move is a permutation of positions, done as two rounds of
+disjoint swaps (every permutation is a product of two involutions).
 
 A failed apply (error or Ctrl-C) swaps back what it had swapped: swaps are involutions.
 """
@@ -157,6 +164,47 @@ def plan_swaps(perm: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return incoming, outgoing
 
 
+Swaps = tuple[np.ndarray, np.ndarray]  # rows a[i] <-> b[i], all positions distinct
+
+
+def plan_canonical(perm: np.ndarray, keep: np.ndarray) -> list[Swaps]:
+    """Rounds of disjoint swaps after which positions [0, len(keep)) hold `keep` in ascending order.
+
+    Channels dropped from the prefix take the places of those that enter it; the others stay.
+    The permutation of positions this defines is split, cycle by cycle, into two involutions:
+    reversing a cycle (c_i <-> c_-i) then reflecting it (c_i <-> c_1-i) moves c_i to c_i+1.
+    """
+    k = len(keep)
+    incoming, outgoing = plan_swaps(perm, keep)
+    where = np.empty(len(perm), dtype=np.int64)
+    where[perm] = np.arange(len(perm))  # channel -> position
+    target = np.arange(len(perm))       # position -> its row's new position
+    target[where[np.sort(keep)]] = np.arange(k)
+    target[outgoing] = incoming
+    rounds: list[tuple[list[int], list[int]]] = [([], []), ([], [])]
+    seen = target == np.arange(len(perm))
+    for start in np.flatnonzero(~seen):
+        if seen[start]:
+            continue
+        cycle = [int(start)]
+        seen[start] = True
+        nxt = int(target[start])
+        while nxt != start:
+            cycle.append(nxt)
+            seen[nxt] = True
+            nxt = int(target[nxt])
+        m = len(cycle)
+        for i in range(1, (m + 1) // 2):              # round 1: c_i <-> c_-i
+            rounds[0][0].append(cycle[i])
+            rounds[0][1].append(cycle[m - i])
+        for i in range(m):                            # round 2: c_i <-> c_(1-i)
+            j = (1 - i) % m
+            if i < j:
+                rounds[1][0].append(cycle[i])
+                rounds[1][1].append(cycle[j])
+    return [(np.array(a, dtype=np.int64), np.array(b, dtype=np.int64)) for a, b in rounds if a]
+
+
 @functools.cache
 def _numpy_writes_reach_mlx(device: str) -> bool:
     """Whether writing through np.array(a, copy=False) changes the MLX array a on `device`.
@@ -213,44 +261,62 @@ def _swap_rows(module: nn.Module, name: str, a: mx.array, b: mx.array) -> None:
 
 
 def _swap_layer(mlp: PrunableMLP, a: np.ndarray, b: np.ndarray) -> None:
+    """Swap rows a[i] <-> b[i] in every row array of the layer, and in its perm."""
     if len(a) == 0:
         return
-    a, b = mx.array(a.astype(np.int32)), mx.array(b.astype(np.int32))
+    ma, mb = mx.array(a.astype(np.int32)), mx.array(b.astype(np.int32))
     done = []
     try:
         for module, name in mlp.row_arrays():
-            _swap_rows(module, name, a, b)
+            _swap_rows(module, name, ma, mb)
             done.append((module, name))
     except BaseException:
         for module, name in reversed(done):
-            _swap_rows(module, name, a, b)
+            _swap_rows(module, name, ma, mb)
         raise
+    mlp.perm[a], mlp.perm[b] = mlp.perm[b], mlp.perm[a].copy()
 
 
-def apply_selection(mlps: list[PrunableMLP], keep: list[np.ndarray] | None) -> ApplyStats:
+def _move_layer(mlp: PrunableMLP, rounds: list[Swaps]) -> None:
+    """Run rounds of swaps on one layer; on failure undo the rounds done, in reverse."""
+    for i, (a, b) in enumerate(rounds):
+        try:
+            _swap_layer(mlp, a, b)
+        except BaseException:
+            for a_done, b_done in reversed(rounds[:i]):
+                _swap_layer(mlp, a_done, b_done)
+            raise
+
+
+def apply_selection(mlps: list[PrunableMLP], keep: list[np.ndarray] | None,
+                    canonical: bool = False) -> ApplyStats:
     """Make every layer compute on exactly its `keep` channels (None: all channels).
 
+    canonical: also order the prefix by channel id (dense: the original order), so results
+    do not depend on what was applied before (see the module docstring for the cost).
     Transactional: on any error, including KeyboardInterrupt, every layer is swapped back
     to the selection it had before and the error is re-raised.
     """
     if keep is None:
-        for mlp in mlps:
-            mlp.k = mlp.d_ffn
-        return ApplyStats([0] * len(mlps))
+        if not canonical:
+            for mlp in mlps:
+                mlp.k = mlp.d_ffn
+            return ApplyStats([0] * len(mlps))
+        keep = [np.arange(mlp.d_ffn) for mlp in mlps]
     if len(keep) != len(mlps):
         raise SelectionError(f"selection has {len(keep)} layers, the model has {len(mlps)}")
-    plans = [plan_swaps(mlp.perm, ids) for mlp, ids in zip(mlps, keep)]
-    done: list[tuple[PrunableMLP, np.ndarray, np.ndarray, int]] = []
+    plan = plan_canonical if canonical else lambda perm, ids: [plan_swaps(perm, ids)]
+    plans = [plan(mlp.perm, np.asarray(ids)) for mlp, ids in zip(mlps, keep)]
+    done: list[tuple[PrunableMLP, list[Swaps], int]] = []
     try:
-        for mlp, ids, (a, b) in zip(mlps, keep, plans):
-            _swap_layer(mlp, a, b)
-            done.append((mlp, a, b, mlp.k))
-            mlp.perm[a], mlp.perm[b] = mlp.perm[b], mlp.perm[a].copy()
+        for mlp, ids, rounds in zip(mlps, keep, plans):
+            _move_layer(mlp, rounds)
+            done.append((mlp, rounds, mlp.k))
             mlp.k = len(ids)
     except BaseException:
-        for mlp, a, b, old_k in reversed(done):
-            _swap_layer(mlp, a, b)
-            mlp.perm[a], mlp.perm[b] = mlp.perm[b], mlp.perm[a].copy()
+        for mlp, rounds, old_k in reversed(done):
+            for a, b in reversed(rounds):
+                _swap_layer(mlp, a, b)
             mlp.k = old_k
         raise
-    return ApplyStats([len(a) for a, _ in plans])
+    return ApplyStats([sum(len(a) for a, _ in rounds) for rounds in plans])

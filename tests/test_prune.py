@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import ifprune_mlx as ifp
 from ifprune_mlx.models import build_model
-from ifprune_mlx.prune import QuantizedRowLinear, RowLinear, apply_selection, plan_swaps
+from ifprune_mlx.prune import QuantizedRowLinear, RowLinear, apply_selection, plan_canonical, plan_swaps
 from ifprune_mlx.testing import make_bundle, model_config
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 64]])
@@ -145,10 +145,11 @@ def test_apply_cost_is_the_number_of_changed_channels(changed):
     assert stats.swaps_per_layer == [changed] * len(mlps)
 
 
-def test_failed_apply_rolls_back_every_layer(bundle_dir, monkeypatch):
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_failed_apply_rolls_back_every_layer(bundle_dir, monkeypatch, deterministic):
     import ifprune_mlx.prune as prune
 
-    engine = ifp.load(bundle_dir)
+    engine = ifp.load(bundle_dir, deterministic=deterministic)
     engine.apply([np.arange(64)] * engine.n_layers)
     before_text = engine.generate("hello", max_tokens=8)
     before_perm = [m.perm.copy() for m in engine.mlps]
@@ -192,3 +193,64 @@ def test_swap_rows_swaps_exactly_the_pairs(dtype):
     expected[np.concatenate([a, b])] = expected[np.concatenate([b, a])]
     _swap_rows(layer, "weight", mx.array(a), mx.array(b))
     assert np.array_equal(np.array(layer.weight.astype(mx.float32)), expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seeds=st.lists(st.one_of(st.none(), st.integers(0, 2**31)), min_size=1, max_size=6),
+       canonical=st.lists(st.booleans(), min_size=6, max_size=6))
+def test_canonical_order_depends_on_the_selection_only(seeds, canonical):
+    """After any history of applies, a canonical apply puts the kept channels in ascending
+    order (dense: the original order) and computes bit for bit what a fresh model does."""
+    _, mlps = big_mlps(d_model=32, d_ffn=160, layers=2)
+    pristine = [[np.array(m[n]) for m, n in mlp.row_arrays()] for mlp in mlps]
+    x = mx.random.normal((1, 3, 32), key=mx.random.key(1))
+    keep = None
+    for seed, canon in zip(seeds, canonical):
+        keep = None if seed is None else random_selection(np.random.default_rng(seed), len(mlps), 160)
+        apply_selection(mlps, keep, canonical=canon)
+    apply_selection(mlps, keep, canonical=True)
+    for layer, mlp in enumerate(mlps):
+        want = np.arange(160) if keep is None else keep[layer]
+        assert np.array_equal(mlp.perm[: len(want)], want)
+        for (module, name), rows in zip(mlp.row_arrays(), pristine[layer]):
+            assert np.array_equal(np.array(module[name]), rows[mlp.perm])
+    fresh_model, fresh = big_mlps(d_model=32, d_ffn=160, layers=2)
+    for mlp, rows in zip(fresh, pristine):
+        for (module, name), value in zip(mlp.row_arrays(), rows):
+            module[name] = mx.array(value)
+    apply_selection(fresh, keep, canonical=True)
+    for mlp, other in zip(mlps, fresh):
+        assert np.array_equal(np.array(mlp(x)), np.array(other(x)))
+
+
+def test_canonical_plan_is_rounds_of_disjoint_swaps():
+    rng = np.random.default_rng(3)
+    perm = rng.permutation(64)
+    keep = np.sort(rng.choice(64, 20, replace=False))
+    rounds = plan_canonical(perm, keep)
+    assert 1 <= len(rounds) <= 2
+    moved = perm.copy()
+    for a, b in rounds:
+        assert len(set(a) | set(b)) == 2 * len(a)  # disjoint pairs: each round is an involution
+        moved[a], moved[b] = moved[b], moved[a].copy()
+    assert np.array_equal(moved[:20], keep)
+    assert plan_canonical(moved, keep) == []
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_engine_gives_the_same_logits_whatever_ran_before(bundle_dir, deterministic):
+    """Deterministic engines give identical logits; without the canonical order they move
+    (by float rounding only), which is why it is the default."""
+    engine = ifp.load(bundle_dir, deterministic=deterministic)
+    prompt = "Reverse the letters: a b c"
+    target = engine.select(prompt, density=0.5)
+    engine.apply(target)
+    first = np.array(engine.model(TOKENS))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        engine.apply(random_selection(rng, engine.n_layers, engine.d_ffn))
+        engine.apply(None)
+    engine.apply(target)
+    again = np.array(engine.model(TOKENS))
+    assert np.array_equal(again, first) == deterministic
+    assert np.abs(again - first).max() < 1e-4
