@@ -31,12 +31,13 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import ifprune_mlx as ifp
 from ifprune_mlx.bench import blas_name, prompt_text, synthetic_config, write_synthetic_bundle
-from ifprune_mlx.demo import demo_bundle
+from ifprune_mlx.resolve import checkpoint_bundle
 from ifprune_mlx.fidelity import kl_after_prefill, prefill_dense, random_selection
 from ifprune_mlx.selectors import ActivationSelector, Selection, static_top_k
 from ifprune_mlx.testing import make_model_folder, model_config
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_CHECKPOINT = REPO / "examples" / "train_tiny" / "checkpoint"
 DOC = REPO / "docs" / "SELECTORS.md"
 
 
@@ -80,7 +81,7 @@ def sweep(n: int, calibration_prompts: int, densities: list[float], plot: Path |
     """Accuracy vs density on the demo model: where do the selectors part ways?"""
     from examples.train_tiny import data
 
-    engine = ifp.load(demo_bundle())
+    engine = ifp.load(checkpoint_bundle(DEMO_CHECKPOINT))
     examples = data.test_set(n)
     calibration = _calibration_scores(engine, calibration_prompts)
     curves = {"trained predictor": [], "training-free, GRIFFIN (dense prefill)": [],
@@ -145,7 +146,7 @@ def _plot_sweep(densities, curves, dense: float, trained: float, path: Path) -> 
 def demo(n: int, calibration_prompts: int, log) -> str:
     from examples.train_tiny import data
 
-    engine = ifp.load(demo_bundle())
+    engine = ifp.load(checkpoint_bundle(DEMO_CHECKPOINT))
     raw = ActivationSelector(engine.model, engine.mlps, engine.prompt_tokens, normalize=False)
     density = engine.default_density
     k = engine.kept_count(density)

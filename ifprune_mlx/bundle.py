@@ -168,6 +168,7 @@ def write_atomic(out: Path, fill: Callable[[Path], None], force: bool = False) -
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         fill(tmp)
+        _make_readable(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.rename(out, old)
@@ -179,6 +180,27 @@ def write_atomic(out: Path, fill: Callable[[Path], None], force: bool = False) -
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _make_readable(folder: Path) -> None:
+    """Folders 0755 and files 0644, as a model folder is expected to be (mkdtemp makes 0700)."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def update_ifpruning(folder: Path, changes: dict) -> dict:
+    """Merge `changes` into a bundle's "ifpruning" block; config.json is replaced atomically."""
+    folder = Path(folder)
+    config = read_config(folder)
+    if ifpruning_block(config, folder) is None:
+        raise BundleError(f"{folder}: not an ifprune bundle (no \"ifpruning\" block in config.json)")
+    config["ifpruning"] = {**config["ifpruning"], **changes}
+    tmp = folder / f".config.json.{os.getpid()}"
+    tmp.write_text(json.dumps(config, indent=2))
+    tmp.chmod(0o644)
+    os.replace(tmp, folder / "config.json")
+    return config
 
 
 def new_ifpruning_block(default_density: float = 0.33, pad_multiple: int = 32,

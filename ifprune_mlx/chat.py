@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -37,33 +36,11 @@ import mlx.core as mx
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-from .errors import BundleError, SelectionError
+from .errors import SelectionError
 from .selectors import Selection, check_density
 
 POLICIES = ("per-task", "per-turn", "off")
 DENSE = "dense"  # the cache key of the unpruned model
-
-
-def default_model() -> Path:
-    """The model `ifprune chat` opens without MODEL: $IFPRUNE_MODEL, else the demo bundle
-    (converted from the shipped checkpoint on first use).
-
-    Raises BundleError, saying what to do, when $IFPRUNE_MODEL names no model folder.
-    """
-    env = os.environ.get("IFPRUNE_MODEL")
-    if not env:
-        from .console import in_megabytes, progress_bar
-        from .demo import demo_bundle
-
-        with progress_bar("preparing the demo model (MB)") as update:
-            return demo_bundle(in_megabytes(update))
-    path = Path(env).expanduser()
-    if not (path / "config.json").is_file():
-        raise BundleError(
-            f"IFPRUNE_MODEL={env} is not a model folder (no config.json); unset it to chat with the "
-            "demo model, or pass a bundle or model folder: `ifprune chat PATH`"
-        )
-    return path
 
 
 def mask_key(selection: Selection | None) -> str:

@@ -17,8 +17,9 @@ from typing import Callable, Optional
 
 import typer
 
-from .chat import DENSE, POLICIES, ChatSession, default_model, mask_key
-from .console import fail, friendly_errors, load_with_progress
+from .chat import DENSE, POLICIES, ChatSession, mask_key
+from .console import density_origin, fail, friendly_errors, open_model
+from .resolve import MODEL_HELP
 from .errors import IFPruneError
 from .selectors import check_density
 
@@ -127,9 +128,11 @@ class ChatREPL:
         responses = self.session.send(text)
         stop = _StopFlag()
         interrupted = False
+        shown = ""
         with stop:
             try:
                 for response in responses:
+                    shown += response.text
                     sys.stdout.write(response.text)
                     sys.stdout.flush()
                     if stop.hit:
@@ -139,7 +142,12 @@ class ChatREPL:
                 interrupted = True
             finally:
                 responses.close()
-        _say("\n[interrupted]" if interrupted else "")
+        if interrupted:
+            _say("\n[interrupted]")
+        elif not shown.strip():
+            _say("[empty answer: the model stopped at once; /dense or a higher /density may help]")
+        else:
+            _say()
 
     # -- commands ----------------------------------------------------------------------
 
@@ -232,6 +240,7 @@ class ChatREPL:
             ("first token", f"{t.ttft_ms:.1f} ms"),
             ("decode", f"{t.generation_tokens} tokens, {t.decode_tps:.1f} tok/s ({t.finish_reason})"),
             ("kept", f"{_kept(t.kept, d_ffn)} channels per layer (density {t.density:.2f})"),
+            ("default", f"density {self.engine.default_density:.2f}: {density_origin(self.engine)}"),
             ("memory", f"peak {_mb(t.peak_memory_gb)} this turn, weights {_mb(self.engine.weight_bytes() / 1e9)}"),
             ("KV caches", f"{caches}; {_mb(self.session.cache_bytes() / 1e9)}" if caches else "none"),
         ]
@@ -342,9 +351,8 @@ def _setup_readline(commands: list[str]) -> None:
 
 @friendly_errors
 def chat(
-    model: Optional[Path] = typer.Argument(
-        None, help="A bundle or plain model folder (default: $IFPRUNE_MODEL, else the demo bundle)."),
-    density: Optional[float] = typer.Option(None, help="Fraction of FFN channels to keep, in (0, 1]. Default: the bundle's."),
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
+    density: Optional[float] = typer.Option(None, help="Fraction of FFN channels to keep, in (0, 1]. Default: the model's (calibrated or trained)."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-m", help="Most tokens per answer."),
     temp: float = typer.Option(0.0, help="Sampling temperature (0: greedy)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
@@ -362,8 +370,7 @@ def chat(
         fail(f"--max-tokens must be at least 1, got {max_tokens}")
     if temp < 0 or not (0 < top_p <= 1):
         fail("--temp must be >= 0 and --top-p in (0, 1]")
-    path = model if model is not None else default_model()
-    engine = load_with_progress(path)
+    engine, found = open_model(model)
     session = ChatSession(engine, policy=select, density=density, selector=selector, system=system,
                           max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
     interactive = sys.stdin.isatty()
@@ -374,7 +381,9 @@ def chat(
                 f"{select} selection, density {session.density:.2f} "
                 f"({session.kept_count()} of {engine.d_ffn} channels per layer)")
         who = {"predictor": "trained predictor", "activations": "training-free selector"}[session.selector]
-        typer.secho(f"{path}: {engine.config['model_type']}, {engine.n_layers} layers, {who}; {what}",
+        if select != "off" and density is None:
+            what += f"; {density_origin(engine)}"
+        typer.secho(f"{found.path}: {engine.config['model_type']}, {engine.n_layers} layers, {who}; {what}",
                     dim=True)
         typer.secho("/help for commands, Ctrl-C stops an answer, Ctrl-D or /quit exits", dim=True)
     repl.run()

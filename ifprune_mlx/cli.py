@@ -8,7 +8,10 @@ from typing import Optional
 
 import typer
 
-from .console import friendly_errors, load_with_progress
+from . import __version__
+from .console import calibrate_with_progress, density_origin, fail, friendly_errors, open_model
+from .blas import active_blas
+from .resolve import MODEL_HELP
 
 app = typer.Typer(
     add_completion=False,
@@ -18,11 +21,23 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ifprune-mlx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Instruction-following pruning on MLX: select FFN channels per prompt, in place."""
+
+
 @app.command()
 @friendly_errors
-def info(path: Path = typer.Argument(..., help="A bundle or a plain mlx-lm / Hugging Face model folder.")):
-    """Describe a model: architecture, sizes, predictor, default density, weight bytes."""
-    engine = load_with_progress(path)
+def info(model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False)):
+    """Describe a model: where it is, architecture, sizes, predictor, default density, weight bytes."""
+    engine, found = open_model(model)
     c = engine.config
     q = c.get("quantization")
     if "ifpruning" in c:
@@ -32,7 +47,7 @@ def info(path: Path = typer.Argument(..., help="A bundle or a plain mlx-lm / Hug
     else:
         kind = "plain model (FFN put in row layout at load)"
     rows = [
-        ("path", str(path)),
+        ("path", str(found.path)),
         ("kind", kind),
         ("architecture", c["model_type"]),
         ("layers", engine.n_layers),
@@ -41,8 +56,11 @@ def info(path: Path = typer.Argument(..., help="A bundle or a plain mlx-lm / Hug
         ("weights", f"{engine.weight_bytes() / 1e6:.1f} MB" + (f" ({q['bits']}-bit, group {q['group_size']})" if q else "")),
         ("selectors", "predictor = trained predictor (default), activations = training-free" if engine.has_predictor
          else "activations (training-free; no trained predictor)"),
-        ("default density", f"{engine.default_density:.2f} -> keeps {engine.kept_count()} of {engine.d_ffn} channels"),
+        ("default density", f"{engine.default_density:.2f} -> keeps {engine.kept_count()} of {engine.d_ffn} channels "
+                            f"({density_origin(engine)})"),
+        ("context", f"{engine.context_length} tokens" if engine.context_length else "not stated"),
         ("chat template", "yes" if getattr(engine.tokenizer, "chat_template", None) else "no"),
+        ("BLAS (CPU)", active_blas()),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -52,9 +70,9 @@ def info(path: Path = typer.Argument(..., help="A bundle or a plain mlx-lm / Hug
 @app.command()
 @friendly_errors
 def generate(
-    path: Path = typer.Argument(..., help="A bundle or a plain model folder."),
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user prompt."),
-    density: Optional[float] = typer.Option(None, help="Fraction of FFN channels to keep, in (0, 1]. Default: the bundle's."),
+    density: Optional[float] = typer.Option(None, help="Fraction of FFN channels to keep, in (0, 1]. Default: the model's (calibrated or trained)."),
     selector: Optional[str] = typer.Option(None, "--selector", help="Who selects: predictor (the trained one; default where the bundle has one) or activations (training-free: a dense prefill scores the channels, decode runs pruned)."),
     dense: bool = typer.Option(False, "--dense", help="Do not prune: run the full model."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-m", help="Most tokens to generate."),
@@ -64,7 +82,11 @@ def generate(
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="Print selection and speed figures to stderr."),
 ):
     """Select channels for PROMPT, prune in place and stream the answer."""
-    engine = load_with_progress(path)
+    if dense and density is not None:
+        fail("--dense runs the full model; it cannot be combined with --density")
+    if dense and selector is not None:
+        fail("--dense runs the full model; it cannot be combined with --selector")
+    engine, _ = open_model(model)
     engine.get_selector(selector)  # an unknown selector, or "predictor" without one, fails here
     if dense:
         engine.apply(None)
@@ -88,6 +110,68 @@ def generate(
         )
 
 
+@app.command()
+@friendly_errors
+def calibrate(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
+    densities: str = typer.Option("0.3,0.4,0.5,0.6,0.7,0.8,0.9", "--densities",
+                                  help="The ladder of densities to measure, comma-separated."),
+    kl_budget: Optional[float] = typer.Option(None, "--kl-budget", help="The fidelity budget: mean next-token "
+                                              "KL to the dense model, in nats, that the default may cost "
+                                              "[default: 0.25]."),
+    selector: Optional[str] = typer.Option(None, "--selector", help="predictor or activations (default: the model's)."),
+    answer_tokens: Optional[int] = typer.Option(None, "--answer-tokens", help="Tokens of each reference answer [default: 24]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the report as Markdown to this file."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw KL and agreement vs density to this PNG."),
+    save: bool = typer.Option(True, "--save/--no-save", help="Store the chosen density as the model's default "
+                              "(bundles: in config.json; plain folders: in the cache)."),
+):
+    """Measure fidelity to the dense model at a ladder of densities and choose the default density.
+
+    For built-in varied instructions, the dense model's own answer is scored with each
+    density's pruned model (KL and top-1 agreement); the default is the lowest density within
+    the KL budget.
+    """
+    from . import calibrate as calibration_module
+    from .resolve import save_calibration
+    from .selectors import check_density
+
+    try:
+        ladder = sorted({check_density(float(d)) for d in densities.split(",") if d.strip()})
+    except ValueError:
+        fail(f"--densities takes numbers in (0, 1] separated by commas, got {densities!r}")
+    if not ladder:
+        fail("--densities is empty")
+    if kl_budget is not None and not kl_budget > 0:
+        fail(f"--kl-budget must be > 0 nats, got {kl_budget}")
+    if answer_tokens is not None and answer_tokens < 1:
+        fail(f"--answer-tokens must be at least 1, got {answer_tokens}")
+    engine, found = open_model(model)
+    engine.get_selector(selector)
+    options = {"densities": ladder, "selector": selector}
+    if kl_budget is not None:
+        options["kl_budget"] = kl_budget
+    if answer_tokens is not None:
+        options["answer_tokens"] = answer_tokens
+    result = calibrate_with_progress(engine, **options)
+    name = found.path.name if found.origin != "default" else "SmolLM2-135M-Instruct (the default model)"
+    for line in result.table():
+        typer.echo(line)
+    typer.echo(f"default density {result.density:.2f}: {result.summary()}")
+    if plot is not None:
+        if calibration_module.plot(result, plot, f"{name}: fidelity vs density ({result.selector})"):
+            typer.echo(f"plot: {plot}", err=True)
+        else:
+            typer.echo("plot skipped: matplotlib is not installed (pip install matplotlib)", err=True)
+    if out is not None:
+        command = "ifprune calibrate" + (f" {model}" if model else "") + (f" --plot {plot}" if plot else "") + f" --out {out}"
+        plot_name = str(Path(plot).relative_to(out.parent)) if plot and Path(plot).parent == out.parent else plot
+        out.write_text(calibration_module.report(result, name, command, plot_name and str(plot_name)))
+        typer.echo(f"report: {out}", err=True)
+    if save:
+        typer.echo(f"stored as the default: {save_calibration(engine, result)}", err=True)
+
+
 # Commands in their own modules register here.
 from converters.cli import convert  # noqa: E402
 app.command()(convert)
@@ -99,6 +183,10 @@ app.command()(chat)
 
 
 def main() -> None:
+    """The `ifprune` entry point: on Linux, re-run with OpenBLAS if it is installed (see blas.py)."""
+    from .blas import use_openblas
+
+    use_openblas()
     app()
 
 

@@ -54,9 +54,71 @@ def in_megabytes(update):
     return lambda done, total: update(done // 1_000_000, max(1, total // 1_000_000))
 
 
+@contextmanager
+def staged_progress():
+    """A transient progress display on stderr; yields on_progress(stage, done, total), which
+    starts a new bar whenever the stage changes."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=stderr, transient=True) as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: float, total: float) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        yield on_progress
+
+
 def load_with_progress(path: Path):
     """ifprune_mlx.load(path) with a progress bar over the layers."""
     import ifprune_mlx
 
     with progress_bar(f"loading {path}") as update:
         return ifprune_mlx.load(path, on_progress=update)
+
+
+def calibrate_with_progress(engine, **options):
+    """ifprune_mlx.calibrate.calibrate(engine, ...) with a progress bar over the prompts."""
+    from .calibrate import calibrate
+
+    with progress_bar("calibrating the default density (prompts)") as update:
+        return calibrate(engine, on_progress=update, **options)
+
+
+def open_model(model: str | None):
+    """Resolve MODEL (a folder, GGUF file, repo id, or None for the default; resolve.py), load
+    it, and give it its calibrated default density. A plain model converted or downloaded
+    here is calibrated the first time (once: the result is stored). Returns (engine, Resolved).
+    """
+    from . import resolve
+
+    with staged_progress() as on_progress:
+        found = resolve.resolve(model, on_progress=_megabytes(on_progress))
+    engine = load_with_progress(found.path)
+    if not resolve.attach_stored_calibration(engine) and found.made_here and not engine.has_predictor:
+        stderr.print(f"[dim]{found.path.name}: first use, measuring which density keeps it close to the "
+                     "dense model (once)[/dim]")
+        calibration = calibrate_with_progress(engine)
+        resolve.save_calibration(engine, calibration)
+        stderr.print(f"[dim]default density {calibration.density:.2f}: {calibration.summary()}[/dim]")
+    return engine, found
+
+
+def density_origin(engine) -> str:
+    """Where the engine's default density comes from, in a few words."""
+    if engine.calibration is not None:
+        return engine.calibration.summary()
+    if engine.has_predictor:
+        return "the trained predictor's density"
+    return "not calibrated: `ifprune calibrate MODEL` measures which density to trust"
+
+
+def _megabytes(on_progress):
+    """Stages counted in bytes (their name ends with "(MB)") are shown in megabytes."""
+    def report(stage: str, done: float, total: float) -> None:
+        if stage.endswith("(MB)"):
+            done, total = done // 1_000_000, max(1, total // 1_000_000)
+        on_progress(stage, done, total)
+
+    return report

@@ -24,7 +24,8 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_tokenizer
 
 from . import bundle
-from .errors import BundleError, SelectionError
+from .calibrate import Calibration
+from .errors import BundleError, PromptTooLongError, SelectionError
 from .models import (build_model, load_weights, normalize_config, prunable_mlps, to_row_layout,
                      quantize_like)
 from .predictor import load_predictor
@@ -64,6 +65,7 @@ class Engine:
         self.selectors["activations"] = ActivationSelector(model, self.mlps, self.prompt_tokens)
         self.selector: Selector = next(iter(self.selectors.values()))
         self.default_density = default_density or PLAIN_DEFAULT_DENSITY
+        self.calibration: Calibration | None = None  # how the default density was chosen, if it was
         self.pad_multiple = pad_multiple
         self._cache: OrderedDict[tuple, Selection] = OrderedDict()
         self._cache_size = cache_size
@@ -71,6 +73,11 @@ class Engine:
         self._pinned_selection: Selection | None = None
         self.applied: Selection | None = None  # what the model computes with now (None: dense)
         self.last_apply = ApplyStats([0] * self.n_layers)
+
+    def use_calibration(self, calibration: Calibration) -> None:
+        """Make a calibration's chosen density the default (ifprune_mlx.calibrate)."""
+        self.calibration = calibration
+        self.default_density = calibration.density
 
     # -- selection ---------------------------------------------------------------------
 
@@ -105,27 +112,38 @@ class Engine:
         k = self.kept_count(density)
         return self._select(chooser, chooser.inputs(prompt), k)
 
+    def select_densities(self, prompt: Prompt, densities: Sequence[float],
+                         selector: str | Selector | None = None) -> list[Selection]:
+        """select() at several densities from one scoring pass (calibration, studies)."""
+        chooser = self.get_selector(selector)
+        return self._select_many(chooser, chooser.inputs(prompt), [self.kept_count(d) for d in densities])
+
     def _select(self, chooser: Selector, tokens: list[int], k: int, kv_cache: list | None = None) -> Selection:
         """Select by `chooser` on `tokens` (cached). With kv_cache (activations only) the
         scoring pass always runs, filling the cache: GRIFFIN's dense prefill."""
-        key = (chooser, tuple(tokens), k)
-        if kv_cache is None and key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        return self._select_many(chooser, tokens, [k], kv_cache)[0]
+
+    def _select_many(self, chooser: Selector, tokens: list[int], ks: list[int],
+                     kv_cache: list | None = None) -> list[Selection]:
+        keys = [(chooser, tuple(tokens), k) for k in ks]
+        if kv_cache is None and all(key in self._cache for key in keys):
+            for key in keys:
+                self._cache.move_to_end(key)
+            return [self._cache[key] for key in keys]
         start = time.perf_counter()
         scores = chooser.scores(tokens) if kv_cache is None else chooser.scores(tokens, kv_cache)
         scores = np.asarray(scores)
         if scores.shape != (self.n_layers, self.d_ffn):
             raise SelectionError(f"selector {chooser.name!r} returned scores of shape {scores.shape}, "
                                  f"expected ({self.n_layers}, {self.d_ffn})")
-        selection = Selection(
-            indices=tuple(top_k(scores, k)), d_ffn=self.d_ffn,
-            seconds=time.perf_counter() - start, source=chooser.name,
-        )
-        self._cache[key] = selection
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return selection
+        seconds = time.perf_counter() - start
+        selections = [Selection(indices=tuple(top_k(scores, k)), d_ffn=self.d_ffn, seconds=seconds,
+                                source=chooser.name) for k in ks]
+        for key, selection in zip(keys, selections):
+            self._cache[key] = selection
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return selections
 
     def apply(self, selection: Selection | Sequence[Sequence[int]] | None | str) -> ApplyStats:
         """Pin a selection (a Selection, per-layer index arrays, or None for dense).
@@ -200,6 +218,12 @@ class Engine:
             tokens: the token ids to feed instead of the templated prompt (with prompt_cache).
         """
         ids = self.prompt_tokens(prompt) if tokens is None else list(tokens)
+        if self.context_length:
+            used = len(ids) + (getattr(prompt_cache[0], "offset", 0) if prompt_cache else 0)
+            if used >= self.context_length:
+                raise PromptTooLongError(f"the prompt is {used} tokens, this model's context is "
+                                         f"{self.context_length}; shorten it (in chat: /reset)")
+            max_tokens = min(max_tokens, self.context_length - used)
         chooser = self.get_selector(selector)
         prefilled = None
         if (isinstance(chooser, ActivationSelector) and not self._uses_pin(density, selector)
@@ -250,6 +274,11 @@ class Engine:
         return "".join(self.stream(prompt, **options))
 
     # -- facts -------------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model was trained for (config's max_position_embeddings)."""
+        return self.config.get("max_position_embeddings")
 
     @property
     def has_predictor(self) -> bool:
@@ -322,7 +351,10 @@ def load(path: str | Path, *, cache_size: int = 64, deterministic: bool = True,
         predictor = load_predictor(pdir, len(mlps), mlps[0].d_ffn)
         if (pdir / "tokenizer_config.json").is_file() or (pdir / "tokenizer.json").is_file():
             selector_tokenizer = load_tokenizer(pdir)
-    return Engine(model, tokenizer, config, selector_tokenizer, predictor,
-                  default_density=block.get("default_density"),
-                  pad_multiple=block.get("pad_multiple", 32), cache_size=cache_size, path=folder,
-                  deterministic=deterministic)
+    engine = Engine(model, tokenizer, config, selector_tokenizer, predictor,
+                    default_density=block.get("default_density"),
+                    pad_multiple=block.get("pad_multiple", 32), cache_size=cache_size, path=folder,
+                    deterministic=deterministic)
+    if block.get("calibration"):
+        engine.use_calibration(Calibration.from_json(block["calibration"]))
+    return engine

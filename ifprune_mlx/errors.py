@@ -23,3 +23,7 @@ class SelectionError(IFPruneError, ValueError):
 
 class ConversionError(IFPruneError):
     """A checkpoint could not be converted to a bundle."""
+
+
+class PromptTooLongError(IFPruneError, ValueError):
+    """A prompt (or a conversation) does not fit in the model's context."""

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from .selectors import Selection
 
@@ -56,6 +56,17 @@ def kl_after_prefill(engine, prompt: Sequence[int], continuation: Sequence[int],
 
     Pins `selection` on the engine (call engine.apply("auto") to unpin).
     """
+    return fidelity_after_prefill(engine, prompt, continuation, [selection])[0][0]
+
+
+def fidelity_after_prefill(engine, prompt: Sequence[int], continuation: Sequence[int],
+                           selections: Sequence[Selection | None]) -> list[tuple[float, float]]:
+    """For each selection: (mean KL(dense || pruned) in nats, share of `continuation` tokens
+    that are the pruned model's top-1 choice), in GRIFFIN's setting (see kl_after_prefill).
+
+    One dense prefill serves every selection: the KV cache is trimmed back after each.
+    Pins the last selection on the engine (call engine.apply("auto") to unpin).
+    """
     prompt, continuation = list(prompt), list(continuation)
     if len(prompt) < 2:
         raise ValueError("the prompt needs at least 2 tokens (all but the last are prefilled dense)")
@@ -63,9 +74,17 @@ def kl_after_prefill(engine, prompt: Sequence[int], continuation: Sequence[int],
     dense = engine.model(mx.array([prompt + continuation], dtype=mx.int32))[0, len(prompt) - 1:]
     mx.eval(dense)  # before the rows move
     cache = prefill_dense(engine, prompt)
-    engine.apply(selection)
-    pruned = engine.model(mx.array([prompt[-1:] + continuation], dtype=mx.int32), cache=cache)[0]
-    return float(mx.mean(next_token_kl(dense, pruned)).item())
+    fed = prompt[-1:] + continuation
+    targets = mx.array(continuation, dtype=mx.int32)
+    results = []
+    for selection in selections:
+        engine.apply(selection)
+        pruned = engine.model(mx.array([fed], dtype=mx.int32), cache=cache)[0]
+        kl = mx.mean(next_token_kl(dense, pruned))
+        agree = mx.mean(mx.argmax(pruned[: len(continuation)], axis=-1) == targets)
+        results.append((float(kl.item()), float(agree.item()) if continuation else 1.0))
+        trim_prompt_cache(cache, len(fed))
+    return results
 
 
 def _log_softmax(logits: mx.array) -> mx.array:

@@ -5,6 +5,16 @@ import pytest
 from ifprune_mlx import testing
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Conversions, calibrations and notes go to a folder of this run, not the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("IFPRUNE_CACHE", str(tmp_path_factory.mktemp("ifprune-cache")))
+    mp.delenv("IFPRUNE_MODEL", raising=False)
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("models")

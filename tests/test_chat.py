@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import ifprune_mlx as ifp
 from ifprune_mlx import bundle, testing
-from ifprune_mlx.chat import ChatSession, default_model, mask_key
+from ifprune_mlx.chat import ChatSession, mask_key
 from ifprune_mlx.cli import app
 
 _SCRIPT = Path(sys.executable).with_name("ifprune")  # the installed entry point
@@ -169,24 +169,16 @@ def test_transcript_and_reset(engine, tmp_path):
     assert session.turns == [] and session.cached_masks() == {} and session.task is None
 
 
-def test_default_model(monkeypatch, tmp_path, bundle_dir):
-    monkeypatch.setenv("IFPRUNE_MODEL", str(tmp_path / "none"))
-    with pytest.raises(ifp.BundleError, match="unset it to chat with the demo model"):
-        default_model()
-    monkeypatch.setenv("IFPRUNE_MODEL", str(bundle_dir))
-    assert default_model() == Path(bundle_dir)
-
-
 # -- the CLI ---------------------------------------------------------------------------
 
 def test_cli_user_mistakes_are_one_line(tmp_path, bundle_dir, monkeypatch):
     runner = CliRunner()
     monkeypatch.setenv("IFPRUNE_MODEL", str(tmp_path / "none"))
     cases = [
-        (["chat", str(tmp_path / "missing")], "no such model folder"),
+        (["chat", str(tmp_path / "missing")], "no such model folder or file"),
         (["chat", str(bundle_dir), "--density", "2"], "density must be in (0, 1]"),
         (["chat", str(bundle_dir), "--select", "often"], "--select must be one of"),
-        (["chat"], "unset it to chat with the demo model"),
+        (["chat"], "none: no such model folder or file"),
     ]
     for args, message in cases:
         result = runner.invoke(app, args)

@@ -1,0 +1,72 @@
+"""MLX's CPU backend on Linux: use the system's OpenBLAS when it is installed.
+
+The mlx[cpu] wheel links a reference BLAS; with OpenBLAS preloaded, MLX's matrix-matrix
+products (prefill, the training-free selector's scoring pass) run ~6-17x faster here. A
+library can only be preloaded before the process starts, so the `ifprune` entry point
+re-executes itself once with LD_PRELOAD naming OpenBLAS's BLAS. Without OpenBLAS, one note
+(once per cache folder) says how to get it. IFPRUNE_BLAS=0 turns this off. macOS uses
+Accelerate and Metal: nothing to do.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+MARK = "IFPRUNE_BLAS"  # the preloaded library in the re-executed process; "0" to opt out
+INSTALL_HINT = "apt-get install libopenblas0-pthread (Debian/Ubuntu)"
+_PATTERNS = ("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3", "/usr/lib64/openblas-pthread/libblas.so.3",
+             "/usr/lib/*-linux-gnu/libopenblas.so.0", "/usr/lib64/libopenblas.so.0", "/usr/lib/libopenblas.so.0")
+
+
+def openblas_path() -> str | None:
+    """The system's OpenBLAS BLAS library, if installed."""
+    for pattern in _PATTERNS:
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+def active_blas() -> str:
+    """Which BLAS this process's MLX uses, in a few words (for `ifprune info`)."""
+    if sys.platform != "linux":
+        return "the platform's (Accelerate / Metal)"
+    preloaded = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if "blas" in p]
+    if preloaded:
+        return f"OpenBLAS ({preloaded[0]})"
+    return f"the mlx[cpu] wheel's reference BLAS (slow prefill; {INSTALL_HINT})"
+
+
+def use_openblas() -> None:
+    """Re-execute this command with OpenBLAS preloaded (Linux, when installed and not yet done)."""
+    if sys.platform != "linux" or os.environ.get(MARK):
+        return
+    library = openblas_path()
+    if library is None:
+        _note_once()
+        return
+    preload = os.environ.get("LD_PRELOAD", "")
+    if library in preload.split(":"):
+        return
+    env = dict(os.environ, LD_PRELOAD=":".join(p for p in (library, preload) if p), **{MARK: library})
+    script = sys.argv[0]
+    if not os.path.isfile(script):  # not started from a file (e.g. python -c): leave it be
+        return
+    os.execve(sys.executable, [sys.executable, script, *sys.argv[1:]], env)
+
+
+def _note_once() -> None:
+    from .resolve import cache_dir
+
+    stamp = cache_dir() / "openblas-note"
+    if stamp.exists():
+        return
+    print(f"note: OpenBLAS is not installed, so MLX's CPU backend prefills slowly; {INSTALL_HINT} "
+          "makes it several times faster (this note is shown once)", file=sys.stderr)
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.touch()
+    except OSError:
+        pass
