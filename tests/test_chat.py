@@ -325,3 +325,17 @@ def test_the_demo_model_chats_like_it_answers_single_prompts(tmp_path):
         engine.apply(session.selection)
         assert [r.token for r in engine.stream_responses(session.messages[:3], max_tokens=16)] == tokens
         engine.apply("auto")
+
+
+def test_an_empty_answer_is_shown_as_such(bundle_dir, capsys, monkeypatch):
+    from ifprune_mlx.chat_cli import ChatREPL
+
+    session = ChatSession(ifp.load(bundle_dir))
+    repl = ChatREPL(session, interactive=False)
+
+    def nothing_but_whitespace(text):
+        yield from ()
+
+    monkeypatch.setattr(session, "send", nothing_but_whitespace)
+    repl.answer("hello")
+    assert "[empty answer" in capsys.readouterr().out
