@@ -36,8 +36,9 @@ OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 WITH_BLAS = if [ "$(UNAME)" = Linux ] && [ -f $(OPENBLAS) ]; then export LD_PRELOAD=$(OPENBLAS); \
 	elif [ "$(UNAME)" = Linux ]; then echo "note: no OpenBLAS (apt-get install libopenblas0-pthread); prefill will be slow" >&2; fi;
 
+# Measures as `ifprune bench` does, then writes docs/BENCHMARKS.md, benchmarks.png and benchmarks.json.
 bench: install
-	@$(WITH_BLAS) $(VENV)/bin/ifprune bench --out docs/BENCHMARKS.md --plot docs/benchmarks.png --json docs/benchmarks.json
+	@$(WITH_BLAS) $(PY) -m examples.benchmark_report
 
 # Trained predictor vs training-free selector: writes the tables of docs/SELECTORS.md.
 selectors: install

@@ -38,7 +38,7 @@ def convert(
                                            "(not for an already quantized mlx-lm folder)."),
     group_size: int = typer.Option(64, "--group-size", help="Quantization group size: 32, 64 or 128."),
     density: Optional[float] = typer.Option(None, "--density", help="The bundle's default density "
-                                            "(default: ifpruning.json's, else 0.33)."),
+                                            "(default: ifpruning.json's, else the format's default: 0.33 with a predictor, 0.5 without)."),
     pad_multiple: Optional[int] = typer.Option(None, "--pad-multiple", help="Round kept channels up to a "
                                                "multiple of this (default: ifpruning.json's, else 32)."),
     verify: bool = typer.Option(False, "--verify", help="Compare with the PyTorch reference on a few prompts "

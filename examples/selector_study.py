@@ -30,7 +30,7 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 import ifprune_mlx as ifp
-from ifprune_mlx.bench import blas_name, prompt_text, synthetic_config, write_synthetic_bundle
+from ifprune_mlx.bench import Settings, blas_name, prompt_text, synthetic_bundle
 from ifprune_mlx.demo import demo_bundle
 from ifprune_mlx.fidelity import kl_after_prefill, prefill_dense, random_selection
 from ifprune_mlx.selectors import ActivationSelector, Selection, static_top_k
@@ -251,7 +251,7 @@ def cost(lengths: list[int], reps: int, d_model: int, log) -> str:
     engine.stream_responses, timed in alternation on new prompts; and the scoring pass's
     overhead over a plain dense forward pass."""
     with tempfile.TemporaryDirectory() as tmp:
-        engine = ifp.load(write_synthetic_bundle(Path(tmp) / "b", synthetic_config(d_model)))
+        engine = ifp.load(synthetic_bundle(Path(tmp) / "b", d_model, Settings()))
         activations = engine.get_selector("activations")
         rows = []
         for n in lengths:

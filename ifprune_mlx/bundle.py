@@ -21,6 +21,11 @@ import mlx.core as mx
 from .errors import BundleError
 
 FORMAT_VERSION = 1
+# The format's defaults (docs/FORMAT.md): a bundle with a trained predictor keeps a third of the
+# FFN channels; one without it (training-free selection) keeps half, as it has less to go on.
+DEFAULT_DENSITY = 0.33
+PLAIN_DEFAULT_DENSITY = 0.5
+PAD_MULTIPLE = 32  # kept channel counts are rounded up to a multiple of this
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
@@ -181,7 +186,7 @@ def write_atomic(out: Path, fill: Callable[[Path], None], force: bool = False) -
     return out
 
 
-def new_ifpruning_block(default_density: float = 0.33, pad_multiple: int = 32,
+def new_ifpruning_block(default_density: float = DEFAULT_DENSITY, pad_multiple: int = PAD_MULTIPLE,
                         has_predictor: bool = True) -> dict:
     """The "ifpruning" block of a new bundle's config.json (also used by the converter)."""
     return {
@@ -201,8 +206,8 @@ def write_bundle(
     weights: dict[str, mx.array],
     tokenizer_dir: Path | None = None,
     predictor: dict | None = None,
-    default_density: float = 0.33,
-    pad_multiple: int = 32,
+    default_density: float = DEFAULT_DENSITY,
+    pad_multiple: int = PAD_MULTIPLE,
     force: bool = False,
 ) -> Path:
     """Write a bundle atomically.

@@ -24,6 +24,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_tokenizer
 
 from . import bundle
+from .bundle import PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY
 from .errors import BundleError, SelectionError
 from .models import (build_model, load_weights, normalize_config, prunable_mlps, to_row_layout,
                      quantize_like)
@@ -31,8 +32,6 @@ from .predictor import load_predictor
 from .prune import ApplyStats, apply_selection
 from .selectors import (ActivationSelector, PredictorSelector, Prompt, Selection, Selector,
                         kept_count, top_k)
-
-PLAIN_DEFAULT_DENSITY = 0.5  # training-free selection keeps more than a trained predictor
 
 
 class Engine:
@@ -49,7 +48,7 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, tokenizer, config: dict, selector_tokenizer=None,
-                 predictor=None, default_density: float | None = None, pad_multiple: int = 32,
+                 predictor=None, default_density: float | None = None, pad_multiple: int = PAD_MULTIPLE,
                  cache_size: int = 64, path: Path | None = None):
         self.model, self.tokenizer, self.config, self.path = model, tokenizer, config, path
         self.mlps = prunable_mlps(model)
@@ -317,4 +316,4 @@ def load(path: str | Path, *, cache_size: int = 64,
             selector_tokenizer = load_tokenizer(pdir)
     return Engine(model, tokenizer, config, selector_tokenizer, predictor,
                   default_density=block.get("default_density"),
-                  pad_multiple=block.get("pad_multiple", 32), cache_size=cache_size, path=folder)
+                  pad_multiple=block.get("pad_multiple", PAD_MULTIPLE), cache_size=cache_size, path=folder)

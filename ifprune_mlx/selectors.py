@@ -13,6 +13,7 @@ from typing import Callable, Protocol, Sequence, Union
 
 import numpy as np
 
+from .bundle import PAD_MULTIPLE
 from .errors import SelectionError
 
 Prompt = Union[str, Sequence[dict]]  # a user prompt, or chat messages [{"role", "content"}, ...]
@@ -32,7 +33,7 @@ def check_density(density: float) -> float:
     return value
 
 
-def kept_count(density: float, d_ffn: int, pad_multiple: int = 32) -> int:
+def kept_count(density: float, d_ffn: int, pad_multiple: int = PAD_MULTIPLE) -> int:
     """Channels kept per layer at `density`: ceil(density * d_ffn), rounded up to `pad_multiple`."""
     density = check_density(density)
     k = math.ceil(density * d_ffn - 1e-9)

@@ -121,13 +121,21 @@ def random_predictor(config: dict, d_pred: int = 32, seed: int = 1) -> dict:
 
 
 def make_bundle(folder: Path, config: dict | None = None, *, seed: int = 0,
-                predictor: bool = True, quantize_bits: int | None = None, force: bool = False) -> Path:
-    """Write a bundle of a random model (with a random predictor unless predictor=False)."""
+                predictor: bool = True, quantize_bits: int | None = None, dtype: str = "float32",
+                predictor_width: int = 32, force: bool = False) -> Path:
+    """Write a bundle of a random model (with a random predictor unless predictor=False).
+
+    dtype: the float dtype of the LLM's weights (before quantize_bits, if given);
+    predictor_width: d_model of the predictor's backbone.
+    """
     folder = Path(folder)
     config = dict(config or model_config())
     tok_dir = make_tokenizer(folder.parent / f".{folder.name}-tokenizer", config["vocab_size"])
     weights = to_row_layout(random_weights(config, seed))
+    if dtype != "float32":
+        weights = {name: value.astype(getattr(mx, dtype)) for name, value in weights.items()}
     if quantize_bits:
         weights, config = quantize_rows(weights, config, quantize_bits)
     return write_bundle(folder, config=config, weights=weights, tokenizer_dir=tok_dir,
-                        predictor=random_predictor(config) if predictor else None, force=force)
+                        predictor=random_predictor(config, predictor_width) if predictor else None,
+                        force=force)
