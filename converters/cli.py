@@ -49,8 +49,6 @@ def convert(
     """Convert a PyTorch IFPruning checkpoint (LLM + sparsity predictor), or an mlx-lm folder, to an MLX bundle."""
     if density is not None:
         check_density(density)
-    if out.exists() and not force:
-        raise ConversionError(f"{out}: already exists; pass --force to overwrite it")
     source = detect(src, predictor=predictor, layout=layout, config=config,
                     predictor_config=predictor_config, tokenizer=tokenizer)
     typer.echo(f"{src}: {source.layout} layout, {source.config['model_type']}, {source.n_layers} layers x "

@@ -21,8 +21,9 @@ from typing import Callable
 
 import mlx.core as mx
 
-from ifprune_mlx.bundle import (DEFAULT_DENSITY, PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY, copy_tokenizer,
-                                new_ifpruning_block, write_atomic)
+from ifprune_mlx.bundle import (DEFAULT_DENSITY, PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY, SAFETENSORS_CODES,
+                                copy_tokenizer, new_ifpruning_block, refuse_overwrite,
+                                write_atomic)
 from ifprune_mlx.errors import ConversionError
 from ifprune_mlx.models import is_quantizable, quantize_rows, to_row_layout
 
@@ -32,8 +33,6 @@ from .readers import TensorRef
 DTYPES = ("float32", "float16", "bfloat16")
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
-_ST_NAMES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32",
-             mx.int32: "I32", mx.int64: "I64", mx.uint8: "U8", mx.bool_: "BOOL"}
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
@@ -119,8 +118,7 @@ def convert(source: Source, out: Path, *, dtype: str | None = None, bits: int | 
     """
     start = time.perf_counter()
     out = Path(out)
-    if out.exists() and not force:
-        raise ConversionError(f"{out}: already exists; pass --force to overwrite it")
+    refuse_overwrite(out, force)
     dtype = dtype or source_dtype(source)
     if dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
@@ -253,7 +251,8 @@ def write_safetensors(path: Path, jobs: list[_Job], on_job: Callable[[_Job], Non
             count = 1
             for dim in shape:
                 count *= dim
-            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape),
+            code = SAFETENSORS_CODES[str(dtype).rsplit(".", 1)[-1]]
+            header[name] = {"dtype": code, "shape": list(shape),
                             "data_offsets": [offset, offset + count * dtype.size]}
             offset += count * dtype.size
     blob = json.dumps(header, separators=(",", ":")).encode()

@@ -31,8 +31,13 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
     "chat_template.json", "generation_config.json",
 )
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4,
-                "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# safetensors dtype code -> (the dtype's name in MLX, NumPy and PyTorch, bytes per element)
+SAFETENSORS_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2),
+                      "BF16": ("bfloat16", 2), "I64": ("int64", 8), "I32": ("int32", 4),
+                      "U32": ("uint32", 4), "I16": ("int16", 2), "U16": ("uint16", 2),
+                      "I8": ("int8", 1), "U8": ("uint8", 1), "BOOL": ("bool", 1)}
+DTYPE_BYTES = {name: size for name, size in SAFETENSORS_DTYPES.values()}
+SAFETENSORS_CODES = {name: code for code, (name, _) in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -97,7 +102,8 @@ def safetensors_header(path: Path) -> dict:
         count = 1
         for dim in info["shape"]:
             count *= dim
-        if info["dtype"] in _DTYPE_BYTES and end - start != count * _DTYPE_BYTES[info["dtype"]]:
+        size = SAFETENSORS_DTYPES.get(info["dtype"], (None, None))[1]
+        if size is not None and end - start != count * size:
             raise BundleError(f"{path}: tensor {name!r}: {end - start} bytes for shape {info['shape']} {info['dtype']}; corrupt")
         if end > data:
             raise BundleError(
@@ -160,6 +166,12 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def refuse_overwrite(out: Path, force: bool) -> None:
+    """Raise BundleError if `out` exists and `force` is not set (writers check before any work)."""
+    if Path(out).exists() and not force:
+        raise BundleError(f"{out}: already exists; pass --force (force=True) to overwrite it")
+
+
 def write_atomic(out: Path, fill: Callable[[Path], None], force: bool = False) -> Path:
     """Create folder `out` by calling fill(tmp) on a temporary sibling, then renaming it.
 
@@ -167,8 +179,7 @@ def write_atomic(out: Path, fill: Callable[[Path], None], force: bool = False) -
     temporary folder is removed and `out` is left as it was.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise BundleError(f"{out}: already exists; pass force=True (--force) to overwrite it")
+    refuse_overwrite(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import typer
 
 from .chat import DENSE, POLICIES, ChatSession, default_model, mask_key
-from .console import fail, friendly_errors, load_with_progress
+from .console import error_line, fail, friendly_errors, load_with_progress
 from .errors import IFPruneError
 from .selectors import check_density
 
@@ -46,10 +46,6 @@ class UsageError(Exception):
 def _say(text: str = "") -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
-
-
-def _error(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
 
 
 def _mb(gb: float) -> str:
@@ -102,7 +98,7 @@ class ChatREPL:
                 else:
                     self.answer(line)
             except (UsageError, IFPruneError) as e:
-                _error(str(e))
+                error_line(str(e))
             except KeyboardInterrupt:  # during a command, or a selection before streaming
                 _say("\n[interrupted]")
 

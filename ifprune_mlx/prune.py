@@ -20,7 +20,9 @@ A failed apply (error or Ctrl-C) swaps back what it had swapped: swaps are invol
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -130,6 +132,21 @@ class PrunableMLP(nn.Module):
     def row_arrays(self) -> list[tuple[nn.Module, str]]:
         return [(m, name) for m in (self.gate_proj, self.up_proj, self.down_proj)
                 for name in m.row_arrays()]
+
+
+@contextmanager
+def observing(mlps: list[PrunableMLP], observer: Callable[[mx.array], None]) -> Iterator[None]:
+    """Inside the block every layer computes on all its channels and calls observer(h) with its
+    FFN activations h [..., d_ffn] (channels in position order: mlp.perm maps them back); after
+    it, each layer computes on the channels it had before. The training-free selector's pass."""
+    widths = [mlp.k for mlp in mlps]
+    try:
+        for mlp in mlps:
+            mlp.k, mlp.observer = mlp.d_ffn, observer
+        yield
+    finally:
+        for mlp, k in zip(mlps, widths):
+            mlp.k, mlp.observer = k, None
 
 
 @dataclass

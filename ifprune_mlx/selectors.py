@@ -52,6 +52,11 @@ def top_k(scores: np.ndarray, k: int) -> list[np.ndarray]:
     return [np.sort(row).astype(np.int64) for row in order]
 
 
+def overlap(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> list[float]:
+    """Per layer, the Jaccard overlap |a & b| / |a | b| of two masks' kept channel ids."""
+    return [len(np.intersect1d(x, y)) / max(1, len(np.union1d(x, y))) for x, y in zip(a, b)]
+
+
 def static_top_k(scores: np.ndarray, k: int) -> list[np.ndarray]:
     """One mask for every prompt, from many prompts' scores [n_prompts, n_layers, d_ffn]: per
     layer, the k channels most often in a prompt's top k (ties by the mean standardized score).
@@ -94,10 +99,7 @@ class Selection:
 
     def overlap(self, other: "Selection") -> list[float]:
         """Per-layer Jaccard overlap of kept channels with another selection."""
-        return [
-            len(np.intersect1d(a, b)) / max(1, len(np.union1d(a, b)))
-            for a, b in zip(self.indices, other.indices)
-        ]
+        return overlap(self.indices, other.indices)
 
     @classmethod
     def from_indices(cls, indices: Sequence[Sequence[int]], d_ffn: int, n_layers: int) -> "Selection":
@@ -212,6 +214,8 @@ class ActivationSelector:
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
 
+        from .prune import observing
+
         if len(tokens) == 0:
             raise SelectionError("the prompt has no tokens to score channels on")
         self.calls += 1
@@ -224,19 +228,13 @@ class ActivationSelector:
 
         if cache is None:  # the chunks of a long prompt attend to the earlier ones through it
             cache = make_prompt_cache(self.model)
-        ks = [mlp.k for mlp in self.mlps]
-        try:
-            for mlp in self.mlps:
-                mlp.k, mlp.observer = mlp.d_ffn, observe
+        with observing(self.mlps, observe):
             for chunk in _chunks(tokens, PREFILL_CHUNK):
                 self.model(mx.array(chunk, dtype=mx.int32)[None], cache=cache)
                 mx.eval(collected, [c.state for c in cache])
                 if len(collected) > len(self.mlps):  # fold this chunk into the totals
                     collected[:] = [a + b for a, b in zip(collected[: len(self.mlps)],
                                                           collected[len(self.mlps):])]
-        finally:
-            for mlp, k in zip(self.mlps, ks):
-                mlp.k, mlp.observer = k, None
         scores = np.empty((len(self.mlps), self.mlps[0].d_ffn), dtype=np.float32)
         for layer, (mlp, s) in enumerate(zip(self.mlps, collected)):
             scores[layer, mlp.perm] = np.sqrt(np.array(s))  # back to original channel ids

@@ -164,7 +164,7 @@ def test_write_is_atomic_and_refuses_to_overwrite(tmp_path):
         bundle.write_atomic(out, fill)
     assert not out.exists() and list(tmp_path.iterdir()) == []
     bundle.write_atomic(out, lambda tmp: (tmp / "a").write_text("1"))
-    with pytest.raises(BundleError, match="already exists; pass force=True"):
+    with pytest.raises(BundleError, match=r"already exists; pass --force \(force=True\)"):
         bundle.write_atomic(out, lambda tmp: (tmp / "b").write_text("2"))
     assert (out / "a").exists()
     bundle.write_atomic(out, lambda tmp: (tmp / "b").write_text("2"), force=True)
