@@ -26,7 +26,8 @@ from typing import Callable, Iterator, Mapping
 
 import mlx.core as mx
 
-from ifprune_mlx.bundle import DTYPE_BYTES, SAFETENSORS_DTYPES, index_shards, safetensors_header
+from ifprune_mlx.bundle import (DTYPE_BYTES, SAFETENSORS_DTYPES, index_shards, read_safetensors,
+                                safetensors_header)
 from ifprune_mlx.errors import BundleError, ConversionError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -161,10 +162,8 @@ def _open_safetensors(path: Path) -> dict[str, TensorRef]:
     def fetch(name: str) -> mx.array:
         # mx.load reads nothing until evaluated; pop so a loaded tensor is freed once used.
         if name not in lazy:
-            try:
-                lazy.update(mx.load(str(path)))
-            except (RuntimeError, ValueError) as e:
-                raise ConversionError(f"{path}: cannot read ({e})") from e
+            with conversion_errors():
+                lazy.update(read_safetensors([path]))
         return lazy.pop(name)
 
     refs = {}

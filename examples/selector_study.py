@@ -59,8 +59,8 @@ def _calibration_scores(engine, prompts: int) -> dict[str, np.ndarray]:
 
     rng = random.Random(99)
     texts = [data.sample(rng).prompt for _ in range(prompts)]
-    return {name: np.stack([chooser.scores(chooser.inputs(t)) for t in texts])
-            for name, chooser in engine.selectors.items()}
+    return {name: np.stack([selector.scores(selector.inputs(t)) for t in texts])
+            for name, selector in engine.selectors.items()}
 
 
 def _static(engine, scores: np.ndarray, k: int) -> Selection:

@@ -421,7 +421,7 @@ def reselect(engine, s: Settings, log: Callable[[str], None]) -> list[dict]:
 
     rng = np.random.default_rng(0)
     base = engine.select(prompt_text(engine, 32, salt=7)[0], SELECT_DENSITY)
-    k = base.kept[0]
+    k = base.kept_counts[0]
     rows = []
     for fraction in s.changed:
         target = Selection.from_indices(_changed(base, fraction, engine.d_ffn, rng), engine.d_ffn,

@@ -25,6 +25,8 @@ from mlx_lm.utils import load_tokenizer
 
 from . import bundle
 from .bundle import PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY
+
+AUTO = "auto"  # apply(AUTO): no pinned selection, generation selects per prompt
 from .errors import BundleError, SelectionError
 from .models import (build_model, load_weights, normalize_config, prunable_mlps, to_row_layout,
                      quantize_like)
@@ -62,8 +64,8 @@ class Engine:
         self.pad_multiple = pad_multiple
         self._cache: OrderedDict[tuple, Selection] = OrderedDict()
         self._cache_size = cache_size
-        self._pinned = False
-        self._pinned_selection: Selection | None = None
+        # What apply() pinned: a Selection, None (dense), or AUTO (nothing: select per prompt).
+        self._pin: Selection | None | str = AUTO
         self.applied: Selection | None = None  # what the model computes with now (None: dense)
         self.last_apply = ApplyStats([0] * self.n_layers)
 
@@ -96,26 +98,26 @@ class Engine:
         training-free selector) or a Selector object. Results are cached per (selector,
         its input tokens, kept count): a task prompt selected once is free the next time.
         """
-        chooser = self.get_selector(selector)
+        selector = self.get_selector(selector)
         k = self.kept_count(density)
-        return self._select(chooser, chooser.inputs(prompt), k)
+        return self._select(selector, selector.inputs(prompt), k)
 
-    def _select(self, chooser: Selector, tokens: list[int], k: int, kv_cache: list | None = None) -> Selection:
-        """Select by `chooser` on `tokens` (cached). With kv_cache (activations only) the
+    def _select(self, selector: Selector, tokens: list[int], k: int, kv_cache: list | None = None) -> Selection:
+        """Select by `selector` on `tokens` (cached). With kv_cache (activations only) the
         scoring pass always runs, filling the cache: GRIFFIN's dense prefill."""
-        key = (chooser, tuple(tokens), k)
+        key = (selector, tuple(tokens), k)
         if kv_cache is None and key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         start = time.perf_counter()
-        scores = chooser.scores(tokens) if kv_cache is None else chooser.scores(tokens, kv_cache)
+        scores = selector.scores(tokens) if kv_cache is None else selector.scores(tokens, kv_cache)
         scores = np.asarray(scores)
         if scores.shape != (self.n_layers, self.d_ffn):
-            raise SelectionError(f"selector {chooser.name!r} returned scores of shape {scores.shape}, "
+            raise SelectionError(f"selector {selector.name!r} returned scores of shape {scores.shape}, "
                                  f"expected ({self.n_layers}, {self.d_ffn})")
         selection = Selection(
             indices=tuple(top_k(scores, k)), d_ffn=self.d_ffn,
-            seconds=time.perf_counter() - start, source=chooser.name,
+            seconds=time.perf_counter() - start, source=selector.name,
         )
         self._cache[key] = selection
         if len(self._cache) > self._cache_size:
@@ -129,16 +131,16 @@ class Engine:
         in place; on failure the previous selection stays applied and an error is raised.
         """
         if isinstance(selection, str):
-            if selection != "auto":
+            if selection != AUTO:
                 raise SelectionError(f"apply() takes a Selection, index arrays, None or \"auto\"; got {selection!r}")
-            self._pinned, self._pinned_selection = False, None
+            self._pin = AUTO
             return ApplyStats([0] * self.n_layers)
         if selection is not None and not isinstance(selection, Selection):
             selection = Selection.from_indices(selection, self.d_ffn, self.n_layers)
         if selection is not None and selection.d_ffn != self.d_ffn:
             raise SelectionError(f"selection is for d_ffn={selection.d_ffn}, the model has {self.d_ffn}")
         stats = self._apply(selection)
-        self._pinned, self._pinned_selection = True, selection
+        self._pin = selection
         return stats
 
     def _apply(self, selection: Selection | None) -> ApplyStats:
@@ -150,13 +152,13 @@ class Engine:
 
     def _uses_pin(self, density: float | None, selector) -> bool:
         """Whether a call with these overrides computes with the pinned selection."""
-        return self._pinned and density is None and selector is None
+        return self._pin is not AUTO and density is None and selector is None
 
     def prepare(self, prompt: Prompt, density: float | None = None,
                 selector: str | Selector | None = None) -> Selection | None:
         """Apply the selection a generation call on `prompt` uses, and return it."""
         if self._uses_pin(density, selector):
-            target = self._pinned_selection
+            target = self._pin
         else:
             target = self.select(prompt, density, selector)
         self._apply(target)
@@ -194,11 +196,10 @@ class Engine:
             tokens: the token ids to feed instead of the templated prompt (with prompt_cache).
         """
         ids = self.prompt_tokens(prompt) if tokens is None else list(tokens)
-        chooser = self.get_selector(selector)
         prefilled = None
-        if (isinstance(chooser, ActivationSelector) and not self._uses_pin(density, selector)
+        if (isinstance(self.get_selector(selector), ActivationSelector) and not self._uses_pin(density, selector)
                 and prompt_cache is None and tokens is None):
-            prefilled = self._griffin_prefill(chooser, ids, density)
+            prefilled = self._griffin_prefill(self.get_selector(selector), ids, density)
         if prefilled is None:
             self.prepare(prompt, density, selector)
         else:
@@ -215,7 +216,7 @@ class Engine:
                 response = replace(response, prompt_tokens=len(ids), prompt_tps=len(ids) / seconds)
             yield response
 
-    def _griffin_prefill(self, chooser: ActivationSelector, ids: list[int],
+    def _griffin_prefill(self, selector: ActivationSelector, ids: list[int],
                          density: float | None) -> tuple[list, float] | None:
         """GRIFFIN: one dense pass over the prompt scores the channels and fills a KV cache.
 
@@ -226,7 +227,7 @@ class Engine:
         cache = make_prompt_cache(self.model)
         if len(ids) < 2 or not can_trim_prompt_cache(cache):
             return None
-        selection = self._select(chooser, ids, self.kept_count(density), kv_cache=cache)
+        selection = self._select(selector, ids, self.kept_count(density), kv_cache=cache)
         trim_prompt_cache(cache, 1)
         self._apply(selection)
         return cache, selection.seconds

@@ -32,6 +32,14 @@ from mlx_lm.models.activations import swiglu
 from .errors import SelectionError
 
 
+def _add_bias(layer: nn.Module, y: mx.array, k: int) -> mx.array:
+    """y plus the layer's bias, if it has one: all of it for down (channel_in), the kept
+    channels' for gate and up."""
+    if "bias" not in layer:
+        return y
+    return y + (layer.bias if layer.channel_in else layer.bias[:k])
+
+
 class RowLinear(nn.Module):
     """A linear map whose FFN channels are the rows of `weight` [d_ffn, d_model].
 
@@ -48,10 +56,7 @@ class RowLinear(nn.Module):
 
     def __call__(self, x: mx.array, k: int) -> mx.array:
         w = self.weight[:k]
-        y = x @ w if self.channel_in else x @ w.T
-        if "bias" in self:
-            y = y + (self.bias if self.channel_in else self.bias[:k])
-        return y
+        return _add_bias(self, x @ w if self.channel_in else x @ w.T, k)
 
     def row_arrays(self) -> list[str]:
         """Names of the arrays whose rows are channels."""
@@ -97,9 +102,7 @@ class QuantizedRowLinear(nn.Module):
             x, self.weight[:k], self.scales[:k], self.biases[:k],
             transpose=not self.channel_in, group_size=self.group_size, bits=self.bits,
         )
-        if "bias" in self:
-            y = y + (self.bias if self.channel_in else self.bias[:k])
-        return y
+        return _add_bias(self, y, k)
 
     def row_arrays(self) -> list[str]:
         rows = ["weight", "scales", "biases"]
@@ -125,7 +128,7 @@ class PrunableMLP(nn.Module):
             self.observer(h)
         return self.down_proj(h, self.k)
 
-    def kept(self) -> np.ndarray:
+    def kept_ids(self) -> np.ndarray:
         """Original ids of the channels in use, sorted."""
         return np.sort(self.perm[: self.k])
 

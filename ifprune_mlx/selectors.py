@@ -88,14 +88,14 @@ class Selection:
     source: str = "explicit"
 
     @property
-    def kept(self) -> list[int]:
+    def kept_counts(self) -> list[int]:
         """Channels kept per layer."""
         return [len(ids) for ids in self.indices]
 
     @property
     def density(self) -> float:
         """Fraction of FFN channels kept, over all layers."""
-        return sum(self.kept) / (self.d_ffn * len(self.indices))
+        return sum(self.kept_counts) / (self.d_ffn * len(self.indices))
 
     def overlap(self, other: "Selection") -> list[float]:
         """Per-layer Jaccard overlap of kept channels with another selection."""

@@ -54,7 +54,7 @@ def test_select_is_deterministic_and_cached(engine):
     fresh = engine.select(PROMPT, density=0.33)
     assert engine.selector.calls == calls + 1
     assert all((a == b).all() for a, b in zip(first.indices, fresh.indices))
-    assert first.kept == [ifp.kept_count(0.33, engine.d_ffn)] * engine.n_layers
+    assert first.kept_counts == [ifp.kept_count(0.33, engine.d_ffn)] * engine.n_layers
     assert first.source == "predictor" and first.seconds > 0
 
 
@@ -74,7 +74,7 @@ def test_selections_differ_between_prompts_and_densities(engine):
     a = engine.select("Sort these numbers: 5 3 9 1.", density=0.5)
     b = engine.select("Once upon a time there was a model.", density=0.5)
     assert any(not np.array_equal(x, y) for x, y in zip(a.indices, b.indices))
-    assert engine.select("Sort these numbers: 5 3 9 1.", density=0.25).kept[0] < a.kept[0]
+    assert engine.select("Sort these numbers: 5 3 9 1.", density=0.25).kept_counts[0] < a.kept_counts[0]
 
 
 def test_generate_selects_per_prompt_and_pins(engine):
@@ -86,7 +86,7 @@ def test_generate_selects_per_prompt_and_pins(engine):
     engine.generate(PROMPT, max_tokens=4)
     assert engine.applied is pinned
     engine.generate(PROMPT, max_tokens=4, density=0.25)  # overrides the pin for one call
-    assert engine.applied.kept[0] == ifp.kept_count(0.25, engine.d_ffn)
+    assert engine.applied.kept_counts[0] == ifp.kept_count(0.25, engine.d_ffn)
     engine.generate(PROMPT, max_tokens=4)
     assert engine.applied is pinned
     engine.apply(None)
@@ -121,7 +121,7 @@ def test_training_free_selector_on_a_plain_model(plain_dir):
     assert not engine.has_predictor and engine.default_density == 0.5
     selection = engine.select(PROMPT)
     assert selection.source == "activations"
-    assert selection.kept == [128] * engine.n_layers
+    assert selection.kept_counts == [128] * engine.n_layers
     engine.apply([np.arange(32)] * engine.n_layers)
     tokens = engine.selector.inputs("other prompt")
     assert (engine.selector.scores(tokens) == engine.selector.scores(tokens)).all()

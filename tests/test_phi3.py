@@ -89,7 +89,7 @@ def test_phi3_bundle_with_a_predictor_generates(tmp_path):
     engine = ifp.load(testing.make_bundle(tmp_path / "bundle", testing.model_config("phi3")))
     assert engine.has_predictor
     assert isinstance(engine.generate(PROMPT, max_tokens=8, density=0.33), str)
-    assert engine.applied.kept == [ifp.kept_count(0.33, engine.d_ffn)] * engine.n_layers
+    assert engine.applied.kept_counts == [ifp.kept_count(0.33, engine.d_ffn)] * engine.n_layers
 
 
 @pytest.mark.parametrize("bits", [4, 8])

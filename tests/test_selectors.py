@@ -27,16 +27,16 @@ def with_predictor(bundle_dir):
 
 
 def test_activations_is_deterministic_and_respects_density(plain):
-    chooser = plain.get_selector("activations")
+    activations = plain.get_selector("activations")
     for density in (0.1, 0.33, 0.5, 1.0):
         first = plain.select(PROMPT, density=density, selector="activations")
         plain._cache.clear()
-        calls = chooser.calls
+        calls = activations.calls
         again = plain.select(PROMPT, density=density, selector="activations")
-        assert chooser.calls == calls + 1, "the cache was cleared: the selector must run again"
+        assert activations.calls == calls + 1, "the cache was cleared: the selector must run again"
         assert all((a == b).all() for a, b in zip(first.indices, again.indices))
         k = ifp.kept_count(density, plain.d_ffn)
-        assert first.kept == [k] * plain.n_layers and first.source == "activations"
+        assert first.kept_counts == [k] * plain.n_layers and first.source == "activations"
         for ids in first.indices:
             assert len(np.unique(ids)) == k and ids.min() >= 0 and ids.max() < plain.d_ffn
     other = plain.select("Translate this sentence into French.", density=0.33, selector="activations")
@@ -44,30 +44,30 @@ def test_activations_is_deterministic_and_respects_density(plain):
 
 
 def test_scores_do_not_depend_on_the_applied_selection(plain):
-    chooser = plain.get_selector("activations")
-    tokens = chooser.inputs(PROMPT)
+    activations = plain.get_selector("activations")
+    tokens = activations.inputs(PROMPT)
     plain.apply(None)
-    dense = chooser.scores(tokens)
+    dense = activations.scores(tokens)
     plain.apply([np.arange(0, plain.d_ffn, 4)] * plain.n_layers)  # rows permuted, k small
-    assert np.allclose(chooser.scores(tokens), dense, atol=1e-5)
+    assert np.allclose(activations.scores(tokens), dense, atol=1e-5)
     assert [m.k for m in plain.mlps] == [plain.d_ffn // 4] * plain.n_layers, "scoring left k alone"
     plain.apply("auto")
 
 
 def test_chunked_scoring_equals_one_pass(plain, monkeypatch):
-    chooser = plain.get_selector("activations")
-    tokens = chooser.inputs(PROMPT * 3)
-    whole = chooser.scores(tokens)
+    activations = plain.get_selector("activations")
+    tokens = activations.inputs(PROMPT * 3)
+    whole = activations.scores(tokens)
     monkeypatch.setattr(selectors, "PREFILL_CHUNK", 7)
-    assert np.allclose(chooser.scores(tokens), whole, rtol=1e-4, atol=1e-5)
+    assert np.allclose(activations.scores(tokens), whole, rtol=1e-4, atol=1e-5)
 
 
 def test_normalization_keeps_one_token_from_dominating(plain):
     """Per-token scaling: the scores are unchanged when one token's activations are huge."""
-    chooser = plain.get_selector("activations")
-    tokens = chooser.inputs(PROMPT)
+    activations = plain.get_selector("activations")
+    tokens = activations.inputs(PROMPT)
     raw = selectors.ActivationSelector(plain.model, plain.mlps, plain.prompt_tokens, normalize=False)
-    normalized, unnormalized = chooser.scores(tokens), raw.scores(tokens)
+    normalized, unnormalized = activations.scores(tokens), raw.scores(tokens)
     # every row of normalized activations has unit norm, so a layer's squared scores sum to T
     assert np.allclose((normalized ** 2).sum(-1), len(tokens), rtol=1e-3)
     assert not np.allclose(unnormalized ** 2, normalized ** 2)
@@ -108,10 +108,10 @@ def test_generation_prefills_dense_then_decodes_pruned(plain):
         expected.append(token)
     plain.apply("auto")
 
-    chooser = plain.get_selector("activations")
-    calls = chooser.calls
+    activations = plain.get_selector("activations")
+    calls = activations.calls
     responses = list(plain.stream_responses(PROMPT, density=0.25, selector="activations", max_tokens=6))
-    assert chooser.calls == calls + 1, "the scoring pass is the prefill: it runs every time"
+    assert activations.calls == calls + 1, "the scoring pass is the prefill: it runs every time"
     assert [r.token for r in responses] == expected[: len(responses)]
     assert responses[-1].prompt_tokens == len(ids)
     assert [(a == b).all() for a, b in zip(plain.applied.indices, selection.indices)] == [True] * plain.n_layers
@@ -184,11 +184,11 @@ def test_without_a_trimmable_cache_it_selects_then_prefills_pruned(plain, monkey
     from ifprune_mlx import engine as engine_module
 
     monkeypatch.setattr(engine_module, "can_trim_prompt_cache", lambda cache: False)
-    chooser = plain.get_selector("activations")
+    activations = plain.get_selector("activations")
     expected = plain.select("a prompt for the fallback", density=0.25, selector="activations")
-    calls = chooser.calls
+    calls = activations.calls
     responses = list(plain.stream_responses("a prompt for the fallback", density=0.25,
                                             selector="activations", max_tokens=3))
-    assert chooser.calls == calls, "the cached selection is reused: no dense pass"
+    assert activations.calls == calls, "the cached selection is reused: no dense pass"
     assert plain.applied is expected and responses[-1].prompt_tokens == len(
         plain.prompt_tokens("a prompt for the fallback"))
