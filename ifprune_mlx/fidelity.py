@@ -29,11 +29,13 @@ def next_token_kl(p_logits: mx.array, q_logits: mx.array) -> mx.array:
     return mx.sum(mx.exp(log_p) * (log_p - log_q), axis=-1)
 
 
-def greedy_tokens(model, ids: Sequence[int], n: int) -> list[int]:
-    """The model's greedy continuation of `ids`: n tokens (mlx-lm's generate_step)."""
+def greedy_tokens(model, ids: Sequence[int], n: int, prompt_cache: list | None = None) -> list[int]:
+    """The model's greedy continuation of `ids`: n tokens (mlx-lm's generate_step), extending
+    `prompt_cache` when given."""
     from mlx_lm.generate import generate_step
 
-    return [int(token) for token, _ in generate_step(mx.array(list(ids)), model, max_tokens=n)]
+    steps = generate_step(mx.array(list(ids)), model, max_tokens=n, prompt_cache=prompt_cache)
+    return [int(token) for token, _ in steps]
 
 
 def prefill_dense(engine, prompt: Sequence[int]) -> list:

@@ -103,6 +103,28 @@ def quantize_model_folder(folder: Path, bits: int, group_size: int = 64, predica
     return model
 
 
+def reference_tokens(engine, prompt, n: int, *, dense_prefill: bool = False) -> list[int]:
+    """The n greedy tokens generation of `prompt` must give under the selection the engine
+    computes with now, computed another way: by a plain model holding compact copies of the
+    kept rows (bench.compact_model, same kernels, so equal to the bit); with dense_prefill
+    (the training-free selector's GRIFFIN path), by the engine with all but the prompt's last
+    token prefilled dense, then the same selection applied. Tests compare engine.generate and
+    stream_responses with it."""
+    from .bench import compact_model
+    from .fidelity import greedy_tokens, prefill_dense
+
+    ids = engine.prompt_tokens(prompt)
+    if dense_prefill:
+        selection = engine.applied
+        cache = prefill_dense(engine, ids)
+        engine.apply(selection)
+        return greedy_tokens(engine.model, ids[-1:], n, cache)
+    widths = {mlp.k for mlp in engine.mlps}
+    if len(widths) != 1:
+        raise ValueError(f"the layers keep different channel counts {sorted(widths)}: no compact model")
+    return greedy_tokens(compact_model(engine, widths.pop(), rows=True), ids, n)
+
+
 def random_predictor(config: dict, d_pred: int = 32, seed: int = 1) -> dict:
     """A random predictor for an LLM config: tiny qwen2 backbone + head (write_bundle format)."""
     pconfig = model_config("qwen2", hidden_size=d_pred, num_hidden_layers=1,

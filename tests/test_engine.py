@@ -181,7 +181,10 @@ def test_failed_swap_leaves_the_selection_and_the_text(engine, monkeypatch):
 def test_quantized_bundle_generates(q4_bundle_dir):
     engine = ifp.load(q4_bundle_dir)
     assert engine.config["quantization"]["bits"] == 4
-    assert isinstance(engine.generate(PROMPT, max_tokens=8), str)
+    responses = list(engine.stream_responses(PROMPT, max_tokens=8))
+    assert engine.applied is not None and engine.mlps[0].k < engine.d_ffn
+    assert [r.token for r in responses] == testing.reference_tokens(engine, PROMPT, len(responses))
+    assert engine.generate(PROMPT, max_tokens=8) == "".join(r.text for r in responses)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
@@ -246,7 +249,8 @@ def test_quantized_mlx_lm_folder_loads_in_row_layout(tmp_path, bits):
     spread = mx.abs(reference).max().item()
     assert diff <= QUANTIZED_FOLDERS[bits] * spread, f"{bits}: re-quantization moved logits by {diff:.4f} (max |logit| {spread:.2f})"
     engine.apply([np.arange(0, 512, 3)] * engine.n_layers)
-    assert engine.generate("Sort these numbers", max_tokens=4) is not None
+    responses = list(engine.stream_responses("Sort these numbers", max_tokens=4))
+    assert [r.token for r in responses] == testing.reference_tokens(engine, "Sort these numbers", len(responses))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])

@@ -8,7 +8,7 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 import ifprune_mlx as ifp
-from ifprune_mlx import selectors
+from ifprune_mlx import selectors, testing
 from ifprune_mlx.fidelity import kl_after_prefill, random_selection
 from ifprune_mlx.testing import make_model_folder, model_config
 
@@ -124,8 +124,11 @@ def test_predictor_stays_the_default_where_there_is_one(with_predictor, plain):
     assert set(with_predictor.selectors) == {"predictor", "activations"}
     assert with_predictor.select(PROMPT).source == "predictor"
     assert with_predictor.select(PROMPT, selector="activations").source == "activations"
-    assert with_predictor.generate(PROMPT, selector="activations", max_tokens=3) is not None
+    responses = list(with_predictor.stream_responses(PROMPT, selector="activations", max_tokens=3))
     assert with_predictor.applied.source == "activations"
+    assert [r.token for r in responses] == testing.reference_tokens(with_predictor, PROMPT, len(responses),
+                                                                    dense_prefill=True)
+    with_predictor.apply("auto")
     assert plain.selector.name == "activations" and list(plain.selectors) == ["activations"]
 
 
