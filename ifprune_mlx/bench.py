@@ -452,8 +452,12 @@ def reselect(engine, s: Settings, log: Callable[[str], None]) -> list[dict]:
     return rows
 
 
-def _rss() -> tuple[int, int]:
-    """(current, peak) resident set size of this process, bytes."""
+def resident_memory(reset_peak: bool = False) -> tuple[int, int]:
+    """(current, peak) resident set size of this process, bytes. reset_peak: on Linux, first
+    reset the peak to the current size (/proc/self/clear_refs), so it measures from now
+    (elsewhere the peak is the process's since it started)."""
+    if reset_peak and Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")
     try:
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
                       if ":" in line)
@@ -467,7 +471,7 @@ def memory_probe(folder: str, density: float, prompt_tokens: int, tokens: int) -
     """In a fresh process: load + select + apply + generate; peak memory vs weight bytes."""
     import ifprune_mlx
 
-    rss0 = _rss()[0]
+    rss0 = resident_memory()[0]
     mx.reset_peak_memory()
     engine = ifprune_mlx.load(folder)
     after_load = mx.get_peak_memory()
@@ -476,7 +480,7 @@ def memory_probe(folder: str, density: float, prompt_tokens: int, tokens: int) -
     after_apply = mx.get_peak_memory()
     n = sum(1 for _ in engine.stream_responses(text, max_tokens=tokens, tokens=ids))
     peak = mx.get_peak_memory()
-    rss = _rss()[1]
+    rss = resident_memory()[1]
     weights = engine.weight_bytes()
     predictor = _array_bytes(engine.selectors["predictor"].predictor.parameters()) if engine.has_predictor else 0
     k = engine.mlps[0].k

@@ -4,6 +4,8 @@ import pytest
 
 from ifprune_mlx import testing
 
+pytest_plugins = ["ci_skips"]  # in CI (CI=true) a skipped test fails the run
+
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):

@@ -5,6 +5,8 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlx_lm.models.cache import make_prompt_cache
 
 import ifprune_mlx as ifp
@@ -62,8 +64,20 @@ def test_chunked_scoring_equals_one_pass(plain, monkeypatch):
     assert np.allclose(activations.scores(tokens), whole, rtol=1e-4, atol=1e-5)
 
 
-def test_normalization_keeps_one_token_from_dominating(plain):
-    """Per-token scaling: the scores are unchanged when one token's activations are huge."""
+@settings(max_examples=25, deadline=None)
+@given(token=st.integers(0, 11), scale=st.floats(1e-3, 1e4), seed=st.integers(0, 2**16))
+def test_normalization_keeps_one_token_from_dominating(token, scale, seed):
+    """Per-token scaling: a channel's score does not change when one token's activations are
+    scaled (made huge, or tiny); without it, that token decides the scores."""
+    h = mx.array(np.random.default_rng(seed).normal(size=(12, 64)).astype(np.float32))
+    scaled = h * mx.array(np.where(np.arange(12) == token, scale, 1.0).astype(np.float32))[:, None]
+    normalized, raw = selectors._channel_energy(True), selectors._channel_energy(False)
+    assert np.allclose(np.array(normalized(scaled)), np.array(normalized(h)), rtol=1e-4)
+    squares = np.array(h[token]) ** 2  # unnormalized, the token's share grows with scale**2
+    assert np.allclose(np.array(raw(scaled)), np.array(raw(h)) + (scale**2 - 1) * squares, rtol=1e-4)
+
+
+def test_normalized_scores_give_every_token_unit_weight(plain):
     activations = plain.get_selector("activations")
     tokens = activations.inputs(PROMPT)
     raw = selectors.ActivationSelector(plain.model, plain.mlps, plain.prompt_tokens, normalize=False)
