@@ -107,7 +107,7 @@ def _header(info: dict, plot: Path | None, source: Path | None) -> list[str]:
         "untied lm_head, d_ffn = 4 d_model, head_dim 64, 4 query heads per KV head; random "
         "predictor (1-layer qwen2 backbone of width d_model / 4 + head) in the bundle "
         "(bench.synthetic_config, testing.make_bundle)",
-        "- references (bench.compact_model), holding compact copies of exactly the rows the "
+        "- references (fidelity.compact_model), holding compact copies of exactly the rows the "
         "engine keeps: *mlx-lm layout* = a plain mlx-lm llama (nn.Linear FFN, "
         "intermediate_size = k; at density 1.0 the dense model as mlx-lm runs it); *same "
         "kernels* = PrunableMLPs of width k in the engine's row layout. Their logits match the "

@@ -40,6 +40,7 @@ import typer
 
 from .bundle import DEFAULT_DENSITY
 from .console import fail, friendly_errors
+from .fidelity import compact_model
 
 DENSITIES = (1.0, 0.5, 0.33, 0.25)
 CHANGED = (0.0, 0.1, 0.5, 1.0)
@@ -173,48 +174,6 @@ def synthetic_bundle(folder: Path, d_model: int, s: Settings, *, bits: int | Non
                       predictor_width=max(32, d_model // 4), force=True)
     _free()
     return out
-
-
-def compact_model(engine, k: int | None = None, *, rows: bool = False) -> nn.Module:
-    """A model holding compact copies of the engine's FFN rows: what is physically that small.
-
-    k=None: every channel, in original order (the dense model); k: the first k positions of
-    every layer, i.e. the selection applied now (intermediate_size = k).
-    rows=False: plain mlx-lm (nn.Linear FFN, down_proj [d_model, k]), the layout mlx-lm runs;
-    rows=True: PrunableMLPs of width k in the engine's row layout, so the same kernels run.
-    Attention, norms and embeddings are shared with the engine (they are never written).
-    """
-    from .models import build_model, load_weights, quantize_like
-
-    config = {key: v for key, v in engine.config.items() if key not in ("ifpruning", "quantization")}
-    q = engine.config.get("quantization")
-    width = engine.d_ffn if k is None else k
-    weights = {n: v for n, v in nn.utils.tree_flatten(engine.model.parameters()) if ".mlp." not in n}
-    for i, mlp in enumerate(engine.mlps):
-        order = np.argsort(mlp.perm) if k is None else np.arange(k)
-        idx = mx.array(order.astype(np.int32))
-        prefix = f"model.layers.{i}.mlp"
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            layer = getattr(mlp, name)
-            for part in layer.row_arrays():
-                weights[f"{prefix}.{name}.{part}"] = layer[part][idx]  # a gather: a new buffer
-        down = mlp.down_proj
-        if not rows and q:
-            dense = mx.dequantize(down.weight[idx], down.scales[idx], down.biases[idx],
-                                  group_size=down.group_size, bits=down.bits)
-            w, s, b = mx.quantize(mx.contiguous(dense.T), group_size=q["group_size"], bits=q["bits"])
-            weights.update({f"{prefix}.down_proj.weight": w, f"{prefix}.down_proj.scales": s,
-                            f"{prefix}.down_proj.biases": b})
-        elif not rows:
-            weights[f"{prefix}.down_proj.weight"] = mx.contiguous(down.weight[idx].T)
-        if "bias" in down:
-            weights[f"{prefix}.down_proj.bias"] = down.bias
-        mx.eval([v for n, v in weights.items() if n.startswith(prefix)])
-    model = build_model(dict(config, intermediate_size=width), prunable=rows)
-    if q:
-        quantize_like(model, q, weights)
-    load_weights(model, weights, "compact copy")
-    return model
 
 
 def _array_bytes(tree) -> int:

@@ -106,12 +106,11 @@ def quantize_model_folder(folder: Path, bits: int, group_size: int = 64, predica
 def reference_tokens(engine, prompt, n: int, *, dense_prefill: bool = False) -> list[int]:
     """The n greedy tokens generation of `prompt` must give under the selection the engine
     computes with now, computed another way: by a plain model holding compact copies of the
-    kept rows (bench.compact_model, same kernels, so equal to the bit); with dense_prefill
+    kept rows (fidelity.compact_model, same kernels, so equal to the bit); with dense_prefill
     (the training-free selector's GRIFFIN path), by the engine with all but the prompt's last
     token prefilled dense, then the same selection applied. Tests compare engine.generate and
     stream_responses with it."""
-    from .bench import compact_model
-    from .fidelity import greedy_tokens, prefill_dense
+    from .fidelity import compact_model, greedy_tokens, prefill_dense
 
     ids = engine.prompt_tokens(prompt)
     if dense_prefill:

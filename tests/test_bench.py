@@ -12,6 +12,7 @@ import ifprune_mlx
 from ifprune_mlx import bench
 from examples import benchmark_report
 from ifprune_mlx.cli import app
+from ifprune_mlx.fidelity import compact_model
 from ifprune_mlx.selectors import Selection
 
 
@@ -81,12 +82,12 @@ def test_bench_rejects_bad_options():
 
 def test_physically_small_model_computes_what_the_engine_keeps(engine):
     ids = mx.array([engine.tokenizer.encode("Write a Python function that reverses a list.")])
-    dense = bench.compact_model(engine)
+    dense = compact_model(engine)
     assert type(dense.layers[0].mlp).__name__ == "MLP"  # plain mlx-lm, not PrunableMLP
     engine.apply(engine.select("Translate the sentence into French.", density=0.25))
     k = engine.mlps[0].k
-    small = bench.compact_model(engine, k)
-    same_kernels = bench.compact_model(engine, k, rows=True)
+    small = compact_model(engine, k)
+    same_kernels = compact_model(engine, k, rows=True)
     assert small.layers[0].mlp.gate_proj.weight.shape == (k, engine.config["hidden_size"])
     assert small.layers[0].mlp.down_proj.weight.shape == (engine.config["hidden_size"], k)
     assert same_kernels.layers[0].mlp.down_proj.weight.shape == (k, engine.config["hidden_size"])
@@ -101,7 +102,7 @@ def test_quantized_physically_small_model_runs(q4_bundle_dir):
     engine.apply(engine.select("Sort these numbers.", density=0.5))
     ids = mx.array([[1, 2, 3, 4]])
     for rows in (False, True):
-        small = bench.compact_model(engine, engine.mlps[0].k, rows=rows)
+        small = compact_model(engine, engine.mlps[0].k, rows=rows)
         assert "scales" in small.layers[0].mlp.down_proj
         # the mlx-lm layout re-quantizes down_proj along d_ffn: equal up to that rounding
         np.testing.assert_allclose(np.array(small(ids)), np.array(engine.model(ids)), atol=0 if rows else 0.5)
