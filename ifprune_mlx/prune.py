@@ -209,8 +209,8 @@ def _swap_rows(module: nn.Module, name: str, a: mx.array, b: mx.array) -> None:
     """Swap rows a[i] <-> b[i] of module[name] in place.
 
     Through a NumPy view of the evaluated buffer when NumPy has the dtype (CPU and unified
-    memory): MLX's CPU scatter costs ~6 ns per element, ~10x a row copy (measured by
-    `ifprune bench`). Else with MLX gathers and scatters. In chunks of at most 1/64 of the
+    memory): MLX's CPU scatter costs about ten times a row copy. Else with MLX gathers and
+    scatters. In chunks of at most 1/64 of the
     rows, so the gathered rows in flight stay below 1/32 of one matrix.
     """
     w = module[name]
