@@ -48,7 +48,7 @@ SELECT_DENSITY = DEFAULT_DENSITY  # of TTFT, re-selection and memory: a bundle's
 # A speed-up may exceed its bytes-per-token bound by this factor before it is flagged: decode
 # is memory-bound, so more than that means the two timings saw different machine load.
 BOUND_SLACK = 1.10
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")
 _TEXT = ("Write a Python function that reverses a list. Translate the sentence into French, "
          "please. What is the sum of 12 and 30? Sort these numbers: 5 3 9 1. ")
 
@@ -72,6 +72,7 @@ class Settings:
     memory_tokens: int = 32
     layers: int = 8
     vocab: int = 32000
+    bandwidth_probe: tuple[int, int, int] = (256, 5, 2048)  # bandwidth(mb, reps, d)
     quick: bool = False
 
     @classmethod
@@ -79,7 +80,7 @@ class Settings:
         return cls(quick=True, decode_tokens=4, decode_prompt=8, reps=1, min_reps=1, ttft_reps=1,
                    prompt_lengths=(8, 32), scaling_prompt_lengths=(8,), quantized_prompt_lengths=(8,),
                    memory_prompt=8, densities=(1.0, 0.5, 0.25), changed=(0.0, 1.0), memory_tokens=4,
-                   layers=2, vocab=512)
+                   layers=2, vocab=512, bandwidth_probe=(16, 2, 512))
 
 
 # -- machine ---------------------------------------------------------------------------
@@ -525,7 +526,8 @@ def _bandwidth_without_openblas(s: Settings) -> Optional[dict]:
     if "openblas" not in os.environ.get("LD_PRELOAD", ""):
         return None
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    args = "16, 2, 512" if s.quick else "64, 2"
+    mb, _, d = s.bandwidth_probe
+    args = f"{max(16, mb // 4)}, 2, {d}"
     code = f"import json; from ifprune_mlx.bench import bandwidth; print(json.dumps(bandwidth({args})))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -542,7 +544,7 @@ def run(*, model: Optional[Path], widths: list[int], bits: list[Optional[int]], 
     start = time.perf_counter()
     info = {"machine": machine(), "settings": asdict(settings), "command": command,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    probe = (lambda: bandwidth(16, 2, 512)) if settings.quick else bandwidth
+    probe = lambda: bandwidth(*settings.bandwidth_probe)  # noqa: E731
     samples = [probe()]
     bw = samples[0]
     log(f"BLAS: {info['machine']['blas']}; streaming read {bw['stream_gbs']:.1f} GB/s, "
