@@ -25,8 +25,6 @@ from mlx_lm.utils import load_tokenizer
 
 from . import bundle
 from .bundle import PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY
-
-AUTO = "auto"  # apply(AUTO): no pinned selection, generation selects per prompt
 from .errors import BundleError, SelectionError
 from .models import (build_model, load_weights, normalize_config, prunable_mlps, to_row_layout,
                      quantize_like)
@@ -34,6 +32,8 @@ from .predictor import load_predictor
 from .prune import ApplyStats, apply_selection
 from .selectors import (ActivationSelector, PredictorSelector, Prompt, Selection, Selector,
                         kept_count, top_k)
+
+AUTO = "auto"  # apply(AUTO): no pinned selection, generation selects per prompt
 
 
 class Engine:
