@@ -46,8 +46,9 @@ test-all: install-dev
 chat: install
 	$(VENV)/bin/ifprune chat
 
+# Measures as `ifprune bench` does, then writes docs/BENCHMARKS.md, benchmarks.png and benchmarks.json.
 bench: install-dev
-	$(VENV)/bin/ifprune bench --out docs/BENCHMARKS.md --plot docs/benchmarks.png --json docs/benchmarks.json
+	@$(WITH_BLAS) $(PY) -m examples.benchmark_report
 
 # Trained predictor vs training-free selector: writes the tables of docs/SELECTORS.md.
 selectors: install-dev

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ifprune_mlx.bundle import DEFAULT_DENSITY, PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY
 from ifprune_mlx.console import fail, friendly_errors, in_megabytes, progress_bar
 from ifprune_mlx.errors import ConversionError
 from ifprune_mlx.selectors import check_density
@@ -38,9 +39,9 @@ def convert(
                                            "(not for an already quantized mlx-lm folder)."),
     group_size: int = typer.Option(64, "--group-size", help="Quantization group size: 32, 64 or 128."),
     density: Optional[float] = typer.Option(None, "--density", help="The bundle's default density "
-                                            "(default: ifpruning.json's, else 0.33)."),
+                                            f"(default: ifpruning.json's, else {DEFAULT_DENSITY} with a predictor, {PLAIN_DEFAULT_DENSITY} without)."),
     pad_multiple: Optional[int] = typer.Option(None, "--pad-multiple", help="Round kept channels up to a "
-                                               "multiple of this (default: ifpruning.json's, else 32)."),
+                                               f"multiple of this (default: ifpruning.json's, else {PAD_MULTIPLE})."),
     verify: bool = typer.Option(False, "--verify", help="Compare with the PyTorch reference on a few prompts "
                                 "(needs torch), or with mlx-lm's own model for an mlx-lm folder; the bundle "
                                 "is only written if it passes."),
@@ -49,8 +50,6 @@ def convert(
     """Convert a PyTorch IFPruning checkpoint (LLM + sparsity predictor), or an mlx-lm folder, to an MLX bundle."""
     if density is not None:
         check_density(density)
-    if out.exists() and not force:
-        raise ConversionError(f"{out}: already exists; pass --force to overwrite it")
     source = detect(src, predictor=predictor, layout=layout, config=config,
                     predictor_config=predictor_config, tokenizer=tokenizer)
     typer.echo(f"{src}: {source.layout} layout, {source.config['model_type']}, {source.n_layers} layers x "

@@ -34,13 +34,13 @@ from pathlib import Path
 import mlx.nn as nn
 
 from ifprune_mlx.bundle import TOKENIZER_FILES, read_config_file, safetensors_header
-from ifprune_mlx.errors import BundleError, ConversionError
+from ifprune_mlx.errors import ConversionError
 from ifprune_mlx.models import (build_model, is_down_proj, is_gate_up_proj, module_quantization,
-                                normalize_config, split_gate_up)
-from ifprune_mlx.predictor import HEAD_WIDTH
+                                name_mismatch, normalize_config, split_gate_up)
+from ifprune_mlx.predictor import head_mismatch
 from ifprune_mlx.prune import QuantizedRowLinear
 
-from .readers import Checkpoint, TensorRef, open_checkpoint
+from .readers import Checkpoint, TensorRef, conversion_errors, open_checkpoint
 
 LAYOUTS = ("auto", "hf", "public", "plain", "mlx")
 FFN_BITS = QuantizedRowLinear.BITS  # what the runtime's quantized FFN rows hold
@@ -251,18 +251,14 @@ def _config(explicit: Path | None, folder: Path | None, what: str, flag: str) ->
         )
     if not path.is_file():
         raise ConversionError(f"{path}: no such config file ({flag})")
-    try:
+    with conversion_errors():
         return read_config_file(path), path.parent
-    except BundleError as e:
-        raise ConversionError(str(e)) from None
 
 
 def to_mlx_config(hf_config: dict, tensors: dict, what: str) -> dict:
     """The config mlx-lm builds the same model from (ifprune_mlx.models.normalize_config)."""
-    try:
+    with conversion_errors(what):
         return normalize_config(hf_config, tensors)
-    except BundleError as e:
-        raise ConversionError(f"cannot convert {what}: {e}") from None
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -290,10 +286,8 @@ def _ifpruning_json(folder: Path) -> dict:
 def _expected_shapes(config: dict, what: str, rows: bool) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of the (unquantized) mlx-lm model of `config`; `rows`: the
     prunable LLM, whose down_proj is [d_ffn, d_model]."""
-    try:
+    with conversion_errors(what):
         model = build_model(config, prunable=rows)  # parameters stay lazy: nothing is allocated
-    except BundleError as e:
-        raise ConversionError(f"cannot convert {what}: {e}") from None
     return {name: tuple(p.shape) for name, p in nn.utils.tree_flatten(model.parameters())}
 
 
@@ -302,18 +296,10 @@ def _match_names(config: dict, expected, tensors: dict[str, TensorRef], what: st
     tied = config["tie_word_embeddings"]
     kept = {name: ref for name, ref in tensors.items()
             if not (name.endswith("rotary_emb.inv_freq") or (tied and name.startswith("lm_head.")))}
-    missing = sorted(set(expected) - set(kept))
-    if missing:
-        raise ConversionError(
-            f"{what}: {len(missing)} tensors the config implies are missing from the checkpoint, "
-            f"e.g. {missing[0]!r}; is this the right checkpoint for this config?"
-        )
-    unexpected = sorted(set(kept) - set(expected))
-    if unexpected:
-        raise ConversionError(
-            f"{what}: tensor {unexpected[0]!r} ({len(unexpected)} in all) has no place in a "
-            f"{config['model_type']} model of this config; is this the right checkpoint?"
-        )
+    problem = name_mismatch(expected, kept)
+    if problem:
+        raise ConversionError(f"{what}: {problem} ({config['model_type']}); is this the right checkpoint "
+                              "for this config?")
     return kept
 
 
@@ -395,20 +381,15 @@ def _check_quantized(config: dict, quantization: dict, tensors: dict[str, Tensor
 
 
 def _check_head(head: dict[str, TensorRef], d_pred: int, n_layers: int, d_ffn: int) -> dict[str, TensorRef]:
-    expected = {"head1.weight": (HEAD_WIDTH, d_pred), "head1.bias": (HEAD_WIDTH,),
-                "head2.weight": (n_layers * d_ffn, HEAD_WIDTH), "head2.bias": (n_layers * d_ffn,)}
-    names = {v: k for k, v in HEAD_KEYS.items()}
-    for name, shape in expected.items():
-        if name not in head:
+    mismatch = head_mismatch({name: ref.shape for name, ref in head.items()}, d_pred, n_layers, d_ffn)
+    if mismatch:
+        name, problem = mismatch
+        source_name = {v: k for k, v in HEAD_KEYS.items()}[name]
+        if problem is None:
             raise ConversionError(
-                f"the predictor's head tensor {names[name]!r} is missing; an IFPruning predictor has "
+                f"the predictor's head tensor {source_name!r} is missing; an IFPruning predictor has "
                 "prediction_head1.{weight,bias} and prediction_head2.{weight,bias} (in head.safetensors "
-                "next to the backbone, or in the predictor's state dict)"
-            )
-        if tuple(head[name].shape) != shape:
-            raise ConversionError(
-                f"{head[name].path.name}: {names[name]} has shape {tuple(head[name].shape)}, expected "
-                f"{shape} for an LLM of {n_layers} layers x {d_ffn} FFN channels and a predictor of "
-                f"width {d_pred}; was this predictor trained for this LLM?"
-            )
+                "next to the backbone, or in the predictor's state dict)")
+        raise ConversionError(f"{head[name].path.name}: {source_name} {problem}; was this predictor "
+                              "trained for this LLM?")
     return head

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from contextlib import contextmanager
 import mmap
 import pickle
 import re
@@ -25,16 +26,25 @@ from typing import Callable, Iterator, Mapping
 
 import mlx.core as mx
 
-from ifprune_mlx.bundle import index_shards, safetensors_header
+from ifprune_mlx.bundle import (DTYPE_BYTES, SAFETENSORS_DTYPES, index_shards, read_safetensors,
+                                safetensors_header)
 from ifprune_mlx.errors import BundleError, ConversionError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 # Files a trainer writes next to the weights; never model weights.
 _NOT_WEIGHTS = re.compile(r"^(training_args|optimizer|scheduler|rng_state.*|scaler|trainer_state)\.")
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-              "U32": "uint32", "BOOL": "bool"}
+
+
+@contextmanager
+def conversion_errors(what: str | None = None) -> Iterator[None]:
+    """Report a BundleError of the runtime's format checks (headers, configs, models) as the
+    converter's ConversionError, prefixed with "cannot convert {what}: " when given.
+    A context manager, and a decorator."""
+    try:
+        yield
+    except BundleError as e:
+        raise ConversionError(f"cannot convert {what}: {e}" if what else str(e)) from None
 
 
 def torch_or_error(why: str):
@@ -63,16 +73,11 @@ class TensorRef:
         count = 1
         for dim in self.shape:
             count *= dim
-        return count * _itemsize(self.dtype)
+        return count * DTYPE_BYTES.get(self.dtype, 1)
 
     def load(self) -> mx.array:
         """The tensor as an mx.array (evaluated lazily by MLX, read from disk now)."""
         return self._fetch()
-
-
-def _itemsize(dtype: str) -> int:
-    return {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "uint32": 4, "float16": 2,
-            "bfloat16": 2, "int16": 2}.get(dtype, 1)
 
 
 class Checkpoint(Mapping[str, TensorRef]):
@@ -98,6 +103,7 @@ class Checkpoint(Mapping[str, TensorRef]):
 # -- files ---------------------------------------------------------------------------------------
 
 
+@conversion_errors()
 def weight_files(path: Path, skip: str | None = None) -> list[Path]:
     """The weight files of a checkpoint: the file itself, or those of a folder.
 
@@ -111,7 +117,7 @@ def weight_files(path: Path, skip: str | None = None) -> list[Path]:
         if not path.name.endswith(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES + (".index.json",)):
             raise ConversionError(f"{path}: not a weight file (expected .safetensors, .bin, .pt or .pth)")
         if path.name.endswith(".index.json"):
-            return _shards(path)
+            return index_shards(path)
         return [path]
     if not path.exists():
         raise ConversionError(f"{path}: no such file or folder")
@@ -119,20 +125,13 @@ def weight_files(path: Path, skip: str | None = None) -> list[Path]:
         indexes = [i for i in sorted(path.glob("*.index.json"))
                    if i.name[: -len(".index.json")].endswith(suffixes) and not (skip and i.name.startswith(skip))]
         if indexes:  # only what the index lists (e.g. not Mistral's consolidated.safetensors)
-            return [f for index in indexes for f in _shards(index)]
+            return [f for index in indexes for f in index_shards(index)]
         files = [f for f in sorted(path.iterdir())
                  if f.is_file() and f.name.endswith(suffixes) and not _NOT_WEIGHTS.match(f.name)
                  and not (skip and f.name.startswith(skip))]
         if files:
             return files
     raise ConversionError(f"{path}: no weight files (.safetensors, .bin, .pt, .pth) in this folder")
-
-
-def _shards(index: Path) -> list[Path]:
-    try:
-        return index_shards(index)
-    except BundleError as e:
-        raise ConversionError(str(e)) from None
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -156,26 +155,22 @@ def open_checkpoint(path: Path, skip: str | None = None) -> Checkpoint:
 
 
 def _open_safetensors(path: Path) -> dict[str, TensorRef]:
-    try:
+    with conversion_errors():
         header = safetensors_header(path)  # checks sizes and offsets against the file
-    except BundleError as e:
-        raise ConversionError(str(e)) from e
     lazy: dict[str, mx.array] = {}
 
     def fetch(name: str) -> mx.array:
         # mx.load reads nothing until evaluated; pop so a loaded tensor is freed once used.
         if name not in lazy:
-            try:
-                lazy.update(mx.load(str(path)))
-            except (RuntimeError, ValueError) as e:
-                raise ConversionError(f"{path}: cannot read ({e})") from e
+            with conversion_errors():
+                lazy.update(read_safetensors([path]))
         return lazy.pop(name)
 
     refs = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = _ST_DTYPES.get(info["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"], (None,))[0]
         if dtype is None:
             raise ConversionError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which cannot be converted")
         refs[name] = TensorRef(name, tuple(info["shape"]), dtype, path, lambda n=name: fetch(n))

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ifprune_mlx.bundle import PAD_MULTIPLE
 from ifprune_mlx.selectors import kept_count, top_k
 
 # ----------------------------------------------------------------------------------------------
@@ -214,7 +215,7 @@ def predict_scores(predictor: SparsityPredictor, tokenizer, prompts: list[str]) 
 
 
 def select_channels(predictor: SparsityPredictor, tokenizer, prompt: str, density: float,
-                    pad_multiple: int = 32) -> list[np.ndarray]:
+                    pad_multiple: int = PAD_MULTIPLE) -> list[np.ndarray]:
     """The FFN channels the pruned LLM keeps for `prompt`: per layer, sorted np.int64 ids.
 
     k = kept_count(density, F, pad_multiple) channels in every layer, the k highest scores

@@ -35,6 +35,7 @@ from ifprune_mlx.bundle import read_safetensors, weight_files
 from ifprune_mlx.errors import ConversionError
 from ifprune_mlx.fidelity import greedy_tokens, next_token_kl
 from ifprune_mlx.models import is_down_proj, is_gate_up_proj, module_quantization
+from ifprune_mlx.selectors import overlap
 
 from .layouts import Source
 from .readers import TensorRef, torch_or_error
@@ -266,8 +267,7 @@ class _Tally:
 
         expected = select_channels(predictor, tokenizer, prompt, density, engine.pad_multiple)
         self.identical += all(np.array_equal(a, b) for a, b in zip(expected, selection.indices))
-        self.overlaps += [len(np.intersect1d(a, b)) / len(np.union1d(a, b))
-                          for a, b in zip(expected, selection.indices)]
+        self.overlaps += overlap(expected, selection.indices)
 
     def report(self, *, prompts: int, density: float, dtype: str, quantization: dict | None,
                tolerance: float | None, worst: tuple[str, float], with_predictor: bool, **extra) -> VerifyReport:

@@ -21,8 +21,9 @@ from typing import Callable
 
 import mlx.core as mx
 
-from ifprune_mlx.bundle import copy_tokenizer, new_ifpruning_block, write_atomic
-from ifprune_mlx.engine import PLAIN_DEFAULT_DENSITY
+from ifprune_mlx.bundle import (DEFAULT_DENSITY, PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY, SAFETENSORS_CODES,
+                                copy_tokenizer, new_ifpruning_block, refuse_overwrite,
+                                write_atomic)
 from ifprune_mlx.errors import ConversionError
 from ifprune_mlx.models import is_quantizable, quantize_rows, to_row_layout
 
@@ -32,9 +33,6 @@ from .readers import TensorRef
 DTYPES = ("float32", "float16", "bfloat16")
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
-DEFAULT_DENSITY, DEFAULT_PAD_MULTIPLE = 0.33, 32
-_ST_NAMES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32",
-             mx.int32: "I32", mx.int64: "I64", mx.uint8: "U8", mx.bool_: "BOOL"}
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
@@ -56,7 +54,7 @@ class Summary:
     seconds: float
     tokenizer_files: list[str] = field(default_factory=list)
     default_density: float = DEFAULT_DENSITY
-    pad_multiple: int = DEFAULT_PAD_MULTIPLE
+    pad_multiple: int = PAD_MULTIPLE
     requantized: int = 0  # down_proj matrices re-quantized by rows (quantized mlx-lm source)
 
     def lines(self) -> list[str]:
@@ -111,7 +109,8 @@ def convert(source: Source, out: Path, *, dtype: str | None = None, bits: int | 
             (the predictor stays in `dtype`). Not for an already quantized source.
         group_size: quantization group size (32, 64 or 128; must divide every row).
         default_density, pad_multiple: the bundle's defaults (else ifpruning.json's, else
-            0.33 with a predictor, the engine's training-free default (0.5) without, and 32).
+            the format's: bundle.DEFAULT_DENSITY with a predictor, bundle.PLAIN_DEFAULT_DENSITY
+            without, bundle.PAD_MULTIPLE).
         force: replace an existing `out`.
         on_progress: called as on_progress(bytes_done, bytes_total) after each tensor.
         check: called on the finished folder before it is renamed to `out` (e.g. verify);
@@ -119,8 +118,7 @@ def convert(source: Source, out: Path, *, dtype: str | None = None, bits: int | 
     """
     start = time.perf_counter()
     out = Path(out)
-    if out.exists() and not force:
-        raise ConversionError(f"{out}: already exists; pass --force to overwrite it")
+    refuse_overwrite(out, force)
     dtype = dtype or source_dtype(source)
     if dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
@@ -136,7 +134,7 @@ def convert(source: Source, out: Path, *, dtype: str | None = None, bits: int | 
     target = getattr(mx, dtype)
     fallback = DEFAULT_DENSITY if source.predictor is not None else PLAIN_DEFAULT_DENSITY
     density = default_density if default_density is not None else source.defaults.get("default_density", fallback)
-    pad = pad_multiple if pad_multiple is not None else source.defaults.get("pad_multiple", DEFAULT_PAD_MULTIPLE)
+    pad = pad_multiple if pad_multiple is not None else source.defaults.get("pad_multiple", PAD_MULTIPLE)
 
     config = dict(source.config)
     if bits:
@@ -253,7 +251,8 @@ def write_safetensors(path: Path, jobs: list[_Job], on_job: Callable[[_Job], Non
             count = 1
             for dim in shape:
                 count *= dim
-            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape),
+            code = SAFETENSORS_CODES[str(dtype).rsplit(".", 1)[-1]]
+            header[name] = {"dtype": code, "shape": list(shape),
                             "data_offsets": [offset, offset + count * dtype.size]}
             offset += count * dtype.size
     blob = json.dumps(header, separators=(",", ":")).encode()

@@ -24,6 +24,7 @@ from pathlib import Path
 from string import ascii_letters
 
 import mlx.core as mx
+import numpy as np
 
 import ifprune_mlx as ifp
 from ifprune_mlx import bundle, testing
@@ -61,14 +62,17 @@ def random_bundle(folder: Path, size: str) -> Path:
 
 
 def run(engine, policy: str, max_tokens: int, max_caches: int = 4, density=None,
-        conversation=CONVERSATION) -> dict:
+        conversation=CONVERSATION) -> tuple[dict, list]:
+    """The costs of one conversation under `policy` (the table's columns) and each turn's mask."""
     session = ChatSession(engine, policy=policy, max_tokens=max_tokens, max_caches=max_caches,
                           density=density)
+    masks = []
     for text in conversation:
         for _ in session.send(text):
             pass
+        masks.append(session.mask.selection)
     turns = session.turns
-    return {
+    return masks, {
         "selector runs": sum(t.selected for t in turns),
         "select ms": sum(t.select_ms for t in turns),
         "apply ms": sum(t.apply_ms for t in turns),
@@ -80,6 +84,12 @@ def run(engine, policy: str, max_tokens: int, max_caches: int = 4, density=None,
         "mean TTFT ms": sum(t.ttft_ms for t in turns) / len(turns),
         "decode tok/s": sum(t.decode_tps for t in turns) / len(turns),
     }
+
+
+def mean_overlap(masks: list) -> float:
+    """Mean per-layer Jaccard overlap of consecutive turns' masks (1.0: the same channels)."""
+    pairs = [np.mean(a.overlap(b)) for a, b in zip(masks, masks[1:])]
+    return float(np.mean(pairs))
 
 
 def main() -> None:
@@ -96,7 +106,7 @@ def main() -> None:
         conversation = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or random_bundle(Path(tmp), args.size)
-        rows = {}
+        rows, per_turn_masks = {}, []
         for policy, caches in (("per-task", 4), ("per-turn", 4), ("per-turn", 1), ("off", 4)):
             runs = []
             for _ in range(args.repeat):
@@ -104,7 +114,10 @@ def main() -> None:
                 engine.apply(engine.select("Warm up the selector and the allocator."))
                 for _ in engine.stream("Warm up.", max_tokens=4):
                     pass
-                runs.append(run(engine, policy, args.max_tokens, caches, args.density, conversation))
+                masks, costs = run(engine, policy, args.max_tokens, caches, args.density, conversation)
+                runs.append(costs)
+                if policy == "per-turn":
+                    per_turn_masks = masks
             label = policy + ("" if caches == 4 else ", 1 cache")
             rows[label] = {k: (max if k == "decode tok/s" else min)(r[k] for r in runs)
                            for k in runs[0]}
@@ -118,6 +131,8 @@ def main() -> None:
     for label, row in rows.items():
         cells = [f"{v:.1f}" if isinstance(v, float) else str(v) for v in row.values()]
         print(f"| {label} | " + " | ".join(cells) + " |")
+    print(f"\nper-turn: mean Jaccard overlap of consecutive turns' masks {mean_overlap(per_turn_masks):.2f} "
+          f"(two random masks of this size: {engine.kept_count() / (2 * engine.d_ffn - engine.kept_count()):.2f})")
 
 
 if __name__ == "__main__":

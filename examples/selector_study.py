@@ -30,7 +30,7 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 import ifprune_mlx as ifp
-from ifprune_mlx.bench import blas_name, prompt_text, synthetic_config, write_synthetic_bundle
+from ifprune_mlx.bench import Settings, blas_name, prompt_text, synthetic_bundle
 from ifprune_mlx.resolve import checkpoint_bundle
 from ifprune_mlx.fidelity import kl_after_prefill, prefill_dense, random_selection
 from ifprune_mlx.selectors import ActivationSelector, Selection, static_top_k
@@ -60,8 +60,8 @@ def _calibration_scores(engine, prompts: int) -> dict[str, np.ndarray]:
 
     rng = random.Random(99)
     texts = [data.sample(rng).prompt for _ in range(prompts)]
-    return {name: np.stack([chooser.scores(chooser.inputs(t)) for t in texts])
-            for name, chooser in engine.selectors.items()}
+    return {name: np.stack([selector.scores(selector.inputs(t)) for t in texts])
+            for name, selector in engine.selectors.items()}
 
 
 def _static(engine, scores: np.ndarray, k: int) -> Selection:
@@ -252,7 +252,7 @@ def cost(lengths: list[int], reps: int, d_model: int, log) -> str:
     engine.stream_responses, timed in alternation on new prompts; and the scoring pass's
     overhead over a plain dense forward pass."""
     with tempfile.TemporaryDirectory() as tmp:
-        engine = ifp.load(write_synthetic_bundle(Path(tmp) / "b", synthetic_config(d_model)))
+        engine = ifp.load(synthetic_bundle(Path(tmp) / "b", d_model, Settings()))
         activations = engine.get_selector("activations")
         rows = []
         for n in lengths:

@@ -1,23 +1,19 @@
-"""`ifprune bench`: is the in-place runtime as fast as a model that is really that small?
+"""Measure the in-place runtime against models that really are that small.
 
-Every figure is a ratio measured in one run, so CPU contention and clock drift cancel:
-  decode     tokens/s of the engine pruned in place at each density vs (a) a plain mlx-lm
-             model physically built with that FFN width (compact copies of the same kept
-             rows) and (b) plain mlx-lm on the full dense model (at density 1.0). All run
-             through mlx_lm.generate.generate_step from the same prompt; after a warm-up,
-             blocks alternate (in place, reference, reference, in place, ...) and the ratio is
-             the median of the ratios of neighbouring blocks.
+Every figure a ratio is made of comes from one run, the variants timed in alternation, so CPU
+contention and clock drift cancel:
+  decode     tokens/s of the engine pruned in place at each density vs compact copies of the
+             rows it keeps, in two layouts: mlx-lm's (nn.Linear FFN, down_proj [d_model, k]:
+             the model that is physically that small) and the engine's own row layout
+             (PrunableMLP of width k: the same kernels, so a ratio isolates the in-place
+             prefix); at density 1.0 the first is plain mlx-lm on the dense model.
   TTFT       predictor + apply (row swaps) + prefill, per prompt length, vs the dense model.
-  reselect   engine.apply() time from a selection that differs by a fraction of its channels,
-             with the rows it swapped (ApplyStats.swaps) and the cost of compact copies.
-  memory     a fresh process loads the bundle, selects, applies and generates; peak MLX
-             memory and RSS vs the weights' bytes.
-  roofline   bytes read per decoded token (attention + kept FFN rows + lm_head + one
-             embedding row + KV cache) / memory bandwidth measured in the same run.
+  reselect   engine.apply() time from a selection that differs by a fraction of its channels.
+  memory     a fresh process loads, selects, applies and generates: peak memory vs weights.
+  bytes      bytes read per decoded token, the bound every speed-up must respect.
 
-Synthetic models are random mlx-lm llama models (d_ffn = 4 * d_model, head_dim 64, 4 query
-heads per KV head) written as bundles with a random predictor; speed does not depend on
-the values of the weights.
+`ifprune bench` prints the figures (and writes them as JSON); examples/benchmark_report.py
+turns a run into docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -33,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -42,21 +38,24 @@ import mlx.nn as nn
 import numpy as np
 import typer
 
+from .bundle import DEFAULT_DENSITY
 from .console import fail, friendly_errors
+from .fidelity import compact_model
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 DENSITIES = (1.0, 0.5, 0.33, 0.25)
 CHANGED = (0.0, 0.1, 0.5, 1.0)
-RESELECT_DENSITY = 0.33
-NOTES = "<!-- Hand-written notes below this line are kept when the benchmark is re-run. -->"
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+SELECT_DENSITY = DEFAULT_DENSITY  # of TTFT, re-selection and memory: a bundle's default
+# A speed-up may exceed its bytes-per-token bound by this factor before it is flagged: decode
+# is memory-bound, so more than that means the two timings saw different machine load.
+BOUND_SLACK = 1.10
+DTYPES = ("float32", "float16", "bfloat16")
 _TEXT = ("Write a Python function that reverses a list. Translate the sentence into French, "
          "please. What is the sum of 12 and 30? Sort these numbers: 5 3 9 1. ")
 
 
 @dataclass
 class Settings:
-    """How much to measure. quick() is for tests and smoke runs."""
+    """How much to measure. quick_run() is for tests and smoke runs (tiny models, small probes)."""
 
     decode_tokens: int = 8  # tokens per timed block
     decode_prompt: int = 32
@@ -73,13 +72,15 @@ class Settings:
     memory_tokens: int = 32
     layers: int = 8
     vocab: int = 32000
+    bandwidth_probe: tuple[int, int, int] = (256, 5, 2048)  # bandwidth(mb, reps, d)
+    quick: bool = False
 
     @classmethod
-    def quick(cls) -> "Settings":
-        return cls(decode_tokens=4, decode_prompt=8, reps=1, min_reps=1, ttft_reps=1,
+    def quick_run(cls) -> "Settings":
+        return cls(quick=True, decode_tokens=4, decode_prompt=8, reps=1, min_reps=1, ttft_reps=1,
                    prompt_lengths=(8, 32), scaling_prompt_lengths=(8,), quantized_prompt_lengths=(8,),
                    memory_prompt=8, densities=(1.0, 0.5, 0.25), changed=(0.0, 1.0), memory_tokens=4,
-                   layers=2, vocab=512)
+                   layers=2, vocab=512, bandwidth_probe=(16, 2, 512))
 
 
 # -- machine ---------------------------------------------------------------------------
@@ -163,71 +164,17 @@ def synthetic_config(d_model: int, layers: int = 8, vocab: int = 32000) -> dict:
                         max_position_embeddings=4096)
 
 
-def write_synthetic_bundle(folder: Path, config: dict, *, bits: int | None = None,
-                           dtype: str = "float32", seed: int = 0) -> Path:
-    """A bundle of random weights with a random predictor (backbone width d_model / 4)."""
-    from .bundle import write_bundle
-    from .models import quantize_rows, to_row_layout
-    from .testing import make_tokenizer, random_predictor, random_weights
+def synthetic_bundle(folder: Path, d_model: int, s: Settings, *, bits: int | None = None,
+                     dtype: str = "float32") -> Path:
+    """A bundle of random weights of width d_model (synthetic_config) with a random predictor
+    whose backbone is d_model / 4 wide (testing.make_bundle)."""
+    from .testing import make_bundle
 
-    folder = Path(folder)
-    tok_dir = make_tokenizer(folder.parent / f".{folder.name}-tokenizer", 512)
-    weights = to_row_layout(random_weights(config, seed))
-    if dtype != "float32":
-        weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
-    if bits:
-        weights, config = quantize_rows(weights, config, bits)
-    mx.eval(weights)
-    predictor = random_predictor(config, d_pred=max(32, config["hidden_size"] // 4))
-    out = write_bundle(folder, config=config, weights=weights, tokenizer_dir=tok_dir,
-                       predictor=predictor, force=True)
-    del weights, predictor
-    gc.collect()
-    mx.clear_cache()
+    config = synthetic_config(d_model, s.layers, s.vocab)
+    out = make_bundle(folder, config, quantize_bits=bits, dtype=dtype,
+                      predictor_width=max(32, d_model // 4), force=True)
+    _free()
     return out
-
-
-def plain_model(engine, k: int | None = None) -> nn.Module:
-    """A plain mlx-lm model (nn.Linear FFN) holding compact copies of the engine's FFN rows.
-
-    k=None: every channel, in original order (the dense model as mlx-lm runs it).
-    k: the first k positions of every layer, i.e. the selection applied now
-    (intermediate_size = k: the model that is physically that small).
-    Attention, norms and embeddings are shared with the engine (they are never written).
-    """
-    from .models import build_model, quantize_like
-
-    config = {key: v for key, v in engine.config.items() if key not in ("ifpruning", "quantization")}
-    q = engine.config.get("quantization")
-    width = engine.d_ffn if k is None else k
-    weights = {n: v for n, v in nn.utils.tree_flatten(engine.model.parameters()) if ".mlp." not in n}
-    for i, mlp in enumerate(engine.mlps):
-        order = np.argsort(mlp.perm) if k is None else np.arange(k)
-        idx = mx.array(order.astype(np.int32))
-        prefix = f"model.layers.{i}.mlp"
-        for name in ("gate_proj", "up_proj"):
-            layer = getattr(mlp, name)
-            for part in layer.row_arrays():
-                weights[f"{prefix}.{name}.{part}"] = layer[part][idx]  # a gather: a new buffer
-        down = mlp.down_proj
-        if q:
-            rows = mx.dequantize(down.weight[idx], down.scales[idx], down.biases[idx],
-                                 group_size=down.group_size, bits=down.bits)
-            w, s, b = mx.quantize(mx.contiguous(rows.T), group_size=q["group_size"], bits=q["bits"])
-            weights.update({f"{prefix}.down_proj.weight": w, f"{prefix}.down_proj.scales": s,
-                            f"{prefix}.down_proj.biases": b})
-        else:
-            weights[f"{prefix}.down_proj.weight"] = mx.contiguous(down.weight[idx].T)
-        if "bias" in down:
-            weights[f"{prefix}.down_proj.bias"] = down.bias
-        mx.eval([v for n, v in weights.items() if n.startswith(prefix)])
-    model = build_model(dict(config, intermediate_size=width), prunable=False)
-    if q:
-        quantize_like(model, q, weights)
-    model.load_weights(list(weights.items()), strict=True)
-    model.eval()
-    mx.eval(model.parameters())
-    return model
 
 
 def _array_bytes(tree) -> int:
@@ -308,56 +255,70 @@ def first_token_seconds(model: nn.Module, prompt: list[int]) -> float:
     return time.perf_counter() - start
 
 
-def _free(*_models) -> None:
+def _free() -> None:
+    """Give freed buffers back before the next measurement."""
     gc.collect()
     mx.clear_cache()
 
 
-def decode(engine, dense: nn.Module, s: Settings, log: Callable[[str], None]) -> list[dict]:
-    """Per density: the engine pruned in place vs its reference, timed in alternation.
+def decode(engine, s: Settings, log: Callable[[str], None]) -> list[dict]:
+    """Per density: the engine pruned in place vs compact copies of its kept rows, timed in
+    alternation.
 
-    The reference is the physically small model (density < 1) or mlx-lm on the dense model
-    (density 1.0, where the two are the same model). Rounds of two blocks in alternating
-    order (AB, BA, ...); the ratio is the median over rounds of the ratio of the two
-    neighbouring blocks, so load changes between rounds cancel.
+    References (compact_model): "small", mlx-lm's layout (at density 1.0: mlx-lm on the dense
+    model), and "rows", the engine's layout (same kernels). Each round times one block of
+    every variant, in an order that rotates from round to round; a ratio is the median over
+    rounds of the ratio of two variants' blocks in that round, so load changes between
+    rounds cancel. A speed-up (in place at this density vs a dense reference) compares
+    different rounds; bytes_bound is what the bytes read per token allow it to be.
     """
     prompt = _ids(engine, s.decode_prompt)
     text = engine.tokenizer.decode(prompt)
-    rows, dense_tps = [], None
+    rows, dense_tps = [], {}
+    names = ("inplace", "small", "rows")
     for density in sorted(s.densities, reverse=True):
         k = engine.kept_count(density)
         engine.apply(None if k == engine.d_ffn else engine.select(text, density))
-        reference = dense if k == engine.d_ffn else plain_model(engine, k)
+        references = {"small": compact_model(engine, None if k == engine.d_ffn else k),
+                      "rows": compact_model(engine, k, rows=True)}
         few = mx.array([prompt[:4]])
-        check = float(mx.abs(engine.model(few) - reference(few)).max())
-        variants = {"inplace": _Stream(engine.model, prompt), "reference": _Stream(reference, prompt)}
+        check = max(float(mx.abs(engine.model(few) - model(few)).max()) for model in references.values())
+        variants = {"inplace": _Stream(engine.model, prompt),
+                    **{name: _Stream(model, prompt) for name, model in references.items()}}
         warm = [v.block(2) for v in variants.values()]
         # At least min_reps rounds in the budget: shorter blocks for slow models.
         per_token = sum(1 / tps for tps in warm)  # seconds for one token of each variant
         tokens = max(2, min(s.decode_tokens, int(s.decode_budget / (s.min_reps * per_token))))
         reps = max(s.min_reps, min(s.reps, int(s.decode_budget / (tokens * per_token))))
-        times: dict[str, list[float]] = {name: [] for name in variants}
+        times: dict[str, list[float]] = {name: [] for name in names}
         for rep in range(reps):
-            for name in (("inplace", "reference") if rep % 2 == 0 else ("reference", "inplace")):
+            for name in names[rep % 3:] + names[:rep % 3]:
                 times[name].append(variants[name].block(tokens))
         med = {name: statistics.median(t) for name, t in times.items()}
-        ratio = statistics.median(a / b for a, b in zip(times["inplace"], times["reference"]))
+
+        def paired(ref: str) -> float:
+            return statistics.median(a / b for a, b in zip(times["inplace"], times[ref]))
+
         if k == engine.d_ffn:
-            dense_tps = med["reference"]
-        bpt = bytes_per_token(engine, k, s.decode_prompt + (reps * (tokens + 1) + 3) // 2)
-        row = {"density": density, "k": k, "inplace_tps": med["inplace"], "small_tps": med["reference"],
-               "mlx_lm_tps": dense_tps, "ratio_small": ratio,
-               "ratio_mlx_lm": ratio if k == engine.d_ffn else None,
-               "speedup": med["inplace"] / dense_tps if dense_tps else None,
-               "ratio_best": max(times["inplace"]) / max(times["reference"]),
-               "reps": reps, "block_tokens": tokens, "bytes_per_token": bpt["total"],
+            dense_tps = {"mlx_lm": med["small"], "rows": med["rows"]}
+        context = s.decode_prompt + (reps * (tokens + 1) + 3) // 2
+        bpt = bytes_per_token(engine, k, context)["total"]
+        row = {"density": density, "k": k, "inplace_tps": med["inplace"], "small_tps": med["small"],
+               "rows_tps": med["rows"], "mlx_lm_tps": dense_tps.get("mlx_lm"),
+               "ratio_small": paired("small"), "ratio_rows": paired("rows"),
+               "ratio_mlx_lm": paired("small") if k == engine.d_ffn else None,
+               "speedup": med["inplace"] / dense_tps["mlx_lm"] if dense_tps else None,
+               "speedup_rows": med["inplace"] / dense_tps["rows"] if dense_tps else None,
+               "bytes_bound": bytes_per_token(engine, engine.d_ffn, context)["total"] / bpt,
+               "ratio_best": max(times["inplace"]) / max(times["small"]),
+               "reps": reps, "block_tokens": tokens, "bytes_per_token": bpt,
                "max_logit_diff": check, "samples": {n: [round(x, 2) for x in t] for n, t in times.items()}}
         rows.append(row)
         what = "mlx-lm dense" if k == engine.d_ffn else "small"
         log(f"  decode density {density:.2f} (k={k}): in place {med['inplace']:.1f} tok/s, "
-            f"{what} {med['reference']:.1f} -> {ratio:.3f}x (best blocks {row['ratio_best']:.3f}x; "
-            f"{reps} x {tokens} tokens)")
-        del reference, variants
+            f"{what} {med['small']:.1f} -> {row['ratio_small']:.3f}x, same kernels {med['rows']:.1f} -> "
+            f"{row['ratio_rows']:.3f}x ({reps} x {tokens} tokens)")
+        del references, variants
         _free()
     engine.apply(None)
     return rows
@@ -370,7 +331,7 @@ def ttft(engine, dense: nn.Module, lengths: tuple[int, ...], s: Settings,
     Before each pruned measurement the selection of another prompt is applied, so apply
     swaps what a new task would swap. Every prompt text is new, so nothing is cached.
     """
-    density = RESELECT_DENSITY
+    density = SELECT_DENSITY
     rows = []
     for n in lengths:
         parts: dict[str, list[float]] = {"predictor": [], "apply": [], "prefill": [], "dense": [],
@@ -419,8 +380,8 @@ def reselect(engine, s: Settings, log: Callable[[str], None]) -> list[dict]:
     from .selectors import Selection
 
     rng = np.random.default_rng(0)
-    base = engine.select(prompt_text(engine, 32, salt=7)[0], RESELECT_DENSITY)
-    k = base.kept[0]
+    base = engine.select(prompt_text(engine, 32, salt=7)[0], SELECT_DENSITY)
+    k = base.kept_counts[0]
     rows = []
     for fraction in s.changed:
         target = Selection.from_indices(_changed(base, fraction, engine.d_ffn, rng), engine.d_ffn,
@@ -451,8 +412,12 @@ def reselect(engine, s: Settings, log: Callable[[str], None]) -> list[dict]:
     return rows
 
 
-def _rss() -> tuple[int, int]:
-    """(current, peak) resident set size of this process, bytes."""
+def resident_memory(reset_peak: bool = False) -> tuple[int, int]:
+    """(current, peak) resident set size of this process, bytes. reset_peak: on Linux, first
+    reset the peak to the current size (/proc/self/clear_refs), so it measures from now
+    (elsewhere the peak is the process's since it started)."""
+    if reset_peak and Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")
     try:
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
                       if ":" in line)
@@ -466,7 +431,7 @@ def memory_probe(folder: str, density: float, prompt_tokens: int, tokens: int) -
     """In a fresh process: load + select + apply + generate; peak memory vs weight bytes."""
     import ifprune_mlx
 
-    rss0 = _rss()[0]
+    rss0 = resident_memory()[0]
     mx.reset_peak_memory()
     engine = ifprune_mlx.load(folder)
     after_load = mx.get_peak_memory()
@@ -475,7 +440,7 @@ def memory_probe(folder: str, density: float, prompt_tokens: int, tokens: int) -
     after_apply = mx.get_peak_memory()
     n = sum(1 for _ in engine.stream_responses(text, max_tokens=tokens, tokens=ids))
     peak = mx.get_peak_memory()
-    rss = _rss()[1]
+    rss = resident_memory()[1]
     weights = engine.weight_bytes()
     predictor = _array_bytes(engine.selectors["predictor"].predictor.parameters()) if engine.has_predictor else 0
     k = engine.mlps[0].k
@@ -491,7 +456,7 @@ def memory(folder: Path, s: Settings) -> dict:
     code = ("import json, sys; from ifprune_mlx.bench import memory_probe; "
             "print(json.dumps(memory_probe(*sys.argv[1:2], *map(float, sys.argv[2:3]), "
             "*map(int, sys.argv[3:]))))")
-    out = subprocess.run([sys.executable, "-c", code, str(folder), str(RESELECT_DENSITY),
+    out = subprocess.run([sys.executable, "-c", code, str(folder), str(SELECT_DENSITY),
                           str(s.memory_prompt), str(s.memory_tokens)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -535,14 +500,14 @@ def bench_model(folder: Path, name: str, s: Settings, *, detailed: bool,
         result.memory = memory(folder, s)
         log(f"  memory: peak {result.memory['peak'] / 1e6:.0f} MB = {result.memory['ratio']:.3f}x "
             f"the weights (+KV)")
-    dense = plain_model(engine)
-    result.decode = decode(engine, dense, s, log)
+    result.decode = decode(engine, s, log)
     if engine.has_predictor:
         lengths = (s.prompt_lengths if detailed else
                    s.quantized_prompt_lengths if q else s.scaling_prompt_lengths)
+        dense = compact_model(engine)
         result.ttft = ttft(engine, dense, lengths, s, log)
-    del dense
-    _free()
+        del dense
+        _free()
     result.reselect = reselect(engine, s, log)
     result.seconds = time.perf_counter() - start
     del engine
@@ -550,18 +515,19 @@ def bench_model(folder: Path, name: str, s: Settings, *, detailed: bool,
     return result
 
 
-def _command(args: list[str]) -> str:
-    """The shell command that runs `ifprune bench args` as this process does."""
+def command_line(program: str, args: list[str]) -> str:
+    """The shell command that runs `program args` as this process does (LD_PRELOAD included)."""
     preload = os.environ.get("LD_PRELOAD")
-    return (f"LD_PRELOAD={preload} " if preload else "") + " ".join(["ifprune", "bench", *args])
+    return (f"LD_PRELOAD={preload} " if preload else "") + " ".join([program, *args])
 
 
-def _bandwidth_without_openblas(quick: bool) -> Optional[dict]:
+def _bandwidth_without_openblas(s: Settings) -> Optional[dict]:
     """bandwidth() in a fresh process without the preloaded OpenBLAS (None if none is)."""
     if "openblas" not in os.environ.get("LD_PRELOAD", ""):
         return None
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    args = "16, 2, 512" if quick else "64, 2"
+    mb, _, d = s.bandwidth_probe
+    args = f"{max(16, mb // 4)}, 2, {d}"
     code = f"import json; from ifprune_mlx.bench import bandwidth; print(json.dumps(bandwidth({args})))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -570,22 +536,20 @@ def _bandwidth_without_openblas(quick: bool) -> Optional[dict]:
 def run(*, model: Optional[Path], widths: list[int], bits: list[Optional[int]], dtype: str,
         settings: Settings, detail: Optional[int] = 1024, log: Callable[[str], None] = print,
         command: str = "") -> dict:
-    """Run the benchmark; returns everything write_markdown() and plot() need.
+    """Run the benchmark; returns every figure (JSON-serializable).
 
     `detail`: the width (float, not quantized) whose TTFT is measured at every prompt
     length; the other models get s.scaling_prompt_lengths only.
     """
     start = time.perf_counter()
-    info = {"machine": machine(), "settings": settings.__dict__,
-            "command": command or _command(sys.argv[1:]),
+    info = {"machine": machine(), "settings": asdict(settings), "command": command,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    quick = settings.layers <= 2
-    probe = (lambda: bandwidth(16, 2, 512)) if quick else bandwidth
+    probe = lambda: bandwidth(*settings.bandwidth_probe)  # noqa: E731
     samples = [probe()]
     bw = samples[0]
     log(f"BLAS: {info['machine']['blas']}; streaming read {bw['stream_gbs']:.1f} GB/s, "
         f"matrix-vector {bw['gemv_gbs']:.1f} GB/s, matrix-matrix {bw['gemm_gflops']:.0f} GFLOP/s")
-    info["bandwidth_reference_blas"] = _bandwidth_without_openblas(quick)
+    info["bandwidth_reference_blas"] = _bandwidth_without_openblas(settings)
     if info["bandwidth_reference_blas"]:
         ref = info["bandwidth_reference_blas"]
         log(f"without OpenBLAS: matrix-vector {ref['gemv_gbs']:.1f} GB/s, matrix-matrix "
@@ -598,261 +562,90 @@ def run(*, model: Optional[Path], widths: list[int], bits: list[Optional[int]], 
         with tempfile.TemporaryDirectory(prefix="ifprune-bench-") as tmp:
             for b in bits:
                 for width in widths:
-                    config = synthetic_config(width, settings.layers, settings.vocab)
                     name = f"d{width}-{'q' + str(b) if b else dtype}"
-                    folder = write_synthetic_bundle(Path(tmp) / name, config, bits=b, dtype=dtype)
+                    folder = synthetic_bundle(Path(tmp) / name, width, settings, bits=b, dtype=dtype)
                     detailed = width == detail and b is None
                     results.append(bench_model(folder, name, settings, detailed=detailed, log=log))
                     shutil.rmtree(folder, ignore_errors=True)
-                    samples.append(probe())  # the machine is shared: probe again, keep the best
+                    samples.append(probe())  # the machine may be shared: probe again, keep the best
     info["bandwidth_samples"] = samples
     info["bandwidth"] = {key: max(x[key] for x in samples) for key in samples[0]}
-    info["results"] = [r.__dict__ for r in results]
+    info["results"] = [asdict(r) for r in results]
     info["seconds"] = time.perf_counter() - start
     return info
 
 
-# -- report ----------------------------------------------------------------------------
+# -- checks ----------------------------------------------------------------------------
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f}"
+def bytes_bound(result: dict, row: dict) -> Optional[float]:
+    """The largest speed-up over the dense model the bytes read per token allow at `row`'s density
+    (dense bytes / pruned bytes; None without a density-1.0 row to compare with)."""
+    if row.get("bytes_bound"):
+        return row["bytes_bound"]
+    dense = [d for d in result["decode"] if d["density"] == 1.0]
+    return dense[0]["bytes_per_token"] / row["bytes_per_token"] if dense else None
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+def bound_violations(info: dict) -> list[dict]:
+    """Decode figures that beat what the bytes read per token allow by more than BOUND_SLACK.
 
-
-def targets(info: dict) -> list[tuple[str, bool, str]]:
-    """(target, met, measured) for the performance targets of docs/DESIGN."""
+    A speed-up over the dense model is bounded by dense bytes / pruned bytes; in place vs a
+    compact copy of the same rows reads the same bytes, so its ratio is bounded by 1. Above
+    the bound, the figure measures something else: the machine's load changing between
+    unpaired timings, or (mlx-lm's layout) a faster kernel rather than fewer bytes.
+    Each: {"model", "density", "figure", "value", "bound"}.
+    """
     out = []
     for r in info["results"]:
-        pruned = [d for d in r["decode"] if d["density"] < 1.0]
-        if pruned:
-            worst = min(pruned, key=lambda d: d["ratio_small"])
-            out.append((f"{r['name']}: decode in place >= 0.95x physically small, every density",
-                        worst["ratio_small"] >= 0.95,
-                        f"worst {worst['ratio_small']:.3f}x at density {worst['density']:.2f}"))
-        full = [d for d in r["decode"] if d["density"] == 1.0]
-        if full:
-            out.append((f"{r['name']}: density 1.0 >= 0.97x mlx-lm", full[0]["ratio_mlx_lm"] >= 0.97,
-                        f"{full[0]['ratio_mlx_lm']:.3f}x"))
-        if r["memory"]:
-            out.append((f"{r['name']}: peak memory <= 1.02x weights (+ KV cache)",
-                        r["memory"]["ratio"] <= 1.02, f"{r['memory']['ratio']:.3f}x"))
+        for row in r["decode"]:
+            bound = bytes_bound(r, row)
+            checks = [("in place / mlx-lm layout", row.get("ratio_small"), 1.0),
+                      ("in place / same kernels", row.get("ratio_rows"), 1.0),
+                      ("speed-up vs mlx-lm dense", row.get("speedup"), bound),
+                      ("speed-up vs dense, same kernels", row.get("speedup_rows"), bound)]
+            for figure, value, limit in checks:
+                if value is not None and limit is not None and value > limit * BOUND_SLACK:
+                    out.append({"model": r["name"], "density": row["density"], "figure": figure,
+                                "value": value, "bound": limit})
     return out
-
-
-def write_markdown(info: dict, out: Path, plot: Optional[Path] = None) -> Path:
-    m, bw, s = info["machine"], info["bandwidth"], info["settings"]
-    res = info["results"]
-    main = next((r for r in res if r["detailed"]), res[0])
-    lines = [
-        "# Benchmarks",
-        "",
-        "Is the in-place runtime as fast as a model that is really that small? Written by "
-        "`ifprune bench` (ifprune_mlx/bench.py); every ratio comes from one run in which the "
-        "variants were timed in alternation (in place, reference, reference, in place, ...), so "
-        "ratios, not absolute figures, are what to read: the machine (2 cores) was shared with "
-        "other jobs while it ran, and absolute tok/s move with their load.",
-        "",
-        f"- command: `{info['command']}` ({info['seconds'] / 60:.1f} min; `make bench` runs "
-        "it, preloading OpenBLAS on Linux when installed)",
-        f"- date: {info['date']}",
-        f"- machine: {m['os']}, {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, MLX device "
-        f"{m['device']}",
-        f"- software: mlx {m['mlx']}, mlx-lm {m['mlx_lm']}, Python {m['python']}",
-        f"- BLAS: {m['blas']}",
-        f"- measured in this run (best of {len(info.get('bandwidth_samples', [bw]))} probes, at the "
-        f"start and after each model): streaming read (MLX sum) {bw['stream_gbs']:.1f} GB/s, "
-        f"matrix-vector {bw['gemv_gbs']:.1f} GB/s, matrix-matrix {bw['gemm_gflops']:.0f} GFLOP/s "
-        f"(float32); the roofline uses the larger read bandwidth, {_roof_gbs(info):.1f} GB/s"
-        + _reference_blas_note(info),
-        f"- decode: blocks of up to {s['decode_tokens']} tokens (fewer for slow models, see "
-        f"'rounds'), greedy, `mlx_lm.generate.generate_step` for every variant; each variant "
-        f"prefills a {s['decode_prompt']}-token prompt once and continues its own generation "
-        "(own KV cache) block after block; after a warm-up, "
-        f"{s['min_reps']}-{s['reps']} rounds of two blocks in alternating order (in place, "
-        "reference; reference, in place; ...); tok/s are medians, ratios are medians over rounds "
-        "of the ratio of the round's two blocks, so load changes between rounds cancel",
-        "- models: random llama weights (speed does not depend on values), "
-        f"{main['layers']} layers, vocab {main['vocab']} with an untied lm_head, d_ffn = 4 d_model, "
-        "head_dim 64, 4 query heads per KV head; random predictor (1-layer qwen2 backbone of "
-        "width d_model / 4 + head) in the bundle.",
-        "- physically small = a plain mlx-lm llama (nn.Linear FFN, intermediate_size = k) "
-        "holding compact copies of exactly the rows the engine keeps; mlx-lm dense = the same "
-        "weights in mlx-lm's own layout. Their logits match the engine's (max |diff| in the "
-        "tables).",
-        "",
-    ]
-    if plot:
-        lines += [f"![decode and re-selection]({plot.name})", ""]
-    lines += ["## Targets", ""]
-    lines += [_table(["target", "met", "measured"],
-                     [[t, "yes" if ok else "**no**", v] for t, ok, v in targets(info)]), ""]
-    lines += _scaling(res)
-    for r in sorted(res, key=lambda r: not r["detailed"]):
-        lines += [f"## {r['name']}: d_model {r['d_model']}, d_ffn {r['d_ffn']}, {r['layers']} layers, "
-                  f"{r['quant']}, weights {r['weight_bytes'] / 1e6:.0f} MB", ""]
-        lines += ["### Decode (tokens/s)", "",
-                  "Reference: the physically small model below density 1.0, mlx-lm on the dense "
-                  "model at 1.0. Speed-up: in place vs the dense mlx-lm median of the density-1.0 "
-                  "rounds; unlike the ratios it is not paired (the densities run one after "
-                  "another, so load changes between them move it). Roofline: MB read per token / "
-                  "the run's best read bandwidth; absolute, so it moves with the load too.", ""]
-        rows = []
-        for d in r["decode"]:
-            roof = _roof_gbs(info) * 1e9 / d["bytes_per_token"]
-            ref = "mlx-lm dense" if d["ratio_mlx_lm"] is not None else "small"
-            rows.append([f"{d['density']:.2f}", d["k"], f"{d['inplace_tps']:.1f}",
-                         f"{d['small_tps']:.1f} ({ref})", f"**{d['ratio_small']:.3f}**",
-                         f"{d['ratio_best']:.3f}", f"{d['speedup']:.2f}x" if d["speedup"] else "",
-                         f"{d['bytes_per_token'] / 1e6:.1f}",
-                         f"{d['bytes_per_token'] * d['inplace_tps'] / 1e9:.1f}", f"{roof:.1f}",
-                         f"{d['inplace_tps'] / roof:.0%}", f"{d['reps']} x {d['block_tokens']}",
-                         f"{d['max_logit_diff']:.1e}", ""])
-        lines += [_table(["density", "kept k", "in place", "reference", "in place / reference",
-                          "same, best blocks", "speed-up vs dense", "MB read / token",
-                          "in place GB/s", "roofline tok/s", "in place / roofline", "rounds x tokens", "max logit diff",
-                          "Mac (Metal) in place / reference"],
-                         rows), ""]
-        if r["ttft"]:
-            lines += [f"### Time to first token (ms), density {r['ttft'][0]['density']}", ""]
-            lines += [_table(["prompt tokens", "predictor", "apply (row swaps)", "rows swapped",
-                              "prefill (pruned)", "TTFT pruned", "TTFT dense (mlx-lm)", "pruned / dense",
-                              "Mac (Metal) pruned / dense"],
-                             [[t["tokens"], _ms(t["predictor"]), _ms(t["apply"]), int(t["swaps"]),
-                               _ms(t["prefill"]), _ms(t["total"]), _ms(t["dense"]),
-                               f"{t['ratio_dense']:.3f}", ""] for t in r["ttft"]]), ""]
-        if r["reselect"]:
-            k = r["reselect"][0]["k"]
-            lines += [f"### Re-selection: engine.apply() vs channels changed (k = {k} of {r['d_ffn']}, "
-                      f"all {r['layers']} layers)", ""]
-            lines += [_table(["changed", "rows swapped", "apply ms", "compact copies ms (no in-place)",
-                              "Mac (Metal) apply ms"],
-                             [[f"{x['fraction']:.0%}", x["swaps"], _ms(x["seconds"]),
-                               _ms(x["compact_copy_seconds"]), ""] for x in r["reselect"]]), ""]
-        if r["memory"]:
-            mem = r["memory"]
-            lines += ["### Memory (fresh process: load + select + apply + generate)", ""]
-            base = mem["weights"] + mem["predictor"]
-            lines += [_table(["LLM + predictor weights MB", "KV cache MB", "peak after load",
-                              "peak after select + apply", "peak after generate",
-                              "(peak - KV) / weights", "RSS growth MB", "(RSS growth - KV) / weights"],
-                             [[f"{mem['weights'] / 1e6:.1f} + {mem['predictor'] / 1e6:.1f}",
-                               f"{mem['kv'] / 1e6:.2f}", f"{mem['peak_load'] / 1e6:.1f} "
-                               f"({mem['peak_load'] / base:.3f}x)",
-                               f"{mem['peak_apply'] / 1e6:.1f} ({mem['peak_apply'] / base:.3f}x)",
-                               f"{mem['peak'] / 1e6:.1f}", f"**{mem['ratio']:.3f}**",
-                               f"{(mem['rss'] - mem['rss_start']) / 1e6:.1f}", f"{mem['rss_ratio']:.3f}"]]),
-                      "", f"Prompt {mem['tokens'] - s['memory_tokens']} tokens + {s['memory_tokens']} "
-                      "generated, density 0.33; peaks from `mx.get_peak_memory()`, RSS from the "
-                      "process's high-water mark (VmHWM) minus its RSS before loading.", ""]
-    lines += _mac_section()
-    out = Path(out)
-    kept = out.read_text().split(NOTES, 1)[1] if out.is_file() and NOTES in out.read_text() else "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n" + NOTES + kept)
-    return out
-
-
-def _roof_gbs(info: dict) -> float:
-    """The read bandwidth the roofline divides by: the best one measured in the run."""
-    return max(info["bandwidth"]["stream_gbs"], info["bandwidth"]["gemv_gbs"])
-
-
-def _reference_blas_note(info: dict) -> str:
-    ref = info.get("bandwidth_reference_blas")
-    if not ref:
-        return ""
-    return (f"; without OpenBLAS (the wheel's reference BLAS, measured in a child process of "
-            f"this run): matrix-vector {ref['gemv_gbs']:.1f} GB/s, matrix-matrix "
-            f"{ref['gemm_gflops']:.0f} GFLOP/s")
-
-
-def _scaling(res: list[dict]) -> list[str]:
-    if len(res) < 2:
-        return []
-    rows = []
-    for r in res:
-        pruned = [d for d in r["decode"] if d["density"] < 1.0]
-        full = [d for d in r["decode"] if d["density"] == 1.0]
-        low = min(r["decode"], key=lambda d: d["density"])
-        ttft = ", ".join(f"{t['ratio_dense']:.2f} ({t['tokens']} tok)" for t in r["ttft"])
-        rows.append([r["name"], f"{r['weight_bytes'] / 1e6:.0f}",
-                     f"{min(d['ratio_small'] for d in pruned):.3f}" if pruned else "",
-                     f"{full[0]['ratio_mlx_lm']:.3f}" if full else "",
-                     f"{low['speedup']:.2f}x at {low['density']:.2f}" if low["speedup"] else "",
-                     ttft,
-                     _ms(r["reselect"][-1]["seconds"]) if r["reselect"] else "",
-                     f"{r['memory']['ratio']:.3f}" if r["memory"] else ""])
-    return ["## Scaling", "",
-            _table(["model", "weights MB", "worst in place / small", "dense in place / mlx-lm",
-                    "decode speed-up vs dense", "TTFT pruned / dense",
-                    "re-select 100% ms", "peak memory / weights"], rows), ""]
-
-
-def _mac_section() -> list[str]:
-    return ["## Mac (Metal)", "",
-            "The columns headed \"Mac (Metal)\" are empty: this run was on Linux CPU. On an "
-            "Apple-silicon Mac, from the repository:", "",
-            "```", "make bench            # installs mlx (Metal) into .venv, then runs the same benchmark",
-            "# or: .venv/bin/ifprune bench --out docs/BENCHMARKS-mac.md --plot docs/benchmarks-mac.png",
-            "```", "",
-            "and copy the ratios into those columns (BLAS is Accelerate there; no LD_PRELOAD).", ""]
-
-
-def plot(info: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    res = info["results"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    ax = axes[0]
-    main = next((r for r in res if r["detailed"]), res[0])
-    dens = [d["density"] for d in main["decode"]]
-    ax.plot(dens, [d["inplace_tps"] for d in main["decode"]], "o-", label="in place (ifprune)")
-    ax.plot(dens, [d["small_tps"] for d in main["decode"]], "s--",
-            label="physically small (mlx-lm); at 1.0 mlx-lm dense")
-    if main["decode"][0]["mlx_lm_tps"]:
-        ax.axhline(main["decode"][0]["mlx_lm_tps"], color="gray", ls=":", label="mlx-lm dense")
-    ax.set(xlabel="density (fraction of FFN channels kept)", ylabel="decode tokens/s",
-           title=f"decode, {main['name']}")
-    ax.legend(loc="lower left", fontsize=8)
-    ax = axes[1]
-    for r in res:
-        ax.plot([d["density"] for d in r["decode"]], [d["ratio_small"] for d in r["decode"]], "o-",
-                label=r["name"])
-    ax.axhline(0.95, color="gray", ls="--", lw=1)
-    ax.set(xlabel="density", ylabel="in place / physically small", title="decode ratio (target >= 0.95)")
-    ax.legend(fontsize=8)
-    ax = axes[2]
-    for r in res:
-        if r["reselect"]:
-            ax.plot([x["fraction"] * 100 for x in r["reselect"]],
-                    [x["seconds"] * 1e3 for x in r["reselect"]], "o-", label=r["name"])
-    ax.set(xlabel="% of kept channels that change", ylabel="engine.apply() ms",
-           title="re-selection cost")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # -- command ---------------------------------------------------------------------------
 
-def _parse_bits(text: str) -> list[Optional[int]]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        out.append(None if part in ("0", "none", "float", "") else int(part))
-    return out
+def parse_models(synthetic: str, bits: str, dtype: str) -> tuple[list[int], list[Optional[int]]]:
+    """The synthetic widths and quantizations of `--synthetic 512,1024 --bits 0,4`; ValueError
+    with a one-line message when they are not valid."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    try:
+        widths = [int(w) for w in synthetic.split(",") if w.strip()]
+        bit_list = [None if part.strip().lower() in ("0", "none", "float", "") else int(part)
+                    for part in bits.split(",")]
+    except ValueError:
+        raise ValueError(f"--synthetic takes widths like 512,1024 and --bits like 0,4; "
+                         f"got {synthetic!r}, {bits!r}") from None
+    if any(b not in (None, 4, 8) for b in bit_list):
+        raise ValueError(f"--bits takes 0 (float), 4 or 8; got {bits!r}")
+    return widths, bit_list
+
+
+def _summary(info: dict) -> list[str]:
+    lines = []
+    for r in info["results"]:
+        lines += [f"{r['name']} ({r['quant']}, {r['weight_bytes'] / 1e6:.0f} MB): decode tok/s",
+                  f"  {'density':>7} {'k':>6} {'in place':>9} {'mlx-lm':>9} {'same kern':>9} "
+                  f"{'/mlx-lm':>8} {'/same':>7} {'speed-up':>9} {'bytes bound':>11}"]
+        for d in r["decode"]:
+            bound = bytes_bound(r, d)
+            lines.append(f"  {d['density']:>7.2f} {d['k']:>6} {d['inplace_tps']:>9.1f} {d['small_tps']:>9.1f} "
+                         f"{d['rows_tps']:>9.1f} {d['ratio_small']:>8.3f} {d['ratio_rows']:>7.3f} "
+                         f"{(d['speedup_rows'] or 0):>8.2f}x {(bound or 0):>10.2f}x")
+        if r["memory"]:
+            lines.append(f"  peak memory {r['memory']['ratio']:.3f}x the weights (+ KV cache)")
+    for v in bound_violations(info):
+        lines.append(f"above the bytes bound: {v['model']} at density {v['density']:.2f}, {v['figure']} "
+                     f"{v['value']:.2f} > {v['bound']:.2f}")
+    return lines
 
 
 @friendly_errors
@@ -862,35 +655,24 @@ def bench(
     dtype: str = typer.Option("float32", help="Float dtype of the synthetic models: float32, float16, bfloat16."),
     bits: str = typer.Option("0,4", help="Quantizations of the synthetic models: 0 (float), 4, 8; comma-separated."),
     quick: bool = typer.Option(False, "--quick", help="A fast smoke run: tiny models, few tokens, one repetition."),
-    out: Path = typer.Option(Path("docs/BENCHMARKS.md"), "--out", help="The Markdown report to write."),
-    plot_path: Optional[Path] = typer.Option(Path("docs/benchmarks.png"), "--plot", help="The PNG plot to write."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write every raw figure as JSON."),
     detail: int = typer.Option(1024, help="The synthetic width whose time to first token is measured at every prompt length."),
 ):
-    """Benchmark decode, time to first token, re-selection and memory; write a Markdown report."""
-    if dtype not in DTYPES:
-        fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    """Benchmark decode, time to first token, re-selection and memory; print the figures.
+
+    docs/BENCHMARKS.md is written from such a run by examples/benchmark_report.py (`make bench`).
+    """
     try:
-        widths = [int(w) for w in synthetic.split(",") if w.strip()]
-        bit_list = _parse_bits(bits)
-    except ValueError:
-        fail(f"--synthetic takes widths like 512,1024 and --bits like 0,4; got {synthetic!r}, {bits!r}")
-    if any(b not in (None, 4, 8) for b in bit_list):
-        fail(f"--bits takes 0 (float), 4 or 8; got {bits!r}")
-    settings = Settings.quick() if quick else Settings()
-    args = ([str(model)] if model else [f"--synthetic {synthetic}", f"--bits {bits}", f"--dtype {dtype}"])
-    args += (["--quick"] if quick else []) + [f"--out {out}"] + ([f"--plot {plot_path}"] if plot_path else [])
-    args += [f"--json {json_path}"] if json_path else []
-    info = run(model=model, widths=widths, bits=bit_list, dtype=dtype, settings=settings,
-               detail=detail, command=_command(args), log=lambda msg: typer.echo(msg, err=True))
+        widths, bit_list = parse_models(synthetic, bits, dtype)
+    except ValueError as e:
+        fail(str(e))
+    args = [str(model)] if model else [f"--synthetic {synthetic}", f"--bits {bits}", f"--dtype {dtype}"]
+    args += (["--quick"] if quick else []) + ([f"--json {json_path}"] if json_path else [])
+    info = run(model=model, widths=widths, bits=bit_list, dtype=dtype,
+               settings=Settings.quick_run() if quick else Settings(), detail=detail,
+               command=command_line("ifprune bench", args), log=lambda msg: typer.echo(msg, err=True))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(info, indent=1, default=str))
-    png = None
-    if plot_path:
-        try:
-            png = plot(info, plot_path)
-        except ImportError:
-            typer.secho("note: no plot (matplotlib is not installed: pip install matplotlib)", err=True)
-    write_markdown(info, out, png)
-    typer.echo(f"wrote {out}" + (f" and {png}" if png else ""))
+    for line in _summary(info):
+        typer.echo(line)

@@ -21,13 +21,23 @@ import mlx.core as mx
 from .errors import BundleError
 
 FORMAT_VERSION = 1
+# The format's defaults (docs/FORMAT.md): a bundle with a trained predictor keeps a third of the
+# FFN channels; one without it (training-free selection) keeps half, as it has less to go on.
+DEFAULT_DENSITY = 0.33
+PLAIN_DEFAULT_DENSITY = 0.5
+PAD_MULTIPLE = 32  # kept channel counts are rounded up to a multiple of this
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
     "chat_template.json", "generation_config.json",
 )
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4,
-                "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# safetensors dtype code -> (the dtype's name in MLX, NumPy and PyTorch, bytes per element)
+SAFETENSORS_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2),
+                      "BF16": ("bfloat16", 2), "I64": ("int64", 8), "I32": ("int32", 4),
+                      "U32": ("uint32", 4), "I16": ("int16", 2), "U16": ("uint16", 2),
+                      "I8": ("int8", 1), "U8": ("uint8", 1), "BOOL": ("bool", 1)}
+DTYPE_BYTES = {name: size for name, size in SAFETENSORS_DTYPES.values()}
+SAFETENSORS_CODES = {name: code for code, (name, _) in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -92,7 +102,8 @@ def safetensors_header(path: Path) -> dict:
         count = 1
         for dim in info["shape"]:
             count *= dim
-        if info["dtype"] in _DTYPE_BYTES and end - start != count * _DTYPE_BYTES[info["dtype"]]:
+        size = SAFETENSORS_DTYPES.get(info["dtype"], (None, None))[1]
+        if size is not None and end - start != count * size:
             raise BundleError(f"{path}: tensor {name!r}: {end - start} bytes for shape {info['shape']} {info['dtype']}; corrupt")
         if end > data:
             raise BundleError(
@@ -155,6 +166,12 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def refuse_overwrite(out: Path, force: bool) -> None:
+    """Raise BundleError if `out` exists and `force` is not set (writers check before any work)."""
+    if Path(out).exists() and not force:
+        raise BundleError(f"{out}: already exists; pass --force (force=True) to overwrite it")
+
+
 def write_atomic(out: Path, fill: Callable[[Path], None], force: bool = False) -> Path:
     """Create folder `out` by calling fill(tmp) on a temporary sibling, then renaming it.
 
@@ -162,8 +179,7 @@ def write_atomic(out: Path, fill: Callable[[Path], None], force: bool = False) -
     temporary folder is removed and `out` is left as it was.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise BundleError(f"{out}: already exists; pass force=True (--force) to overwrite it")
+    refuse_overwrite(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -203,7 +219,7 @@ def update_ifpruning(folder: Path, changes: dict) -> dict:
     return config
 
 
-def new_ifpruning_block(default_density: float = 0.33, pad_multiple: int = 32,
+def new_ifpruning_block(default_density: float = DEFAULT_DENSITY, pad_multiple: int = PAD_MULTIPLE,
                         has_predictor: bool = True) -> dict:
     """The "ifpruning" block of a new bundle's config.json (also used by the converter)."""
     return {
@@ -223,8 +239,8 @@ def write_bundle(
     weights: dict[str, mx.array],
     tokenizer_dir: Path | None = None,
     predictor: dict | None = None,
-    default_density: float = 0.33,
-    pad_multiple: int = 32,
+    default_density: float = DEFAULT_DENSITY,
+    pad_multiple: int = PAD_MULTIPLE,
     force: bool = False,
 ) -> Path:
     """Write a bundle atomically.

@@ -28,7 +28,7 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -37,7 +37,7 @@ from mlx_lm.generate import GenerationResponse
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from .errors import SelectionError
-from .selectors import Selection, check_density
+from .selectors import Selection, Selector, check_density
 
 POLICIES = ("per-task", "per-turn", "off")
 DENSE = "dense"  # the cache key of the unpruned model
@@ -61,7 +61,7 @@ class TurnStats:
     policy: str
     mask: str                      # mask_key of the mask the turn used
     density: float                 # fraction of FFN channels kept (1.0 dense)
-    kept: list[int]                # channels kept per layer
+    kept_counts: list[int]         # channels kept per layer
     selected: bool                 # the selector ran this turn (not a cached selection)
     select_ms: float               # wall time to get the selection (≈0 when cached)
     apply_ms: float                # wall time to swap rows into place
@@ -83,7 +83,18 @@ class _Cache:
     tokens: list[int]    # the token ids whose keys/values it holds
 
 
-@dataclass
+@dataclass(frozen=True)
+class Mask:
+    """The FFN channels a turn computed with: a selection, or None for the dense model."""
+
+    selection: Selection | None
+    key: str  # mask_key(selection)
+
+    @property
+    def dense(self) -> bool:
+        return self.selection is None
+
+
 class ChatSession:
     """A conversation with an Engine: messages, selection policy, per-mask KV caches, stats.
 
@@ -91,41 +102,31 @@ class ChatSession:
         engine: an ifprune_mlx Engine.
         policy: "per-task", "per-turn" or "off" (dense).
         density: fraction of FFN channels kept (default: the bundle's).
-        selector: "predictor" or "activations" (default: the engine's: the trained predictor
-            where the bundle has one). In chat the training-free selector scores the task
-            message in its own dense pass; the turn then prefills pruned like any other.
+        selector: "predictor", "activations" or a Selector (default: the engine's: the trained
+            predictor where the bundle has one). In chat the training-free selector scores the
+            task message in its own dense pass; the turn then prefills pruned like any other.
         system: an optional system message.
         max_tokens, temp, top_p: generation options of every turn.
         seed: seeds the sampler once, at the start of the session.
         max_caches: KV caches kept (one per mask, least recently used dropped first).
+
+    State (read it; reset() clears it): messages, turns (TurnStats), mask (the Mask of the
+    last turn, None before the first), previous (the Mask in use before the last change, None
+    if there was none), task (per-task: the text the mask was selected from).
     """
 
-    engine: object
-    policy: str = "per-task"
-    density: float | None = None
-    selector: str | None = None
-    system: str | None = None
-    max_tokens: int = 256
-    temp: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    max_caches: int = 4
-    messages: list[dict] = field(default_factory=list)
-    turns: list[TurnStats] = field(default_factory=list)
-    selection: Selection | None = None   # the mask in use (None: dense)
-    previous: Selection | None = None    # the mask in use before it changed last
-    previous_key: str | None = None      # its mask_key ("dense"), None: no earlier mask
-    task: str | None = None              # per-task: the text the mask was selected from
-
-    def __post_init__(self):
-        self.set_policy(self.policy)
-        self.set_selector(self.selector)
-        self.density = check_density(self.density if self.density is not None
-                                     else self.engine.default_density)
+    def __init__(self, engine, *, policy: str = "per-task", density: float | None = None,
+                 selector: str | Selector | None = None, system: str | None = None,
+                 max_tokens: int = 256, temp: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, max_caches: int = 4):
+        self.engine, self.system, self.seed, self.max_caches = engine, system, seed, max_caches
+        self.max_tokens, self.temp, self.top_p = max_tokens, temp, top_p
+        self.set_policy(policy)
+        self.set_selector(selector)
+        self.density = check_density(density if density is not None else engine.default_density)
         self._caches: OrderedDict[str, _Cache] = OrderedDict()
-        self._reselect = False
-        if self.seed is not None:
-            mx.random.seed(self.seed)
+        if seed is not None:
+            mx.random.seed(seed)
         self.reset()
 
     # -- settings ----------------------------------------------------------------------
@@ -135,9 +136,10 @@ class ChatSession:
             raise SelectionError(f"unknown selection policy {policy!r}; use one of {', '.join(POLICIES)}")
         self.policy = policy
 
-    def set_selector(self, name: str | None) -> None:
-        """Select masks with `name` ("predictor" or "activations") from the next selection on."""
-        self.selector = self.engine.get_selector(name).name
+    def set_selector(self, selector: str | Selector | None) -> None:
+        """Select masks with `selector` ("predictor", "activations" or a Selector; None: the
+        engine's default) from the next selection on."""
+        self.selector: Selector = self.engine.get_selector(selector)
 
     def set_density(self, density: float) -> int:
         """Keep `density` of the FFN channels from the next turn on; returns the kept count.
@@ -157,9 +159,12 @@ class ChatSession:
 
     def reset(self) -> None:
         """Forget the conversation, the task, the caches and the stats (settings stay)."""
-        self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.turns, self.task, self._reselect = [], None, False
-        self.selection = self.previous = self.previous_key = None
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.turns: list[TurnStats] = []
+        self.task: str | None = None
+        self.mask: Mask | None = None
+        self.previous: Mask | None = None
+        self._reselect = False
         self._caches.clear()
 
     @property
@@ -175,11 +180,10 @@ class ChatSession:
             return None, False, 0.0
         if self.policy == "per-turn" or self.task is None or self._reselect:
             self.task, self._reselect = text, False
-        chooser = self.engine.get_selector(self.selector)
-        calls = chooser.calls
+        calls = self.selector.calls
         start = time.perf_counter()
-        selection = self.engine.select(self.task, self.density, chooser)
-        return selection, chooser.calls > calls, time.perf_counter() - start
+        selection = self.engine.select(self.task, self.density, self.selector)
+        return selection, self.selector.calls > calls, time.perf_counter() - start
 
     def _cache_for(self, key: str, tokens: list[int]) -> tuple[_Cache, int, bool]:
         """The cache of this mask trimmed to its common prefix with `tokens`; (cache, reused, hit)."""
@@ -222,9 +226,9 @@ class ChatSession:
         stats = self.engine.apply(selection)  # pins it: stream_responses uses it untouched
         apply_s = time.perf_counter() - t
         key = mask_key(selection)
-        if self.turns and key != self.turns[-1].mask:
-            self.previous, self.previous_key = self.selection, self.turns[-1].mask
-        self.selection = selection
+        if self.mask is not None and key != self.mask.key:
+            self.previous = self.mask
+        self.mask = Mask(selection, key)
 
         self.messages.append({"role": "user", "content": text})
         tokens = self.engine.prompt_tokens(self.messages)
@@ -233,7 +237,7 @@ class ChatSession:
         turn = TurnStats(
             policy=self.policy, mask=key,
             density=1.0 if selection is None else selection.density,
-            kept=[self.engine.d_ffn] * self.engine.n_layers if selection is None else selection.kept,
+            kept_counts=[self.engine.d_ffn] * self.engine.n_layers if selection is None else selection.kept_counts,
             selected=selected, select_ms=select_s * 1000, apply_ms=apply_s * 1000,
             swaps=stats.swaps, cache_hit=hit, reused_tokens=reused, prefill_tokens=len(feed),
         )
@@ -292,7 +296,7 @@ class ChatSession:
         return total
 
     def settings(self) -> dict:
-        return {"policy": self.policy, "selector": self.selector, "density": self.density, "max_tokens": self.max_tokens,
+        return {"policy": self.policy, "selector": self.selector.name, "density": self.density, "max_tokens": self.max_tokens,
                 "temp": self.temp, "top_p": self.top_p, "seed": self.seed, "system": self.system}
 
     def transcript(self) -> dict:

@@ -17,8 +17,8 @@ from typing import Callable, Optional
 
 import typer
 
-from .chat import DENSE, POLICIES, ChatSession, mask_key
-from .console import density_origin, fail, friendly_errors, open_model
+from .chat import DENSE, POLICIES, ChatSession
+from .console import density_origin, error_line, fail, friendly_errors, open_model
 from .resolve import MODEL_HELP
 from .errors import IFPruneError
 from .selectors import check_density
@@ -47,10 +47,6 @@ class UsageError(Exception):
 def _say(text: str = "") -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
-
-
-def _error(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
 
 
 def _mb(gb: float) -> str:
@@ -103,7 +99,7 @@ class ChatREPL:
                 else:
                     self.answer(line)
             except (UsageError, IFPruneError) as e:
-                _error(str(e))
+                error_line(str(e))
             except KeyboardInterrupt:  # during a command, or a selection before streaming
                 _say("\n[interrupted]")
 
@@ -200,7 +196,7 @@ class ChatREPL:
     def selector(self, arg: str) -> None:
         names = "|".join(self.engine.selectors)
         if not arg:
-            raise UsageError(f"usage: /selector {names} (now {self.session.selector})")
+            raise UsageError(f"usage: /selector {names} (now {self.session.selector.name})")
         try:
             self.session.set_selector(arg)
         except IFPruneError as e:
@@ -227,7 +223,7 @@ class ChatREPL:
         if t.mask == DENSE:
             select = "dense (policy off): no selection"
         else:
-            how = f"{self.session.selector} ran" if t.selected else "cached selection"
+            how = f"{self.session.selector.name} ran" if t.selected else "cached selection"
             select = f"{t.select_ms:.1f} ms ({how}), mask {t.mask[:8]}"
         reuse = (f"{t.reused_tokens} reused from the mask's cache" if t.cache_hit
                  else "new cache for this mask")
@@ -239,7 +235,7 @@ class ChatREPL:
             ("prefill", f"{t.prefill_tokens} tokens ({reuse}), {t.prefill_tps:.0f} tok/s"),
             ("first token", f"{t.ttft_ms:.1f} ms"),
             ("decode", f"{t.generation_tokens} tokens, {t.decode_tps:.1f} tok/s ({t.finish_reason})"),
-            ("kept", f"{_kept(t.kept, d_ffn)} channels per layer (density {t.density:.2f})"),
+            ("kept", f"{_kept(t.kept_counts, d_ffn)} channels per layer (density {t.density:.2f})"),
             ("default", f"density {self.engine.default_density:.2f}: {density_origin(self.engine)}"),
             ("memory", f"peak {_mb(t.peak_memory_gb)} this turn, weights {_mb(self.engine.weight_bytes() / 1e9)}"),
             ("KV caches", f"{caches}; {_mb(self.session.cache_bytes() / 1e9)}" if caches else "none"),
@@ -254,23 +250,22 @@ class ChatREPL:
                  f"{s.kept_count()} of {self.engine.d_ffn} channels per layer)")
             return
         d_ffn, n_layers = self.engine.d_ffn, self.engine.n_layers
-        sel, prev = s.selection, s.previous
+        sel, prev = s.mask.selection, s.previous
         if sel is None:
             _say(f"dense: all {d_ffn} channels in each of {n_layers} layers")
             return
-        head = f"mask {mask_key(sel)[:8]} ({sel.source}), density {sel.density:.2f}"
-        if s.previous_key is None:
-            overlap = None
+        head = f"mask {s.mask.key[:8]} ({sel.source}), density {sel.density:.2f}"
+        overlap = None
+        if prev is None:
             head += "; no previous mask"
-        elif prev is None:
-            overlap = None
+        elif prev.dense:
             head += "; previous: dense"
         else:
-            overlap = sel.overlap(prev)
-            head += f"; overlap with previous mask {mask_key(prev)[:8]}"
+            overlap = sel.overlap(prev.selection)
+            head += f"; overlap with previous mask {prev.key[:8]}"
         _say(head)
         _say("layer  kept" + ("      overlap" if overlap else ""))
-        for layer, kept in enumerate(sel.kept):
+        for layer, kept in enumerate(sel.kept_counts):
             row = f"{layer:>5}  {kept:>4}/{d_ffn}"
             if overlap:
                 row += f"  {overlap[layer]:.2f}"
@@ -380,7 +375,7 @@ def chat(
         what = ("dense (no selection)" if select == "off" else
                 f"{select} selection, density {session.density:.2f} "
                 f"({session.kept_count()} of {engine.d_ffn} channels per layer)")
-        who = {"predictor": "trained predictor", "activations": "training-free selector"}[session.selector]
+        who = {"predictor": "trained predictor", "activations": "training-free selector"}[session.selector.name]
         if select != "off" and density is None:
             what += f"; {density_origin(engine)}"
         typer.secho(f"{found.path}: {engine.config['model_type']}, {engine.n_layers} layers, {who}; {what}",

@@ -15,9 +15,14 @@ from .errors import IFPruneError
 stderr = Console(stderr=True)
 
 
+def error_line(message: str) -> None:
+    """Print `error: message` as one red line on stderr."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+
+
 def fail(message: str) -> None:
     """Print one red line and exit 1 (user mistakes never show a traceback)."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    error_line(message)
     raise typer.Exit(1)
 
 

@@ -24,6 +24,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_tokenizer
 
 from . import bundle
+from .bundle import PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY
 from .calibrate import Calibration
 from .errors import BundleError, PromptTooLongError, SelectionError
 from .models import (build_model, load_weights, normalize_config, prunable_mlps, to_row_layout,
@@ -33,7 +34,7 @@ from .prune import ApplyStats, apply_selection
 from .selectors import (ActivationSelector, PredictorSelector, Prompt, Selection, Selector,
                         kept_count, top_k)
 
-PLAIN_DEFAULT_DENSITY = 0.5  # training-free selection keeps more than a trained predictor
+AUTO = "auto"  # apply(AUTO): no pinned selection, generation selects per prompt
 
 
 class Engine:
@@ -53,7 +54,7 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, tokenizer, config: dict, selector_tokenizer=None,
-                 predictor=None, default_density: float | None = None, pad_multiple: int = 32,
+                 predictor=None, default_density: float | None = None, pad_multiple: int = PAD_MULTIPLE,
                  cache_size: int = 64, path: Path | None = None, deterministic: bool = True):
         self.model, self.tokenizer, self.config, self.path = model, tokenizer, config, path
         self.deterministic = deterministic
@@ -69,8 +70,8 @@ class Engine:
         self.pad_multiple = pad_multiple
         self._cache: OrderedDict[tuple, Selection] = OrderedDict()
         self._cache_size = cache_size
-        self._pinned = False
-        self._pinned_selection: Selection | None = None
+        # What apply() pinned: a Selection, None (dense), or AUTO (nothing: select per prompt).
+        self._pin: Selection | None | str = AUTO
         self.applied: Selection | None = None  # what the model computes with now (None: dense)
         self.last_apply = ApplyStats([0] * self.n_layers)
 
@@ -108,37 +109,37 @@ class Engine:
         training-free selector) or a Selector object. Results are cached per (selector,
         its input tokens, kept count): a task prompt selected once is free the next time.
         """
-        chooser = self.get_selector(selector)
+        selector = self.get_selector(selector)
         k = self.kept_count(density)
-        return self._select(chooser, chooser.inputs(prompt), k)
+        return self._select(selector, selector.inputs(prompt), k)
 
     def select_densities(self, prompt: Prompt, densities: Sequence[float],
                          selector: str | Selector | None = None) -> list[Selection]:
         """select() at several densities from one scoring pass (calibration, studies)."""
-        chooser = self.get_selector(selector)
-        return self._select_many(chooser, chooser.inputs(prompt), [self.kept_count(d) for d in densities])
+        selector = self.get_selector(selector)
+        return self._select_many(selector, selector.inputs(prompt), [self.kept_count(d) for d in densities])
 
-    def _select(self, chooser: Selector, tokens: list[int], k: int, kv_cache: list | None = None) -> Selection:
-        """Select by `chooser` on `tokens` (cached). With kv_cache (activations only) the
+    def _select(self, selector: Selector, tokens: list[int], k: int, kv_cache: list | None = None) -> Selection:
+        """Select by `selector` on `tokens` (cached). With kv_cache (activations only) the
         scoring pass always runs, filling the cache: GRIFFIN's dense prefill."""
-        return self._select_many(chooser, tokens, [k], kv_cache)[0]
+        return self._select_many(selector, tokens, [k], kv_cache)[0]
 
-    def _select_many(self, chooser: Selector, tokens: list[int], ks: list[int],
+    def _select_many(self, selector: Selector, tokens: list[int], ks: list[int],
                      kv_cache: list | None = None) -> list[Selection]:
-        keys = [(chooser, tuple(tokens), k) for k in ks]
+        keys = [(selector, tuple(tokens), k) for k in ks]
         if kv_cache is None and all(key in self._cache for key in keys):
             for key in keys:
                 self._cache.move_to_end(key)
             return [self._cache[key] for key in keys]
         start = time.perf_counter()
-        scores = chooser.scores(tokens) if kv_cache is None else chooser.scores(tokens, kv_cache)
+        scores = selector.scores(tokens) if kv_cache is None else selector.scores(tokens, kv_cache)
         scores = np.asarray(scores)
         if scores.shape != (self.n_layers, self.d_ffn):
-            raise SelectionError(f"selector {chooser.name!r} returned scores of shape {scores.shape}, "
+            raise SelectionError(f"selector {selector.name!r} returned scores of shape {scores.shape}, "
                                  f"expected ({self.n_layers}, {self.d_ffn})")
         seconds = time.perf_counter() - start
         selections = [Selection(indices=tuple(top_k(scores, k)), d_ffn=self.d_ffn, seconds=seconds,
-                                source=chooser.name) for k in ks]
+                                source=selector.name) for k in ks]
         for key, selection in zip(keys, selections):
             self._cache[key] = selection
             if len(self._cache) > self._cache_size:
@@ -152,16 +153,16 @@ class Engine:
         in place; on failure the previous selection stays applied and an error is raised.
         """
         if isinstance(selection, str):
-            if selection != "auto":
+            if selection != AUTO:
                 raise SelectionError(f"apply() takes a Selection, index arrays, None or \"auto\"; got {selection!r}")
-            self._pinned, self._pinned_selection = False, None
+            self._pin = AUTO
             return ApplyStats([0] * self.n_layers)
         if selection is not None and not isinstance(selection, Selection):
             selection = Selection.from_indices(selection, self.d_ffn, self.n_layers)
         if selection is not None and selection.d_ffn != self.d_ffn:
             raise SelectionError(f"selection is for d_ffn={selection.d_ffn}, the model has {self.d_ffn}")
         stats = self._apply(selection)
-        self._pinned, self._pinned_selection = True, selection
+        self._pin = selection
         return stats
 
     def _apply(self, selection: Selection | None) -> ApplyStats:
@@ -174,13 +175,13 @@ class Engine:
 
     def _uses_pin(self, density: float | None, selector) -> bool:
         """Whether a call with these overrides computes with the pinned selection."""
-        return self._pinned and density is None and selector is None
+        return self._pin is not AUTO and density is None and selector is None
 
     def prepare(self, prompt: Prompt, density: float | None = None,
                 selector: str | Selector | None = None) -> Selection | None:
         """Apply the selection a generation call on `prompt` uses, and return it."""
         if self._uses_pin(density, selector):
-            target = self._pinned_selection
+            target = self._pin
         else:
             target = self.select(prompt, density, selector)
         self._apply(target)
@@ -224,11 +225,10 @@ class Engine:
                 raise PromptTooLongError(f"the prompt is {used} tokens, this model's context is "
                                          f"{self.context_length}; shorten it (in chat: /reset)")
             max_tokens = min(max_tokens, self.context_length - used)
-        chooser = self.get_selector(selector)
         prefilled = None
-        if (isinstance(chooser, ActivationSelector) and not self._uses_pin(density, selector)
+        if (isinstance(self.get_selector(selector), ActivationSelector) and not self._uses_pin(density, selector)
                 and prompt_cache is None and tokens is None):
-            prefilled = self._griffin_prefill(chooser, ids, density)
+            prefilled = self._griffin_prefill(self.get_selector(selector), ids, density)
         if prefilled is None:
             self.prepare(prompt, density, selector)
         else:
@@ -245,7 +245,7 @@ class Engine:
                 response = replace(response, prompt_tokens=len(ids), prompt_tps=len(ids) / seconds)
             yield response
 
-    def _griffin_prefill(self, chooser: ActivationSelector, ids: list[int],
+    def _griffin_prefill(self, selector: ActivationSelector, ids: list[int],
                          density: float | None) -> tuple[list, float] | None:
         """GRIFFIN: one dense pass over the prompt scores the channels and fills a KV cache.
 
@@ -256,7 +256,7 @@ class Engine:
         cache = make_prompt_cache(self.model)
         if len(ids) < 2 or not can_trim_prompt_cache(cache):
             return None
-        selection = self._select(chooser, ids, self.kept_count(density), kv_cache=cache)
+        selection = self._select(selector, ids, self.kept_count(density), kv_cache=cache)
         trim_prompt_cache(cache, 1)
         self._apply(selection)
         return cache, selection.seconds
@@ -353,7 +353,7 @@ def load(path: str | Path, *, cache_size: int = 64, deterministic: bool = True,
             selector_tokenizer = load_tokenizer(pdir)
     engine = Engine(model, tokenizer, config, selector_tokenizer, predictor,
                     default_density=block.get("default_density"),
-                    pad_multiple=block.get("pad_multiple", 32), cache_size=cache_size, path=folder,
+                    pad_multiple=block.get("pad_multiple", PAD_MULTIPLE), cache_size=cache_size, path=folder,
                     deterministic=deterministic)
     if block.get("calibration"):
         engine.use_calibration(Calibration.from_json(block["calibration"]))

@@ -1,8 +1,10 @@
-"""How close a pruned model stays to the dense one: KL of next-token distributions.
+"""References for a pruned model, and how close it stays to them.
 
-Used by the selector study (examples/selector_study.py) and the tests. The measure follows
-GRIFFIN's setting: the prompt is prefilled by the dense model, then the selection is applied
-and the continuation is scored pruned, so only the tokens generation would produce differ.
+KL of next-token distributions to the dense model follows GRIFFIN's setting: the prompt is
+prefilled by the dense model, then the selection is applied and the continuation is scored
+pruned, so only the tokens generation would produce differ. compact_model() builds the model
+that is physically as small as a selection (compact copies of the kept rows). Used by verify,
+the benchmark, the selector study and the tests.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
@@ -29,11 +32,13 @@ def next_token_kl(p_logits: mx.array, q_logits: mx.array) -> mx.array:
     return mx.sum(mx.exp(log_p) * (log_p - log_q), axis=-1)
 
 
-def greedy_tokens(model, ids: Sequence[int], n: int) -> list[int]:
-    """The model's greedy continuation of `ids`: n tokens (mlx-lm's generate_step)."""
+def greedy_tokens(model, ids: Sequence[int], n: int, prompt_cache: list | None = None) -> list[int]:
+    """The model's greedy continuation of `ids`: n tokens (mlx-lm's generate_step), extending
+    `prompt_cache` when given."""
     from mlx_lm.generate import generate_step
 
-    return [int(token) for token, _ in generate_step(mx.array(list(ids)), model, max_tokens=n)]
+    steps = generate_step(mx.array(list(ids)), model, max_tokens=n, prompt_cache=prompt_cache)
+    return [int(token) for token, _ in steps]
 
 
 def prefill_dense(engine, prompt: Sequence[int]) -> list:
@@ -85,6 +90,48 @@ def fidelity_after_prefill(engine, prompt: Sequence[int], continuation: Sequence
         results.append((float(kl.item()), float(agree.item()) if continuation else 1.0))
         trim_prompt_cache(cache, len(fed))
     return results
+
+
+def compact_model(engine, k: int | None = None, *, rows: bool = False) -> nn.Module:
+    """A model holding compact copies of the engine's FFN rows: what is physically that small.
+
+    k=None: every channel, in original order (the dense model); k: the first k positions of
+    every layer, i.e. the selection applied now (intermediate_size = k).
+    rows=False: plain mlx-lm (nn.Linear FFN, down_proj [d_model, k]), the layout mlx-lm runs;
+    rows=True: PrunableMLPs of width k in the engine's row layout, so the same kernels run.
+    Attention, norms and embeddings are shared with the engine (they are never written).
+    """
+    from .models import build_model, load_weights, quantize_like
+
+    config = {key: v for key, v in engine.config.items() if key not in ("ifpruning", "quantization")}
+    q = engine.config.get("quantization")
+    width = engine.d_ffn if k is None else k
+    weights = {n: v for n, v in nn.utils.tree_flatten(engine.model.parameters()) if ".mlp." not in n}
+    for i, mlp in enumerate(engine.mlps):
+        order = np.argsort(mlp.perm) if k is None else np.arange(k)
+        idx = mx.array(order.astype(np.int32))
+        prefix = f"model.layers.{i}.mlp"
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            layer = getattr(mlp, name)
+            for part in layer.row_arrays():
+                weights[f"{prefix}.{name}.{part}"] = layer[part][idx]  # a gather: a new buffer
+        down = mlp.down_proj
+        if not rows and q:
+            dense = mx.dequantize(down.weight[idx], down.scales[idx], down.biases[idx],
+                                  group_size=down.group_size, bits=down.bits)
+            w, s, b = mx.quantize(mx.contiguous(dense.T), group_size=q["group_size"], bits=q["bits"])
+            weights.update({f"{prefix}.down_proj.weight": w, f"{prefix}.down_proj.scales": s,
+                            f"{prefix}.down_proj.biases": b})
+        elif not rows:
+            weights[f"{prefix}.down_proj.weight"] = mx.contiguous(down.weight[idx].T)
+        if "bias" in down:
+            weights[f"{prefix}.down_proj.bias"] = down.bias
+        mx.eval([v for n, v in weights.items() if n.startswith(prefix)])
+    model = build_model(dict(config, intermediate_size=width), prunable=rows)
+    if q:
+        quantize_like(model, q, weights)
+    load_weights(model, weights, "compact copy")
+    return model
 
 
 def _log_softmax(logits: mx.array) -> mx.array:

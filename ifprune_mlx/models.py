@@ -168,6 +168,18 @@ def to_row_layout(weights: dict[str, mx.array], quantization: dict | None = None
     return out
 
 
+def name_mismatch(expected, found) -> str | None:
+    """What is wrong with the tensor names `found` against those a model `expected`: missing
+    ones first, then unexpected ones; None when they are the same."""
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        return f"{len(missing)} tensors the config implies are missing, e.g. {missing[0]!r}"
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        return f"tensor {unexpected[0]!r} ({len(unexpected)} in all) has no place in a model of this config"
+    return None
+
+
 def load_weights(model: nn.Module, weights: dict[str, mx.array], where: str,
                  on_progress: Callable[[int, int], None] | None = None) -> None:
     """Check names, shapes and dtypes of `weights` against `model`, then load them.
@@ -176,18 +188,9 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array], where: str,
     more than the weights' size in memory; on_progress(done, total) is called after each.
     """
     expected = dict(nn.utils.tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        raise BundleError(
-            f"{where}: {len(missing)} weights are missing, e.g. {missing[0]!r}; "
-            "the files do not match config.json (re-convert the model)"
-        )
-    unexpected = sorted(set(weights) - set(expected))
-    if unexpected:
-        raise BundleError(
-            f"{where}: unexpected weight {unexpected[0]!r} ({len(unexpected)} in all); "
-            "the files do not match config.json"
-        )
+    problem = name_mismatch(expected, weights)
+    if problem:
+        raise BundleError(f"{where}: {problem}; the files do not match config.json (re-convert the model)")
     for name, value in weights.items():
         want = expected[name]
         if tuple(value.shape) != tuple(want.shape):

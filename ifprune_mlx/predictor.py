@@ -21,6 +21,26 @@ from .models import build_model, load_weights, quantize_like
 HEAD_WIDTH = 128
 
 
+def head_shapes(d_model: int, n_layers: int, d_ffn: int) -> dict[str, tuple[int, ...]]:
+    """The head's tensors and their shapes, for a backbone of width d_model and an LLM of
+    n_layers x d_ffn FFN channels (head.safetensors holds exactly these)."""
+    return {"head1.weight": (HEAD_WIDTH, d_model), "head1.bias": (HEAD_WIDTH,),
+            "head2.weight": (n_layers * d_ffn, HEAD_WIDTH), "head2.bias": (n_layers * d_ffn,)}
+
+
+def head_mismatch(shapes: dict[str, tuple[int, ...]], d_model: int, n_layers: int,
+                  d_ffn: int) -> tuple[str, str | None] | None:
+    """The first head tensor that does not fit (head_shapes): (its name, None if it is missing,
+    else what is wrong with its shape); None when every tensor fits."""
+    for name, shape in head_shapes(d_model, n_layers, d_ffn).items():
+        if name not in shapes:
+            return name, None
+        if tuple(shapes[name]) != shape:
+            return name, (f"has shape {tuple(shapes[name])}, expected {shape} for an LLM with "
+                          f"{n_layers} layers x {d_ffn} FFN channels and a predictor of width {d_model}")
+    return None
+
+
 class Predictor(nn.Module):
     """Backbone + head mapping a prompt's token ids to channel scores [n_layers, d_ffn]."""
 
@@ -62,19 +82,11 @@ def load_predictor(folder: Path, n_layers: int, d_ffn: int) -> Predictor:
         raise PredictorError(f"{head_path}: missing; the predictor needs its head weights")
     head = read_safetensors([head_path])
     d_model = config["hidden_size"]
-    expected = {
-        "head1.weight": (HEAD_WIDTH, d_model), "head1.bias": (HEAD_WIDTH,),
-        "head2.weight": (n_layers * d_ffn, HEAD_WIDTH), "head2.bias": (n_layers * d_ffn,),
-    }
-    for name, shape in expected.items():
-        if name not in head:
-            raise PredictorError(f"{head_path}: tensor {name!r} is missing")
-        if tuple(head[name].shape) != shape:
-            raise PredictorError(
-                f"{head_path}: {name} has shape {tuple(head[name].shape)}, expected {shape} "
-                f"for an LLM with {n_layers} layers x {d_ffn} FFN channels and a predictor of "
-                f"width {d_model}; this predictor was trained for another LLM"
-            )
+    mismatch = head_mismatch({name: value.shape for name, value in head.items()}, d_model, n_layers, d_ffn)
+    if mismatch:
+        name, problem = mismatch
+        raise PredictorError(f"{head_path}: tensor {name!r} is missing" if problem is None else
+                             f"{head_path}: {name} {problem}; this predictor was trained for another LLM")
     predictor = Predictor(backbone, d_model, n_layers, d_ffn)
     predictor.head1.update({"weight": head["head1.weight"], "bias": head["head1.bias"]})
     predictor.head2.update({"weight": head["head2.weight"], "bias": head["head2.bias"]})

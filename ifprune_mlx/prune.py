@@ -27,7 +27,9 @@ A failed apply (error or Ctrl-C) swaps back what it had swapped: swaps are invol
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -35,6 +37,14 @@ import numpy as np
 from mlx_lm.models.activations import swiglu
 
 from .errors import SelectionError
+
+
+def _add_bias(layer: nn.Module, y: mx.array, k: int) -> mx.array:
+    """y plus the layer's bias, if it has one: all of it for down (channel_in), the kept
+    channels' for gate and up."""
+    if "bias" not in layer:
+        return y
+    return y + (layer.bias if layer.channel_in else layer.bias[:k])
 
 
 class RowLinear(nn.Module):
@@ -53,10 +63,7 @@ class RowLinear(nn.Module):
 
     def __call__(self, x: mx.array, k: int) -> mx.array:
         w = self.weight[:k]
-        y = x @ w if self.channel_in else x @ w.T
-        if "bias" in self:
-            y = y + (self.bias if self.channel_in else self.bias[:k])
-        return y
+        return _add_bias(self, x @ w if self.channel_in else x @ w.T, k)
 
     def row_arrays(self) -> list[str]:
         """Names of the arrays whose rows are channels."""
@@ -102,9 +109,7 @@ class QuantizedRowLinear(nn.Module):
             x, self.weight[:k], self.scales[:k], self.biases[:k],
             transpose=not self.channel_in, group_size=self.group_size, bits=self.bits,
         )
-        if "bias" in self:
-            y = y + (self.bias if self.channel_in else self.bias[:k])
-        return y
+        return _add_bias(self, y, k)
 
     def row_arrays(self) -> list[str]:
         rows = ["weight", "scales", "biases"]
@@ -130,13 +135,28 @@ class PrunableMLP(nn.Module):
             self.observer(h)
         return self.down_proj(h, self.k)
 
-    def kept(self) -> np.ndarray:
+    def kept_ids(self) -> np.ndarray:
         """Original ids of the channels in use, sorted."""
         return np.sort(self.perm[: self.k])
 
     def row_arrays(self) -> list[tuple[nn.Module, str]]:
         return [(m, name) for m in (self.gate_proj, self.up_proj, self.down_proj)
                 for name in m.row_arrays()]
+
+
+@contextmanager
+def observing(mlps: list[PrunableMLP], observer: Callable[[mx.array], None]) -> Iterator[None]:
+    """Inside the block every layer computes on all its channels and calls observer(h) with its
+    FFN activations h [..., d_ffn] (channels in position order: mlp.perm maps them back); after
+    it, each layer computes on the channels it had before. The training-free selector's pass."""
+    widths = [mlp.k for mlp in mlps]
+    try:
+        for mlp in mlps:
+            mlp.k, mlp.observer = mlp.d_ffn, observer
+        yield
+    finally:
+        for mlp, k in zip(mlps, widths):
+            mlp.k, mlp.observer = k, None
 
 
 @dataclass
@@ -237,8 +257,8 @@ def _swap_rows(module: nn.Module, name: str, a: mx.array, b: mx.array) -> None:
     """Swap rows a[i] <-> b[i] of module[name] in place.
 
     Through a NumPy view of the evaluated buffer when NumPy has the dtype (CPU and unified
-    memory): MLX's CPU scatter costs ~6 ns per element, ~10x a row copy (measured by
-    `ifprune bench`). Else with MLX gathers and scatters. In chunks of at most 1/64 of the
+    memory): MLX's CPU scatter costs about ten times a row copy. Else with MLX gathers and
+    scatters. In chunks of at most 1/64 of the
     rows, so the gathered rows in flight stay below 1/32 of one matrix.
     """
     w = module[name]

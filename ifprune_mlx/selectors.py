@@ -13,6 +13,7 @@ from typing import Callable, Protocol, Sequence, Union
 
 import numpy as np
 
+from .bundle import PAD_MULTIPLE
 from .errors import SelectionError
 
 Prompt = Union[str, Sequence[dict]]  # a user prompt, or chat messages [{"role", "content"}, ...]
@@ -32,7 +33,7 @@ def check_density(density: float) -> float:
     return value
 
 
-def kept_count(density: float, d_ffn: int, pad_multiple: int = 32) -> int:
+def kept_count(density: float, d_ffn: int, pad_multiple: int = PAD_MULTIPLE) -> int:
     """Channels kept per layer at `density`: ceil(density * d_ffn), rounded up to `pad_multiple`."""
     density = check_density(density)
     k = math.ceil(density * d_ffn - 1e-9)
@@ -49,6 +50,11 @@ def top_k(scores: np.ndarray, k: int) -> list[np.ndarray]:
     scores = np.asarray(scores, dtype=np.float32)
     order = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
     return [np.sort(row).astype(np.int64) for row in order]
+
+
+def overlap(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> list[float]:
+    """Per layer, the Jaccard overlap |a & b| / |a | b| of two masks' kept channel ids."""
+    return [len(np.intersect1d(x, y)) / max(1, len(np.union1d(x, y))) for x, y in zip(a, b)]
 
 
 def static_top_k(scores: np.ndarray, k: int) -> list[np.ndarray]:
@@ -82,21 +88,18 @@ class Selection:
     source: str = "explicit"
 
     @property
-    def kept(self) -> list[int]:
+    def kept_counts(self) -> list[int]:
         """Channels kept per layer."""
         return [len(ids) for ids in self.indices]
 
     @property
     def density(self) -> float:
         """Fraction of FFN channels kept, over all layers."""
-        return sum(self.kept) / (self.d_ffn * len(self.indices))
+        return sum(self.kept_counts) / (self.d_ffn * len(self.indices))
 
     def overlap(self, other: "Selection") -> list[float]:
         """Per-layer Jaccard overlap of kept channels with another selection."""
-        return [
-            len(np.intersect1d(a, b)) / max(1, len(np.union1d(a, b)))
-            for a, b in zip(self.indices, other.indices)
-        ]
+        return overlap(self.indices, other.indices)
 
     @classmethod
     def from_indices(cls, indices: Sequence[Sequence[int]], d_ffn: int, n_layers: int) -> "Selection":
@@ -211,6 +214,8 @@ class ActivationSelector:
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
 
+        from .prune import observing
+
         if len(tokens) == 0:
             raise SelectionError("the prompt has no tokens to score channels on")
         self.calls += 1
@@ -223,19 +228,13 @@ class ActivationSelector:
 
         if cache is None:  # the chunks of a long prompt attend to the earlier ones through it
             cache = make_prompt_cache(self.model)
-        ks = [mlp.k for mlp in self.mlps]
-        try:
-            for mlp in self.mlps:
-                mlp.k, mlp.observer = mlp.d_ffn, observe
+        with observing(self.mlps, observe):
             for chunk in _chunks(tokens, PREFILL_CHUNK):
                 self.model(mx.array(chunk, dtype=mx.int32)[None], cache=cache)
                 mx.eval(collected, [c.state for c in cache])
                 if len(collected) > len(self.mlps):  # fold this chunk into the totals
                     collected[:] = [a + b for a, b in zip(collected[: len(self.mlps)],
                                                           collected[len(self.mlps):])]
-        finally:
-            for mlp, k in zip(self.mlps, ks):
-                mlp.k, mlp.observer = k, None
         scores = np.empty((len(self.mlps), self.mlps[0].d_ffn), dtype=np.float32)
         for layer, (mlp, s) in enumerate(zip(self.mlps, collected)):
             scores[layer, mlp.perm] = np.sqrt(np.array(s))  # back to original channel ids

@@ -103,6 +103,27 @@ def quantize_model_folder(folder: Path, bits: int, group_size: int = 64, predica
     return model
 
 
+def reference_tokens(engine, prompt, n: int, *, dense_prefill: bool = False) -> list[int]:
+    """The n greedy tokens generation of `prompt` must give under the selection the engine
+    computes with now, computed another way: by a plain model holding compact copies of the
+    kept rows (fidelity.compact_model, same kernels, so equal to the bit); with dense_prefill
+    (the training-free selector's GRIFFIN path), by the engine with all but the prompt's last
+    token prefilled dense, then the same selection applied. Tests compare engine.generate and
+    stream_responses with it."""
+    from .fidelity import compact_model, greedy_tokens, prefill_dense
+
+    ids = engine.prompt_tokens(prompt)
+    if dense_prefill:
+        selection = engine.applied
+        cache = prefill_dense(engine, ids)
+        engine.apply(selection)
+        return greedy_tokens(engine.model, ids[-1:], n, cache)
+    widths = {mlp.k for mlp in engine.mlps}
+    if len(widths) != 1:
+        raise ValueError(f"the layers keep different channel counts {sorted(widths)}: no compact model")
+    return greedy_tokens(compact_model(engine, widths.pop(), rows=True), ids, n)
+
+
 def random_predictor(config: dict, d_pred: int = 32, seed: int = 1) -> dict:
     """A random predictor for an LLM config: tiny qwen2 backbone + head (write_bundle format)."""
     pconfig = model_config("qwen2", hidden_size=d_pred, num_hidden_layers=1,
@@ -121,13 +142,21 @@ def random_predictor(config: dict, d_pred: int = 32, seed: int = 1) -> dict:
 
 
 def make_bundle(folder: Path, config: dict | None = None, *, seed: int = 0,
-                predictor: bool = True, quantize_bits: int | None = None, force: bool = False) -> Path:
-    """Write a bundle of a random model (with a random predictor unless predictor=False)."""
+                predictor: bool = True, quantize_bits: int | None = None, dtype: str = "float32",
+                predictor_width: int = 32, force: bool = False) -> Path:
+    """Write a bundle of a random model (with a random predictor unless predictor=False).
+
+    dtype: the float dtype of the LLM's weights (before quantize_bits, if given);
+    predictor_width: d_model of the predictor's backbone.
+    """
     folder = Path(folder)
     config = dict(config or model_config())
     tok_dir = make_tokenizer(folder.parent / f".{folder.name}-tokenizer", config["vocab_size"])
     weights = to_row_layout(random_weights(config, seed))
+    if dtype != "float32":
+        weights = {name: value.astype(getattr(mx, dtype)) for name, value in weights.items()}
     if quantize_bits:
         weights, config = quantize_rows(weights, config, quantize_bits)
     return write_bundle(folder, config=config, weights=weights, tokenizer_dir=tok_dir,
-                        predictor=random_predictor(config) if predictor else None, force=force)
+                        predictor=random_predictor(config, predictor_width) if predictor else None,
+                        force=force)

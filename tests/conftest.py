@@ -4,6 +4,8 @@ import pytest
 
 from ifprune_mlx import testing
 
+pytest_plugins = ["ci_skips"]  # in CI (CI=true) a skipped test fails the run
+
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):

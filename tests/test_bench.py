@@ -1,4 +1,7 @@
-"""`ifprune bench --quick` end to end on tiny models, and the pieces it compares (no timings asserted)."""
+"""`ifprune bench --quick` and the report writer end to end on tiny models, and the pieces they
+compare (no timings asserted)."""
+
+import json
 
 import mlx.core as mx
 import numpy as np
@@ -7,7 +10,9 @@ from typer.testing import CliRunner
 
 import ifprune_mlx
 from ifprune_mlx import bench
+from examples import benchmark_report
 from ifprune_mlx.cli import app
+from ifprune_mlx.fidelity import compact_model
 from ifprune_mlx.selectors import Selection
 
 
@@ -16,44 +21,78 @@ def engine(bundle_dir):
     return ifprune_mlx.load(bundle_dir)
 
 
-def test_quick_bench_writes_the_report(tmp_path):
-    out, png, raw = tmp_path / "B.md", tmp_path / "b.png", tmp_path / "b.json"
+def test_quick_bench_prints_and_the_report_writes(tmp_path):
+    raw = tmp_path / "b.json"
     result = CliRunner().invoke(app, ["bench", "--quick", "--synthetic", "64", "--bits", "0",
-                                      "--out", str(out), "--plot", str(png), "--json", str(raw)])
+                                      "--json", str(raw)])
     assert result.exit_code == 0, result.output
+    assert "d64-float32" in result.output and "bytes bound" in result.output
+    info = json.loads(raw.read_text())
+    assert "ifprune bench" in info["command"] and "--quick" in info["command"]
+    assert info["settings"]["quick"] is True
+
+    out, png = tmp_path / "B.md", tmp_path / "b.png"
+    (out).write_text("old\n" + benchmark_report.NOTES + "\nmy notes\n")
+    benchmark_report.main(["--from-json", str(raw), "--out", str(out), "--plot", str(png)])
     text = out.read_text()
-    for heading in ("## Targets", "### Decode (tokens/s)", "### Time to first token",
-                    "### Re-selection", "### Memory", "## Mac (Metal)"):
+    for heading in ("## Targets", "## Checks", "### Decode (tokens/s)", "### Time to first token",
+                    "### Re-selection", "### Memory"):
         assert heading in text
+    assert "Mac (Metal)" not in text and "shared with other jobs" not in text
+    assert text.endswith(benchmark_report.NOTES + "\nmy notes\n")
     decode_header = next(line for line in text.splitlines() if line.startswith("| density |"))
-    for column in ("in place", "reference", "in place / reference", "speed-up vs dense",
-                   "MB read / token", "roofline tok/s", "Mac (Metal)"):
+    for column in ("in place", "small", "same kernels", "in place / same kernels", "bytes bound",
+                   "MB read / token", "roofline tok/s"):
         assert column in decode_header
-    for density in bench.Settings.quick().densities:
+    for density in bench.Settings.quick_run().densities:
         assert f"\n| {density:.2f} |" in text
-    for fraction in bench.Settings.quick().changed:
+    for fraction in bench.Settings.quick_run().changed:
         assert f"\n| {fraction:.0%} |" in text
+    assert f"density {bench.SELECT_DENSITY}" in text
     assert "BLAS:" in text
-    command = next(line for line in text.splitlines() if line.startswith("- command:"))
-    assert "ifprune bench" in command and "--quick" in command
-    assert png.stat().st_size > 0 and raw.stat().st_size > 0
+    assert png.stat().st_size > 0
 
 
-def test_bench_rejects_bad_options(tmp_path):
-    result = CliRunner().invoke(app, ["bench", "--quick", "--bits", "3", "--out", str(tmp_path / "B.md")])
+def test_the_report_flags_speedups_above_the_bytes_bound(tmp_path):
+    """A speed-up larger than dense bytes / pruned bytes is marked and listed, not quoted plain."""
+    def row(density, bpt, speedup, ratio=1.0):
+        return {"density": density, "k": int(density * 64), "inplace_tps": 10 * speedup, "small_tps": 10.0,
+                "ratio_small": ratio, "ratio_mlx_lm": ratio if density == 1.0 else None, "speedup": speedup,
+                "bytes_per_token": bpt, "mlx_lm_tps": 10.0, "ratio_best": 1.0, "reps": 4,
+                "block_tokens": 8, "max_logit_diff": 0.0}
+    result = {"name": "m", "d_model": 16, "d_ffn": 64, "layers": 2, "vocab": 320, "quant": "float32",
+              "weight_bytes": 10**6, "decode": [row(1.0, 200.0, 1.0), row(0.5, 100.0, 1.9),
+                                                  row(0.25, 80.0, 4.0, ratio=1.3)],
+              "ttft": [], "reselect": [], "memory": {}, "seconds": 1.0, "detailed": True}
+    info = {"results": [result]}
+    found = {(v["density"], v["figure"]) for v in bench.bound_violations(info)}
+    assert found == {(0.25, "speed-up vs mlx-lm dense"), (0.25, "in place / mlx-lm layout")}
+    assert bench.bytes_bound(result, result["decode"][2]) == pytest.approx(2.5)
+    checks = "\n".join(benchmark_report._checks(info))
+    assert checks.count("\n| m | ") == 2
+    assert "4.00x **(> bound)**" in benchmark_report._decode({"bandwidth": {"stream_gbs": 1, "gemv_gbs": 1}},
+                                                             result)[-2]
+
+
+def test_bench_rejects_bad_options():
+    result = CliRunner().invoke(app, ["bench", "--quick", "--bits", "3"])
     assert result.exit_code == 1
     assert "--bits" in result.output
 
 
 def test_physically_small_model_computes_what_the_engine_keeps(engine):
     ids = mx.array([engine.tokenizer.encode("Write a Python function that reverses a list.")])
-    dense = bench.plain_model(engine)
+    dense = compact_model(engine)
     assert type(dense.layers[0].mlp).__name__ == "MLP"  # plain mlx-lm, not PrunableMLP
     engine.apply(engine.select("Translate the sentence into French.", density=0.25))
     k = engine.mlps[0].k
-    small = bench.plain_model(engine, k)
+    small = compact_model(engine, k)
+    same_kernels = compact_model(engine, k, rows=True)
     assert small.layers[0].mlp.gate_proj.weight.shape == (k, engine.config["hidden_size"])
+    assert small.layers[0].mlp.down_proj.weight.shape == (engine.config["hidden_size"], k)
+    assert same_kernels.layers[0].mlp.down_proj.weight.shape == (k, engine.config["hidden_size"])
     np.testing.assert_allclose(np.array(small(ids)), np.array(engine.model(ids)), atol=1e-4)
+    np.testing.assert_allclose(np.array(same_kernels(ids)), np.array(engine.model(ids)), atol=1e-4)
     engine.apply(None)
     np.testing.assert_allclose(np.array(dense(ids)), np.array(engine.model(ids)), atol=1e-4)
 
@@ -61,9 +100,13 @@ def test_physically_small_model_computes_what_the_engine_keeps(engine):
 def test_quantized_physically_small_model_runs(q4_bundle_dir):
     engine = ifprune_mlx.load(q4_bundle_dir)
     engine.apply(engine.select("Sort these numbers.", density=0.5))
-    small = bench.plain_model(engine, engine.mlps[0].k)
-    assert "scales" in small.layers[0].mlp.down_proj
-    assert bench.decode_tps(small, [1, 2, 3], 2) > 0
+    ids = mx.array([[1, 2, 3, 4]])
+    for rows in (False, True):
+        small = compact_model(engine, engine.mlps[0].k, rows=rows)
+        assert "scales" in small.layers[0].mlp.down_proj
+        # the mlx-lm layout re-quantizes down_proj along d_ffn: equal up to that rounding
+        np.testing.assert_allclose(np.array(small(ids)), np.array(engine.model(ids)), atol=0 if rows else 0.5)
+        assert bench.decode_tps(small, [1, 2, 3], 2) > 0
 
 
 def test_changed_selection_differs_by_the_fraction(engine):
@@ -89,7 +132,7 @@ def test_bytes_per_token_counts_kept_rows(engine):
 def test_bench_runs_on_a_model_folder(plain_dir):
     """A plain model (no predictor): decode and re-selection with the training-free selector."""
     info = bench.run(model=plain_dir, widths=[], bits=[None], dtype="float32",
-                     settings=bench.Settings.quick(), log=lambda _: None)
+                     settings=bench.Settings.quick_run(), log=lambda _: None)
     (result,) = info["results"]
     assert [d["density"] for d in result["decode"]] == [1.0, 0.5, 0.25]
     assert result["ttft"] == [] and result["memory"] == {}  # both need a predictor

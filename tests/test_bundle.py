@@ -103,7 +103,7 @@ def test_missing_and_unexpected_tensors(copy):
         ifp.load(folder)
 
 
-def test_sharded_weights_and_a_missing_shard(copy):
+def test_sharded_weights_and_a_missing_shard(copy, bundle_dir):
     folder = copy()
     weights = mx.load(str(folder / "model.safetensors"))
     names = sorted(weights)
@@ -113,7 +113,8 @@ def test_sharded_weights_and_a_missing_shard(copy):
         bundle.save_safetensors(folder / file, {k: weights[k] for k in keys})
     index = {"weight_map": {k: f for f, keys in halves.items() for k in keys}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert ifp.load(folder).generate("hi", max_tokens=2) is not None
+    tokens = mx.array([[5, 17, 42, 99]])
+    assert mx.array_equal(ifp.load(folder).model(tokens), ifp.load(bundle_dir).model(tokens)).item()
     (folder / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(BundleError, match="shard model-00002-of-00002.safetensors listed in model.safetensors.index.json is missing"):
         ifp.load(folder)
@@ -164,7 +165,7 @@ def test_write_is_atomic_and_refuses_to_overwrite(tmp_path):
         bundle.write_atomic(out, fill)
     assert not out.exists() and list(tmp_path.iterdir()) == []
     bundle.write_atomic(out, lambda tmp: (tmp / "a").write_text("1"))
-    with pytest.raises(BundleError, match="already exists; pass force=True"):
+    with pytest.raises(BundleError, match=r"already exists; pass --force \(force=True\)"):
         bundle.write_atomic(out, lambda tmp: (tmp / "b").write_text("2"))
     assert (out / "a").exists()
     bundle.write_atomic(out, lambda tmp: (tmp / "b").write_text("2"), force=True)

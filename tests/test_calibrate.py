@@ -58,7 +58,7 @@ def test_calibrate_measures_every_density_and_leaves_the_engine_unpinned(bundle_
     assert result.rows[0].kl > result.rows[1].kl > 0
     assert all(r.kl_low <= r.kl <= r.kl_high for r in result.rows)
     assert result.density == 1.0 and result.prompts == 3 and result.selector == "activations"
-    assert engine.default_density == before and not engine._pinned
+    assert engine.default_density == before and engine._pin == "auto"
 
 
 def test_cli_calibrates_a_bundle_and_stores_the_default(tmp_path, bundle_dir):

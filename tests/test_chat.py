@@ -68,18 +68,28 @@ def test_per_task_keeps_one_selection_and_prefills_only_new_tokens(engine):
 
 def test_the_training_free_selector_in_chat(engine):
     session = ChatSession(engine, policy="per-task", selector="activations", max_tokens=4)
-    chooser = engine.get_selector("activations")
-    calls = chooser.calls
+    activations = engine.get_selector("activations")
+    calls = activations.calls
     turn(session, TASK + " (activations)")
     turn(session, OTHER)
-    assert chooser.calls == calls + 1 and session.last.mask == session.turns[0].mask
-    assert session.selection.source == "activations" and session.settings()["selector"] == "activations"
+    assert activations.calls == calls + 1 and session.last.mask == session.turns[0].mask
+    assert session.mask.selection.source == "activations" and session.settings()["selector"] == "activations"
     session.set_selector("predictor")
     session.reselect()
     turn(session, "a task only this test selects")
-    assert session.selection.source == "predictor"
+    assert session.mask.selection.source == "predictor"
     with pytest.raises(ifp.SelectionError, match="unknown selector"):
         session.set_selector("nope")
+
+
+def test_conversation_state_is_not_a_constructor_argument(engine):
+    """messages, turns and masks are the session's own state: passing them is an error, not
+    silently dropped."""
+    with pytest.raises(TypeError):
+        ChatSession(engine, messages=[{"role": "user", "content": "hi"}])
+    session = ChatSession(engine, system="Be brief.")
+    assert session.messages == [{"role": "system", "content": "Be brief."}]
+    assert session.mask is None and session.previous is None and session.selector is engine.selector
 
 
 def test_per_turn_selects_every_message_and_a_new_mask_prefills_everything(engine):
@@ -88,10 +98,10 @@ def test_per_turn_selects_every_message_and_a_new_mask_prefills_everything(engin
     turn(session, OTHER)
     t1, t2 = session.turns
     assert t2.selected and t2.mask != t1.mask
-    assert session.previous_key == t1.mask and session.task == OTHER
+    assert session.previous.key == t1.mask and session.task == OTHER
     assert not t2.cache_hit and t2.reused_tokens == 0
     assert t2.prefill_tokens == len(engine.prompt_tokens(session.messages[:3]))
-    assert min(session.selection.overlap(session.previous)) < 1.0
+    assert min(session.mask.selection.overlap(session.previous.selection)) < 1.0
 
 
 def test_a_returning_mask_reuses_its_prompt_cache_and_matches_a_fresh_prefill(engine):
@@ -105,7 +115,7 @@ def test_a_returning_mask_reuses_its_prompt_cache_and_matches_a_fresh_prefill(en
     assert t3.cache_hit and t3.reused_tokens >= t1.prefill_tokens
     assert first.prompt_tokens == t3.prefill_tokens == full - t3.reused_tokens < full
     # The reused keys/values are those a fresh prefill under this mask computes.
-    engine.apply(session.selection)
+    engine.apply(session.mask.selection)
     fresh = [r.token for r in engine.stream_responses(session.messages[:5], max_tokens=8)]
     assert fresh == tokens
 
@@ -123,13 +133,13 @@ def test_off_is_dense_and_density_reselects_the_task(engine):
     session = ChatSession(engine, policy="off", max_tokens=3)
     turn(session, TASK)
     assert session.last.mask == "dense" and engine.applied is None
-    assert session.last.kept == [engine.d_ffn] * engine.n_layers and session.last.density == 1.0
+    assert session.last.kept_counts == [engine.d_ffn] * engine.n_layers and session.last.density == 1.0
     session.set_policy("per-task")
     turn(session, TASK)
     assert session.set_density(0.5) == 128
     turn(session, OTHER)
     a, b = session.turns[1:]
-    assert a.kept == [96, 96] and b.kept == [128, 128]
+    assert a.kept_counts == [96, 96] and b.kept_counts == [128, 128]
     assert b.mask == mask_key(engine.select(TASK, 0.5)) and not b.cache_hit
     session.reselect()
     turn(session, OTHER)
@@ -151,7 +161,7 @@ def test_an_interrupted_turn_keeps_its_partial_answer_and_its_cache(engine):
     assert held == session.last.prefill_tokens + 3
     tokens, _ = turn(session, OTHER)
     assert session.last.cache_hit and session.last.reused_tokens > 0
-    engine.apply(session.selection)
+    engine.apply(session.mask.selection)
     fresh = [r.token for r in engine.stream_responses(session.messages[:3], max_tokens=50)]
     assert fresh == tokens
 
@@ -322,7 +332,7 @@ def test_the_demo_model_chats_like_it_answers_single_prompts(tmp_path):
         same_mask = session.turns[0].mask == session.turns[1].mask
         assert session.last.cache_hit == same_mask == (session.last.reused_tokens > 0)
         assert same_mask or policy == "per-turn"
-        engine.apply(session.selection)
+        engine.apply(session.mask.selection)
         assert [r.token for r in engine.stream_responses(session.messages[:3], max_tokens=16)] == tokens
         engine.apply("auto")
 

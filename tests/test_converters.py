@@ -18,6 +18,7 @@ from converters.readers import open_checkpoint  # noqa: E402
 from converters.reference import indices_to_mask, select_channels, set_ffn_mask  # noqa: E402
 from converters.verify import verify  # noqa: E402
 from converters.write import convert  # noqa: E402
+from ifprune_mlx import testing  # noqa: E402
 from ifprune_mlx.errors import ConversionError  # noqa: E402
 
 PROMPTS = ["Write a Python function that reverses a list.", "What is the sum of 12 and 30?"]
@@ -85,7 +86,10 @@ def test_qwen3_plain_model_matches(tmp_path):
     dense, _, _ = parity(tmp_path / "out", model, None)
     assert dense <= ATOL
     engine = ifprune_mlx.load(tmp_path / "out")
-    assert not engine.has_predictor and engine.generate("hi", max_tokens=3, density=0.5) is not None
+    assert not engine.has_predictor
+    responses = list(engine.stream_responses("hi", max_tokens=3, density=0.5))
+    assert engine.applied.density < 1 and engine.applied.source == "activations"
+    assert [r.token for r in responses] == testing.reference_tokens(engine, "hi", len(responses), dense_prefill=True)
 
 
 def test_llm_and_predictor_subfolders_are_detected(tmp_path, llama, pred):

@@ -54,7 +54,7 @@ def test_select_is_deterministic_and_cached(engine):
     fresh = engine.select(PROMPT, density=0.33)
     assert engine.selector.calls == calls + 1
     assert all((a == b).all() for a, b in zip(first.indices, fresh.indices))
-    assert first.kept == [ifp.kept_count(0.33, engine.d_ffn)] * engine.n_layers
+    assert first.kept_counts == [ifp.kept_count(0.33, engine.d_ffn)] * engine.n_layers
     assert first.source == "predictor" and first.seconds > 0
 
 
@@ -74,7 +74,7 @@ def test_selections_differ_between_prompts_and_densities(engine):
     a = engine.select("Sort these numbers: 5 3 9 1.", density=0.5)
     b = engine.select("Once upon a time there was a model.", density=0.5)
     assert any(not np.array_equal(x, y) for x, y in zip(a.indices, b.indices))
-    assert engine.select("Sort these numbers: 5 3 9 1.", density=0.25).kept[0] < a.kept[0]
+    assert engine.select("Sort these numbers: 5 3 9 1.", density=0.25).kept_counts[0] < a.kept_counts[0]
 
 
 def test_generate_selects_per_prompt_and_pins(engine):
@@ -86,7 +86,7 @@ def test_generate_selects_per_prompt_and_pins(engine):
     engine.generate(PROMPT, max_tokens=4)
     assert engine.applied is pinned
     engine.generate(PROMPT, max_tokens=4, density=0.25)  # overrides the pin for one call
-    assert engine.applied.kept[0] == ifp.kept_count(0.25, engine.d_ffn)
+    assert engine.applied.kept_counts[0] == ifp.kept_count(0.25, engine.d_ffn)
     engine.generate(PROMPT, max_tokens=4)
     assert engine.applied is pinned
     engine.apply(None)
@@ -121,7 +121,7 @@ def test_training_free_selector_on_a_plain_model(plain_dir):
     assert not engine.has_predictor and engine.default_density == 0.5
     selection = engine.select(PROMPT)
     assert selection.source == "activations"
-    assert selection.kept == [128] * engine.n_layers
+    assert selection.kept_counts == [128] * engine.n_layers
     engine.apply([np.arange(32)] * engine.n_layers)
     tokens = engine.selector.inputs("other prompt")
     assert (engine.selector.scores(tokens) == engine.selector.scores(tokens)).all()
@@ -181,7 +181,10 @@ def test_failed_swap_leaves_the_selection_and_the_text(engine, monkeypatch):
 def test_quantized_bundle_generates(q4_bundle_dir):
     engine = ifp.load(q4_bundle_dir)
     assert engine.config["quantization"]["bits"] == 4
-    assert isinstance(engine.generate(PROMPT, max_tokens=8), str)
+    responses = list(engine.stream_responses(PROMPT, max_tokens=8))
+    assert engine.applied is not None and engine.mlps[0].k < engine.d_ffn
+    assert [r.token for r in responses] == testing.reference_tokens(engine, PROMPT, len(responses))
+    assert engine.generate(PROMPT, max_tokens=8) == "".join(r.text for r in responses)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
@@ -246,7 +249,8 @@ def test_quantized_mlx_lm_folder_loads_in_row_layout(tmp_path, bits):
     spread = mx.abs(reference).max().item()
     assert diff <= QUANTIZED_FOLDERS[bits] * spread, f"{bits}: re-quantization moved logits by {diff:.4f} (max |logit| {spread:.2f})"
     engine.apply([np.arange(0, 512, 3)] * engine.n_layers)
-    assert engine.generate("Sort these numbers", max_tokens=4) is not None
+    responses = list(engine.stream_responses("Sort these numbers", max_tokens=4))
+    assert [r.token for r in responses] == testing.reference_tokens(engine, "Sort these numbers", len(responses))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])

@@ -69,7 +69,10 @@ def test_mlx_lm_phi3_folder_matches_mlx_lm_dense_and_pruned(phi3_dir):
 
 def test_phi3_generates_and_saves_a_bundle_that_loads_back(phi3_dir, tmp_path):
     engine = ifp.load(phi3_dir)
-    assert isinstance(engine.generate(PROMPT, max_tokens=8), str)  # selects, applies, decodes
+    responses = list(engine.stream_responses(PROMPT, max_tokens=8))  # selects, applies, decodes
+    assert engine.applied.source == "activations"  # a plain folder: GRIFFIN, the prompt prefilled dense
+    assert [r.token for r in responses] == testing.reference_tokens(engine, PROMPT, len(responses),
+                                                                    dense_prefill=True)
     engine.apply(random_keep(engine.d_ffn, engine.n_layers))  # rows permuted before saving
     engine.save(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
@@ -88,8 +91,9 @@ def test_phi3_generates_and_saves_a_bundle_that_loads_back(phi3_dir, tmp_path):
 def test_phi3_bundle_with_a_predictor_generates(tmp_path):
     engine = ifp.load(testing.make_bundle(tmp_path / "bundle", testing.model_config("phi3")))
     assert engine.has_predictor
-    assert isinstance(engine.generate(PROMPT, max_tokens=8, density=0.33), str)
-    assert engine.applied.kept == [ifp.kept_count(0.33, engine.d_ffn)] * engine.n_layers
+    responses = list(engine.stream_responses(PROMPT, max_tokens=8, density=0.33))
+    assert [r.token for r in responses] == testing.reference_tokens(engine, PROMPT, len(responses))
+    assert engine.applied.kept_counts == [ifp.kept_count(0.33, engine.d_ffn)] * engine.n_layers
 
 
 @pytest.mark.parametrize("bits", [4, 8])

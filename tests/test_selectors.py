@@ -5,10 +5,12 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlx_lm.models.cache import make_prompt_cache
 
 import ifprune_mlx as ifp
-from ifprune_mlx import selectors
+from ifprune_mlx import selectors, testing
 from ifprune_mlx.fidelity import kl_after_prefill, random_selection
 from ifprune_mlx.testing import make_model_folder, model_config
 
@@ -27,16 +29,16 @@ def with_predictor(bundle_dir):
 
 
 def test_activations_is_deterministic_and_respects_density(plain):
-    chooser = plain.get_selector("activations")
+    activations = plain.get_selector("activations")
     for density in (0.1, 0.33, 0.5, 1.0):
         first = plain.select(PROMPT, density=density, selector="activations")
         plain._cache.clear()
-        calls = chooser.calls
+        calls = activations.calls
         again = plain.select(PROMPT, density=density, selector="activations")
-        assert chooser.calls == calls + 1, "the cache was cleared: the selector must run again"
+        assert activations.calls == calls + 1, "the cache was cleared: the selector must run again"
         assert all((a == b).all() for a, b in zip(first.indices, again.indices))
         k = ifp.kept_count(density, plain.d_ffn)
-        assert first.kept == [k] * plain.n_layers and first.source == "activations"
+        assert first.kept_counts == [k] * plain.n_layers and first.source == "activations"
         for ids in first.indices:
             assert len(np.unique(ids)) == k and ids.min() >= 0 and ids.max() < plain.d_ffn
     other = plain.select("Translate this sentence into French.", density=0.33, selector="activations")
@@ -44,30 +46,42 @@ def test_activations_is_deterministic_and_respects_density(plain):
 
 
 def test_scores_do_not_depend_on_the_applied_selection(plain):
-    chooser = plain.get_selector("activations")
-    tokens = chooser.inputs(PROMPT)
+    activations = plain.get_selector("activations")
+    tokens = activations.inputs(PROMPT)
     plain.apply(None)
-    dense = chooser.scores(tokens)
+    dense = activations.scores(tokens)
     plain.apply([np.arange(0, plain.d_ffn, 4)] * plain.n_layers)  # rows permuted, k small
-    assert np.allclose(chooser.scores(tokens), dense, atol=1e-5)
+    assert np.allclose(activations.scores(tokens), dense, atol=1e-5)
     assert [m.k for m in plain.mlps] == [plain.d_ffn // 4] * plain.n_layers, "scoring left k alone"
     plain.apply("auto")
 
 
 def test_chunked_scoring_equals_one_pass(plain, monkeypatch):
-    chooser = plain.get_selector("activations")
-    tokens = chooser.inputs(PROMPT * 3)
-    whole = chooser.scores(tokens)
+    activations = plain.get_selector("activations")
+    tokens = activations.inputs(PROMPT * 3)
+    whole = activations.scores(tokens)
     monkeypatch.setattr(selectors, "PREFILL_CHUNK", 7)
-    assert np.allclose(chooser.scores(tokens), whole, rtol=1e-4, atol=1e-5)
+    assert np.allclose(activations.scores(tokens), whole, rtol=1e-4, atol=1e-5)
 
 
-def test_normalization_keeps_one_token_from_dominating(plain):
-    """Per-token scaling: the scores are unchanged when one token's activations are huge."""
-    chooser = plain.get_selector("activations")
-    tokens = chooser.inputs(PROMPT)
+@settings(max_examples=25, deadline=None)
+@given(token=st.integers(0, 11), scale=st.floats(1e-3, 1e4), seed=st.integers(0, 2**16))
+def test_normalization_keeps_one_token_from_dominating(token, scale, seed):
+    """Per-token scaling: a channel's score does not change when one token's activations are
+    scaled (made huge, or tiny); without it, that token decides the scores."""
+    h = mx.array(np.random.default_rng(seed).normal(size=(12, 64)).astype(np.float32))
+    scaled = h * mx.array(np.where(np.arange(12) == token, scale, 1.0).astype(np.float32))[:, None]
+    normalized, raw = selectors._channel_energy(True), selectors._channel_energy(False)
+    assert np.allclose(np.array(normalized(scaled)), np.array(normalized(h)), rtol=1e-4)
+    squares = np.array(h[token]) ** 2  # unnormalized, the token's share grows with scale**2
+    assert np.allclose(np.array(raw(scaled)), np.array(raw(h)) + (scale**2 - 1) * squares, rtol=1e-4)
+
+
+def test_normalized_scores_give_every_token_unit_weight(plain):
+    activations = plain.get_selector("activations")
+    tokens = activations.inputs(PROMPT)
     raw = selectors.ActivationSelector(plain.model, plain.mlps, plain.prompt_tokens, normalize=False)
-    normalized, unnormalized = chooser.scores(tokens), raw.scores(tokens)
+    normalized, unnormalized = activations.scores(tokens), raw.scores(tokens)
     # every row of normalized activations has unit norm, so a layer's squared scores sum to T
     assert np.allclose((normalized ** 2).sum(-1), len(tokens), rtol=1e-3)
     assert not np.allclose(unnormalized ** 2, normalized ** 2)
@@ -108,10 +122,10 @@ def test_generation_prefills_dense_then_decodes_pruned(plain):
         expected.append(token)
     plain.apply("auto")
 
-    chooser = plain.get_selector("activations")
-    calls = chooser.calls
+    activations = plain.get_selector("activations")
+    calls = activations.calls
     responses = list(plain.stream_responses(PROMPT, density=0.25, selector="activations", max_tokens=6))
-    assert chooser.calls == calls + 1, "the scoring pass is the prefill: it runs every time"
+    assert activations.calls == calls + 1, "the scoring pass is the prefill: it runs every time"
     assert [r.token for r in responses] == expected[: len(responses)]
     assert responses[-1].prompt_tokens == len(ids)
     assert [(a == b).all() for a, b in zip(plain.applied.indices, selection.indices)] == [True] * plain.n_layers
@@ -124,8 +138,11 @@ def test_predictor_stays_the_default_where_there_is_one(with_predictor, plain):
     assert set(with_predictor.selectors) == {"predictor", "activations"}
     assert with_predictor.select(PROMPT).source == "predictor"
     assert with_predictor.select(PROMPT, selector="activations").source == "activations"
-    assert with_predictor.generate(PROMPT, selector="activations", max_tokens=3) is not None
+    responses = list(with_predictor.stream_responses(PROMPT, selector="activations", max_tokens=3))
     assert with_predictor.applied.source == "activations"
+    assert [r.token for r in responses] == testing.reference_tokens(with_predictor, PROMPT, len(responses),
+                                                                    dense_prefill=True)
+    with_predictor.apply("auto")
     assert plain.selector.name == "activations" and list(plain.selectors) == ["activations"]
 
 
@@ -184,11 +201,11 @@ def test_without_a_trimmable_cache_it_selects_then_prefills_pruned(plain, monkey
     from ifprune_mlx import engine as engine_module
 
     monkeypatch.setattr(engine_module, "can_trim_prompt_cache", lambda cache: False)
-    chooser = plain.get_selector("activations")
+    activations = plain.get_selector("activations")
     expected = plain.select("a prompt for the fallback", density=0.25, selector="activations")
-    calls = chooser.calls
+    calls = activations.calls
     responses = list(plain.stream_responses("a prompt for the fallback", density=0.25,
                                             selector="activations", max_tokens=3))
-    assert chooser.calls == calls, "the cached selection is reused: no dense pass"
+    assert activations.calls == calls, "the cached selection is reused: no dense pass"
     assert plain.applied is expected and responses[-1].prompt_tokens == len(
         plain.prompt_tokens("a prompt for the fallback"))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from converters.reference import indices_to_mask, predict_scores, set_ffn_mask
-from ifprune_mlx.selectors import kept_count, top_k
+from ifprune_mlx.selectors import kept_count, overlap, top_k
 from ifprune_mlx.selectors import static_top_k as static_indices  # one mask for all tasks
 
 from . import data
@@ -69,7 +69,8 @@ def masks_for(scores: np.ndarray, k: int, d_ffn: int) -> torch.Tensor:
 
 
 def jaccard(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    return float(np.mean([len(np.intersect1d(x, y)) / len(np.union1d(x, y)) for x, y in zip(a, b)]))
+    """Mean per-layer Jaccard overlap of two masks (selectors.overlap)."""
+    return float(np.mean(overlap(a, b)))
 
 
 def main(argv=None) -> None:
