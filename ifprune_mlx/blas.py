@@ -50,11 +50,11 @@ def use_openblas() -> None:
     preload = os.environ.get("LD_PRELOAD", "")
     if library in preload.split(":"):
         return
-    env = dict(os.environ, LD_PRELOAD=":".join(p for p in (library, preload) if p), **{MARK: library})
-    script = sys.argv[0]
-    if not os.path.isfile(script):  # not started from a file (e.g. python -c): leave it be
+    if "-c" in sys.orig_argv[1:2]:  # python -c: the code cannot be re-run from the command line
         return
-    os.execve(sys.executable, [sys.executable, script, *sys.argv[1:]], env)
+    env = dict(os.environ, LD_PRELOAD=":".join(p for p in (library, preload) if p), **{MARK: library})
+    # the same command line: `ifprune ...` (a script) or `python -m ifprune_mlx.cli ...`
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def _note_once() -> None:

@@ -18,8 +18,8 @@ from typing import Callable, Optional
 import typer
 
 from .chat import DENSE, POLICIES, ChatSession
-from .console import density_origin, error_line, fail, friendly_errors, open_model
-from .resolve import MODEL_HELP
+from .console import (DENSITY_OPTION, MODEL_ARGUMENT, SEED_OPTION, TEMP_OPTION, TOP_P_OPTION, density_origin,
+                      error_line, fail, friendly_errors, open_model)
 from .errors import IFPruneError
 from .selectors import check_density
 
@@ -346,12 +346,12 @@ def _setup_readline(commands: list[str]) -> None:
 
 @friendly_errors
 def chat(
-    model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
-    density: Optional[float] = typer.Option(None, help="Fraction of FFN channels to keep, in (0, 1]. Default: the model's (calibrated or trained)."),
+    model: Optional[str] = MODEL_ARGUMENT,
+    density: Optional[float] = DENSITY_OPTION,
     max_tokens: int = typer.Option(512, "--max-tokens", "-m", help="Most tokens per answer."),
-    temp: float = typer.Option(0.0, help="Sampling temperature (0: greedy)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
-    seed: Optional[int] = typer.Option(None, help="Random seed, for reproducible sampling."),
+    temp: float = TEMP_OPTION,
+    top_p: float = TOP_P_OPTION,
+    seed: Optional[int] = SEED_OPTION,
     select: str = typer.Option("per-task", "--select", help="When to select a mask: per-task (first message), per-turn (every message), off (dense)."),
     selector: Optional[str] = typer.Option(None, "--selector", help="Who selects: predictor (the trained one; default where the bundle has one) or activations (training-free, any model)."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message."),

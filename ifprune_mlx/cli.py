@@ -9,9 +9,9 @@ from typing import Optional
 import typer
 
 from . import __version__
-from .console import calibrate_with_progress, density_origin, fail, friendly_errors, open_model
+from .console import (DENSITY_OPTION, MODEL_ARGUMENT, SEED_OPTION, TEMP_OPTION, TOP_P_OPTION,
+                      calibrate_with_progress, density_origin, fail, friendly_errors, open_model)
 from .blas import active_blas
-from .resolve import MODEL_HELP
 
 app = typer.Typer(
     add_completion=False,
@@ -35,7 +35,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
 @app.command()
 @friendly_errors
-def info(model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False)):
+def info(model: Optional[str] = MODEL_ARGUMENT):
     """Describe a model: where it is, architecture, sizes, predictor, default density, weight bytes."""
     engine, found = open_model(model)
     c = engine.config
@@ -70,15 +70,15 @@ def info(model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_defau
 @app.command()
 @friendly_errors
 def generate(
-    model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
+    model: Optional[str] = MODEL_ARGUMENT,
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user prompt."),
-    density: Optional[float] = typer.Option(None, help="Fraction of FFN channels to keep, in (0, 1]. Default: the model's (calibrated or trained)."),
+    density: Optional[float] = DENSITY_OPTION,
     selector: Optional[str] = typer.Option(None, "--selector", help="Who selects: predictor (the trained one; default where the bundle has one) or activations (training-free: a dense prefill scores the channels, decode runs pruned)."),
     dense: bool = typer.Option(False, "--dense", help="Do not prune: run the full model."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-m", help="Most tokens to generate."),
-    temp: float = typer.Option(0.0, help="Sampling temperature (0: greedy)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
-    seed: Optional[int] = typer.Option(None, help="Random seed, for reproducible sampling."),
+    temp: float = TEMP_OPTION,
+    top_p: float = TOP_P_OPTION,
+    seed: Optional[int] = SEED_OPTION,
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="Print selection and speed figures to stderr."),
 ):
     """Select channels for PROMPT, prune in place and stream the answer."""
@@ -113,7 +113,7 @@ def generate(
 @app.command()
 @friendly_errors
 def calibrate(
-    model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
+    model: Optional[str] = MODEL_ARGUMENT,
     densities: str = typer.Option("0.3,0.4,0.5,0.6,0.7,0.8,0.9", "--densities",
                                   help="The ladder of densities to measure, comma-separated."),
     kl_budget: Optional[float] = typer.Option(None, "--kl-budget", help="The fidelity budget: mean next-token "

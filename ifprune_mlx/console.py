@@ -11,8 +11,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .errors import IFPruneError
+from .resolve import MODEL_HELP
 
 stderr = Console(stderr=True)
+
+# Arguments and options several commands take, declared once.
+MODEL_ARGUMENT = typer.Argument(None, help=MODEL_HELP, show_default=False)
+DENSITY_OPTION = typer.Option(None, help="Fraction of FFN channels to keep, in (0, 1]. "
+                              "Default: the model's (calibrated or trained; `ifprune info` shows it).")
+TEMP_OPTION = typer.Option(0.0, help="Sampling temperature (0: greedy).")
+TOP_P_OPTION = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold.")
+SEED_OPTION = typer.Option(None, help="Random seed, for reproducible sampling.")
 
 
 def error_line(message: str) -> None:
