@@ -192,13 +192,16 @@ class Engine:
                 With "activations" the prompt is prefilled by the dense model, whose pass
                 also scores the channels (GRIFFIN); only generation runs pruned.
             prompt_cache: an mlx-lm KV cache to extend (it must match the applied mask).
-            tokens: the token ids to feed instead of the templated prompt (with prompt_cache).
+            tokens: the token ids to feed instead of the templated prompt: with prompt_cache,
+                those after the cached prefix; without, the whole prompt (e.g. raw text for
+                a completion, no chat template; GRIFFIN's dense prefill then scores these
+                tokens). The trained predictor selects from `prompt` either way.
         """
         ids = self.prompt_tokens(prompt) if tokens is None else list(tokens)
         chooser = self.get_selector(selector)
         prefilled = None
         if (isinstance(chooser, ActivationSelector) and not self._uses_pin(density, selector)
-                and prompt_cache is None and tokens is None):
+                and prompt_cache is None):
             prefilled = self._griffin_prefill(chooser, ids, density)
         if prefilled is None:
             self.prepare(prompt, density, selector)

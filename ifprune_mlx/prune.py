@@ -20,6 +20,7 @@ A failed apply (error or Ctrl-C) swaps back what it had swapped: swaps are invol
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -134,9 +135,10 @@ class PrunableMLP(nn.Module):
 
 @dataclass
 class ApplyStats:
-    """What one apply did: rows swapped per layer and in all."""
+    """What one apply did: rows swapped per layer and in all, and its wall time."""
 
     swaps_per_layer: list[int]
+    seconds: float = 0.0
 
     @property
     def swaps(self) -> int:
@@ -239,6 +241,7 @@ def apply_selection(mlps: list[PrunableMLP], keep: list[np.ndarray] | None) -> A
         return ApplyStats([0] * len(mlps))
     if len(keep) != len(mlps):
         raise SelectionError(f"selection has {len(keep)} layers, the model has {len(mlps)}")
+    start = time.perf_counter()
     plans = [plan_swaps(mlp.perm, ids) for mlp, ids in zip(mlps, keep)]
     done: list[tuple[PrunableMLP, np.ndarray, np.ndarray, int]] = []
     try:
@@ -253,4 +256,4 @@ def apply_selection(mlps: list[PrunableMLP], keep: list[np.ndarray] | None) -> A
             mlp.perm[a], mlp.perm[b] = mlp.perm[b], mlp.perm[a].copy()
             mlp.k = old_k
         raise
-    return ApplyStats([len(a) for a, _ in plans])
+    return ApplyStats([len(a) for a, _ in plans], time.perf_counter() - start)
