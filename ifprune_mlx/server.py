@@ -39,7 +39,7 @@ from starlette.routing import Route
 
 from .chat import MaskCaches, mask_key
 from .errors import IFPruneError, SelectionError
-from .selectors import Selection, check_density, selector_text
+from .selectors import Selection, check_density
 
 log = logging.getLogger("ifprune.serve")
 
@@ -105,6 +105,7 @@ class _Request(_Schema):
     density: Optional[float] = None
     selector: Optional[str] = None
     dense: bool = False
+    policy: Literal["per-task", "per-turn"] = "per-task"
 
 
 class ChatRequest(_Request):
@@ -131,6 +132,7 @@ class Job:
 
     prompt: object                   # chat messages (list of dicts) or the completion's text
     ids: list[int]                   # the whole prompt's token ids
+    task: object                     # what the trained predictor selects from
     sampling: dict                   # max_tokens, temp, top_p, seed
     density: float | None
     selector: str                    # effective selector name ("" when dense)
@@ -217,7 +219,8 @@ class Scheduler:
             if self.running is not None:
                 self.running.cancel()
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
 
     @property
     def queued(self) -> int:
@@ -298,7 +301,7 @@ class Scheduler:
             return
         start = time.perf_counter()
         try:
-            job.selection = self.engine.select(job.prompt, job.density, job.selector)
+            job.selection = self.engine.select(job.task, job.density, job.selector)
             job.selected = True
         except IFPruneError as e:
             job.error = e
@@ -454,7 +457,9 @@ def _parse(schema: type[BaseModel], body: dict):
         request = schema.model_validate(body)
     except ValidationError as e:
         first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
+        # drop the union members pydantic names in a location ("prompt.str" -> "prompt")
+        param = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or p.isidentifier()
+                         and p not in ("str", "int", "float", "bool", "list", "dict"))
         raise APIError(422, f"{param or 'body'}: {first['msg']}", param=param or None,
                        code=first["type"]) from None
     for name, neutral in _NEUTRAL.items():
@@ -557,16 +562,21 @@ class Server:
             raise APIError(400, str(e), param="density") from None
         try:
             selector = "" if body.dense else self.engine.get_selector(body.selector or config.selector).name
-            if selector == "predictor":
-                selector_text(prompt)  # chat messages must hold a user message
         except SelectionError as e:
-            raise APIError(400, str(e), param="selector" if body.selector else "messages") from None
+            raise APIError(400, str(e), param="selector") from None
+        task = prompt
+        if isinstance(prompt, list) and selector == "predictor":
+            users = [m["content"] for m in prompt if m["role"] == "user"]
+            if not users:
+                raise APIError(400, "the messages hold no user message to select channels from",
+                               param="messages")
+            task = users[0] if body.policy == "per-task" else users[-1]
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4:
             raise APIError(400, "stop: at most 4 sequences", param="stop")
         sampling = {"max_tokens": max_tokens, "temp": 1.0 if body.temperature is None else body.temperature,
                     "top_p": 1.0 if body.top_p is None else body.top_p, "seed": body.seed}
-        return Job(prompt=prompt, ids=list(ids), sampling=sampling, density=density, selector=selector,
+        return Job(prompt=prompt, ids=list(ids), task=task, sampling=sampling, density=density, selector=selector,
                    dense=body.dense, stop=stop, loop=asyncio.get_running_loop())
 
     async def _serve(self, request: Request, body: _Request, prompt, ids, max_tokens, chat: bool) -> Response:
