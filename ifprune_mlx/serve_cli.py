@@ -33,7 +33,8 @@ def serve(
     try:
         from . import server
     except ImportError as e:
-        fail(f"ifprune serve needs {e.name}: pip install 'ifprune-mlx[serve]'")
+        missing = (e.name or "starlette").split(".")[0]
+        fail(f"ifprune serve needs {missing}: pip install 'ifprune-mlx[serve]'")
     if density is not None:
         check_density(density)
     for name, value in (("--max-queue", max_queue), ("--max-tokens", max_tokens), ("--prompt-caches", prompt_caches)):

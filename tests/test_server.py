@@ -326,13 +326,20 @@ def test_wrong_method_and_chunked_huge_body(api):
 
 # -- under load and when clients leave ---------------------------------------------------------
 
-def test_a_dropped_stream_frees_the_engine_at_once(api):
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_a_dropped_client_frees_the_engine_at_once(api, stream):
     body = {"model": "default", "messages": [{"role": "user", "content": "Tell me everything."}],
-            "max_tokens": 4000, "temperature": 0, "stream": True}
-    with httpx.stream("POST", api.url + "/v1/chat/completions", json=body, headers=api.headers(), timeout=30) as r:
-        lines = r.iter_lines()
-        for _ in range(6):
-            next(lines)
+            "max_tokens": 4000, "temperature": 0, "stream": stream}
+    if stream:
+        with httpx.stream("POST", api.url + "/v1/chat/completions", json=body, headers=api.headers(),
+                          timeout=30) as r:
+            lines = r.iter_lines()
+            for _ in range(6):
+                next(lines)
+    else:  # the client gives up waiting for the whole answer
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(api.url + "/v1/chat/completions", json=body, headers=api.headers(),
+                       timeout=httpx.Timeout(30, read=0.5))
     dropped = time.monotonic()
     while api.health()["busy"] and time.monotonic() - dropped < 1.0:
         time.sleep(0.02)
@@ -530,3 +537,35 @@ def test_affinity_passes_a_request_over_a_bounded_number_of_times(endless_bundle
         scheduler.stop()
     position = order.index("Sort these numbers: 5 3 9 1.")
     assert 1 < position <= server.MAX_OVERTAKES + 1
+
+
+# -- the command -----------------------------------------------------------------------------
+
+def test_serve_command_fails_in_one_line(bundle_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ifprune_mlx.cli import app
+
+    runner = CliRunner()
+    assert "--api-key" in runner.invoke(app, ["serve", "--help"]).output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cases = [
+            (["--density", "2"], "density must be in (0, 1]"),
+            (["--selector", "oracle", "--port", str(free_port())], "unknown selector 'oracle'"),
+            (["--port", str(busy.getsockname()[1])], "cannot listen on 127.0.0.1"),
+            (["--max-queue", "0"], "--max-queue must be at least 1"),
+        ]
+        for args, message in cases:
+            result = runner.invoke(app, ["serve", str(bundle_dir), *args])
+            assert result.exit_code == 1 and message in result.output, (args, result.output)
+            assert "Traceback" not in result.output
+    # without the optional extra
+    monkeypatch.delitem(sys.modules, "ifprune_mlx.server")
+    monkeypatch.delattr(ifp, "server", raising=False)
+    for name in [n for n in sys.modules if n == "starlette" or n.startswith("starlette.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: the import fails
+    result = runner.invoke(app, ["serve", str(bundle_dir), "--max-queue", "0"])  # never serves
+    assert result.exit_code == 1
+    assert "ifprune serve needs starlette: pip install 'ifprune-mlx[serve]'" in result.output
