@@ -25,6 +25,7 @@ trimmed to their common prefix and only the rest is fed. No terminal I/O here: t
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -100,6 +101,15 @@ class TurnStats:
     finish_reason: str | None = None  # "stop", "length" or "interrupted"
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @dataclass
 class _Cache:
     cache: list          # mlx-lm KV cache (one entry per layer)
@@ -107,31 +117,36 @@ class _Cache:
 
 
 class MaskCaches:
-    """One mlx-lm KV cache per mask (LRU), each reused for its longest common prefix.
+    """mlx-lm KV caches per mask (LRU), each reused for its longest common prefix.
 
     A cache holds the keys/values of a token prefix computed under one mask, so it serves
-    only calls that run with that mask applied. ChatSession and `ifprune serve` share it:
+    only calls that run with that mask applied. ChatSession (one cache per mask) and
+    `ifprune serve` (up to `per_mask` per mask: one per conversation) share it:
 
         lease = caches.take(mask_key(selection), tokens)   # with `selection` applied
         for response in lease.stream(engine, prompt, max_tokens=64):
             ...
     """
 
-    def __init__(self, model, max_caches: int = 4):
-        self.model, self.max_caches = model, max_caches
-        self._caches: OrderedDict[str, _Cache] = OrderedDict()
+    def __init__(self, model, max_caches: int = 4, per_mask: int = 1):
+        self.model, self.max_caches, self.per_mask = model, max_caches, per_mask
+        self._caches: OrderedDict[tuple[str, int], _Cache] = OrderedDict()  # (mask key, serial)
+        self._serial = itertools.count()
 
     def take(self, key: str, tokens: list[int]) -> "CacheLease":
-        """The cache of mask `key` trimmed to its common prefix with `tokens` (a new one
-        if nothing is shared); it becomes the most recently used."""
-        entry = self._caches.pop(key, None)
-        reused = 0
-        if entry is not None:
-            n = 0
-            for a, b in zip(entry.tokens, tokens):
-                if a != b:
-                    break
-                n += 1
+        """The cache of mask `key` sharing the longest prefix with `tokens`, trimmed to it;
+        it becomes the most recently used. A new cache when nothing is shared, or when the
+        best one would lose most of what it holds (another conversation's) and the mask
+        has room for one more."""
+        slots = [(slot, entry, _common_prefix(entry.tokens, tokens))
+                 for slot, entry in self._caches.items() if slot[0] == key]
+        best = max(slots, key=lambda s: s[2], default=None)
+        if best is not None and len(slots) < self.per_mask and 2 * best[2] < len(best[1].tokens):
+            best = None
+        slot, entry, reused = (key, next(self._serial)), None, 0
+        if best is not None:
+            slot, entry, n = best
+            del self._caches[slot]
             n = min(n, len(tokens) - 1)  # feed at least one token to get logits
             offset = entry.cache[0].offset
             if n > 0 and (offset == n or can_trim_prompt_cache(entry.cache)):
@@ -143,16 +158,16 @@ class MaskCaches:
         hit = entry is not None
         if entry is None:
             entry = _Cache(make_prompt_cache(self.model), [])
-        self._caches[key] = entry
+        self._caches[slot] = entry
         while len(self._caches) > self.max_caches:
             self._caches.popitem(last=False)
-        return CacheLease(self, key, entry, list(tokens), reused, hit)
+        return CacheLease(self, slot, entry, list(tokens), reused, hit)
 
-    def settle(self, key: str, entry: _Cache, held: list[int]) -> None:
+    def settle(self, slot: tuple[str, int], entry: _Cache, held: list[int]) -> None:
         """Record what a cache holds after a call; drop it if its layers disagree."""
         offsets = {c.offset for c in entry.cache}
         if len(offsets) != 1:  # interrupted inside a forward pass
-            self._caches.pop(key, None)
+            self._caches.pop(slot, None)
             return
         offset = offsets.pop()
         if offset > len(held):
@@ -164,9 +179,9 @@ class MaskCaches:
     def clear(self) -> None:
         self._caches.clear()
 
-    def tokens_held(self) -> dict[str, int]:
-        """Mask key -> tokens its KV cache holds (most recently used last)."""
-        return {k: len(v.tokens) for k, v in self._caches.items()}
+    def tokens_held(self) -> list[tuple[str, int]]:
+        """(mask key, tokens its KV cache holds) per cache, most recently used last."""
+        return [(slot[0], len(entry.tokens)) for slot, entry in self._caches.items()]
 
     def nbytes(self) -> int:
         """Bytes the KV caches of all masks take (allocated, not only used)."""
@@ -185,7 +200,7 @@ class CacheLease:
     """A mask's cache taken for one call: `reused` tokens of `tokens` are in it already."""
 
     caches: MaskCaches
-    key: str
+    slot: tuple[str, int]  # (mask key, serial)
     entry: _Cache
     tokens: list[int]
     reused: int
@@ -208,7 +223,7 @@ class CacheLease:
                 yield response
         finally:
             responses.close()
-            self.caches.settle(self.key, self.entry, self.tokens + generated)
+            self.caches.settle(self.slot, self.entry, self.tokens + generated)
 
 
 @dataclass
@@ -363,7 +378,7 @@ class ChatSession:
 
     def cached_masks(self) -> dict[str, int]:
         """Mask key -> tokens its KV cache holds (most recently used last)."""
-        return self._caches.tokens_held()
+        return dict(self._caches.tokens_held())
 
     def cache_bytes(self) -> int:
         """Bytes the KV caches of all cached masks take (allocated, not only used)."""

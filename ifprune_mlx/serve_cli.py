@@ -25,7 +25,7 @@ def serve(
     selector: Optional[str] = typer.Option(None, "--selector", help="Default selector: predictor (trained; default where the model has one) or activations (training-free)."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait; more get 503 with Retry-After."),
     max_tokens: int = typer.Option(4096, "--max-tokens", help="Largest max_tokens a request may ask for."),
-    prompt_caches: int = typer.Option(8, "--prompt-caches", help="KV caches kept, one per mask, for conversations' next requests."),
+    prompt_caches: int = typer.Option(16, "--prompt-caches", help="KV caches kept (LRU; one per conversation and mask) so a conversation's next request prefills only what is new."),
     affinity: bool = typer.Option(True, "--affinity/--no-affinity", help="Run queued requests whose mask is in place first (fewer row swaps)."),
     max_body_mb: float = typer.Option(2.0, "--max-body-mb", help="Largest request body, in MB (413 above)."),
 ):

@@ -6,14 +6,15 @@ and `dense`; every response carries an `ifprune` object saying what ran.
 
 One worker thread owns the Engine (it is not thread-safe, and MLX work stays on one thread).
 Requests wait in a bounded FIFO queue (full: 503 + Retry-After). With mask affinity the worker
-looks at the oldest queued requests and runs first one whose rows are already in place (same
-mask, or dense, which moves no row), so a mixed workload does not swap rows back and forth; a
-request is overtaken at most MAX_OVERTAKES times. Only masks known before running take part:
-the trained predictor's and dense; the training-free selector's mask comes out of the
-prompt's own dense prefill. Tokens go to the event loop through an asyncio queue per request;
-a client that disconnects cancels its request, and a running generation stops at the next
-token. Per mask, a KV cache (chat.MaskCaches, as in `ifprune chat`) lets a conversation's next
-request prefill only what is new.
+selects the masks of the oldest queued requests and runs first the one that swaps the fewest
+rows from those in place (the same mask and dense swap none), so a mixed workload does not
+swap rows back and forth; a request is passed over at most MAX_OVERTAKES times. Only masks
+known before running take part (the trained predictor's, dense); the training-free selector's
+mask comes out of the prompt's own dense prefill, so such a request runs in FIFO order.
+Tokens go to the event loop through an asyncio queue per request; a client that disconnects
+cancels its request, and a running generation stops at the next token. Per mask, a KV cache
+(chat.MaskCaches, as in `ifprune chat`) lets a conversation's next request prefill only what
+is new: by default a conversation keeps the mask its first user message selects (per task).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from starlette.routing import Route
 
 from .chat import MaskCaches, mask_key
 from .errors import IFPruneError, SelectionError
+from .prune import plan_swaps
 from .selectors import Selection, check_density
 
 log = logging.getLogger("ifprune.serve")
@@ -153,11 +155,6 @@ class Job:
         """Selected by the training-free selector: the mask comes out of the dense prefill."""
         return not self.dense and self.selector == "activations"
 
-    @property
-    def key(self) -> str | None:
-        """The mask's key, once known (None: not yet, or not before running)."""
-        return mask_key(self.selection) if self.selected else None
-
     def emit(self, kind: str, payload=None) -> None:
         """Hand an event to the request's handler (from the worker thread)."""
         try:
@@ -182,11 +179,11 @@ class Scheduler:
         load: called on the worker thread to make the Engine.
         max_queue: most jobs waiting (the running one not counted).
         affinity: run queued jobs whose rows are in place first (see the module's doc).
-        prompt_caches: KV caches kept, one per mask.
+        prompt_caches: KV caches kept (LRU), one per conversation and mask.
     """
 
     def __init__(self, load: Callable[[], object], *, max_queue: int = 64, affinity: bool = True,
-                 prompt_caches: int = 8):
+                 prompt_caches: int = 16):
         self.max_queue, self.affinity, self.prompt_caches = max_queue, affinity, prompt_caches
         self.engine = None
         self.caches: MaskCaches | None = None
@@ -196,7 +193,6 @@ class Scheduler:
         self._stopping = False
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
-        self._rows_key: str | None = None  # mask whose rows are in place
         self.running: Job | None = None
         self.stats = {"served": 0, "cancelled": 0, "failed": 0, "swaps": 0}
         self.last: dict | None = None      # result of the last finished job
@@ -240,7 +236,7 @@ class Scheduler:
     def _main(self) -> None:
         try:
             self.engine = self._load()
-            self.caches = MaskCaches(self.engine.model, self.prompt_caches)
+            self.caches = MaskCaches(self.engine.model, self.prompt_caches, per_mask=self.prompt_caches)
         except BaseException as e:  # reported by start()
             self._load_error = e
             self._ready.set()
@@ -281,8 +277,10 @@ class Scheduler:
         with self._cond:
             head = self._pending[0]
             chosen = head
-            if self.affinity and head.overtaken < MAX_OVERTAKES:
-                chosen = next((j for j in window if j in self._pending and self._in_place(j)), head)
+            if self.affinity and head.overtaken < MAX_OVERTAKES and self._swap_cost(head) is not None:
+                costs = [(cost, i, job) for i, job in enumerate(window)
+                         if job in self._pending and (cost := self._swap_cost(job)) is not None]
+                chosen = min(costs, key=lambda c: c[:2])[2]
             for job in self._pending:
                 if job is chosen:
                     break
@@ -291,9 +289,15 @@ class Scheduler:
             self.running = chosen
             return chosen
 
-    def _in_place(self, job: Job) -> bool:
-        """Running `job` swaps no row: dense, or its mask's rows are in place (or it failed)."""
-        return job.error is not None or job.dense or (job.selected and job.key == self._rows_key)
+    def _swap_cost(self, job: Job) -> int | None:
+        """Rows running `job` would swap now (None: not known before it runs)."""
+        if job.error is not None or job.dense:
+            return 0
+        if not job.selected:
+            return None
+        if job.selection is self.engine.applied:
+            return 0
+        return sum(len(plan_swaps(mlp.perm, ids)[0]) for mlp, ids in zip(self.engine.mlps, job.selection.indices))
 
     def _select(self, job: Job) -> None:
         if job.dense:
@@ -356,8 +360,6 @@ class Scheduler:
             tail = stopper.flush()
             if tail:
                 job.emit("text", tail)
-        if engine.applied is not None:  # dense moves no row: the last mask's rows stay in place
-            self._rows_key = mask_key(engine.applied)
         self.stats["swaps"] += report["swaps"]
         self.stats["cancelled" if finish == "cancelled" else "served"] += 1
         usage = {"prompt_tokens": len(job.ids), "completion_tokens": tokens,
@@ -752,7 +754,7 @@ class _BearerAuth:
 # -- running it ----------------------------------------------------------------------------
 
 def start(load: Callable[[], object], config: ServerConfig, *, max_queue: int = 64,
-          affinity: bool = True, prompt_caches: int = 8) -> Server:
+          affinity: bool = True, prompt_caches: int = 16) -> Server:
     """Load the engine on its worker thread and build the app (serve it with uvicorn)."""
     scheduler = Scheduler(load, max_queue=max_queue, affinity=affinity, prompt_caches=prompt_caches)
     scheduler.start()

@@ -569,3 +569,16 @@ def test_serve_command_fails_in_one_line(bundle_dir, monkeypatch):
     result = runner.invoke(app, ["serve", str(bundle_dir), "--max-queue", "0"])  # never serves
     assert result.exit_code == 1
     assert "ifprune serve needs starlette: pip install 'ifprune-mlx[serve]'" in result.output
+
+
+def test_interleaved_conversations_under_one_mask_keep_their_own_caches(api, engine):
+    """Two dense conversations, turn by turn: each next request reuses its own prefix."""
+    talks = {name: [{"role": "user", "content": f"Conversation {name}: {TASK}"}] for name in "AB"}
+    for name, messages in talks.items():
+        text, *_ = chat(api, messages, max_tokens=5, dense=True)
+        messages += [{"role": "assistant", "content": text}, {"role": "user", "content": "Go on."}]
+    for name, messages in talks.items():
+        text, _, report, usage = chat(api, messages, max_tokens=5, dense=True)
+        first_prompt = len(engine.prompt_tokens(messages[:1]))
+        assert report["reused_tokens"] > first_prompt, (name, report)
+        assert text == reference(engine, messages, max_tokens=5, dense=True)
