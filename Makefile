@@ -9,7 +9,7 @@ else
   MLX := mlx[cpu]
 endif
 
-.PHONY: install test test-all chat bench selectors clean
+.PHONY: install test test-all chat serve bench selectors serve-load clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: install
 chat: install
 	$(VENV)/bin/ifprune chat
 
+# The OpenAI-compatible server on http://127.0.0.1:8080/v1 (docs/SERVER.md).
+serve: install
+	$(VENV)/bin/ifprune serve
+
 test-all: install
 	$(PY) -m pytest -q -m ""
 
@@ -42,6 +46,10 @@ bench: install
 # Trained predictor vs training-free selector: writes the tables of docs/SELECTORS.md.
 selectors: install
 	@$(WITH_BLAS) $(PY) -m examples.selector_study
+
+# The server under concurrent load, mask affinity off and on: the table of docs/SERVER.md.
+serve-load: install
+	@$(WITH_BLAS) $(PY) -m examples.serve_load
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info .cache

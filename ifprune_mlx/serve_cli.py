@@ -56,6 +56,9 @@ def serve(
     config = server.ServerConfig(model_id=model.resolve().name, api_key=api_key, density=density,
                                  selector=selector, max_tokens=max_tokens, max_body=int(max_body_mb * 1e6))
     app = server.start(load, config, max_queue=max_queue, affinity=affinity, prompt_caches=prompt_caches)
+    bound_host, bound_port = sock.getsockname()[:2]
+    typer.echo(f"serving {config.model_id} at http://{bound_host}:{bound_port}/v1 (OpenAI API; Ctrl-C stops)",
+               err=True)
     if host not in LOOPBACK and not api_key:
         typer.secho(f"warning: listening on {host} without --api-key: anyone who reaches it can use it",
                     fg=typer.colors.YELLOW, err=True)
