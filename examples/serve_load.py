@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import socket
 import statistics
 import threading
 import time
@@ -33,24 +32,9 @@ from ifprune_mlx import server
 from ifprune_mlx.demo import demo_bundle
 
 
-def run_server(model: Path, affinity: bool, max_queue: int, prompt_caches: int):
-    """(base URL, stop()) of a server on a free port of 127.0.0.1."""
-    app = server.start(lambda: ifp.load(model), server.ServerConfig(model_id=model.name),
-                       affinity=affinity, max_queue=max_queue, prompt_caches=prompt_caches)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = server.uvicorn_server(app, sock, log_level="warning")
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-
-    def stop():
-        uv.should_exit = True
-        thread.join(10)
-        app.scheduler.stop()
-
-    return f"http://127.0.0.1:{sock.getsockname()[1]}/v1", stop
+def run_server(model: Path, affinity: bool, max_queue: int, prompt_caches: int) -> server.BackgroundServer:
+    return server.BackgroundServer(lambda: ifp.load(model), server.ServerConfig(model_id=model.name),
+                                   affinity=affinity, max_queue=max_queue, prompt_caches=prompt_caches)
 
 
 def conversations(clients: int, rounds: int, seed: int = 0) -> list[tuple[list[str], dict]]:
@@ -135,11 +119,11 @@ def main() -> None:
     for clients, rounds in zip(args.clients, args.rounds):
         work = conversations(clients, rounds)
         for affinity in (False, True):
-            url, stop = run_server(model, affinity, clients, args.prompt_caches)
+            running = run_server(model, affinity, clients, args.prompt_caches)
             try:
-                records, wall = drive(url, work, args.max_tokens)
+                records, wall = drive(running.url + "/v1", work, args.max_tokens)
             finally:
-                stop()
+                running.stop()
             name = f"{clients} clients x {rounds}, affinity {'on' if affinity else 'off'}"
             print(row(name, records, wall), flush=True)
 

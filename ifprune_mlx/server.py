@@ -24,6 +24,7 @@ import hmac
 import json
 import logging
 import math
+import socket
 import threading
 import time
 import uuid
@@ -513,8 +514,8 @@ class Server:
     async def chat_completions(self, request: Request) -> Response:
         body = _parse(ChatRequest, await _read_json(request, self.config.max_body))
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            ids = self.engine.prompt_tokens(messages)
+        try:  # off the event loop: a long conversation takes a while to template and tokenize
+            ids = await asyncio.to_thread(self.engine.prompt_tokens, messages)
         except Exception as e:  # the chat template refuses these messages (jinja raises many types)
             raise APIError(400, f"the chat template refuses these messages: {e}", param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -529,7 +530,7 @@ class Server:
             prompt = prompt[0]
         if body.echo:
             raise APIError(400, "echo is not supported by this server", param="echo", code="unsupported")
-        ids = self.engine.tokenizer.encode(prompt)
+        ids = await asyncio.to_thread(self.engine.tokenizer.encode, prompt)
         return await self._serve(request, body, prompt, ids, body.max_tokens, chat=False)
 
     # -- one request -------------------------------------------------------------------
@@ -769,3 +770,32 @@ def uvicorn_server(server: Server, sock, log_level: str = "info"):
     config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=3, lifespan="off")
     return uvicorn.Server(config)
+
+
+class BackgroundServer:
+    """A server in a thread of this process, e.g. for tests, benchmarks or an app embedding it.
+
+        running = BackgroundServer(lambda: ifprune_mlx.load(path), ServerConfig(model_id="m"))
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="none")
+        ...
+        running.stop()
+
+    Options are those of start(); port 0 picks a free port.
+    """
+
+    def __init__(self, load: Callable[[], object], config: ServerConfig, *, host: str = "127.0.0.1",
+                 port: int = 0, log_level: str = "warning", **options):
+        self.server = start(load, config, **options)
+        sock = socket.socket()
+        sock.bind((host, port))
+        self._uvicorn = uvicorn_server(self.server, sock, log_level=log_level)
+        self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._thread.start()
+        while not self._uvicorn.started and self._thread.is_alive():
+            time.sleep(0.02)
+        self.url = f"http://{host}:{sock.getsockname()[1]}"
+
+    def stop(self) -> None:
+        self._uvicorn.should_exit = True
+        self._thread.join(10)
+        self.server.scheduler.stop()

@@ -277,6 +277,7 @@ BAD = [
     ("n 2", "/v1/chat/completions", {"messages": MESSAGES, "n": 2}, "", 400, "unsupported"),
     ("logprobs", "/v1/chat/completions", {"messages": MESSAGES, "logprobs": True}, "", 400, "unsupported"),
     ("unknown model", "/v1/chat/completions", {"model": "gpt-4o", "messages": MESSAGES}, "", 404, "model_not_found"),
+    ("prompt too long", "/v1/completions", {"prompt": "x " * 3000}, "", 400, "context_length_exceeded"),
     ("prompt missing", "/v1/completions", {"max_tokens": 3}, "", 422, "missing"),
     ("prompt tokens", "/v1/completions", {"prompt": [1, 2, 3]}, "", 422, "string_type"),
     ("two prompts", "/v1/completions", {"prompt": ["a", "b"]}, "", 400, "prompt"),
@@ -410,22 +411,16 @@ def in_process(endless_bundle):
     running = []
 
     def start(**options):
-        app = server.start(lambda: ifp.load(endless_bundle), server.ServerConfig(model_id="m"), **options)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        uv = server.uvicorn_server(app, sock, log_level="warning")
-        thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        running.append((uv, thread, app))
-        served = Served(f"http://127.0.0.1:{sock.getsockname()[1]}", None)
+        background = server.BackgroundServer(lambda: ifp.load(endless_bundle), server.ServerConfig(model_id="m"),
+                                             **options)
+        running.append(background)
+        served = Served(background.url, None)
         wait_healthy(served)
-        return served, app
+        return served, background.server
 
     yield start
-    for uv, thread, app in running:
-        uv.should_exit = True
-        thread.join(10)
-        app.scheduler.stop()
+    for background in running:
+        background.stop()
 
 
 def test_a_full_queue_answers_503_with_retry_after(in_process):
