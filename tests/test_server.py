@@ -44,9 +44,9 @@ def free_port() -> int:
 class Served:
     """A running server: its base URL, an openai client and raw httpx access."""
 
-    def __init__(self, url: str, key: str | None):
+    def __init__(self, url: str, key: str | None, retries: int = 0):
         self.url, self.key = url, key
-        self.client = openai.OpenAI(base_url=url + "/v1", api_key=key or "none", max_retries=0, timeout=60)
+        self.client = openai.OpenAI(base_url=url + "/v1", api_key=key or "none", max_retries=retries, timeout=60)
 
     def headers(self, key: str | None = "") -> dict:
         key = self.key if key == "" else key
@@ -351,18 +351,20 @@ def test_a_dropped_client_frees_the_engine_at_once(api, stream):
     assert chat(api, MESSAGES, max_tokens=3)[1] == "length"
 
 
-def _concurrent(served, clients: int, rounds: int, max_tokens: int) -> dict:
+def _concurrent(served, clients: int, rounds: int, max_tokens: int, retries: int = 0) -> dict:
     """`clients` threads streaming `rounds` chats each (a conversation: each round adds a turn),
-    with mixed masks. Returns {(client, round): (messages, options, text, finish)}."""
+    with mixed masks; each client retries a 503 `retries` times, after its Retry-After.
+    Returns {(client, round): (messages, options, text, finish)}."""
     results, errors = {}, []
     choices = [{}, {"density": 0.5}, {"dense": True}, {"density": 0.75}]
 
     def client(i):
+        own = Served(served.url, served.key, retries)
         try:
             messages = [{"role": "user", "content": f"Request {i}: {TASK if i % 2 else 'Sort 5 3 9 1.'}"}]
             options = choices[i % len(choices)]
             for r in range(rounds):
-                text, finish, _, usage = chat(served, messages, stream=True, max_tokens=max_tokens,
+                text, finish, _, usage = chat(own, messages, stream=True, max_tokens=max_tokens,
                                               stream_options={"include_usage": True}, **dict(options))
                 assert usage.completion_tokens == max_tokens
                 results[i, r] = ([dict(m) for m in messages], options, text, finish)
@@ -398,8 +400,9 @@ def test_32_concurrent_streaming_clients(api, engine):
 
 
 @pytest.mark.slow
-def test_96_concurrent_clients_4_rounds(api, engine):
-    results = _concurrent(api, clients=96, rounds=4, max_tokens=24)
+def test_96_concurrent_clients_4_rounds_beyond_the_queue(api, engine):
+    # 96 clients, 64 places in the queue: the last ones get 503 and come back after Retry-After
+    results = _concurrent(api, clients=96, rounds=4, max_tokens=24, retries=10)
     check_sequential(engine, results, 24)
 
 
