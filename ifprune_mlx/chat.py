@@ -25,6 +25,7 @@ trimmed to their common prefix and only the rest is fed. No terminal I/O here: t
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from collections import OrderedDict
@@ -77,10 +78,129 @@ class TurnStats:
     finish_reason: str | None = None  # "stop", "length" or "interrupted"
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @dataclass
 class _Cache:
     cache: list          # mlx-lm KV cache (one entry per layer)
     tokens: list[int]    # the token ids whose keys/values it holds
+
+
+class MaskCaches:
+    """mlx-lm KV caches per mask (LRU), each reused for its longest common prefix.
+
+    A cache holds the keys/values of a token prefix computed under one mask, so it serves
+    only calls that run with that mask applied. ChatSession (one cache per mask) and
+    `ifprune serve` (up to `per_mask` per mask: one per conversation) share it:
+
+        lease = caches.take(mask_key(selection), tokens)   # with `selection` applied
+        for response in lease.stream(engine, prompt, max_tokens=64):
+            ...
+    """
+
+    def __init__(self, model, max_caches: int = 4, per_mask: int = 1):
+        self.model, self.max_caches, self.per_mask = model, max_caches, per_mask
+        self._caches: OrderedDict[tuple[str, int], _Cache] = OrderedDict()  # (mask key, serial)
+        self._serial = itertools.count()
+
+    def take(self, key: str, tokens: list[int]) -> "CacheLease":
+        """The cache of mask `key` sharing the longest prefix with `tokens`, trimmed to it;
+        it becomes the most recently used. A new cache when nothing is shared, or when the
+        best one would lose most of what it holds (another conversation's) and the mask
+        has room for one more."""
+        slots = [(slot, entry, _common_prefix(entry.tokens, tokens))
+                 for slot, entry in self._caches.items() if slot[0] == key]
+        best = max(slots, key=lambda s: s[2], default=None)
+        if best is not None and len(slots) < self.per_mask and 2 * best[2] < len(best[1].tokens):
+            best = None
+        slot, entry, reused = (key, next(self._serial)), None, 0
+        if best is not None:
+            slot, entry, n = best
+            del self._caches[slot]
+            n = min(n, len(tokens) - 1)  # feed at least one token to get logits
+            offset = entry.cache[0].offset
+            if n > 0 and (offset == n or can_trim_prompt_cache(entry.cache)):
+                if offset > n:
+                    trim_prompt_cache(entry.cache, offset - n)
+                entry.tokens, reused = tokens[:n], n
+            else:
+                entry = None
+        hit = entry is not None
+        if entry is None:
+            entry = _Cache(make_prompt_cache(self.model), [])
+        self._caches[slot] = entry
+        while len(self._caches) > self.max_caches:
+            self._caches.popitem(last=False)
+        return CacheLease(self, slot, entry, list(tokens), reused, hit)
+
+    def settle(self, slot: tuple[str, int], entry: _Cache, held: list[int]) -> None:
+        """Record what a cache holds after a call; drop it if its layers disagree."""
+        offsets = {c.offset for c in entry.cache}
+        if len(offsets) != 1:  # interrupted inside a forward pass
+            self._caches.pop(slot, None)
+            return
+        offset = offsets.pop()
+        if offset > len(held):
+            trim_prompt_cache(entry.cache, offset - len(held))
+        entry.tokens = held[:min(offset, len(held))]
+        # Evaluate now: the rows of these weights move on the next apply().
+        mx.eval([c.state for c in entry.cache])
+
+    def clear(self) -> None:
+        self._caches.clear()
+
+    def tokens_held(self) -> list[tuple[str, int]]:
+        """(mask key, tokens its KV cache holds) per cache, most recently used last."""
+        return [(slot[0], len(entry.tokens)) for slot, entry in self._caches.items()]
+
+    def nbytes(self) -> int:
+        """Bytes the KV caches of all masks take (allocated, not only used)."""
+        total = 0
+        for entry in self._caches.values():
+            for c in entry.cache:
+                try:
+                    total += c.nbytes
+                except (NotImplementedError, AttributeError):
+                    pass
+        return total
+
+
+@dataclass
+class CacheLease:
+    """A mask's cache taken for one call: `reused` tokens of `tokens` are in it already."""
+
+    caches: MaskCaches
+    slot: tuple[str, int]  # (mask key, serial)
+    entry: _Cache
+    tokens: list[int]
+    reused: int
+    hit: bool  # a cache of this mask was reused
+
+    @property
+    def feed(self) -> list[int]:
+        """The tokens the call still has to prefill."""
+        return self.tokens[self.reused:]
+
+    def stream(self, engine, prompt, **options) -> Iterator[GenerationResponse]:
+        """engine.stream_responses on the cache (the mask must be applied, e.g. pinned);
+        when the generator ends or is closed, the cache is settled with what it holds."""
+        generated = []
+        responses = engine.stream_responses(prompt, prompt_cache=self.entry.cache, tokens=self.feed,
+                                            **options)
+        try:
+            for response in responses:
+                generated.append(response.token)
+                yield response
+        finally:
+            responses.close()
+            self.caches.settle(self.slot, self.entry, self.tokens + generated)
 
 
 @dataclass(frozen=True)
@@ -124,7 +244,7 @@ class ChatSession:
         self.set_policy(policy)
         self.set_selector(selector)
         self.density = check_density(density if density is not None else engine.default_density)
-        self._caches: OrderedDict[str, _Cache] = OrderedDict()
+        self._caches = MaskCaches(engine.model, max_caches)
         if seed is not None:
             mx.random.seed(seed)
         self.reset()
@@ -185,32 +305,6 @@ class ChatSession:
         selection = self.engine.select(self.task, self.density, self.selector)
         return selection, self.selector.calls > calls, time.perf_counter() - start
 
-    def _cache_for(self, key: str, tokens: list[int]) -> tuple[_Cache, int, bool]:
-        """The cache of this mask trimmed to its common prefix with `tokens`; (cache, reused, hit)."""
-        entry = self._caches.pop(key, None)
-        reused = 0
-        if entry is not None:
-            n = 0
-            for a, b in zip(entry.tokens, tokens):
-                if a != b:
-                    break
-                n += 1
-            n = min(n, len(tokens) - 1)  # feed at least one token to get logits
-            offset = entry.cache[0].offset
-            if n > 0 and (offset == n or can_trim_prompt_cache(entry.cache)):
-                if offset > n:
-                    trim_prompt_cache(entry.cache, offset - n)
-                entry.tokens, reused = tokens[:n], n
-            else:
-                entry = None
-        hit = entry is not None
-        if entry is None:
-            entry = _Cache(make_prompt_cache(self.engine.model), [])
-        self._caches[key] = entry
-        while len(self._caches) > self.max_caches:
-            self._caches.popitem(last=False)
-        return entry, reused, hit
-
     def send(self, text: str) -> Iterator[GenerationResponse]:
         """Add a user message and stream the assistant's answer as GenerationResponses.
 
@@ -231,28 +325,25 @@ class ChatSession:
         self.mask = Mask(selection, key)
 
         self.messages.append({"role": "user", "content": text})
-        tokens = self.engine.prompt_tokens(self.messages)
-        entry, reused, hit = self._cache_for(key, tokens)
-        feed = tokens[reused:]
+        lease = self._caches.take(key, self.engine.prompt_tokens(self.messages))
         turn = TurnStats(
             policy=self.policy, mask=key,
             density=1.0 if selection is None else selection.density,
             kept_counts=[self.engine.d_ffn] * self.engine.n_layers if selection is None else selection.kept_counts,
             selected=selected, select_ms=select_s * 1000, apply_ms=apply_s * 1000,
-            swaps=stats.swaps, cache_hit=hit, reused_tokens=reused, prefill_tokens=len(feed),
+            swaps=stats.swaps, cache_hit=lease.hit, reused_tokens=lease.reused,
+            prefill_tokens=len(lease.feed),
         )
         self.turns.append(turn)
-        pieces, generated = [], []
-        responses = self.engine.stream_responses(
-            self.messages, max_tokens=self.max_tokens, temp=self.temp, top_p=self.top_p,
-            prompt_cache=entry.cache, tokens=feed)
+        pieces = []
+        responses = lease.stream(self.engine, self.messages, max_tokens=self.max_tokens,
+                                 temp=self.temp, top_p=self.top_p)
         try:
             for response in responses:
-                if not generated:
+                if not pieces:
                     turn.ttft_ms = (time.perf_counter() - start) * 1000
                     turn.prefill_tps = response.prompt_tps
                 pieces.append(response.text)
-                generated.append(response.token)
                 turn.generation_tokens = response.generation_tokens
                 turn.decode_tps = response.generation_tps
                 turn.peak_memory_gb = response.peak_memory
@@ -263,37 +354,16 @@ class ChatSession:
             if turn.finish_reason is None:
                 turn.finish_reason = "interrupted"
             self.messages.append({"role": "assistant", "content": "".join(pieces)})
-            self._settle(key, entry, tokens[:reused] + feed + generated)
-
-    def _settle(self, key: str, entry: _Cache, held: list[int]) -> None:
-        """Record what a cache holds after a turn; drop it if its layers disagree."""
-        offsets = {c.offset for c in entry.cache}
-        if len(offsets) != 1:  # interrupted inside a forward pass
-            self._caches.pop(key, None)
-            return
-        offset = offsets.pop()
-        if offset > len(held):
-            trim_prompt_cache(entry.cache, offset - len(held))
-        entry.tokens = held[:min(offset, len(held))]
-        # Evaluate now: the rows of these weights move on the next apply().
-        mx.eval([c.state for c in entry.cache])
 
     # -- reports -----------------------------------------------------------------------
 
     def cached_masks(self) -> dict[str, int]:
         """Mask key -> tokens its KV cache holds (most recently used last)."""
-        return {k: len(v.tokens) for k, v in self._caches.items()}
+        return dict(self._caches.tokens_held())
 
     def cache_bytes(self) -> int:
         """Bytes the KV caches of all cached masks take (allocated, not only used)."""
-        total = 0
-        for entry in self._caches.values():
-            for c in entry.cache:
-                try:
-                    total += c.nbytes
-                except (NotImplementedError, AttributeError):
-                    pass
-        return total
+        return self._caches.nbytes()
 
     def settings(self) -> dict:
         return {"policy": self.policy, "selector": self.selector.name, "density": self.density, "max_tokens": self.max_tokens,

@@ -180,6 +180,8 @@ app.command()(bench)
 from .chat_cli import chat  # noqa: E402
 
 app.command()(chat)
+from .serve_cli import serve  # noqa: E402
+app.command()(serve)
 
 
 def main() -> None:

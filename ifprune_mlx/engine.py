@@ -30,7 +30,7 @@ from .errors import BundleError, PromptTooLongError, SelectionError
 from .models import (build_model, load_weights, normalize_config, prunable_mlps, to_row_layout,
                      quantize_like)
 from .predictor import load_predictor
-from .prune import ApplyStats, apply_selection
+from .prune import ApplyStats, apply_selection, rows_to_swap
 from .selectors import (ActivationSelector, PredictorSelector, Prompt, Selection, Selector,
                         kept_count, top_k)
 
@@ -173,6 +173,13 @@ class Engine:
         self.applied = selection
         return self.last_apply
 
+    def swap_cost(self, selection: Selection | None) -> int:
+        """Rows apply(selection) would swap now (None: dense); nothing moves."""
+        if selection is self.applied:
+            return 0
+        return rows_to_swap(self.mlps, None if selection is None else list(selection.indices),
+                            canonical=self.deterministic)
+
     def _uses_pin(self, density: float | None, selector) -> bool:
         """Whether a call with these overrides computes with the pinned selection."""
         return self._pin is not AUTO and density is None and selector is None
@@ -216,7 +223,10 @@ class Engine:
                 With "activations" the prompt is prefilled by the dense model, whose pass
                 also scores the channels (GRIFFIN); only generation runs pruned.
             prompt_cache: an mlx-lm KV cache to extend (it must match the applied mask).
-            tokens: the token ids to feed instead of the templated prompt (with prompt_cache).
+            tokens: the token ids to feed instead of the templated prompt: with prompt_cache,
+                those after the cached prefix; without, the whole prompt (e.g. raw text for
+                a completion, no chat template; GRIFFIN's dense prefill then scores these
+                tokens). The trained predictor selects from `prompt` either way.
         """
         ids = self.prompt_tokens(prompt) if tokens is None else list(tokens)
         if self.context_length:
@@ -227,7 +237,7 @@ class Engine:
             max_tokens = min(max_tokens, self.context_length - used)
         prefilled = None
         if (isinstance(self.get_selector(selector), ActivationSelector) and not self._uses_pin(density, selector)
-                and prompt_cache is None and tokens is None):
+                and prompt_cache is None):
             prefilled = self._griffin_prefill(self.get_selector(selector), ids, density)
         if prefilled is None:
             self.prepare(prompt, density, selector)

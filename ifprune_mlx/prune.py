@@ -27,6 +27,7 @@ A failed apply (error or Ctrl-C) swaps back what it had swapped: swaps are invol
 from __future__ import annotations
 
 import functools
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -161,9 +162,10 @@ def observing(mlps: list[PrunableMLP], observer: Callable[[mx.array], None]) -> 
 
 @dataclass
 class ApplyStats:
-    """What one apply did: rows swapped per layer and in all."""
+    """What one apply did: rows swapped per layer and in all, and its wall time."""
 
     swaps_per_layer: list[int]
+    seconds: float = 0.0
 
     @property
     def swaps(self) -> int:
@@ -280,6 +282,20 @@ def _swap_rows(module: nn.Module, name: str, a: mx.array, b: mx.array) -> None:
         mx.eval(w)
 
 
+def _plans(mlps: list[PrunableMLP], keep: list[np.ndarray], canonical: bool) -> list[list[Swaps]]:
+    plan = plan_canonical if canonical else lambda perm, ids: [plan_swaps(perm, ids)]
+    return [plan(mlp.perm, np.asarray(ids)) for mlp, ids in zip(mlps, keep)]
+
+
+def rows_to_swap(mlps: list[PrunableMLP], keep: list[np.ndarray] | None, canonical: bool = False) -> int:
+    """How many row swaps apply_selection(mlps, keep, canonical) would make now (no rows move)."""
+    if keep is None:
+        if not canonical:
+            return 0
+        keep = [np.arange(mlp.d_ffn) for mlp in mlps]
+    return sum(len(a) for rounds in _plans(mlps, keep, canonical) for a, _ in rounds)
+
+
 def _swap_layer(mlp: PrunableMLP, a: np.ndarray, b: np.ndarray) -> None:
     """Swap rows a[i] <-> b[i] in every row array of the layer, and in its perm."""
     if len(a) == 0:
@@ -325,8 +341,8 @@ def apply_selection(mlps: list[PrunableMLP], keep: list[np.ndarray] | None,
         keep = [np.arange(mlp.d_ffn) for mlp in mlps]
     if len(keep) != len(mlps):
         raise SelectionError(f"selection has {len(keep)} layers, the model has {len(mlps)}")
-    plan = plan_canonical if canonical else lambda perm, ids: [plan_swaps(perm, ids)]
-    plans = [plan(mlp.perm, np.asarray(ids)) for mlp, ids in zip(mlps, keep)]
+    start = time.perf_counter()
+    plans = _plans(mlps, keep, canonical)
     done: list[tuple[PrunableMLP, list[Swaps], int]] = []
     try:
         for mlp, ids, rounds in zip(mlps, keep, plans):
@@ -339,4 +355,4 @@ def apply_selection(mlps: list[PrunableMLP], keep: list[np.ndarray] | None,
                 _swap_layer(mlp, a, b)
             mlp.k = old_k
         raise
-    return ApplyStats([sum(len(a) for a, _ in rounds) for rounds in plans])
+    return ApplyStats([sum(len(a) for a, _ in rounds) for rounds in plans], time.perf_counter() - start)

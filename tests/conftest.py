@@ -2,7 +2,7 @@
 
 import pytest
 
-from ifprune_mlx import testing
+from ifprune_mlx import bundle, load, testing
 
 pytest_plugins = ["ci_skips"]  # in CI (CI=true) a skipped test fails the run
 
@@ -38,3 +38,16 @@ def bundle_dir(models_dir):
 def q4_bundle_dir(models_dir):
     """A 4-bit bundle with a random predictor."""
     return testing.make_bundle(models_dir / "bundle-q4", quantize_bits=4)
+
+
+@pytest.fixture(scope="session")
+def endless_bundle(models_dir):
+    """A bundle whose greedy answers never end early: the end token's lm_head row is zero,
+    so its logit (0) is below the largest of 319 random logits."""
+    folder = testing.make_bundle(models_dir / "endless-bundle")
+    files = bundle.weight_files(folder)
+    weights = bundle.read_safetensors(files)
+    eos = load(folder).tokenizer.eos_token_id
+    weights["lm_head.weight"][eos] = 0.0
+    bundle.save_safetensors(files[0], weights)
+    return folder

@@ -23,21 +23,8 @@ OTHER = "Translate the sentence into French, please."
 
 
 @pytest.fixture(scope="module")
-def chat_bundle(models_dir):
-    """A bundle whose greedy answers never end early: the end token's lm_head row is zero,
-    so its logit (0) is below the largest of 319 random logits."""
-    folder = testing.make_bundle(models_dir / "chat-bundle")
-    files = bundle.weight_files(folder)
-    weights = bundle.read_safetensors(files)
-    eos = ifp.load(folder).tokenizer.eos_token_id
-    weights["lm_head.weight"][eos] = 0.0
-    bundle.save_safetensors(files[0], weights)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def engine(chat_bundle):
-    return ifp.load(chat_bundle)
+def engine(endless_bundle):
+    return ifp.load(endless_bundle)
 
 
 def turn(session, text):
@@ -202,9 +189,9 @@ def _env(tmp_path):
                 COLUMNS="120", NO_COLOR="1")
 
 
-def test_cli_reads_piped_lines(chat_bundle, tmp_path):
+def test_cli_reads_piped_lines(endless_bundle, tmp_path):
     script = f"{TASK}\n/density 0.5\n/nope\n/save {tmp_path / 'chat.json'}\n"
-    result = subprocess.run([*IFPRUNE, "chat", str(chat_bundle), "-m", "5"], input=script,
+    result = subprocess.run([*IFPRUNE, "chat", str(endless_bundle), "-m", "5"], input=script,
                             capture_output=True, text=True, env=_env(tmp_path), timeout=60)
     assert result.returncode == 0, result.stderr
     assert "keeps 128 of 256 channels" in result.stdout
@@ -213,13 +200,13 @@ def test_cli_reads_piped_lines(chat_bundle, tmp_path):
     assert saved["turns"][0]["generation_tokens"] == 5
 
 
-def test_cli_in_a_terminal(chat_bundle, tmp_path):
+def test_cli_in_a_terminal(endless_bundle, tmp_path):
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(IFPRUNE[0], [*IFPRUNE[1:], "chat", str(chat_bundle), "-m", "12"], env=_env(tmp_path),
+    child = pexpect.spawn(IFPRUNE[0], [*IFPRUNE[1:], "chat", str(endless_bundle), "-m", "12"], env=_env(tmp_path),
                           encoding="utf-8", codec_errors="replace", timeout=30, dimensions=(40, 120))
     screen = child.logfile_read = io.StringIO()
     try:
-        child.expect_exact(f"loading {chat_bundle}")  # the progress bar
+        child.expect_exact(f"loading {endless_bundle}")  # the progress bar
         child.expect("/help for commands")
         child.expect_exact(">>> ")
         child.sendintr()                           # Ctrl-C at the prompt: a new prompt
@@ -288,9 +275,9 @@ def test_cli_in_a_terminal(chat_bundle, tmp_path):
     assert (tmp_path / "history").read_text().count("/density") == 2  # readline history
 
 
-def test_cli_dense_in_a_terminal_and_ctrl_d(chat_bundle, tmp_path):
+def test_cli_dense_in_a_terminal_and_ctrl_d(endless_bundle, tmp_path):
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(IFPRUNE[0], [*IFPRUNE[1:], "chat", str(chat_bundle), "--select", "off",
+    child = pexpect.spawn(IFPRUNE[0], [*IFPRUNE[1:], "chat", str(endless_bundle), "--select", "off",
                                        "--system", "Be brief.", "-m", "3"],
                           env=_env(tmp_path), encoding="utf-8", codec_errors="replace", timeout=30)
     screen = child.logfile_read = io.StringIO()
