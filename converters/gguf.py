@@ -121,7 +121,7 @@ def _open_reader(path: Path):
         raise ConversionError(f"{path}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
     try:
         return _ggml().GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OverflowError, TypeError, OSError) as e:
+    except (ValueError, IndexError, KeyError, OverflowError, TypeError, OSError, MemoryError) as e:
         raise ConversionError(f"{path}: cannot read this GGUF file ({str(e).splitlines()[0][:200]}); "
                               "it is truncated or corrupt") from e
 

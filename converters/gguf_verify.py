@@ -74,6 +74,7 @@ def verify_gguf(bundle: Path, source: Source, path: Path, *, prompts=PROMPTS, de
     for prompt in prompts:
         ids = engine.prompt_tokens(prompt)
         engine.apply(None)
+        set_ffn_mask(model, None)
         theirs = _torch_greedy(torch, model, ids, GREEDY_TOKENS)
         greedy_same += greedy_tokens(engine.model, ids, GREEDY_TOKENS) == theirs
         ref = reference_logits(ids + theirs, None)
