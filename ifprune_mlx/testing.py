@@ -133,21 +133,15 @@ def make_bundle(folder: Path, config: dict | None = None, *, seed: int = 0,
                         predictor=random_predictor(config) if predictor else None, force=force)
 
 
-# llama.cpp's names for Hugging Face's (the inverse of converters/gguf.py's mapping)
-_GGUF_LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                     "mlp.down_proj": "ffn_down"}
-_GGUF_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                      "lm_head.weight": "output.weight"}
-
-
 def gguf_name(name: str) -> str:
     """A Hugging Face tensor name as llama.cpp writes it (model.layers.0.mlp.up_proj.weight -> blk.0.ffn_up.weight)."""
-    if name in _GGUF_GLOBAL_NAMES:
-        return _GGUF_GLOBAL_NAMES[name]
+    from converters.gguf import GLOBAL_NAMES, LAYER_NAMES
+
+    globals_ = {hf: name for name, hf in GLOBAL_NAMES.items()}
+    if name in globals_:
+        return globals_[name]
     _, _, layer, *module, kind = name.split(".")
-    return f"blk.{layer}.{_GGUF_LAYER_NAMES['.'.join(module)]}.{kind}"
+    return f"blk.{layer}.{ {hf: short for short, hf in LAYER_NAMES.items()}['.'.join(module)]}.{kind}"
 
 
 def make_gguf(path: Path, arch: str = "llama", weight_type: str = "F32", *, config: dict | None = None,

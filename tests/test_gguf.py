@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 gguf = pytest.importorskip("gguf")
 
-from converters.gguf import convert_gguf, read_gguf, repack_affine, unpermute_rows  # noqa: E402
+from converters.gguf import _hf_name, convert_gguf, read_gguf, repack_affine, unpermute_rows  # noqa: E402
 from converters.verify import PROMPTS  # noqa: E402
 from examples.gguf_figures import ANSWER_PROMPTS, smollm2_gguf  # noqa: E402
 from ifprune_mlx import testing  # noqa: E402
@@ -55,19 +55,13 @@ def _gguf_values(path: Path, config: dict) -> dict[str, np.ndarray]:
             continue
         value = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32)
         value = value.reshape(int(tensor.shape[1]), int(tensor.shape[0]))
-        name = {v: k for k, v in testing._GGUF_GLOBAL_NAMES.items()}.get(tensor.name) or _hf(tensor.name)
+        name = _hf_name(tensor.name, path)
         module = name.split(".")[-2]
         if config["model_type"] == "llama" and module in ("q_proj", "k_proj"):
             heads = config["num_attention_heads" if module == "q_proj" else "num_key_value_heads"]
             value = value[unpermute_rows(value.shape[0], heads)]
         values[name] = value
     return values
-
-
-def _hf(name: str) -> str:
-    _, layer, module, kind = name.split(".")
-    full = {v: k for k, v in testing._GGUF_LAYER_NAMES.items()}[module]
-    return f"model.layers.{layer}.{full}.{kind}"
 
 
 def _bundle_values(bundle: Path) -> dict[str, np.ndarray]:
