@@ -1,17 +1,19 @@
-"""`ifprune convert SRC OUT`: a PyTorch IFPruning checkpoint, a plain LLM or an mlx-lm folder to a bundle."""
+"""`ifprune convert SRC OUT`: a PyTorch IFPruning checkpoint, a plain LLM, an mlx-lm folder or a GGUF file to a bundle."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ifprune_mlx.bundle import DEFAULT_DENSITY, PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY
+from ifprune_mlx.bundle import DEFAULT_DENSITY, PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY, refuse_overwrite
 from ifprune_mlx.console import fail, friendly_errors, in_megabytes, progress_bar
 from ifprune_mlx.errors import ConversionError
 from ifprune_mlx.selectors import check_density
 
+from .gguf import is_gguf, open_gguf
 from .layouts import LAYOUTS, detect
 from .write import DTYPES, convert as write_bundle
 
@@ -20,8 +22,9 @@ from .write import DTYPES, convert as write_bundle
 def convert(
     src: Path = typer.Argument(..., help="The LLM: a Hugging Face folder, an mlx-lm folder (float, or quantized "
                                          "as mlx-community models are: copied as is, down_proj re-quantized "
-                                         "once by rows), a state-dict file or folder, or a folder with llm/ "
-                                         "and predictor/."),
+                                         "once by rows), a GGUF file (llama, qwen2; Q8_0/Q4_0/Q4_1 kept "
+                                         "quantized, down_proj as floats), a state-dict file or folder, or a "
+                                         "folder with llm/ and predictor/."),
     out: Path = typer.Argument(..., help="The bundle folder to create."),
     predictor: Optional[Path] = typer.Option(None, "--predictor", "-p", help="The sparsity predictor: a folder "
                                              "(config.json, weights, head.safetensors) or a state-dict file."),
@@ -34,7 +37,10 @@ def convert(
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Folder of the LLM's tokenizer files "
                                              "(default: next to its config)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=f"{' | '.join(DTYPES)} (default: the source's; "
-                                        "a quantized mlx-lm folder keeps its own)."),
+                                        "a quantized mlx-lm folder keeps its own; a GGUF file: float32, also "
+                                        "for the scales of its quantized tensors)."),
+    dequantize: bool = typer.Option(False, "--dequantize", help="GGUF file: write every weight as floats "
+                                    "instead of keeping Q8_0/Q4_0/Q4_1 quantized."),
     quantize: Optional[int] = typer.Option(None, "--quantize", "-q", help="Quantize the LLM by rows: 4 or 8 bits "
                                            "(not for an already quantized mlx-lm folder)."),
     group_size: int = typer.Option(64, "--group-size", help="Quantization group size: 32, 64 or 128."),
@@ -43,24 +49,64 @@ def convert(
     pad_multiple: Optional[int] = typer.Option(None, "--pad-multiple", help="Round kept channels up to a "
                                                f"multiple of this (default: ifpruning.json's, else {PAD_MULTIPLE})."),
     verify: bool = typer.Option(False, "--verify", help="Compare with the PyTorch reference on a few prompts "
-                                "(needs torch), or with mlx-lm's own model for an mlx-lm folder; the bundle "
+                                "(needs torch), with mlx-lm's own model for an mlx-lm folder, or with "
+                                "transformers' GGUF model for a GGUF file (needs torch); the bundle "
                                 "is only written if it passes."),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Without a trained predictor and "
+                                   "--density: measure fidelity vs density once (as `ifprune calibrate`) and "
+                                   "store the chosen default density in the bundle."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
 ):
-    """Convert a PyTorch IFPruning checkpoint (LLM + sparsity predictor), or an mlx-lm folder, to an MLX bundle."""
+    """Convert a PyTorch IFPruning checkpoint (LLM + sparsity predictor), an mlx-lm folder or a GGUF file to an MLX bundle."""
     if density is not None:
         check_density(density)
-    source = detect(src, predictor=predictor, layout=layout, config=config,
-                    predictor_config=predictor_config, tokenizer=tokenizer)
+    refuse_overwrite(out, force)
+    with ExitStack() as stack:
+        gguf = is_gguf(src)
+        if gguf:
+            given = [flag for flag, value in (("--predictor", predictor), ("--layout", layout != "auto"),
+                                              ("--config", config), ("--predictor-config", predictor_config),
+                                              ("--tokenizer", tokenizer)) if value]
+            if given:
+                raise ConversionError(f"{src} is a GGUF file, which carries its own config and tokenizer; "
+                                      f"drop {', '.join(given)}")
+            source = stack.enter_context(open_gguf(src, dtype=dtype, dequantize=dequantize or quantize is not None))
+        elif dequantize:
+            raise ConversionError("--dequantize is for GGUF files; other sources are floats or mlx-lm folders "
+                                  "(convert the float model for a float bundle)")
+        else:
+            source = detect(src, predictor=predictor, layout=layout, config=config,
+                            predictor_config=predictor_config, tokenizer=tokenizer)
+        _convert(source, src, out, gguf=gguf, dtype=dtype, quantize=quantize, group_size=group_size,
+                 density=density, pad_multiple=pad_multiple, verify=verify, force=force)
+        has_predictor = source.predictor is not None
+    if calibrate and density is None and not has_predictor:
+        from ifprune_mlx.console import calibrate_with_progress, load_with_progress
+        from ifprune_mlx.resolve import save_calibration
+
+        engine = load_with_progress(out)
+        result = calibrate_with_progress(engine)
+        save_calibration(engine, result)
+        typer.echo(f"default density {result.density:.2f} ({result.summary()}); `ifprune calibrate {out}` "
+                   "shows the table")
+
+
+def _convert(source, src: Path, out: Path, *, gguf: bool, dtype, quantize, group_size, density, pad_multiple,
+             verify: bool, force: bool) -> None:
     typer.echo(f"{src}: {source.layout} layout, {source.config['model_type']}, {source.n_layers} layers x "
                f"{source.d_ffn} FFN channels, predictor: "
                f"{source.predictor_config['model_type'] if source.predictor else 'none'}", err=True)
     reports = []
 
     def check(folder: Path) -> None:
-        from .verify import verify as run_verify
+        if gguf:
+            from .gguf_verify import verify_gguf
 
-        report = run_verify(folder, source, density=density)
+            report = verify_gguf(folder, source, src, density=density)
+        else:
+            from .verify import verify as run_verify
+
+            report = run_verify(folder, source, density=density)
         reports.append(report)
         for line in report.lines():
             typer.echo(line, err=True)

@@ -85,6 +85,7 @@ class VerifyReport:
     kl: float | None = None  # mean KL(mlx-lm || bundle) of the next-token distributions
     top1_agreement: float | None = None  # fraction of positions whose most likely token is the same
     greedy_identical: int | None = None  # prompts whose greedy continuations are identical
+    reference_model: str = "mlx-lm's model"  # what the KL / greedy line compares with
 
     @property
     def allowed(self) -> float:
@@ -110,10 +111,11 @@ class VerifyReport:
                f"{'quantization' if q else 'rounding'} error",
                f"  logits max |diff| dense {self.dense_max_diff:.3g}, pruned at density {self.density:.3g} "
                f"{self.pruned_max_diff:.3g} (allowed {self.allowed:.3g}; logits up to {self.logit_scale:.3g})"
-               + (", mlx-lm holding the bundle's weights" if mlx_lm else "")]
+               + (", mlx-lm holding the bundle's weights" if mlx_lm and self.reference_model.startswith("mlx-lm")
+                  else "")]
         if mlx_lm:
             bound = "" if self.source_allowed is None else f" (allowed {self.source_allowed:.3g})"
-            out.append(f"  vs mlx-lm's model as it is: max |diff| {self.source_max_diff:.3g}{bound}, KL "
+            out.append(f"  vs {self.reference_model} as it is: max |diff| {self.source_max_diff:.3g}{bound}, KL "
                        f"{self.kl:.2g}, same top-1 token at {100 * self.top1_agreement:.1f}% of positions, "
                        f"greedy continuations identical on {self.greedy_identical}/{self.prompts} prompts "
                        f"({GREEDY_TOKENS} tokens)")

@@ -160,3 +160,115 @@ def make_bundle(folder: Path, config: dict | None = None, *, seed: int = 0,
     return write_bundle(folder, config=config, weights=weights, tokenizer_dir=tok_dir,
                         predictor=random_predictor(config, predictor_width) if predictor else None,
                         force=force)
+
+
+def gguf_name(name: str) -> str:
+    """A Hugging Face tensor name as llama.cpp writes it (model.layers.0.mlp.up_proj.weight -> blk.0.ffn_up.weight)."""
+    from converters.gguf import GLOBAL_NAMES, LAYER_NAMES
+
+    globals_ = {hf: name for name, hf in GLOBAL_NAMES.items()}
+    if name in globals_:
+        return globals_[name]
+    _, _, layer, *module, kind = name.split(".")
+    return f"blk.{layer}.{ {hf: short for short, hf in LAYER_NAMES.items()}['.'.join(module)]}.{kind}"
+
+
+def make_gguf(path: Path, arch: str = "llama", weight_type: str = "F32", *, config: dict | None = None,
+              tied: bool = False, types: dict[str, str] | None = None, seed: int = 0) -> Path:
+    """Write a tiny random llama/qwen2 GGUF file as llama.cpp's converter would, with a real tokenizer.
+
+    Args:
+        arch: "llama" (q_proj/k_proj rows permuted for llama.cpp's rotary layout) or "qwen2".
+        weight_type: the ggml type of every 2-D weight (F32, F16, BF16, Q8_0, Q4_0, Q4_1, or a
+            type gguf cannot quantize, e.g. Q6_K or Q8_1: random blocks with sane scales); norms
+            and biases stay F32 as llama.cpp keeps them.
+        config: the model (default: model_config(arch, vocab_size=the tokenizer's)).
+        tied: no output.weight (the embeddings are the output projection).
+        types: per GGUF tensor name, a type overriding weight_type.
+    """
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    tok_dir = make_tokenizer(path.parent / f".{path.name}-tokenizer")
+    tokenizer = json.loads((tok_dir / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    for added in tokenizer["added_tokens"]:
+        vocab[added["content"]] = added["id"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = {added["content"] for added in tokenizer["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
+    config = config or model_config(arch, vocab_size=len(tokens), tie_word_embeddings=tied)
+    weights = random_weights(config, seed)
+
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(f"tiny {arch}")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_freq_base(config["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])  # written as float32: reads back 9.9999997e-06
+    writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2" if arch == "qwen2" else "llama-bpe")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in special else 1 for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(vocab["<|end|>"])
+    writer.add_bos_token_id(vocab["<|system|>"])
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+    rng = np.random.default_rng(seed)
+    qtypes = gguf.GGMLQuantizationType
+    for name, value in sorted(weights.items()):
+        if tied and name == "lm_head.weight":
+            continue
+        value = np.array(value.astype(mx.float32))
+        module = name.split(".")[-2]
+        if arch == "llama" and module in ("q_proj", "k_proj"):  # llama.cpp's permute()
+            heads = config["num_attention_heads" if module == "q_proj" else "num_key_value_heads"]
+            value = value.reshape(heads, 2, value.shape[0] // heads // 2, *value.shape[1:]).swapaxes(1, 2)
+            value = value.reshape(-1, *value.shape[3:])
+        target = gguf_name(name)
+        kind = (types or {}).get(target, weight_type if value.ndim == 2 else "F32")
+        qtype = qtypes[kind]
+        if qtype == qtypes.F32:
+            writer.add_tensor(target, value)
+        elif qtype == qtypes.F16:
+            writer.add_tensor(target, value.astype(np.float16))
+        else:
+            try:
+                blocks = gguf.quants.quantize(value, qtype)
+            except NotImplementedError:  # K-quants and others: random blocks, scales set sane
+                blocks = _random_blocks(rng, value.shape, qtype)
+            writer.add_tensor(target, blocks, raw_shape=blocks.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _random_blocks(rng, shape, qtype):
+    """Random blocks of a ggml type gguf cannot quantize; every fp16 field set to a small scale.
+
+    Scales are fp16 fields at known offsets: the first (or last, Q6_K) bytes of a block.
+    """
+    import gguf
+    import numpy as np
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = shape
+    data = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    t = gguf.GGMLQuantizationType
+    halves = {t.Q6_K: [size - 2], t.Q4_K: [0, 2], t.Q5_K: [0, 2], t.Q2_K: [size - 4, size - 2],
+              t.Q3_K: [size - 2], t.Q8_1: [0, 2]}.get(qtype, [0])
+    for offset in halves:
+        scale = (rng.uniform(0.5, 1.0, size=data.shape[:2]) / 64 / cols ** 0.5).astype(np.float16)
+        data[..., offset:offset + 2] = scale[..., None].view(np.uint8).reshape(*data.shape[:2], 2)
+    return data.reshape(rows, -1)

@@ -84,3 +84,14 @@ def test_cli_calibrate_mistakes_are_one_line(bundle_dir):
                           (["--answer-tokens", "0"], "--answer-tokens must be at least 1")]:
         result = runner.invoke(app, ["calibrate", str(bundle_dir), *args])
         assert result.exit_code == 1 and message in result.output, (args, result.output)
+
+
+def test_convert_calibrates_a_plain_model_once(tmp_path, plain_dir):
+    result = runner.invoke(app, ["convert", str(plain_dir), str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    block = json.loads((tmp_path / "b" / "config.json").read_text())["ifpruning"]
+    assert block["calibration"]["density"] == block["default_density"]
+    assert len(block["calibration"]["rows"]) == 7 and "default density" in result.output
+    skipped = runner.invoke(app, ["convert", str(plain_dir), str(tmp_path / "c"), "--no-calibrate"])
+    assert "calibration" not in json.loads((tmp_path / "c" / "config.json").read_text())["ifpruning"]
+    assert skipped.exit_code == 0

@@ -36,7 +36,7 @@ def pred():
 
 
 def convert(*args):
-    return runner.invoke(app, ["convert", *map(str, args)])
+    return runner.invoke(app, ["convert", "--no-calibrate", *map(str, args)])
 
 
 def assert_fails_cleanly(result, out: Path, message: str):

@@ -49,7 +49,7 @@ def down_8_bit_in_layer_1(path: str, module) -> dict:
 
 
 def convert(*args):
-    return runner.invoke(app, ["convert", *map(str, args)])
+    return runner.invoke(app, ["convert", "--no-calibrate", *map(str, args)])
 
 
 def assert_fails_cleanly(result, out: Path, message: str):
