@@ -102,7 +102,7 @@ def calibrate_with_progress(engine, **options):
 
 def open_model(model: str | None):
     """Resolve MODEL (a folder, GGUF file, repo id, or None for the default; resolve.py), load
-    it, and give it its calibrated default density. Returns (engine, Resolved)."""
+    it and give it its calibrated default density, with progress bars. Returns (engine, Resolved)."""
     found = resolve_with_progress(model)
     return load_resolved(found), found
 
@@ -116,18 +116,11 @@ def resolve_with_progress(model: str | None):
 
 
 def load_resolved(found):
-    """Load a resolved model with a progress bar and give it its calibration: a plain model
-    converted or downloaded here is calibrated the first time (once: the result is stored)."""
+    """resolve.prepare(found) with progress bars (loading, a first calibration)."""
     from . import resolve
 
-    engine = load_with_progress(found.path)
-    if not resolve.attach_stored_calibration(engine) and found.made_here and not engine.has_predictor:
-        stderr.print(f"[dim]{found.path.name}: first use, measuring which density keeps it close to the "
-                     "dense model (once)[/dim]")
-        calibration = calibrate_with_progress(engine)
-        resolve.save_calibration(engine, calibration)
-        stderr.print(f"[dim]default density {calibration.density:.2f}: {calibration.summary()}[/dim]")
-    return engine
+    with staged_progress() as on_progress:
+        return resolve.prepare(found, on_progress=on_progress)
 
 
 def density_origin(engine) -> str:

@@ -184,6 +184,34 @@ def hub_snapshot(repo_id: str, on_progress: Progress | None = None) -> Path:
     return folder
 
 
+# -- opening a model ------------------------------------------------------------------------
+
+def prepare(found: Resolved, *, on_progress: Progress | None = None, **load_options):
+    """Load a resolved model and give it its calibrated default density: stored, or measured
+    now (once, then stored) for a model without a trained predictor that was converted or
+    downloaded here (a GGUF file, a repo id, the default model)."""
+    from .calibrate import calibrate
+    from .engine import load
+
+    def stage(name: str):
+        return (lambda done, total: on_progress(name, done, total)) if on_progress else None
+
+    engine = load(found.path, on_progress=stage(f"loading {found.path.name} (layers)"), **load_options)
+    if not attach_stored_calibration(engine) and found.made_here and not engine.has_predictor:
+        result = calibrate(engine, on_progress=stage("first use: calibrating the default density, once (prompts)"))
+        save_calibration(engine, result)
+    return engine
+
+
+def open_model(model: str | Path | None = None, *, on_progress: Progress | None = None, **load_options):
+    """The Engine of a model named as the CLI takes it (see resolve()), calibrated as the CLI
+    opens it (see prepare()). `ifprune_mlx.open_model()` is the default model.
+
+    on_progress(stage, done, total) reports conversion (bytes), loading and calibration.
+    """
+    return prepare(resolve(model, on_progress), on_progress=on_progress, **load_options)
+
+
 # -- calibrations of plain folders -----------------------------------------------------------
 
 def _calibration_file(folder: Path) -> Path:
