@@ -104,5 +104,5 @@ def verify_gguf(bundle: Path, source: Source, path: Path, *, prompts=PROMPTS, de
     return tally.report(
         prompts=len(prompts), density=density, dtype=dtype, quantization=quantization, tolerance=tolerance,
         worst=worst, with_predictor=False, reference=f"transformers' GGUF model of {Path(path).name}",
-        source_tolerance=tolerance, reference_model="transformers' GGUF model", kl=float(np.mean(np.concatenate(kls))), top1_agreement=top1 / positions,
-        greedy_identical=greedy_same)
+        source_tolerance=tolerance, reference_model="transformers' GGUF model",
+        kl=float(np.mean(np.concatenate(kls))), top1_agreement=top1 / positions, greedy_identical=greedy_same)
