@@ -3,6 +3,7 @@
     ifprune chat                                   the default model (SmolLM2-135M-Instruct)
     ifprune chat ~/models/Qwen2.5-0.5B-Instruct    a bundle, mlx-lm or Hugging Face folder
     ifprune chat model.Q4_0.gguf                   a GGUF file, converted once into the cache
+                                                   (to float32 on the CPU: see gguf_bundle)
     ifprune chat examples/train_tiny/checkpoint    a PyTorch IFPruning checkpoint, likewise
     ifprune chat mlx-community/SmolLM2-135M-Instruct   a Hugging Face repo id (a local folder wins)
 
@@ -136,12 +137,20 @@ def _bytes_progress(on_progress: Progress | None, stage: str):
 
 
 def gguf_bundle(path: Path, on_progress: Progress | None = None) -> Path:
-    """The bundle converted from GGUF file `path`, converting it into the cache if needed."""
+    """The bundle converted from GGUF file `path`, converting it into the cache if needed.
+
+    On MLX's CPU backend the weights are converted to float32: its quantized matmuls over
+    many tokens (prefill, scoring) run about ten times slower than float32 through BLAS
+    (docs/CONVERTING.md). On a GPU (Apple silicon) Q8_0/Q4_0/Q4_1 rows stay quantized.
+    """
+    import mlx.core as mx
     from converters.gguf import convert_gguf
 
     path = Path(path)
-    return _convert_once(path, "gguf", lambda out: convert_gguf(
-        path, out, force=True, on_progress=_bytes_progress(on_progress, f"converting {path.name} (MB)")))
+    dequantize = mx.default_device().type == mx.DeviceType.cpu
+    return _convert_once(path, "gguf-float32" if dequantize else "gguf", lambda out: convert_gguf(
+        path, out, force=True, dequantize=dequantize,
+        on_progress=_bytes_progress(on_progress, f"converting {path.name} (MB)")))
 
 
 def checkpoint_bundle(folder: Path, on_progress: Progress | None = None) -> Path:

@@ -117,3 +117,27 @@ def test_bundles_are_readable_by_others(tmp_path):
     assert bundle.stat().st_mode & 0o777 == 0o755
     modes = {p.name: p.stat().st_mode & 0o777 for p in bundle.rglob("*")}
     assert all(mode in (0o644, 0o755) for mode in modes.values()), modes
+
+
+def test_a_gguf_file_is_converted_once_into_the_cache(tmp_path, monkeypatch):
+    path = testing.make_gguf(tmp_path / "tiny.Q8_0.gguf", "llama", "Q8_0")
+    found = resolve.resolve(str(path))
+    assert found.origin == "gguf" and found.made_here and resolve.cache_dir() in found.path.parents
+    engine = ifp.load(found.path)
+    assert engine.n_layers == 2 and engine.tokenizer.chat_template
+    import converters.gguf
+
+    monkeypatch.setattr(converters.gguf, "convert_gguf", lambda *a, **k: pytest.fail("converted again"))
+    assert resolve.resolve(str(path)).path == found.path
+    testing.make_gguf(path, "llama", "Q8_0", seed=1)  # the file changes: converted again
+    with pytest.raises(pytest.fail.Exception, match="converted again"):
+        resolve.resolve(str(path))
+
+
+def test_the_cli_opens_a_gguf_file_and_calibrates_it_once(tmp_path):
+    path = testing.make_gguf(tmp_path / "tiny.gguf", "qwen2", "Q4_0")
+    first = CliRunner().invoke(app, ["info", str(path)])
+    assert first.exit_code == 0, first.output
+    assert "calibrated: " in first.output and str(resolve.cache_dir()) in first.output
+    again = CliRunner().invoke(app, ["info", str(path)])
+    assert "first use" not in again.output and "calibrated: " in again.output
