@@ -54,7 +54,8 @@ def friendly_errors(command):
 def progress_bar(description: str, total: float | None = None):
     """A transient progress bar on stderr; yields update(done, total=None)."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=stderr, transient=True) as progress:
+                  TimeElapsedColumn(), console=stderr, transient=True,
+                  disable=not stderr.is_terminal) as progress:
         task = progress.add_task(description, total=total)
 
         def update(done: float, new_total: float | None = None) -> None:
@@ -73,7 +74,8 @@ def staged_progress():
     """A transient progress display on stderr; yields on_progress(stage, done, total), which
     starts a new bar whenever the stage changes."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=stderr, transient=True) as progress:
+                  TimeElapsedColumn(), console=stderr, transient=True,
+                  disable=not stderr.is_terminal) as progress:
         tasks: dict[str, int] = {}
 
         def on_progress(stage: str, done: float, total: float) -> None:
