@@ -51,10 +51,14 @@ def use_openblas() -> None:
     if library in preload.split(":"):
         return
     env = dict(os.environ, LD_PRELOAD=":".join(p for p in (library, preload) if p), **{MARK: library})
-    script = sys.argv[0]
-    if not os.path.isfile(script):  # not started from a file (e.g. python -c): leave it be
+    module = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if module is not None:  # python -m ifprune_mlx.cli: run as a module again (as a script, the
+        start = ["-m", module.name]  # package's selectors.py would shadow the standard library's)
+    elif os.path.isfile(sys.argv[0]):
+        start = [sys.argv[0]]
+    else:  # not started from a file (e.g. python -c): leave it be
         return
-    os.execve(sys.executable, [sys.executable, script, *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, *start, *sys.argv[1:]], env)
 
 
 def _note_once() -> None:

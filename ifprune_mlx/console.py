@@ -6,6 +6,7 @@ import functools
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -18,6 +19,15 @@ stderr = Console(stderr=True)
 def error_line(message: str) -> None:
     """Print `error: message` as one red line on stderr."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+
+
+def quiet_rank() -> None:
+    """Silence this process's output but for errors: the ranks but 0 of a sharded run."""
+    import os
+    import sys
+
+    sys.stdout = open(os.devnull, "w")
+    stderr.quiet = True
 
 
 def fail(message: str) -> None:
@@ -75,12 +85,12 @@ def staged_progress():
         yield on_progress
 
 
-def load_with_progress(path: Path):
-    """ifprune_mlx.load(path) with a progress bar over the layers."""
+def load_with_progress(path: Path, **options):
+    """ifprune_mlx.load(path, **options) with a progress bar over the layers."""
     import ifprune_mlx
 
     with progress_bar(f"loading {path}") as update:
-        return ifprune_mlx.load(path, on_progress=update)
+        return ifprune_mlx.load(path, on_progress=update, **options)
 
 
 def calibrate_with_progress(engine, **options):
@@ -91,22 +101,35 @@ def calibrate_with_progress(engine, **options):
         return calibrate(engine, on_progress=update, **options)
 
 
-def open_model(model: str | None):
+def open_model(model: str | None, group=None, **options):
     """Resolve MODEL (a folder, GGUF file, repo id, or None for the default; resolve.py), load
     it, and give it its calibrated default density. A plain model converted or downloaded
     here is calibrated the first time (once: the result is stored). Returns (engine, Resolved).
+
+    group: the mlx.distributed group of a sharded run (docs/DISTRIBUTED.md): rank 0 resolves
+    first (a conversion into a shared cache happens once), the ranks calibrate together or
+    not at all, and all keep rank 0's default density. options: more of load()'s (split).
     """
     from . import resolve
+    from .distributed import rank0_first, rank0_values
 
     with staged_progress() as on_progress:
-        found = resolve.resolve(model, on_progress=_megabytes(on_progress))
-    engine = load_with_progress(found.path)
-    if not resolve.attach_stored_calibration(engine) and found.made_here and not engine.has_predictor:
+        found = rank0_first(group, lambda: resolve.resolve(model, on_progress=_megabytes(on_progress)),
+                            "find the model")
+    engine = load_with_progress(found.path, group=group, **options)
+    needed = not resolve.attach_stored_calibration(engine) and found.made_here and not engine.has_predictor
+    if group is not None:
+        needed = bool(rank0_values(group, needed))
+    if needed:
         stderr.print(f"[dim]{found.path.name}: first use, measuring which density keeps it close to the "
                      "dense model (once)[/dim]")
         calibration = calibrate_with_progress(engine)
-        resolve.save_calibration(engine, calibration)
+        if group is None or group.rank() == 0:
+            resolve.save_calibration(engine, calibration)
+        engine.use_calibration(calibration)
         stderr.print(f"[dim]default density {calibration.density:.2f}: {calibration.summary()}[/dim]")
+    if group is not None:
+        engine.default_density = float(rank0_values(group, engine.default_density, np.float64))
     return engine, found
 
 

@@ -131,14 +131,11 @@ class Sharding:
         self.settle()
         with peer_errors():
             scores = np.asarray(score(), dtype=np.float32)
-        if from_shards:
-            full = np.zeros((scores.shape[0], self.d_ffn), dtype=np.float32)
-            full[:, self.start:self.stop] = scores
-        else:
-            full = scores if self.rank == 0 else np.zeros_like(scores)
-        # x + 0 is x exactly, so summing one rank's values with zeros copies them bit for bit
-        with peer_errors():
-            return np.array(mx.distributed.all_sum(mx.array(full), group=self.group))
+        if not from_shards:
+            return rank0_values(self.group, scores)
+        full = np.zeros((scores.shape[0], self.d_ffn), dtype=np.float32)
+        full[:, self.start:self.stop] = scores
+        return _sum(self.group, full)
 
     def settle(self) -> None:
         """Wait for the work in flight on this rank (mlx-lm's generation runs one step ahead,
@@ -184,21 +181,48 @@ def balanced_top_k(scores: np.ndarray, k: int, bounds: np.ndarray) -> list[np.nd
             for layer in range(scores.shape[0])]
 
 
-def all_ranks_ok(group: mx.distributed.Group, error: BaseException | None) -> None:
-    """Every rank says whether it succeeded (e.g. loading); raise on every rank if one did not.
+def _sum(group: mx.distributed.Group, values: np.ndarray) -> np.ndarray:
+    with peer_errors():  # on the CPU, which has float64
+        return np.array(mx.distributed.all_sum(mx.array(values), group=group, stream=mx.cpu))
+
+
+def rank0_values(group: mx.distributed.Group, values, dtype=np.float32) -> np.ndarray:
+    """Rank 0's `values` (an array or a number), on every rank: rank 0's summed with the
+    others' zeros, and x + 0 is x exactly, so they arrive bit for bit."""
+    values = np.asarray(values, dtype=dtype)
+    return _sum(group, values if group.rank() == 0 else np.zeros_like(values))
+
+
+def all_ranks_ok(group: mx.distributed.Group, error: BaseException | None,
+                 doing: str = "load the model") -> None:
+    """Every rank says whether it succeeded; raise on every rank if one did not.
 
     The rank that failed raises its own error; the others a DistributedError naming it.
     """
     failed = np.zeros(group.size(), dtype=np.float32)
     failed[group.rank()] = error is not None
-    with peer_errors():
-        failed = np.array(mx.distributed.all_sum(mx.array(failed), group=group))
+    failed = _sum(group, failed)
     if error is not None:
         raise error
     bad = [r for r in range(group.size()) if failed[r]]
     if bad:
-        raise DistributedError(f"rank {bad[0]} could not load the model (its error is in its output); "
+        raise DistributedError(f"rank {bad[0]} could not {doing} (its error is in its output); "
                                f"rank {group.rank()} stops too")
+
+
+def rank0_first(group: mx.distributed.Group | None, work: Callable[[], T], doing: str) -> T:
+    """work() on rank 0, then on the other ranks (e.g. a conversion into a cache they may
+    share, done once); if it fails on rank 0, every rank raises."""
+    if group is None:
+        return work()
+    result, error = None, None
+    if group.rank() == 0:
+        try:
+            result = work()
+        except Exception as e:  # the others must hear of it before rank 0 raises
+            error = e
+    all_ranks_ok(group, error, doing)
+    return result if group.rank() == 0 else work()
 
 
 @contextlib.contextmanager

@@ -215,3 +215,16 @@ def test_balanced_split_keeps_equal_counts_and_matches_one_process(ffn_bundle, t
     one.apply(ranks[0]["applied"])
     prompt = "Write a Python function that reverses a list."
     assert ranks[0]["pruned"] == testing.reference_tokens(one, prompt, len(ranks[0]["pruned"]))
+
+
+@pytest.mark.slow
+def test_generate_under_mlx_launch_prints_once_what_one_process_prints(ffn_bundle, tmp_path):
+    args = ["generate", str(ffn_bundle), "-p", "Sort these numbers: 5 3 9 1", "-m", "6", "--quiet"]
+    one = subprocess.run([sys.executable, "-m", "ifprune_mlx.cli", *args], env=_env(), capture_output=True,
+                         text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert one.returncode == 0, one.stderr
+    cmd = [str(LAUNCH), "--backend", "ring", "-n", "2", "--starting-port", str(free_port_pair()), "--",
+           sys.executable, "-m", "ifprune_mlx.cli", *args]
+    two = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
+                         stdin=subprocess.DEVNULL)
+    assert two.stdout.strip() and two.stdout.strip() == one.stdout.strip(), two.stderr
