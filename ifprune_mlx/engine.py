@@ -138,6 +138,7 @@ class Engine:
                 self._cache.move_to_end(key)
             return [self._cache[key] for key in keys]
         start = time.perf_counter()
+
         def score():
             return selector.scores(tokens) if kv_cache is None else selector.scores(tokens, kv_cache)
 

@@ -19,9 +19,10 @@ import pytest
 
 import ifprune_mlx
 from ifprune_mlx import testing
-from ifprune_mlx.bundle import read_rows, safetensors_header
+from ifprune_mlx.bundle import read_rows, read_safetensors, safetensors_header
 from ifprune_mlx.distributed import Sharding, balanced_top_k, is_ffn_rows
 from ifprune_mlx.errors import DistributedError
+from ifprune_mlx.models import to_row_layout
 from ifprune_mlx.selectors import top_k
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +160,27 @@ def test_read_rows_reads_a_row_range_of_the_file(tmp_path, dtype, bits):
         rows = read_rows(path, header, name, 100, 200)
         assert rows.dtype == whole[name].dtype
         assert mx.array_equal(rows, whole[name][100:200]).item(), name
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_gets_its_rows_from_a_bundle_or_a_plain_folder(tmp_path, rank):
+    config = testing.model_config(mlp_bias=True)
+    plain = testing.make_model_folder(tmp_path / "plain", config)
+    bundle_dir = testing.make_bundle(tmp_path / "bundle", config, predictor=False)
+    sharding = Sharding(FakeGroup(rank, 2), config["intermediate_size"])
+    files = [bundle_dir / "model.safetensors"]
+    for whole, mine in [(read_safetensors(files), sharding.local_weights(read_safetensors(files), files)),
+                        (to_row_layout(read_safetensors([plain / "model.safetensors"])),
+                         sharding.local_weights(to_row_layout(read_safetensors([plain / "model.safetensors"]))))]:
+        assert set(mine) == set(whole)
+        for name, value in mine.items():
+            if is_ffn_rows(name):
+                expected = whole[name][sharding.start:sharding.stop]
+            elif name.endswith("down_proj.bias"):  # added once, by rank 0, after the all_sum
+                expected = whole[name] if rank == 0 else mx.zeros_like(whole[name])
+            else:
+                expected = whole[name]
+            assert mx.array_equal(value, expected).item(), name
 
 
 # -- 2 ranks ---------------------------------------------------------------------------------
