@@ -162,11 +162,18 @@ def test_read_rows_reads_a_row_range_of_the_file(tmp_path, dtype, bits):
         assert mx.array_equal(rows, whole[name][100:200]).item(), name
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_each_rank_gets_its_rows_from_a_bundle_or_a_plain_folder(tmp_path, rank):
+@pytest.fixture(scope="module")
+def biased_models(tmp_path_factory):
+    """A plain folder and a bundle of a model whose FFN has biases."""
     config = testing.model_config(mlp_bias=True)
-    plain = testing.make_model_folder(tmp_path / "plain", config)
-    bundle_dir = testing.make_bundle(tmp_path / "bundle", config, predictor=False)
+    folder = tmp_path_factory.mktemp("biased")
+    return config, testing.make_model_folder(folder / "plain", config), testing.make_bundle(
+        folder / "bundle", config, predictor=False)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_gets_its_rows_from_a_bundle_or_a_plain_folder(biased_models, rank):
+    config, plain, bundle_dir = biased_models
     sharding = Sharding(FakeGroup(rank, 2), config["intermediate_size"])
     files = [bundle_dir / "model.safetensors"]
     for whole, mine in [(read_safetensors(files), sharding.local_weights(read_safetensors(files), files)),
