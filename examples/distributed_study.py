@@ -2,6 +2,7 @@
 
     python examples/distributed_study.py fidelity [MODEL]            # one process
     mlx.launch --backend ring -n 2 -- python examples/distributed_study.py speed [MODEL]
+    mlx.launch --backend ring -n 2 -- python examples/distributed_study.py latency
 
 fidelity: for the calibration prompts (ifprune_mlx.calibrate.PROMPTS), the dense model's
 greedy answer is the reference; at each density the prompt's scores give the global top-k
@@ -13,7 +14,8 @@ decode step waits for the slowest rank).
 
 speed: under mlx.launch, loads MODEL sharded twice (split global, then balanced) and decodes
 the same prompts with each, printing rank 0's decode tokens/s; run it without mlx.launch for
-the single-process figures. MODEL defaults to the default model (SmolLM2-135M-Instruct).
+the single-process figures. latency: under mlx.launch, the time of one all_sum of a
+SmolLM2-sized (576 floats) vector, what each layer adds to a decode step. MODEL defaults to the default model (SmolLM2-135M-Instruct).
 """
 
 from __future__ import annotations
@@ -99,9 +101,27 @@ def speed(model: str | None, tokens: int, prompts: int) -> None:
             print(f"| {split} | {mode} | {rate:.1f} |")
 
 
+def latency(width: int = 576, repeats: int = 300) -> None:
+    import mlx.core as mx
+
+    group = world()
+    if group is None:
+        raise SystemExit("latency measures all_sum between ranks: run it under mlx.launch")
+    x = mx.ones((1, 1, width))
+    mx.eval(mx.distributed.all_sum(x, group=group))  # connect, warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(mx.distributed.all_sum(x, group=group))
+        times.append(time.perf_counter() - start)
+    if group.rank() == 0:
+        print(f"all_sum of {width} float32 over {group.size()} ranks: median {np.median(times) * 1e6:.0f} us, "
+              f"p90 {np.percentile(times, 90) * 1e6:.0f} us ({repeats} calls)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=("fidelity", "speed"))
+    parser.add_argument("what", choices=("fidelity", "speed", "latency"))
     parser.add_argument("model", nargs="?")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=8, help="how many of the calibration prompts")
@@ -109,8 +129,10 @@ def main() -> None:
     start = time.perf_counter()
     if args.what == "fidelity":
         fidelity(args.model, args.prompts)
-    else:
+    elif args.what == "speed":
         speed(args.model, args.tokens, args.prompts)
+    else:
+        latency()
     print(f"\n({time.perf_counter() - start:.0f} s)", file=sys.stderr)
 
 

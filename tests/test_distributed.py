@@ -257,3 +257,17 @@ def test_generate_under_mlx_launch_prints_once_what_one_process_prints(ffn_bundl
     two = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
                          stdin=subprocess.DEVNULL)
     assert two.stdout.strip() and two.stdout.strip() == one.stdout.strip(), two.stderr
+
+
+@pytest.mark.slow
+def test_a_quantized_bundle_shards_too(tmp_path):
+    config = testing.model_config(hidden_size=128, intermediate_size=1024, num_hidden_layers=2)
+    bundle_dir = testing.make_bundle(tmp_path / "q4", config, quantize_bits=4)
+    ranks = launch(bundle_dir, tmp_path / "out", "--tokens", "8")
+    assert ranks[0]["applied"] == ranks[1]["applied"]
+    one = ifprune_mlx.load(bundle_dir)
+    prompt = "Write a Python function that reverses a list."
+    one.apply(None)
+    assert ranks[0]["dense"] == testing.reference_tokens(one, prompt, 8)
+    one.apply(ranks[0]["applied"])
+    assert ranks[0]["pruned"] == testing.reference_tokens(one, prompt, 8)
