@@ -8,10 +8,11 @@
 from .chat import ChatSession
 from .engine import Engine, load
 from .resolve import open_model
-from .errors import (BundleError, ConversionError, IFPruneError, PredictorError, PromptTooLongError,
+from .errors import (BundleError, ConversionError, DistributedError, IFPruneError, PredictorError, PromptTooLongError,
                      SelectionError, UnsupportedArchitectureError)
 from .selectors import Selection, Selector, kept_count
 
 __version__ = "0.1.0"
 __all__ = ["load", "open_model", "Engine", "Selection", "Selector", "ChatSession", "kept_count", "IFPruneError", "BundleError",
-           "UnsupportedArchitectureError", "PredictorError", "SelectionError", "ConversionError", "PromptTooLongError"]
+           "UnsupportedArchitectureError", "PredictorError", "SelectionError", "ConversionError", "PromptTooLongError",
+           "DistributedError"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import mlx.core as mx
+import numpy as np
 
 from .errors import BundleError
 
@@ -111,6 +112,26 @@ def safetensors_header(path: Path) -> dict:
                 f"{data}; the file is truncated (copy or convert it again)"
             )
     return header
+
+
+def read_rows(path: Path, header: dict, name: str, start: int, stop: int) -> mx.array:
+    """Rows [start, stop) of tensor `name` of a safetensors file, reading only their bytes.
+
+    `header` is the file's safetensors_header. Rows are contiguous in the row-major file, so
+    a range of rows is one range of bytes: a rank of a sharded load reads its rows alone.
+    """
+    info = header[name]
+    shape, dtype = list(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]][0]
+    row_bytes = (info["data_offsets"][1] - info["data_offsets"][0]) // max(1, shape[0])
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + n + info["data_offsets"][0] + start * row_bytes)
+        data = f.read((stop - start) * row_bytes)
+    if len(data) != (stop - start) * row_bytes:
+        raise BundleError(f"{path}: tensor {name!r} is truncated")
+    raw = np.frombuffer(data, dtype="uint16" if dtype == "bfloat16" else dtype)
+    rows = mx.array(raw.reshape([stop - start, *shape[1:]]))
+    return rows.view(mx.bfloat16) if dtype == "bfloat16" else rows
 
 
 def index_shards(index: Path) -> list[Path]:

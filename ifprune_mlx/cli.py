@@ -10,7 +10,8 @@ import typer
 
 from . import __version__
 from .console import (DENSITY_OPTION, MODEL_ARGUMENT, SEED_OPTION, TEMP_OPTION, TOP_P_OPTION,
-                      calibrate_with_progress, density_origin, fail, friendly_errors, open_model)
+                      calibrate_with_progress, density_origin, fail, friendly_errors, open_model, quiet_rank)
+from .distributed import DEFAULT_SPLIT, SPLITS, world
 from .blas import active_blas
 
 app = typer.Typer(
@@ -80,13 +81,25 @@ def generate(
     top_p: float = TOP_P_OPTION,
     seed: Optional[int] = SEED_OPTION,
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="Print selection and speed figures to stderr."),
+    split: str = typer.Option(DEFAULT_SPLIT, "--split", help="Under mlx.launch (the FFN sharded over the ranks): "
+                              "global (the single-process top-k) or balanced (top-k/N within each rank's channels)."),
 ):
-    """Select channels for PROMPT, prune in place and stream the answer."""
+    """Select channels for PROMPT, prune in place and stream the answer.
+
+    Under `mlx.launch -n N` each rank holds 1/N of every layer's FFN; rank 0 prints
+    (docs/DISTRIBUTED.md).
+    """
     if dense and density is not None:
         fail("--dense runs the full model; it cannot be combined with --density")
     if dense and selector is not None:
         fail("--dense runs the full model; it cannot be combined with --selector")
-    engine, _ = open_model(model)
+    if split not in SPLITS:
+        fail(f"--split must be one of {', '.join(SPLITS)}; got {split!r}")
+    group = world()
+    if group is not None and group.rank() != 0:
+        quiet_rank()
+        verbose = False
+    engine, _ = open_model(model, group, **({"split": split} if group else {}))
     engine.get_selector(selector)  # an unknown selector, or "predictor" without one, fails here
     if dense:
         engine.apply(None)

@@ -6,6 +6,7 @@ import functools
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -27,6 +28,15 @@ SEED_OPTION = typer.Option(None, help="Random seed, for reproducible sampling.")
 def error_line(message: str) -> None:
     """Print `error: message` as one red line on stderr."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+
+
+def quiet_rank() -> None:
+    """Silence this process's output but for errors: the ranks but 0 of a sharded run."""
+    import os
+    import sys
+
+    sys.stdout = open(os.devnull, "w")
+    stderr.quiet = True
 
 
 def fail(message: str) -> None:
@@ -86,12 +96,12 @@ def staged_progress():
         yield on_progress
 
 
-def load_with_progress(path: Path):
-    """ifprune_mlx.load(path) with a progress bar over the layers."""
+def load_with_progress(path: Path, **options):
+    """ifprune_mlx.load(path, **options) with a progress bar over the layers."""
     import ifprune_mlx
 
     with progress_bar(f"loading {path}") as update:
-        return ifprune_mlx.load(path, on_progress=update)
+        return ifprune_mlx.load(path, on_progress=update, **options)
 
 
 def calibrate_with_progress(engine, **options):
@@ -102,11 +112,29 @@ def calibrate_with_progress(engine, **options):
         return calibrate(engine, on_progress=update, **options)
 
 
-def open_model(model: str | None):
+def open_model(model: str | None, group=None, **options):
     """Resolve MODEL (a folder, GGUF file, repo id, or None for the default; resolve.py), load
-    it and give it its calibrated default density, with progress bars. Returns (engine, Resolved)."""
-    found = resolve_with_progress(model)
-    return load_resolved(found), found
+    it and give it its calibrated default density, with progress bars. Returns (engine, Resolved).
+
+    group: the mlx.distributed group of a sharded run (docs/DISTRIBUTED.md): rank 0 resolves
+    first (a conversion into a shared cache happens once), the ranks calibrate together or
+    not at all, and all keep rank 0's default density. options: more of load()'s (split).
+    """
+    from . import resolve
+    from .distributed import rank0_first, rank0_values
+
+    found = rank0_first(group, lambda: resolve_with_progress(model), "find the model")
+    if group is None:
+        return load_resolved(found, **options), found
+    engine = load_with_progress(found.path, group=group, **options)
+    needed = not resolve.attach_stored_calibration(engine) and found.made_here and not engine.has_predictor
+    if bool(rank0_values(group, needed)):
+        calibration = calibrate_with_progress(engine)
+        if group.rank() == 0:
+            resolve.save_calibration(engine, calibration)
+        engine.use_calibration(calibration)
+    engine.default_density = float(rank0_values(group, engine.default_density, np.float64))
+    return engine, found
 
 
 def resolve_with_progress(model: str | None):
@@ -117,12 +145,12 @@ def resolve_with_progress(model: str | None):
         return resolve.resolve(model, on_progress=_megabytes(on_progress))
 
 
-def load_resolved(found):
+def load_resolved(found, **options):
     """resolve.prepare(found) with progress bars (loading, a first calibration)."""
     from . import resolve
 
     with staged_progress() as on_progress:
-        return resolve.prepare(found, on_progress=on_progress)
+        return resolve.prepare(found, on_progress=on_progress, **options)
 
 
 def density_origin(engine) -> str:

@@ -26,6 +26,7 @@ from mlx_lm.utils import load_tokenizer
 from . import bundle
 from .bundle import PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY
 from .calibrate import Calibration
+from .distributed import DEFAULT_SPLIT, Sharding, all_ranks_ok
 from .errors import BundleError, PromptTooLongError, SelectionError
 from .models import (build_model, load_weights, normalize_config, prunable_mlps, to_row_layout,
                      quantize_like)
@@ -51,15 +52,20 @@ class Engine:
         deterministic: whether kept rows are kept in channel order, so a selection computes
             the same logits bit for bit whatever was applied before (costs up to two row
             copies per kept channel per apply instead of one per changed channel).
+        sharding: None in one process; under mlx.distributed, how the FFN channels are split
+            over the ranks (ifprune_mlx.distributed). Selections (`applied` included) are
+            always global, in original channel ids; each rank applies its part.
     """
 
     def __init__(self, model: nn.Module, tokenizer, config: dict, selector_tokenizer=None,
                  predictor=None, default_density: float | None = None, pad_multiple: int = PAD_MULTIPLE,
-                 cache_size: int = 64, path: Path | None = None, deterministic: bool = True):
+                 cache_size: int = 64, path: Path | None = None, deterministic: bool = True,
+                 sharding: Sharding | None = None):
         self.model, self.tokenizer, self.config, self.path = model, tokenizer, config, path
-        self.deterministic = deterministic
+        self.deterministic, self.sharding = deterministic, sharding
         self.mlps = prunable_mlps(model)
-        self.n_layers, self.d_ffn = len(self.mlps), self.mlps[0].d_ffn
+        self.n_layers = len(self.mlps)
+        self.d_ffn = sharding.d_ffn if sharding else self.mlps[0].d_ffn
         self.selectors: dict[str, Selector] = {}
         if predictor is not None:
             self.selectors["predictor"] = PredictorSelector(predictor, selector_tokenizer or tokenizer)
@@ -132,13 +138,20 @@ class Engine:
                 self._cache.move_to_end(key)
             return [self._cache[key] for key in keys]
         start = time.perf_counter()
-        scores = selector.scores(tokens) if kv_cache is None else selector.scores(tokens, kv_cache)
-        scores = np.asarray(scores)
+
+        def score():
+            return selector.scores(tokens) if kv_cache is None else selector.scores(tokens, kv_cache)
+
+        if self.sharding is None:
+            scores = np.asarray(score())
+        else:  # every rank must keep the same channels
+            scores = self.sharding.agree(score, from_shards=isinstance(selector, ActivationSelector))
         if scores.shape != (self.n_layers, self.d_ffn):
             raise SelectionError(f"selector {selector.name!r} returned scores of shape {scores.shape}, "
                                  f"expected ({self.n_layers}, {self.d_ffn})")
         seconds = time.perf_counter() - start
-        selections = [Selection(indices=tuple(top_k(scores, k)), d_ffn=self.d_ffn, seconds=seconds,
+        rule = top_k if self.sharding is None else self.sharding.top_k
+        selections = [Selection(indices=tuple(rule(scores, k)), d_ffn=self.d_ffn, seconds=seconds,
                                 source=selector.name) for k in ks]
         for key, selection in zip(keys, selections):
             self._cache[key] = selection
@@ -168,8 +181,10 @@ class Engine:
     def _apply(self, selection: Selection | None) -> ApplyStats:
         if selection is self.applied:
             return ApplyStats([0] * self.n_layers)
-        self.last_apply = apply_selection(self.mlps, None if selection is None else list(selection.indices),
-                                          canonical=self.deterministic)
+        keep = None if selection is None else list(selection.indices)
+        if keep is not None and self.sharding is not None:
+            keep = self.sharding.local(keep)
+        self.last_apply = apply_selection(self.mlps, keep, canonical=self.deterministic)
         self.applied = selection
         return self.last_apply
 
@@ -246,10 +261,13 @@ class Engine:
         if seed is not None:
             mx.random.seed(seed)
         feed = ids if prefilled is None else ids[-1:]
-        for response in stream_generate(
+        responses = stream_generate(
             self.model, self.tokenizer, mx.array(feed, dtype=mx.int32), max_tokens=max_tokens,
             sampler=make_sampler(temp=temp, top_p=top_p), prompt_cache=prompt_cache,
-        ):
+        )
+        if self.sharding is not None:
+            responses = self.sharding.guarded(responses)
+        for response in responses:
             if prefilled is not None:  # report the whole prompt's prefill, the dense part included
                 seconds = dense_seconds + response.prompt_tokens / max(response.prompt_tps, 1e-9)
                 response = replace(response, prompt_tokens=len(ids), prompt_tps=len(ids) / seconds)
@@ -300,6 +318,8 @@ class Engine:
 
     def save(self, out: Path, *, force: bool = False) -> Path:
         """Write this model (dense, original channel order) and its tokenizer as a bundle."""
+        if self.sharding is not None:
+            raise BundleError("this engine holds one rank's share of the FFN; save from a single-process load")
         if self.has_predictor:
             raise BundleError("saving an engine with a predictor is the converter's job (ifprune convert)")
         if self.path is None:
@@ -316,11 +336,16 @@ class Engine:
                                    pad_multiple=self.pad_multiple, force=force)
 
 
-def _read_model(folder: Path, config: dict, is_bundle: bool, on_progress=None) -> nn.Module:
-    """The LLM of a bundle (row layout) or of a plain model folder (converted here)."""
-    weights = bundle.read_safetensors(bundle.weight_files(folder))
+def _read_model(folder: Path, config: dict, is_bundle: bool, on_progress=None,
+                sharding: Sharding | None = None) -> nn.Module:
+    """The LLM of a bundle (row layout) or of a plain model folder (converted here); with
+    `sharding`, only this rank's FFN rows (read from the files alone, for a bundle)."""
+    files = bundle.weight_files(folder)
+    weights = bundle.read_safetensors(files)
     config = normalize_config(config, weights)
     model = build_model(config)
+    if sharding is not None:
+        sharding.shard_model(model, bool(config.get("mlp_bias", False)))
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     quantization = config.get("quantization")
@@ -328,6 +353,8 @@ def _read_model(folder: Path, config: dict, is_bundle: bool, on_progress=None) -
         raise BundleError(f"{folder}: {quantization['mode']} quantization is not supported; use affine 4- or 8-bit")
     if not is_bundle:
         weights = to_row_layout(weights, quantization)
+    if sharding is not None:
+        weights = sharding.local_weights(weights, files if is_bundle else None)
     if quantization:
         quantize_like(model, quantization, weights)
     load_weights(model, weights, str(folder), on_progress)
@@ -335,7 +362,8 @@ def _read_model(folder: Path, config: dict, is_bundle: bool, on_progress=None) -
 
 
 def load(path: str | Path, *, cache_size: int = 64, deterministic: bool = True,
-         on_progress: Callable[[int, int], None] | None = None) -> Engine:
+         on_progress: Callable[[int, int], None] | None = None,
+         group: mx.distributed.Group | None = None, split: str = DEFAULT_SPLIT) -> Engine:
     """Load a bundle, or a plain mlx-lm / Hugging Face float model folder, as an Engine.
 
     Args:
@@ -344,11 +372,41 @@ def load(path: str | Path, *, cache_size: int = 64, deterministic: bool = True,
         deterministic: keep kept rows in channel order, so the same prompt and density give
             the same text whatever ran before (False: cheaper applies, order follows history).
         on_progress: called as on_progress(done, total) while the LLM's layers load.
+        group: an mlx.distributed group of several ranks (e.g. mx.distributed.init() under
+            mlx.launch): each rank loads 1/N of every layer's FFN channels and runs its part;
+            every rank must make the same calls (docs/DISTRIBUTED.md). None: one process.
+        split: under a group, how scores become the kept channels: "global" (the same top-k
+            as one process) or "balanced" (top-k/N within each rank's channels).
     """
+    if group is not None and group.size() > 1:
+        return _load_sharded(path, group, split, cache_size=cache_size, deterministic=deterministic,
+                             on_progress=on_progress)
     folder = Path(path).expanduser()
     config = bundle.read_config(folder)
     block = bundle.ifpruning_block(config, folder)
     model = _read_model(folder, config, block is not None, on_progress)
+    return _engine(folder, config, block, model, cache_size=cache_size, deterministic=deterministic)
+
+
+def _load_sharded(path: str | Path, group: mx.distributed.Group, split: str, **options) -> Engine:
+    """load() on one rank of `group`; a rank that fails makes every rank raise (all_ranks_ok)."""
+    engine = error = None
+    try:
+        folder = Path(path).expanduser()
+        config = bundle.read_config(folder)
+        block = bundle.ifpruning_block(config, folder)
+        sharding = Sharding(group, int(config["intermediate_size"]), split,
+                            (block or {}).get("pad_multiple", PAD_MULTIPLE))
+        model = _read_model(folder, config, block is not None, options.pop("on_progress"), sharding)
+        engine = _engine(folder, config, block, model, sharding=sharding, **options)
+    except Exception as e:  # every rank must hear of it before any raises
+        error = e
+    all_ranks_ok(group, error)
+    return engine
+
+
+def _engine(folder: Path, config: dict, block: dict | None, model: nn.Module, **options) -> Engine:
+    """The Engine of a loaded LLM: tokenizer, predictor, the bundle's settings."""
     block = block or {}
     try:
         tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
@@ -358,13 +416,13 @@ def load(path: str | Path, *, cache_size: int = 64, deterministic: bool = True,
     predictor = selector_tokenizer = None
     if block.get("predictor"):
         pdir = folder / block["predictor"]
-        predictor = load_predictor(pdir, len(mlps), mlps[0].d_ffn)
+        sharding = options.get("sharding")
+        predictor = load_predictor(pdir, len(mlps), sharding.d_ffn if sharding else mlps[0].d_ffn)
         if (pdir / "tokenizer_config.json").is_file() or (pdir / "tokenizer.json").is_file():
             selector_tokenizer = load_tokenizer(pdir)
     engine = Engine(model, tokenizer, config, selector_tokenizer, predictor,
                     default_density=block.get("default_density"),
-                    pad_multiple=block.get("pad_multiple", PAD_MULTIPLE), cache_size=cache_size, path=folder,
-                    deterministic=deterministic)
+                    pad_multiple=block.get("pad_multiple", PAD_MULTIPLE), path=folder, **options)
     if block.get("calibration"):
         engine.use_calibration(Calibration.from_json(block["calibration"]))
     return engine

@@ -27,3 +27,7 @@ class ConversionError(IFPruneError):
 
 class PromptTooLongError(IFPruneError, ValueError):
     """A prompt (or a conversation) does not fit in the model's context."""
+
+
+class DistributedError(IFPruneError):
+    """A sharded run cannot go on: a model too small to shard, a rank that failed or was lost."""
