@@ -141,3 +141,51 @@ def test_converter_accepts_the_exported_folders_and_selects_the_same_channels(ti
     sel = engine.select(prompt)
     assert all(np.array_equal(a, b) for a, b in zip(ref, sel.indices))
     assert isinstance(engine.generate(prompt, max_tokens=4), str)
+
+
+def test_evaluation_covers_every_condition_with_intervals(tiny, exported, tmp_path):
+    from examples.smollm2.evaluate import DENSITIES, MASKED, condition_names, measure, summarize, write_report
+
+    _, artifacts, _, _ = exported
+    names = condition_names()
+    common = dict(per_family=1, batch=8, threads=1, cache=tmp_path / "cache.json", model=str(tiny[0]),
+                  log=lambda *a: None)
+    measure(None, tiny[1], conditions=["ref", "b@0.5", "d@0.3"], **common)  # no training needed
+    with pytest.raises(SystemExit, match="not measured"):
+        summarize(json.loads((tmp_path / "cache.json").read_text()))
+    stored = measure(artifacts, tiny[1], conditions=[n for n in names if n not in ("ref", "b@0.5", "d@0.3")], **common)
+    results = summarize(stored)
+    conds = results["conditions"]
+    assert set(conds) == {"ref", "e"} | {f"{c}@{d}" for c in MASKED for d in DENSITIES}
+    assert conds["ref"]["kl"] < 1e-5 and conds["ref"]["match16"] == 1.0
+    for name, v in conds.items():
+        assert v["kl_ci"][0] <= v["kl"] + 1e-9 <= v["kl_ci"][1] + 2e-9, name
+        assert set(v["per_family"]) == set(results["families"])
+    assert all(conds[f"d@{d}"]["kl"] > 0 for d in DENSITIES)
+    write_report(results, tmp_path / "R.md", tmp_path / "r.png", "cmd")
+    text = (tmp_path / "R.md").read_text()
+    assert "kl_ratio_a_over_b@0.5" in text and (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_adapter_merges_exactly_into_quantized_up_proj_rows():
+    mx = pytest.importorskip("mlx.core")
+    from examples.smollm2.train import merge_adapter
+
+    rng = np.random.default_rng(0)
+    w = mx.array(rng.normal(size=(8, 64)).astype(np.float32))
+    q, scales, biases = mx.quantize(w, group_size=32, bits=4)
+    gain = torch.tensor(rng.uniform(0.5, 1.5, size=8), dtype=torch.float32)
+    norm = torch.tensor(rng.uniform(0.5, 1.5, size=64), dtype=torch.float32)
+    tensors = {"model.layers.0.mlp.up_proj.weight": q, "model.layers.0.mlp.up_proj.scales": scales,
+               "model.layers.0.mlp.up_proj.biases": biases, "model.layers.0.input_layernorm.weight": mx.ones(64)}
+    adapter = {"model.layers.0.mlp.up_proj.channel_gain": gain, "model.layers.0.input_layernorm.weight": norm}
+    merged = merge_adapter(tensors, adapter)
+    assert merged["model.layers.0.mlp.up_proj.weight"] is q  # the 4-bit codes are not re-quantized
+    before = np.array(mx.dequantize(q, scales, biases, group_size=32, bits=4))
+    after = np.array(mx.dequantize(q, merged["model.layers.0.mlp.up_proj.scales"],
+                                   merged["model.layers.0.mlp.up_proj.biases"], group_size=32, bits=4))
+    assert np.allclose(after, before * gain.numpy()[:, None], rtol=1e-5, atol=1e-6)
+    assert np.allclose(np.array(merged["model.layers.0.input_layernorm.weight"]), norm.numpy())
+    assert np.array_equal(np.array(tensors["model.layers.0.mlp.up_proj.scales"]), np.array(scales))
+    with pytest.raises(KeyError, match="no tensor"):
+        merge_adapter({}, adapter)

@@ -74,6 +74,7 @@ class Config:
     straight_through: int = 1  # forward the hard mask, backward through lambda
     dense_frac: float = 0.125
     ridge: float = 1.0  # warm start of the head (0: random init)
+    warm_prompts: int = 384  # training prompts the warm start scores (a seeded sample)
     batch: int = 8
     steps: int = 600
     lr_head: float = 1e-3
@@ -140,6 +141,38 @@ def apply_adapter(llm, tensors: dict[str, torch.Tensor]) -> None:
                 llm.model.layers[layer].mlp.up_proj.weight.mul_(value.to(torch.float32)[:, None])
             else:
                 params[name].copy_(value.to(params[name].dtype))
+
+
+def merge_adapter(tensors: dict, adapter: dict[str, torch.Tensor]) -> dict:
+    """The adapter merged into an LLM's tensors by their mlx-lm / Hugging Face names (numpy or
+    mlx arrays), quantized or not: norm weights replaced; up_proj row j times gain j, which for
+    an affine-quantized up_proj (X.weight packed, X.scales, X.biases, groups along d_model;
+    GGUF Q4_1's d and m are the same thing) scales that row's scales and biases, exactly, with
+    the packed codes untouched. Returns a new dict; `tensors` is not modified."""
+    out = dict(tensors)
+    for name, value in adapter.items():
+        value = value.float().numpy()
+        if not name.endswith(GAIN_SUFFIX):
+            if name not in out:
+                raise KeyError(f"the LLM has no tensor {name!r} for the adapter's norm")
+            out[name] = _like(out[name], value)
+            continue
+        base = name.removesuffix(".channel_gain")
+        parts = [f"{base}.scales", f"{base}.biases"] if f"{base}.scales" in out else [f"{base}.weight"]
+        for part in parts:
+            if part not in out:
+                raise KeyError(f"the LLM has no tensor {part!r} for the adapter's gains")
+            out[part] = _like(out[part], np.asarray(out[part], dtype=np.float32) * value[:, None])
+    return out
+
+
+def _like(reference, value: np.ndarray):
+    """value as the array type and dtype of `reference` (numpy or mlx)."""
+    if isinstance(reference, np.ndarray):
+        return value.astype(reference.dtype)
+    import mlx.core as mx
+
+    return mx.array(value).astype(reference.dtype)
 
 
 class Predictor(nn.Module):
@@ -349,6 +382,7 @@ class Run:
             return
         t0 = time.time()
         prompts = [r["prompt"] for r in self.train_rows]
+        prompts = random.Random(self.cfg.seed).sample(prompts, min(self.cfg.warm_prompts, len(prompts)))
         scores = griffin_scores(self.teacher, self.tokenizer, prompts)
         raw = torch.stack([self.features[p] for p in prompts])
         warm_start(self.pred, raw, scores.clamp_min(1e-6).log().flatten(1), self.cfg.ridge)
