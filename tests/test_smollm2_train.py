@@ -47,6 +47,27 @@ def test_tiny_data_has_every_family_split_by_the_rule(tiny):
     assert all(0 < len(r["answer_ids"]) <= data.MAX_ANSWER for r in rows)
 
 
+SHIPPED_DATA = Path(__file__).parents[1] / "examples" / "smollm2" / "data.jsonl"
+
+
+def test_shipped_dataset_counts_families_dedup_and_split():
+    meta, rows = data.load(SHIPPED_DATA)
+    assert meta["seed"] == 0 and meta["instructions"] == len(rows) >= 2000
+    keys = [data.normalise(r["prompt"]) for r in rows]
+    assert len(set(keys)) == len(keys)  # deduplicated
+    families = {r["family"] for r in rows}
+    assert len(families) == meta["families"] >= 20
+    assert sum(r["family"] == data.SELF_INSTRUCT for r in rows) >= 50  # the model wrote these itself
+    assert all(r["split"] == data.split_of(r["family"], r["prompt"]) for r in rows)
+    held_families = {r["family"] for r in rows if r["family"] in data.HELD_OUT_FAMILIES}
+    assert held_families == set(data.HELD_OUT_FAMILIES)
+    assert not held_families & {r["family"] for r in rows if r["split"] == "train"}  # whole families out
+    assert meta["train"] == sum(r["split"] == "train" for r in rows) > 1500
+    assert meta["heldout"] == sum(r["split"] == "heldout" for r in rows) > 300
+    assert all(0 < len(r["answer_ids"]) <= meta["max_answer_tokens"] for r in rows)
+    assert meta["finished_answers"] == sum(r["finished"] for r in rows)
+
+
 def test_split_rule_holds_out_whole_families_and_one_prompt_in_ten():
     assert all(data.split_of(f, "any prompt at all") == "heldout" for f in data.HELD_OUT_FAMILIES)
     prompts = [f"What is {a} + {b}?" for a in range(40) for b in range(25)]

@@ -117,9 +117,10 @@ def matches(answer: list[int], reference: list[int]) -> bool:
     return answer[: len(ref)] == ref
 
 
-def condition_names() -> list[str]:
-    """Every condition of the report: ref, e, then a/a0/b/c/d at each density ("b@0.5")."""
-    return ["ref", "e"] + [f"{c}@{d}" for d in DENSITIES for c in MASKED]
+def condition_names(optional: bool = True) -> list[str]:
+    """The report's conditions: ref, e, then a/a0/b/c/d at each density ("b@0.5"); a0 (the
+    predictor without the adapter, an ablation) only with `optional`."""
+    return ["ref", "e"] + [f"{c}@{d}" for d in DENSITIES for c in MASKED if optional or c != "a0"]
 
 
 def _parse(name: str) -> tuple[str, float | None]:
@@ -224,7 +225,7 @@ def measure(artifacts: Path | None, data_path: Path, per_family: int, batch: int
 
 def summarize(stored: dict) -> dict:
     """The report's figures from the per-prompt values of every condition."""
-    missing = [n for n in condition_names() if n not in stored["values"]]
+    missing = [n for n in condition_names(optional=False) if n not in stored["values"]]
     if missing:
         raise SystemExit(f"not measured yet: {', '.join(missing)} (run with --conditions {','.join(missing)})")
     fam_of = np.array(stored["families"])
@@ -234,7 +235,7 @@ def summarize(stored: dict) -> dict:
     results = {"prompts": len(fam_of), "families": families, "per_family_cap": stored["per_family_cap"],
                "artifacts_meta": stored.get("artifacts_meta"), "seconds": sum(stored["seconds"].values()),
                "conditions": {}, "held_out_family_names": list(data.HELD_OUT_FAMILIES)}
-    for name in condition_names():
+    for name in [n for n in condition_names() if n in stored["values"]]:
         results["conditions"][name] = {
             "kl": float(kls[name].mean()), "kl_ci": bootstrap(kls[name]),
             "match16": float(match[name].mean()), "match16_ci": bootstrap(match[name]),
@@ -271,7 +272,7 @@ def write_report(results: dict, out_md: Path, out_png: Path, command: str) -> No
     for name in ("ref", "e"):
         lines.append(f"| {NAMES[name]} | 1.0 | {cell(name, 'kl')} | {cell(name, 'match16', 2)} |")
     for d in DENSITIES:
-        for cond in MASKED:
+        for cond in [x for x in MASKED if f"{x}@{d}" in c]:
             lines.append(f"| {NAMES[cond]} | {d} | {cell(f'{cond}@{d}', 'kl')} | {cell(f'{cond}@{d}', 'match16', 2)} |")
     lines += ["", "Paired comparisons (same resampled prompts):", "", "| | value | 95% interval |", "|---|---|---|"]
     for key, v in p.items():
@@ -291,7 +292,7 @@ def write_report(results: dict, out_md: Path, out_png: Path, command: str) -> No
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for cond in MASKED:
+    for cond in [x for x in MASKED if f"{x}@0.5" in c]:
         for ax, metric in zip(axes, ("kl", "match16")):
             vals = [c[f"{cond}@{d}"][metric] for d in DENSITIES]
             lo = [vals[i] - c[f"{cond}@{d}"][f"{metric}_ci"][0] for i, d in enumerate(DENSITIES)]
@@ -323,7 +324,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     names = condition_names() if args.conditions == "all" else args.conditions.split(",")
     stored = measure(args.artifacts, args.data, args.per_family, args.batch, args.threads, names, args.cache)
-    if any(n not in stored["values"] for n in condition_names()):
+    if any(n not in stored["values"] for n in condition_names(optional=False)):
         print(f"measured {', '.join(names)}; the report needs every condition")
         return
     results = summarize(stored)
