@@ -36,7 +36,7 @@ from converters.reference import indices_to_mask, set_ffn_mask
 from ifprune_mlx.selectors import kept_count, static_top_k, top_k
 
 from . import data
-from .train import (_right_pad, answer_logprobs, apply_adapter, build_predictor, griffin_scores, kl,
+from .train import (answer_logprobs, apply_adapter, build_predictor, griffin_scores, kl,
                     read_artifacts, sequences)
 
 HERE = Path(__file__).parent

@@ -50,8 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from converters.reference import (SoftTopK, SparsityPredictor, hard_top_k, predictor_input, set_ffn_mask,
-                                  soft_top_k)
+from converters.reference import SoftTopK, SparsityPredictor, predictor_input, right_pad, set_ffn_mask
 from ifprune_mlx.selectors import kept_count
 
 from . import data
@@ -77,8 +76,9 @@ class Config:
     warm_prompts: int = 384  # training prompts the warm start scores (a seeded sample)
     batch: int = 8
     steps: int = 600
-    lr_head: float = 1e-3
-    lr_adapter: float = 3e-4
+    lr_head: float = 1e-4  # head weights (the warm start's entries are ~0.005)
+    lr_bias: float = 3e-3  # head2 bias (the static part of the scores, log units) and predictor norm
+    lr_adapter: float = 1e-3  # norms and log gains
     warmup: int = 20
     threads: int = 2
     ckpt_every: int = 20
@@ -241,7 +241,7 @@ def griffin_scores(llm, tokenizer, prompts: list[str], batch: int = 16) -> torch
     try:
         for i in range(0, len(prompts), batch):
             seqs = [data.chat_ids(tokenizer, p) for p in prompts[i: i + batch]]
-            ids, mask = _right_pad(seqs)
+            ids, mask = right_pad(seqs)
             captured.clear()
             llm.model(input_ids=ids, attention_mask=mask)
             valid = mask[:, :, None].float()
@@ -255,16 +255,6 @@ def griffin_scores(llm, tokenizer, prompts: list[str], batch: int = 16) -> torch
         for h in hooks:
             h.remove()
     return torch.cat(out)
-
-
-def _right_pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -308,7 +298,7 @@ def sequences(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, 
         prompt = data.chat_ids(tokenizer, r["prompt"])
         seqs.append(prompt + r["answer_ids"])
         where += [(i, len(prompt) - 1 + t) for t in range(len(r["answer_ids"]))]
-    ids, mask = _right_pad(seqs)
+    ids, mask = right_pad(seqs)
     return ids, mask, torch.tensor(where)
 
 
@@ -321,16 +311,6 @@ def answer_logprobs(llm, ids, mask, where) -> torch.Tensor:
 def kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
     """Per-position KL(teacher || student): [N]."""
     return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-
-
-def train_masks(cfg: Config, scores: torch.Tensor, density: float) -> torch.Tensor:
-    """[B, L, F] training mask from scores: hard top-k forward (straight-through) or lambda*TopK."""
-    k = kept_count(density, scores.shape[-1], cfg.pad_multiple)
-    lam = soft_top_k(scores, k, cfg.tau)
-    hard = hard_top_k(lam, k)
-    if cfg.straight_through:
-        return hard * (1 + lam - lam.detach())
-    return lam * hard
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -354,11 +334,15 @@ class Run:
         self.pred = Predictor(c.hidden_size, self.L, self.F, c.rms_norm_eps)
         self.bb = backbone(self.teacher, cfg.pred_layers)
         self.features = self._features()
-        params = [{"params": list(self.pred.parameters()), "lr": cfg.lr_head},
+        params = [{"params": [self.pred.prediction_head1.weight, self.pred.prediction_head1.bias,
+                              self.pred.prediction_head2.weight], "lr": cfg.lr_head},
+                  {"params": [self.pred.prediction_head2.bias, self.pred.norm], "lr": cfg.lr_bias},
                   {"params": list(self.adapter.parameters()), "lr": cfg.lr_adapter}]
         self.opt = torch.optim.AdamW(params, betas=(0.9, 0.98), weight_decay=0.0)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (
             0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))))
+        self.soft_top_k = {d: SoftTopK(kept_count(d, self.F, cfg.pad_multiple), cfg.tau, bool(cfg.straight_through))
+                           for d in cfg.density_list()}
         self.step = 0
         if not self._resume():
             self._warm_start()
@@ -429,7 +413,7 @@ class Run:
         if density is None:
             masks = gain
         else:
-            m = train_masks(self.cfg, self.scores([r["prompt"] for r in rows]), density)
+            m = self.soft_top_k[density](self.scores([r["prompt"] for r in rows]))
             if dense_rows is not None:
                 m = torch.where(dense_rows[:, None, None], torch.ones_like(m), m)
             masks = m * gain
