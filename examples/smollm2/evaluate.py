@@ -318,12 +318,16 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--conditions", default="all", help="comma-separated (e.g. ref,b@0.5) or all")
     ap.add_argument("--cache", type=Path, default=HERE / "eval_cache.json", help="per-prompt values, merged")
+    ap.add_argument("--report-only", action="store_true", help="measure nothing: the report from --cache")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     ap.add_argument("--plot", type=Path, default=HERE / "results.png")
     ap.add_argument("--json", type=Path, default=HERE / "results.json")
     args = ap.parse_args(argv)
     names = condition_names() if args.conditions == "all" else args.conditions.split(",")
-    stored = measure(args.artifacts, args.data, args.per_family, args.batch, args.threads, names, args.cache)
+    if args.report_only:
+        stored = json.loads(args.cache.read_text())
+    else:
+        stored = measure(args.artifacts, args.data, args.per_family, args.batch, args.threads, names, args.cache)
     if any(n not in stored["values"] for n in condition_names(optional=False)):
         print(f"measured {', '.join(names)}; the report needs every condition")
         return
