@@ -1,8 +1,8 @@
 """Train IFPruning for SmolLM2-135M-Instruct on CPU: a sparsity predictor and an adapter of the
 LLM to its masks, by distillation to the original dense model.
 
-    python -m examples.smollm2.train --run /work/train-run/run1 --minutes 55     # resumable
-    python -m examples.smollm2.train --run RUN --export examples/smollm2/trained  # artifacts only
+    python -m examples.smollm2.train --run RUN --threads 1 --steps 150 --minutes 50 \
+        --export examples/smollm2/trained      # the same command again resumes RUN
 
 The data is data.jsonl (data.py): instructions and the dense model's own greedy answers.
 
@@ -10,16 +10,16 @@ Predictor. Its backbone is the LLM's own embeddings and first `pred_layers` deco
 frozen, followed by a trained RMSNorm and the IFPruning head (d_model -> 128 -> L * d_ffn).
 Frozen, the backbone needs no shipping (it is rebuilt from the GGUF) and its pooled feature
 per prompt is computed once; what trains is the norm and the head (5.9M parameters). The head
-starts as a ridge regression, rank 128, of the training-free (GRIFFIN) scores of the training
-prompts on those features, so step 0 already selects like the training-free selector would,
-from the raw prompt only.
+starts as a ridge regression, rank 128, of the training-free (GRIFFIN) log scores of
+`warm_prompts` training prompts on those features: at step 0 it approximates, from the raw
+prompt alone, what the training-free selector picks.
 
 Adapter (the paper's stage 2, under the constraint that the GGUF's FFN weights are Q4_1 and
 stay so): every RMSNorm weight (input, post-attention, final) and one gain per FFN channel,
 g[l, j] > 0, which scales row j of up_proj. Both merge exactly into a quantized model: norms are
 float tensors, and scaling a row of up_proj scales its blocks' scale and min (Q4_1: w = d*q + m;
-MLX affine: scales, biases), so nothing is re-quantized. 98k parameters, 0.4 MB. It cannot
-change what a channel computes, only how much of it passes and how the residual stream is
+MLX affine: scales, biases), so nothing is re-quantized (merge_adapter). 81k parameters, 0.33 MB.
+It cannot change what a channel computes, only how much of it passes and how the residual stream is
 normalised: far less capacity than LoRA, in exchange for no re-quantization error and no
 runtime change.
 
