@@ -71,15 +71,20 @@ class SoftTopK(nn.Module):
 
     forward(scores [..., F]) -> m [..., F]; channels outside the top k are exactly 0, the kept
     ones carry lambda so the loss reaches the scores. `hard(scores)` is the inference mask.
+    straight_through=True: the forward value is the hard 0/1 mask (what inference runs), the
+    gradient the same as lambda * TopK(lambda)'s.
     """
 
-    def __init__(self, k: int, tau: float = 1.0):
+    def __init__(self, k: int, tau: float = 1.0, straight_through: bool = False):
         super().__init__()
-        self.k, self.tau = k, tau
+        self.k, self.tau, self.straight_through = k, tau, straight_through
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         lam = soft_top_k(scores, self.k, self.tau)
-        return lam * hard_top_k(lam, self.k)
+        hard = hard_top_k(lam, self.k)
+        if self.straight_through:
+            return hard + hard * (lam - lam.detach())  # value exactly hard
+        return lam * hard
 
     def hard(self, scores: torch.Tensor) -> torch.Tensor:
         return hard_top_k(scores, self.k)
@@ -197,11 +202,15 @@ def predictor_input(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.
     """The predictor's input convention (same as the MLX runtime): the raw prompt text, no chat
     template, `tokenizer(prompt)["input_ids"]` with the tokenizer's default special tokens,
     right-padded with 0 -> (input_ids [B, T], attention_mask [B, T])."""
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
-    T = max(len(x) for x in ids)
-    input_ids = torch.zeros(len(ids), T, dtype=torch.long)
-    attention_mask = torch.zeros(len(ids), T, dtype=torch.long)
-    for i, x in enumerate(ids):
+    return right_pad([tokenizer(p)["input_ids"] for p in prompts])
+
+
+def right_pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (input_ids [B, T] right-padded with 0, attention_mask [B, T])."""
+    T = max(len(x) for x in seqs)
+    input_ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    attention_mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, x in enumerate(seqs):
         input_ids[i, : len(x)] = torch.tensor(x)
         attention_mask[i, : len(x)] = 1
     return input_ids, attention_mask

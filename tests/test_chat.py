@@ -206,7 +206,7 @@ def test_cli_in_a_terminal(endless_bundle, tmp_path):
                           encoding="utf-8", codec_errors="replace", timeout=30, dimensions=(40, 120))
     screen = child.logfile_read = io.StringIO()
     try:
-        child.expect_exact(f"loading {endless_bundle}")  # the progress bar
+        child.expect_exact(f"loading {Path(endless_bundle).name}")  # the progress bar
         child.expect("/help for commands")
         child.expect_exact(">>> ")
         child.sendintr()                           # Ctrl-C at the prompt: a new prompt

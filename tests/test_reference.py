@@ -194,3 +194,16 @@ def test_select_channels_picks_the_highest_scores():
         kept = scores[layer, row]
         dropped = np.delete(scores[layer].numpy(), row)
         assert kept.min().item() >= dropped.max()
+
+
+def test_straight_through_soft_top_k_forwards_the_hard_mask_with_lambdas_gradient():
+    scores = torch.randn(3, 40, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    weights = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    st = SoftTopK(8, tau=0.5, straight_through=True)
+    m = st(scores)
+    assert torch.equal(m.detach(), st.hard(scores))
+    (m * weights).sum().backward()
+    grad_st = scores.grad.clone()
+    scores.grad = None
+    (SoftTopK(8, tau=0.5)(scores) * weights).sum().backward()
+    assert torch.allclose(grad_st, scores.grad) and grad_st.abs().sum() > 0

