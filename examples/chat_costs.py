@@ -10,7 +10,7 @@ as real text does (random bytes would not, and would hide the KV cache reuse).
 
     python examples/chat_costs.py                      # tiny random model
     python examples/chat_costs.py --size medium        # 8 layers, d_model 512, d_ffn 2048
-    python examples/chat_costs.py --model path/to/bundle
+    python examples/chat_costs.py --model path/to/bundle   # or any model name `ifprune chat` takes
 
 On Linux CPU preload OpenBLAS for realistic prefill (see docs/ARCHITECTURE.md).
 """
@@ -27,6 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 import ifprune_mlx as ifp
+from ifprune_mlx.resolve import resolve
 from ifprune_mlx import bundle, testing
 from ifprune_mlx.chat import ChatSession
 
@@ -94,7 +95,8 @@ def mean_overlap(masks: list) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="a bundle (default: a random one)")
+    parser.add_argument("--model", help="a model as `ifprune chat` takes it, e.g. examples/train_tiny/checkpoint "
+                                        "(default: a random bundle)")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--density", type=float, default=None)
@@ -105,7 +107,7 @@ def main() -> None:
     if args.prompts:
         conversation = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.model or random_bundle(Path(tmp), args.size)
+        path = resolve(args.model).path if args.model else random_bundle(Path(tmp), args.size)
         rows, per_turn_masks = {}, []
         for policy, caches in (("per-task", 4), ("per-turn", 4), ("per-turn", 1), ("off", 4)):
             runs = []
