@@ -139,9 +139,9 @@ def _bytes_progress(on_progress: Progress | None, stage: str):
 def gguf_bundle(path: Path, on_progress: Progress | None = None) -> Path:
     """The bundle converted from GGUF file `path`, converting it into the cache if needed.
 
-    On MLX's CPU backend the weights are converted to float32: its quantized matmuls over
-    many tokens (prefill, scoring) run about ten times slower than float32 through BLAS
-    (docs/CONVERTING.md). On a GPU (Apple silicon) Q8_0/Q4_0/Q4_1 rows stay quantized.
+    On MLX's CPU backend the weights are converted to float32: there its quantized matmuls
+    have no BLAS path (SmolLM2: prefill 21x, decode 1.9x slower than float32 with OpenBLAS;
+    docs/CONVERTING.md). On a GPU (Apple silicon) Q8_0/Q4_0/Q4_1 rows stay quantized.
     """
     import mlx.core as mx
     from converters.gguf import convert_gguf
