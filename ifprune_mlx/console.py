@@ -67,6 +67,7 @@ def progress_bar(description: str, total: float | None = None):
                   TimeElapsedColumn(), console=stderr, transient=True,
                   disable=not stderr.is_terminal) as progress:
         task = progress.add_task(description, total=total)
+        progress.refresh()  # drawn at least once, however quickly the work ends
 
         def update(done: float, new_total: float | None = None) -> None:
             progress.update(task, completed=done, **({"total": new_total} if new_total else {}))
@@ -91,6 +92,7 @@ def staged_progress():
         def on_progress(stage: str, done: float, total: float) -> None:
             if stage not in tasks:
                 tasks[stage] = progress.add_task(stage, total=total)
+                progress.refresh()  # drawn at least once, however quickly the stage ends
             progress.update(tasks[stage], completed=done, total=total)
 
         yield on_progress

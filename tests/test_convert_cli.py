@@ -167,7 +167,8 @@ def test_ctrl_c_leaves_no_out(tmp_path, llama):
     src = ck.hf_folder(llama, tmp_path / "llm")
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
-        import time, converters.write as w
+        import signal, time, converters.write as w
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
         real = w.write_safetensors
         def slow(path, jobs, on_job=None):
             def tick(job):
