@@ -243,14 +243,45 @@ def _numpy_writes_reach_mlx(device: str) -> bool:
     return probe[0, 0].item() == 1.0
 
 
+_SAME_WIDTH_INTEGERS = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
+
+
+@functools.cache
+def _integer_view_writes_reach_mlx(device: str, dtype: mx.Dtype) -> bool:
+    """Whether rows swapped through a NumPy view of a.view(uintN) move in the MLX array a
+    (a dtype NumPy lacks, e.g. bfloat16). Checked once per device and dtype."""
+    probe = mx.array([[1.0], [2.0]], dtype=dtype)
+    mx.eval(probe)
+    try:
+        bits = probe.view(_SAME_WIDTH_INTEGERS[dtype.size])
+        mx.eval(bits)
+        host = np.array(bits, copy=False)
+        host[[0, 1]] = host[[1, 0]]
+    except (KeyError, ValueError, TypeError, RuntimeError):
+        return False
+    return probe[0, 0].item() == 2.0
+
+
 def _host_view(w: mx.array) -> np.ndarray | None:
-    """A writable NumPy view of w's own row-major buffer, or None (e.g. bfloat16)."""
-    if not _numpy_writes_reach_mlx(str(mx.default_device())):
+    """A writable NumPy view of w's own row-major buffer, or None (then MLX scatters).
+
+    Rows only move, so a dtype NumPy lacks (bfloat16) is viewed as the unsigned integer of
+    its width: the same bytes, copied the same way.
+    """
+    device = str(mx.default_device())
+    if not _numpy_writes_reach_mlx(device):
         return None
     try:
         view = np.array(w, copy=False)  # NumPy 2: raises instead of copying
     except (ValueError, TypeError, RuntimeError):
-        return None
+        if not _integer_view_writes_reach_mlx(device, w.dtype):
+            return None
+        bits = w.view(_SAME_WIDTH_INTEGERS[w.dtype.size])
+        mx.eval(bits)
+        try:
+            view = np.array(bits, copy=False)
+        except (ValueError, TypeError, RuntimeError):
+            return None
     ok = view.flags.c_contiguous and view.flags.writeable and view.shape == tuple(w.shape)
     return view if ok else None
 
@@ -258,9 +289,9 @@ def _host_view(w: mx.array) -> np.ndarray | None:
 def _swap_rows(module: nn.Module, name: str, a: mx.array, b: mx.array) -> None:
     """Swap rows a[i] <-> b[i] of module[name] in place.
 
-    Through a NumPy view of the evaluated buffer when NumPy has the dtype (CPU and unified
-    memory): MLX's CPU scatter costs about ten times a row copy. Else with MLX gathers and
-    scatters. In chunks of at most 1/64 of the
+    Through a NumPy view of the evaluated buffer (CPU and unified memory; bfloat16 through
+    an integer view of the same bytes): MLX's CPU scatter costs about ten times a row copy.
+    Else (a backend whose buffers NumPy cannot write) with MLX gathers and scatters. In chunks of at most 1/64 of the
     rows, so the gathered rows in flight stay below 1/32 of one matrix.
     """
     w = module[name]
