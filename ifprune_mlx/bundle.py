@@ -233,11 +233,19 @@ def update_ifpruning(folder: Path, changes: dict) -> dict:
     if ifpruning_block(config, folder) is None:
         raise BundleError(f"{folder}: not an ifprune bundle (no \"ifpruning\" block in config.json)")
     config["ifpruning"] = {**config["ifpruning"], **changes}
-    tmp = folder / f".config.json.{os.getpid()}"
-    tmp.write_text(json.dumps(config, indent=2))
-    tmp.chmod(0o644)
-    os.replace(tmp, folder / "config.json")
+    write_json_atomic(folder / "config.json", config)
     return config
+
+
+def write_json_atomic(path: Path, data) -> Path:
+    """Write JSON to `path` through a temporary sibling renamed over it (readers never see half
+    a file), readable by others (0644)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+    return path
 
 
 def new_ifpruning_block(default_density: float = DEFAULT_DENSITY, pad_multiple: int = PAD_MULTIPLE,

@@ -178,8 +178,8 @@ def calibrate(
             typer.echo("plot skipped: matplotlib is not installed (pip install matplotlib)", err=True)
     if out is not None:
         command = "ifprune calibrate" + (f" {model}" if model else "") + (f" --plot {plot}" if plot else "") + f" --out {out}"
-        plot_name = str(Path(plot).relative_to(out.parent)) if plot and Path(plot).parent == out.parent else plot
-        out.write_text(calibration_module.report(result, name, command, plot_name and str(plot_name)))
+        plot_name = None if plot is None else plot.name if plot.parent == out.parent else str(plot)
+        out.write_text(calibration_module.report(result, name, command, plot_name))
         typer.echo(f"report: {out}", err=True)
     if save:
         typer.echo(f"stored as the default: {save_calibration(engine, result)}", err=True)

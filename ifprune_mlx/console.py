@@ -60,12 +60,16 @@ def friendly_errors(command):
     return wrapper
 
 
+def _progress() -> Progress:
+    """The transient progress display every command draws on stderr (nothing off a terminal)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=stderr, transient=True, disable=not stderr.is_terminal)
+
+
 @contextmanager
 def progress_bar(description: str, total: float | None = None):
     """A transient progress bar on stderr; yields update(done, total=None)."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=stderr, transient=True,
-                  disable=not stderr.is_terminal) as progress:
+    with _progress() as progress:
         task = progress.add_task(description, total=total)
         progress.refresh()  # drawn at least once, however quickly the work ends
 
@@ -83,13 +87,14 @@ def in_megabytes(update):
 @contextmanager
 def staged_progress():
     """A transient progress display on stderr; yields on_progress(stage, done, total), which
-    starts a new bar whenever the stage changes."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=stderr, transient=True,
-                  disable=not stderr.is_terminal) as progress:
+    starts a new bar whenever the stage changes. Stages counted in bytes (their name ends
+    with "(MB)") are shown in megabytes."""
+    with _progress() as progress:
         tasks: dict[str, int] = {}
 
         def on_progress(stage: str, done: float, total: float) -> None:
+            if stage.endswith("(MB)"):
+                done, total = done // 1_000_000, max(1, total // 1_000_000)
             if stage not in tasks:
                 tasks[stage] = progress.add_task(stage, total=total)
                 progress.refresh()  # drawn at least once, however quickly the stage ends
@@ -129,8 +134,7 @@ def open_model(model: str | None, group=None, **options):
     if group is None:
         return load_resolved(found, **options), found
     engine = load_with_progress(found.path, group=group, **options)
-    needed = not resolve.attach_stored_calibration(engine) and found.made_here and not engine.has_predictor
-    if bool(rank0_values(group, needed)):
+    if bool(rank0_values(group, resolve.needs_calibration(engine, found))):
         calibration = calibrate_with_progress(engine)
         if group.rank() == 0:
             resolve.save_calibration(engine, calibration)
@@ -144,7 +148,7 @@ def resolve_with_progress(model: str | None):
     from . import resolve
 
     with staged_progress() as on_progress:
-        return resolve.resolve(model, on_progress=_megabytes(on_progress))
+        return resolve.resolve(model, on_progress=on_progress)
 
 
 def load_resolved(found, **options):
@@ -162,13 +166,3 @@ def density_origin(engine) -> str:
     if engine.has_predictor:
         return "the trained predictor's density"
     return "not calibrated: `ifprune calibrate MODEL` measures which density to trust"
-
-
-def _megabytes(on_progress):
-    """Stages counted in bytes (their name ends with "(MB)") are shown in megabytes."""
-    def report(stage: str, done: float, total: float) -> None:
-        if stage.endswith("(MB)"):
-            done, total = done // 1_000_000, max(1, total // 1_000_000)
-        on_progress(stage, done, total)
-
-    return report

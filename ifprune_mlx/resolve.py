@@ -132,7 +132,8 @@ def _convert_once(src: Path, kind: str, convert: Callable[[Path], None]) -> Path
     return out
 
 
-def _bytes_progress(on_progress: Progress | None, stage: str):
+def _stage(on_progress: Progress | None, stage: str):
+    """A one-stage callback on_progress(done, total) for an on_progress(stage, done, total)."""
     return (lambda done, total: on_progress(stage, done, total)) if on_progress else None
 
 
@@ -150,7 +151,7 @@ def gguf_bundle(path: Path, on_progress: Progress | None = None) -> Path:
     dequantize = mx.default_device().type == mx.DeviceType.cpu
     return _convert_once(path, "gguf-float32" if dequantize else "gguf", lambda out: convert_gguf(
         path, out, force=True, dequantize=dequantize,
-        on_progress=_bytes_progress(on_progress, f"converting {path.name} (MB)")))
+        on_progress=_stage(on_progress, f"converting {path.name} (MB)")))
 
 
 def checkpoint_bundle(folder: Path, on_progress: Progress | None = None) -> Path:
@@ -161,7 +162,7 @@ def checkpoint_bundle(folder: Path, on_progress: Progress | None = None) -> Path
 
     folder = Path(folder)
     return _convert_once(folder, "checkpoints", lambda out: convert(
-        detect(folder), out, force=True, on_progress=_bytes_progress(on_progress, f"converting {folder.name} (MB)")))
+        detect(folder), out, force=True, on_progress=_stage(on_progress, f"converting {folder.name} (MB)")))
 
 
 def hub_snapshot(repo_id: str, on_progress: Progress | None = None) -> Path:
@@ -202,14 +203,19 @@ def prepare(found: Resolved, *, on_progress: Progress | None = None, **load_opti
     from .calibrate import calibrate
     from .engine import load
 
-    def stage(name: str):
-        return (lambda done, total: on_progress(name, done, total)) if on_progress else None
-
-    engine = load(found.path, on_progress=stage(f"loading {found.path.name} (layers)"), **load_options)
-    if not attach_stored_calibration(engine) and found.made_here and not engine.has_predictor:
-        result = calibrate(engine, on_progress=stage("first use: calibrating the default density, once (prompts)"))
+    loading = _stage(on_progress, f"loading {found.path.name} (layers)")
+    engine = load(found.path, on_progress=loading, **load_options)
+    if needs_calibration(engine, found):
+        calibrating = _stage(on_progress, "first use: calibrating the default density, once (prompts)")
+        result = calibrate(engine, on_progress=calibrating)
         save_calibration(engine, result)
     return engine
+
+
+def needs_calibration(engine, found: Resolved) -> bool:
+    """Whether a model is calibrated on this first use: it has no stored calibration (a
+    plain folder's is attached here), no trained predictor, and was converted or downloaded here."""
+    return not attach_stored_calibration(engine) and found.made_here and not engine.has_predictor
 
 
 def open_model(model: str | Path | None = None, *, on_progress: Progress | None = None, **load_options):
@@ -241,12 +247,11 @@ def read_plain_calibration(folder: Path) -> dict | None:
 
 def write_plain_calibration(folder: Path, calibration: dict) -> Path:
     """Store a plain folder's calibration in the cache (the folder itself is not written)."""
+    from .bundle import write_json_atomic
+
     path = _calibration_file(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(calibration, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, calibration)
 
 
 def attach_stored_calibration(engine) -> bool:
