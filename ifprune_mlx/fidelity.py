@@ -69,17 +69,18 @@ def fidelity_after_prefill(engine, prompt: Sequence[int], continuation: Sequence
     """For each selection: (mean KL(dense || pruned) in nats, share of `continuation` tokens
     that are the pruned model's top-1 choice), in GRIFFIN's setting (see kl_after_prefill).
 
-    One dense prefill serves every selection: the KV cache is trimmed back after each.
+    One dense prefill serves the dense reference and every selection: the KV cache is
+    trimmed back to it after each.
     Pins the last selection on the engine (call engine.apply("auto") to unpin).
     """
     prompt, continuation = list(prompt), list(continuation)
     if len(prompt) < 2:
         raise ValueError("the prompt needs at least 2 tokens (all but the last are prefilled dense)")
-    engine.apply(None)
-    dense = engine.model(mx.array([prompt + continuation], dtype=mx.int32))[0, len(prompt) - 1:]
-    mx.eval(dense)  # before the rows move
     cache = prefill_dense(engine, prompt)
     fed = prompt[-1:] + continuation
+    dense = engine.model(mx.array([fed], dtype=mx.int32), cache=cache)[0]
+    mx.eval(dense)  # before the rows move
+    trim_prompt_cache(cache, len(fed))
     targets = mx.array(continuation, dtype=mx.int32)
     results = []
     for selection in selections:
