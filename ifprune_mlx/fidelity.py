@@ -117,7 +117,7 @@ def compact_model(engine, k: int | None = None, *, rows: bool = False) -> nn.Mod
             for part in layer.row_arrays():
                 weights[f"{prefix}.{name}.{part}"] = layer[part][idx]  # a gather: a new buffer
         down = mlp.down_proj
-        if not rows and q:
+        if not rows and "scales" in down:
             dense = mx.dequantize(down.weight[idx], down.scales[idx], down.biases[idx],
                                   group_size=down.group_size, bits=down.bits)
             w, s, b = mx.quantize(mx.contiguous(dense.T), group_size=q["group_size"], bits=q["bits"])
@@ -130,7 +130,7 @@ def compact_model(engine, k: int | None = None, *, rows: bool = False) -> nn.Mod
         mx.eval([v for n, v in weights.items() if n.startswith(prefix)])
     model = build_model(dict(config, intermediate_size=width), prunable=rows)
     if q:
-        quantize_like(model, q, weights)
+        quantize_like(model, q, weights, blas_prefill=rows)
     load_weights(model, weights, "compact copy")
     return model
 

@@ -7,9 +7,10 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map_with_path
 
 from .errors import BundleError, UnsupportedArchitectureError
-from .prune import PrunableMLP, QuantizedRowLinear, RowLinear
+from .prune import BlasQuantizedLinear, PrunableMLP, QuantizedRowLinear, RowLinear
 
 # model_type -> mlx-lm module. Each has a SwiGLU MLP with gate/up/down projections; phi3's
 # gate and up are one fused gate_up_proj, split at load (split_gate_up).
@@ -85,11 +86,13 @@ def prunable_mlps(model: nn.Module) -> list[PrunableMLP]:
     return [layer.mlp for layer in model.layers]
 
 
-def quantize_like(model: nn.Module, quantization: dict, weights: dict) -> None:
+def quantize_like(model: nn.Module, quantization: dict, weights: dict, *, blas_prefill: bool = True) -> None:
     """Quantize the modules whose `scales` the weights carry, as mlx-lm does at load.
 
     Bits and group size are read off each module's tensors, so mixed-precision checkpoints
-    (e.g. 8-bit down_proj in a 4-bit model) load as written.
+    (e.g. 8-bit down_proj in a 4-bit model) load as written. blas_prefill: the quantized
+    linears outside the FFN are BlasQuantizedLinear (many-token products through BLAS on the
+    CPU, as the FFN's rows do); False keeps mlx-lm's nn.QuantizedLinear (a plain mlx-lm model).
     """
 
     def params(path: str, module: nn.Module):
@@ -109,6 +112,9 @@ def quantize_like(model: nn.Module, quantization: dict, weights: dict) -> None:
 
     nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
                 mode=quantization.get("mode", "affine"), class_predicate=params)
+    if blas_prefill:
+        swap = lambda _, m: BlasQuantizedLinear.of(m) if type(m) is nn.QuantizedLinear else m  # noqa: E731
+        model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
 
 
 def is_down_proj(name: str) -> bool:

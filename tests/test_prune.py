@@ -14,6 +14,8 @@ from ifprune_mlx.prune import QuantizedRowLinear, RowLinear, apply_selection, pl
 from ifprune_mlx.testing import make_bundle, model_config
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 64]])
+# Over prune.DEQUANTIZE_ROWS: quantized products take the dequantize-then-BLAS path on the CPU.
+LONG_TOKENS = mx.array([[(37 * i + 5) % 251 for i in range(40)]])
 
 
 def zeroed_reference(reference, selection):
@@ -64,8 +66,9 @@ def test_pruned_equals_dense_with_dropped_channels_zeroed(engines, seeds):
             engine.apply(keep)
             assert [m.kept_ids().tolist() for m in engine.mlps] == [k.tolist() for k in keep]
         zeroed_reference(reference, keep)
-        diff = mx.abs(engine.model(TOKENS) - reference.model(TOKENS)).max().item()
-        assert diff <= 1e-4
+        for tokens in (TOKENS, LONG_TOKENS):
+            diff = mx.abs(engine.model(tokens) - reference.model(tokens)).max().item()
+            assert diff <= 1e-4
 
 
 def test_apply_a_b_a_equals_a_fresh(bundle_dir):
@@ -187,6 +190,44 @@ def test_quantized_rows_match_quantizing_sliced_rows():
     wq, s, b = mx.quantize(w[:40], group_size=32, bits=4)
     assert mx.array_equal(q.weight[:40], wq) and mx.array_equal(q.scales[:40], s)
 
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("channel_in", [False, True])
+def test_dequantized_matmul_equals_quantized_matmul(bits, channel_in, monkeypatch):
+    import ifprune_mlx.prune as prune
+
+    monkeypatch.setattr(prune, "DEQUANTIZE_BLOCK_BYTES", 4 * 64 * 40)  # blocks of 40 rows
+    w, s, b = mx.quantize(mx.random.normal((160, 64), key=mx.random.key(bits)), group_size=32, bits=bits)
+    k = 130  # a prefix, in blocks of 40, 40, 40, 10
+    x = mx.random.normal((1, 40, k if channel_in else 64), key=mx.random.key(1))
+    want = mx.quantized_matmul(x, w[:k], s[:k], b[:k], transpose=not channel_in, group_size=32, bits=bits)
+    got = prune.dequantized_matmul(x, w, s, b, k, group_size=32, bits=bits, channel_in=channel_in)
+    assert got.shape == want.shape
+    assert mx.abs(got - want).max().item() <= 1e-4 * mx.abs(want).max().item()
+
+
+def test_quantized_model_prefills_through_blas_and_agrees_with_mlx_lm(q4_bundle_dir):
+    """Attention's quantized linears become BlasQuantizedLinear (same parameters); over a
+    prompt the logits stay those of mlx-lm's QuantizedLinear, for one token they are its own."""
+    import mlx.nn as nn
+
+    from ifprune_mlx.fidelity import compact_model
+    from ifprune_mlx.prune import BlasQuantizedLinear, many_rows_on_cpu
+
+    engine = ifp.load(q4_bundle_dir)
+    plain = compact_model(engine, rows=True)
+    attention = engine.model.layers[0].self_attn
+    assert type(attention.q_proj) is BlasQuantizedLinear
+    assert many_rows_on_cpu(mx.zeros((1, LONG_TOKENS.shape[1], 8))) == (mx.default_device() == mx.cpu)
+    for layer in plain.layers:  # back to mlx-lm's own quantized linear
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            blas = getattr(layer.self_attn, name)
+            mlx_lm = nn.QuantizedLinear(blas.group_size, 1, "bias" in blas, blas.group_size, blas.bits)
+            mlx_lm.update(blas.parameters())
+            setattr(layer.self_attn, name, mlx_lm)
+    for tokens, tolerance in ((LONG_TOKENS, 1e-3), (TOKENS, 0.0)):
+        assert mx.abs(engine.model(tokens) - plain(tokens)).max().item() <= tolerance
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
