@@ -6,11 +6,21 @@ contention and clock drift cancel:
              rows it keeps, in two layouts: mlx-lm's (nn.Linear FFN, down_proj [d_model, k]:
              the model that is physically that small) and the engine's own row layout
              (PrunableMLP of width k: the same kernels, so a ratio isolates the in-place
-             prefix); at density 1.0 the first is plain mlx-lm on the dense model.
-  TTFT       predictor + apply (row swaps) + prefill, per prompt length, vs the dense model.
+             prefix); at density 1.0 the first is plain mlx-lm on the dense model, which is
+             also timed in every pruned round, so speed-ups are paired too.
+  TTFT       per prompt length, vs the dense model's prefill (mlx-lm): trained predictor +
+             apply (row swaps) + pruned prefill, where the model has a predictor; training-free
+             selection (GRIFFIN's dense pass, which also fills the KV cache) + apply + the
+             prompt's last token pruned, on every model.
   reselect   engine.apply() time from a selection that differs by a fraction of its channels.
   memory     a fresh process loads, selects, applies and generates: peak memory vs weights.
   bytes      bytes read per decoded token, the bound every speed-up must respect.
+
+Models: synthetic random ones of several widths and dtypes, and real ones (`ifprune bench
+MODEL`): a GGUF file is converted once per float dtype and quantization asked for (the
+default model's GGUF in float32, bfloat16 and 4-bit in `make bench`). The machine's load
+average is recorded with every model and decode row: absolute tok/s depend on it, paired
+ratios much less.
 
 `ifprune bench` prints the figures (and writes them as JSON); examples/benchmark_report.py
 turns a run into docs/BENCHMARKS.md.
@@ -29,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,13 +48,12 @@ import mlx.nn as nn
 import numpy as np
 import typer
 
-from .bundle import DEFAULT_DENSITY
 from .console import fail, friendly_errors
 from .fidelity import compact_model
 
 DENSITIES = (1.0, 0.5, 0.33, 0.25)
+REAL_DENSITIES = (1.0, 0.7, 0.5, 0.3)  # real models have less slack than random ones
 CHANGED = (0.0, 0.1, 0.5, 1.0)
-SELECT_DENSITY = DEFAULT_DENSITY  # of TTFT, re-selection and memory: a bundle's default
 # A speed-up may exceed its bytes-per-token bound by this factor before it is flagged: decode
 # is memory-bound, so more than that means the two timings saw different machine load.
 BOUND_SLACK = 1.10
@@ -65,9 +74,13 @@ class Settings:
     ttft_reps: int = 2
     prompt_lengths: tuple[int, ...] = (32, 256, 1024)
     scaling_prompt_lengths: tuple[int, ...] = (256,)
-    quantized_prompt_lengths: tuple[int, ...] = (16,)  # quantized prefill is slow on Linux CPU
+    real_prompt_lengths: tuple[int, ...] = (32, 256)
+    # Prompts of half-precision and quantized models: MLX's CPU backend multiplies float16/bfloat16
+    # without BLAS (~50x slower prefill), and so does mlx-lm's quantized reference.
+    slow_prompt_lengths: tuple[int, ...] = (32,)
     memory_prompt: int = 64
     densities: tuple[float, ...] = DENSITIES
+    real_densities: tuple[float, ...] = REAL_DENSITIES
     changed: tuple[float, ...] = CHANGED
     memory_tokens: int = 32
     layers: int = 8
@@ -78,8 +91,9 @@ class Settings:
     @classmethod
     def quick_run(cls) -> "Settings":
         return cls(quick=True, decode_tokens=4, decode_prompt=8, reps=1, min_reps=1, ttft_reps=1,
-                   prompt_lengths=(8, 32), scaling_prompt_lengths=(8,), quantized_prompt_lengths=(8,),
-                   memory_prompt=8, densities=(1.0, 0.5, 0.25), changed=(0.0, 1.0), memory_tokens=4,
+                   prompt_lengths=(8, 32), scaling_prompt_lengths=(8,), real_prompt_lengths=(8,),
+                   slow_prompt_lengths=(8,), memory_prompt=8, densities=(1.0, 0.5, 0.25),
+                   real_densities=(1.0, 0.5), changed=(0.0, 1.0), memory_tokens=4,
                    layers=2, vocab=512, bandwidth_probe=(16, 2, 512))
 
 
@@ -246,13 +260,22 @@ class _Stream:
         return decode_tps(self.model, self.prompt, tokens, self.cache)
 
 
-def first_token_seconds(model: nn.Module, prompt: list[int]) -> float:
-    """Prefill + first token of generate_step."""
+def first_token_seconds(model: nn.Module, prompt: list[int], cache: list | None = None) -> float:
+    """Prefill + first token of generate_step (continuing `cache` when given)."""
     from mlx_lm.generate import generate_step
 
     start = time.perf_counter()
-    next(generate_step(mx.array(prompt, dtype=mx.int32), model, max_tokens=1))
+    next(generate_step(mx.array(prompt, dtype=mx.int32), model, max_tokens=1, prompt_cache=cache))
     return time.perf_counter() - start
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (None where the OS does not say): the benchmark
+    shares the machine, and absolute figures depend on it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
 
 
 def _free() -> None:
@@ -261,28 +284,32 @@ def _free() -> None:
     mx.clear_cache()
 
 
-def decode(engine, s: Settings, log: Callable[[str], None]) -> list[dict]:
+def decode(engine, s: Settings, densities: tuple[float, ...], log: Callable[[str], None]) -> list[dict]:
     """Per density: the engine pruned in place vs compact copies of its kept rows, timed in
     alternation.
 
     References (compact_model): "small", mlx-lm's layout (at density 1.0: mlx-lm on the dense
-    model), and "rows", the engine's layout (same kernels). Each round times one block of
-    every variant, in an order that rotates from round to round; a ratio is the median over
-    rounds of the ratio of two variants' blocks in that round, so load changes between
-    rounds cancel. A speed-up (in place at this density vs a dense reference) compares
-    different rounds; bytes_bound is what the bytes read per token allow it to be.
+    model), "rows", the engine's layout (same kernels), and at lower densities "dense",
+    mlx-lm on the dense model again. Each round times one block of every variant, in an
+    order that rotates from round to round; a ratio is the median over rounds of the ratio
+    of two variants' blocks in that round, so load changes between rounds cancel. The
+    speed-up (in place vs mlx-lm dense) is paired that way too; bytes_bound is what the
+    bytes read per token allow it to be.
     """
     prompt = _ids(engine, s.decode_prompt)
     text = engine.tokenizer.decode(prompt)
     rows, dense_tps = [], {}
-    names = ("inplace", "small", "rows")
-    for density in sorted(s.densities, reverse=True):
+    dense_model = compact_model(engine)
+    for density in sorted(densities, reverse=True):
         k = engine.kept_count(density)
         engine.apply(None if k == engine.d_ffn else engine.select(text, density))
         references = {"small": compact_model(engine, None if k == engine.d_ffn else k),
                       "rows": compact_model(engine, k, rows=True)}
         few = mx.array([prompt[:4]])
         check = max(float(mx.abs(engine.model(few) - model(few)).max()) for model in references.values())
+        if k < engine.d_ffn:
+            references["dense"] = dense_model
+        names = ("inplace", *references)
         variants = {"inplace": _Stream(engine.model, prompt),
                     **{name: _Stream(model, prompt) for name, model in references.items()}}
         warm = [v.block(2) for v in variants.values()]
@@ -292,7 +319,8 @@ def decode(engine, s: Settings, log: Callable[[str], None]) -> list[dict]:
         reps = max(s.min_reps, min(s.reps, int(s.decode_budget / (tokens * per_token))))
         times: dict[str, list[float]] = {name: [] for name in names}
         for rep in range(reps):
-            for name in names[rep % 3:] + names[:rep % 3]:
+            shift = rep % len(names)
+            for name in names[shift:] + names[:shift]:
                 times[name].append(variants[name].block(tokens))
         med = {name: statistics.median(t) for name, t in times.items()}
 
@@ -304,20 +332,21 @@ def decode(engine, s: Settings, log: Callable[[str], None]) -> list[dict]:
         context = s.decode_prompt + (reps * (tokens + 1) + 3) // 2
         bpt = bytes_per_token(engine, k, context)["total"]
         row = {"density": density, "k": k, "inplace_tps": med["inplace"], "small_tps": med["small"],
-               "rows_tps": med["rows"], "mlx_lm_tps": dense_tps.get("mlx_lm"),
+               "rows_tps": med["rows"], "mlx_lm_tps": med.get("dense", dense_tps.get("mlx_lm")),
                "ratio_small": paired("small"), "ratio_rows": paired("rows"),
                "ratio_mlx_lm": paired("small") if k == engine.d_ffn else None,
-               "speedup": med["inplace"] / dense_tps["mlx_lm"] if dense_tps else None,
+               "speedup": paired("small" if k == engine.d_ffn else "dense"),
                "speedup_rows": med["inplace"] / dense_tps["rows"] if dense_tps else None,
                "bytes_bound": bytes_per_token(engine, engine.d_ffn, context)["total"] / bpt,
                "ratio_best": max(times["inplace"]) / max(times["small"]),
-               "reps": reps, "block_tokens": tokens, "bytes_per_token": bpt,
+               "reps": reps, "block_tokens": tokens, "bytes_per_token": bpt, "load": load_average(),
                "max_logit_diff": check, "samples": {n: [round(x, 2) for x in t] for n, t in times.items()}}
         rows.append(row)
         what = "mlx-lm dense" if k == engine.d_ffn else "small"
         log(f"  decode density {density:.2f} (k={k}): in place {med['inplace']:.1f} tok/s, "
             f"{what} {med['small']:.1f} -> {row['ratio_small']:.3f}x, same kernels {med['rows']:.1f} -> "
-            f"{row['ratio_rows']:.3f}x ({reps} x {tokens} tokens)")
+            f"{row['ratio_rows']:.3f}x, speed-up vs mlx-lm dense {row['speedup']:.2f}x "
+            f"(bound {row['bytes_bound']:.2f}x; {reps} x {tokens} tokens, load {row['load']})")
         del references, variants
         _free()
     engine.apply(None)
@@ -326,40 +355,50 @@ def decode(engine, s: Settings, log: Callable[[str], None]) -> list[dict]:
 
 def ttft(engine, dense: nn.Module, lengths: tuple[int, ...], s: Settings,
          log: Callable[[str], None]) -> list[dict]:
-    """Time to first token: predictor + apply + prefill (pruned) vs prefill (dense mlx-lm).
+    """Time to first token at the model's default density vs the dense model's (mlx-lm) prefill.
 
-    Before each pruned measurement the selection of another prompt is applied, so apply
-    swaps what a new task would swap. Every prompt text is new, so nothing is cached.
+    Per prompt length, one row per selector: "predictor" (where the model has one):
+    predictor + apply + pruned prefill; "activations" (training-free, every model): the
+    dense scoring pass over the prompt, which also fills the KV cache (GRIFFIN, as the
+    engine generates) + apply + the prompt's last token pruned. Before each pruned
+    measurement the selection of another prompt is applied, so apply swaps what a new task
+    would swap. Every prompt text is new, so nothing is cached.
     """
-    density = SELECT_DENSITY
+    density = engine.default_density
+    selectors = [name for name in ("predictor", "activations") if name in engine.selectors]
     rows = []
     for n in lengths:
-        parts: dict[str, list[float]] = {"predictor": [], "apply": [], "prefill": [], "dense": [],
-                                         "swaps": []}
-        other = engine.select(prompt_text(engine, n, salt=10_000)[0], density)
         first_token_seconds(dense, _ids(engine, n))  # warm-up
+        other_text = prompt_text(engine, n, salt=10_000)[0]
+        others = {name: engine.select(other_text, density, name) for name in selectors}
+        parts = {name: {key: [] for key in ("select", "apply", "prefill", "dense", "swaps")} for name in selectors}
         for rep in range(s.ttft_reps + 1):
             text, ids = prompt_text(engine, n, salt=rep + 100 * n)
-            engine.apply(other)
-            start = time.perf_counter()
-            sel = engine.select(text, density)
-            t_pred = time.perf_counter() - start
-            start = time.perf_counter()
-            stats = engine.apply(sel)
-            t_apply = time.perf_counter() - start
-            t_prefill = first_token_seconds(engine.model, ids)
-            t_dense = first_token_seconds(dense, ids)
-            if rep == 0:
-                continue  # warm-up
-            for key, v in zip(parts, (t_pred, t_apply, t_prefill, t_dense, stats.swaps)):
-                parts[key].append(v)
-        med = {key: statistics.median(v) for key, v in parts.items()}
-        total = med["predictor"] + med["apply"] + med["prefill"]
-        rows.append({"tokens": len(ids), "density": density, **med, "total": total,
-                     "ratio_dense": total / med["dense"]})
-        log(f"  TTFT {len(ids)} tokens: predictor {med['predictor'] * 1e3:.1f} ms + apply "
-            f"{med['apply'] * 1e3:.1f} ms + prefill {med['prefill'] * 1e3:.1f} ms = "
-            f"{total * 1e3:.1f} ms vs dense {med['dense'] * 1e3:.1f} ms")
+            for name in selectors:
+                engine.apply(others[name])
+                if name == "predictor":
+                    start = time.perf_counter()
+                    selection = engine.select(text, density, name)
+                    t_select = time.perf_counter() - start
+                    stats = engine.apply(selection)
+                    t_prefill = first_token_seconds(engine.model, ids)
+                else:  # what generate() runs: one dense pass scores the channels and fills the cache
+                    cache, t_select = engine._griffin_prefill(engine.selectors[name], ids, density)
+                    stats = engine.last_apply
+                    t_prefill = first_token_seconds(engine.model, ids[-1:], cache)
+                t_dense = first_token_seconds(dense, ids)
+                if rep:  # the first is a warm-up
+                    for key, v in zip(parts[name], (t_select, stats.seconds, t_prefill, t_dense, stats.swaps)):
+                        parts[name][key].append(v)
+        for name in selectors:
+            med = {key: statistics.median(v) for key, v in parts[name].items()}
+            total = med["select"] + med["apply"] + med["prefill"]
+            rows.append({"tokens": len(ids), "density": density, "selector": name, **med, "total": total,
+                         "ratio_dense": total / med["dense"], "select_over_dense": med["select"] / med["dense"],
+                         "load": load_average()})
+            log(f"  TTFT {len(ids)} tokens, {name}: select {med['select'] * 1e3:.1f} ms + apply "
+                f"{med['apply'] * 1e3:.1f} ms + prefill {med['prefill'] * 1e3:.1f} ms = "
+                f"{total * 1e3:.1f} ms vs dense {med['dense'] * 1e3:.1f} ms")
     engine.apply(None)
     return rows
 
@@ -380,7 +419,7 @@ def reselect(engine, s: Settings, log: Callable[[str], None]) -> list[dict]:
     from .selectors import Selection
 
     rng = np.random.default_rng(0)
-    base = engine.select(prompt_text(engine, 32, salt=7)[0], SELECT_DENSITY)
+    base = engine.select(prompt_text(engine, 32, salt=7)[0], engine.default_density)
     k = base.kept_counts[0]
     rows = []
     for fraction in s.changed:
@@ -445,18 +484,18 @@ def memory_probe(folder: str, density: float, prompt_tokens: int, tokens: int) -
     predictor = _array_bytes(engine.selectors["predictor"].predictor.parameters()) if engine.has_predictor else 0
     k = engine.mlps[0].k
     kv = bytes_per_token(engine, k, len(ids) + n)["kv"]
-    return {"weights": weights, "predictor": predictor, "kv": kv, "peak_load": after_load,
+    return {"weights": weights, "predictor": predictor, "kv": kv, "density": density, "peak_load": after_load,
             "peak_apply": after_apply, "peak": peak, "rss": rss, "rss_start": rss0,
             "tokens": len(ids) + n, "ratio": (peak - kv) / (weights + predictor),
             "rss_ratio": (rss - rss0 - kv) / (weights + predictor)}
 
 
-def memory(folder: Path, s: Settings) -> dict:
+def memory(folder: Path, density: float, s: Settings) -> dict:
     """memory_probe() in a fresh interpreter (same environment, so the same BLAS)."""
     code = ("import json, sys; from ifprune_mlx.bench import memory_probe; "
             "print(json.dumps(memory_probe(*sys.argv[1:2], *map(float, sys.argv[2:3]), "
             "*map(int, sys.argv[3:]))))")
-    out = subprocess.run([sys.executable, "-c", code, str(folder), str(SELECT_DENSITY),
+    out = subprocess.run([sys.executable, "-c", code, str(folder), str(density),
                           str(s.memory_prompt), str(s.memory_tokens)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -473,16 +512,26 @@ class ModelResult:
     vocab: int
     quant: str
     weight_bytes: int
+    real: bool = False  # a real checkpoint (else random weights)
+    tied_embeddings: bool = False
     decode: list[dict] = field(default_factory=list)
     ttft: list[dict] = field(default_factory=list)
     reselect: list[dict] = field(default_factory=list)
     memory: dict = field(default_factory=dict)
     seconds: float = 0.0
     detailed: bool = False
+    load: list = field(default_factory=list)  # load average when the model's measurements began and ended
 
 
-def bench_model(folder: Path, name: str, s: Settings, *, detailed: bool,
-                log: Callable[[str], None]) -> ModelResult:
+def _ttft_lengths(engine, s: Settings, detailed: bool, real: bool) -> tuple[int, ...]:
+    half = engine.model.model.norm.weight.dtype in (mx.bfloat16, mx.float16)
+    if half or engine.config.get("quantization"):
+        return s.slow_prompt_lengths
+    return s.real_prompt_lengths if real else s.prompt_lengths if detailed else s.scaling_prompt_lengths
+
+
+def bench_model(folder: Path, name: str, s: Settings, *, detailed: bool, log: Callable[[str], None],
+                real: bool = False) -> ModelResult:
     """All measurements on one bundle (or plain model folder)."""
     import ifprune_mlx
 
@@ -493,23 +542,21 @@ def bench_model(folder: Path, name: str, s: Settings, *, detailed: bool,
                          layers=engine.n_layers, vocab=c["vocab_size"],
                          quant=f"{q['bits']}-bit (group {q['group_size']})" if q else
                          str(engine.model.model.norm.weight.dtype).replace("mlx.core.", ""),
-                         weight_bytes=engine.weight_bytes(), detailed=detailed)
+                         weight_bytes=engine.weight_bytes(), detailed=detailed, real=real,
+                         tied_embeddings=bool(engine.model.args.tie_word_embeddings), load=[load_average()])
     log(f"{name}: d_model {result.d_model}, d_ffn {result.d_ffn}, {result.layers} layers, "
-        f"vocab {result.vocab}, {result.quant}, {result.weight_bytes / 1e6:.0f} MB")
-    if engine.has_predictor:
-        result.memory = memory(folder, s)
-        log(f"  memory: peak {result.memory['peak'] / 1e6:.0f} MB = {result.memory['ratio']:.3f}x "
-            f"the weights (+KV)")
-    result.decode = decode(engine, s, log)
-    if engine.has_predictor:
-        lengths = (s.prompt_lengths if detailed else
-                   s.quantized_prompt_lengths if q else s.scaling_prompt_lengths)
-        dense = compact_model(engine)
-        result.ttft = ttft(engine, dense, lengths, s, log)
-        del dense
-        _free()
+        f"vocab {result.vocab}, {result.quant}, {result.weight_bytes / 1e6:.0f} MB, load {result.load[0]}")
+    result.memory = memory(folder, engine.default_density, s)
+    log(f"  memory: peak {result.memory['peak'] / 1e6:.0f} MB = {result.memory['ratio']:.3f}x "
+        f"the weights (+KV)")
+    result.decode = decode(engine, s, s.real_densities if real else s.densities, log)
+    dense = compact_model(engine)
+    result.ttft = ttft(engine, dense, _ttft_lengths(engine, s, detailed, real), s, log)
+    del dense
+    _free()
     result.reselect = reselect(engine, s, log)
     result.seconds = time.perf_counter() - start
+    result.load.append(load_average())
     del engine
     _free()
     return result
@@ -533,17 +580,46 @@ def _bandwidth_without_openblas(s: Settings) -> Optional[dict]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(*, model: Optional[Path], widths: list[int], bits: list[Optional[int]], dtype: str,
+def variants(bits: list[Optional[int]], dtypes: list[str]) -> list[tuple[Optional[int], str]]:
+    """(bits, dtype) of each model to measure: a float model per dtype, a quantized one per
+    width (scales in the first dtype)."""
+    return [(b, d) for b in bits for d in (dtypes if b is None else dtypes[:1])]
+
+
+def real_models(model: Path, bits: list[Optional[int]], dtypes: list[str], folder: Path,
+                log: Callable[[str], None]) -> list[tuple[str, Path]]:
+    """(name, folder) of the models `ifprune bench MODEL` measures: a GGUF file converted into
+    `folder` once per variants(bits, dtypes) (floats dequantized; 4/8-bit re-quantized by rows
+    from them, group size 32); anything else resolve() names, as it is."""
+    from .resolve import resolve
+
+    path = Path(model).expanduser()
+    if not (path.is_file() and path.suffix.lower() == ".gguf"):
+        found = resolve(model).path
+        return [(found.name, found)]
+    from converters.gguf import convert_gguf
+
+    out = []
+    for b, dtype in variants(bits, dtypes):
+        name = f"{path.name.split('.')[0]}-{f'q{b}' if b else dtype}"
+        log(f"converting {path.name} to {name}")
+        convert_gguf(path, folder / name, force=True, dtype=dtype, dequantize=b is None, bits=b, group_size=32)
+        out.append((name, folder / name))
+    return out
+
+
+def run(*, models: list[Path], widths: list[int], bits: list[Optional[int]], dtypes: list[str],
         settings: Settings, detail: Optional[int] = 1024, log: Callable[[str], None] = print,
         command: str = "") -> dict:
-    """Run the benchmark; returns every figure (JSON-serializable).
+    """Run the benchmark on real `models` (real_models) and synthetic ones of `widths` (each in
+    variants(bits, dtypes)); returns every figure (JSON-serializable).
 
-    `detail`: the width (float, not quantized) whose TTFT is measured at every prompt
-    length; the other models get s.scaling_prompt_lengths only.
+    `detail`: the synthetic width (first dtype, not quantized) whose TTFT is measured at every
+    prompt length; the other synthetic models get s.scaling_prompt_lengths only.
     """
     start = time.perf_counter()
     info = {"machine": machine(), "settings": asdict(settings), "command": command,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": load_average()}
     probe = lambda: bandwidth(*settings.bandwidth_probe)  # noqa: E731
     samples = [probe()]
     bw = samples[0]
@@ -555,23 +631,27 @@ def run(*, model: Optional[Path], widths: list[int], bits: list[Optional[int]], 
         log(f"without OpenBLAS: matrix-vector {ref['gemv_gbs']:.1f} GB/s, matrix-matrix "
             f"{ref['gemm_gflops']:.0f} GFLOP/s")
     results = []
-    if model is not None:
-        results.append(bench_model(Path(model), Path(model).name, settings, detailed=True, log=log))
-    else:
-        detail = detail if detail in widths else widths[0]
-        with tempfile.TemporaryDirectory(prefix="ifprune-bench-") as tmp:
-            for b in bits:
-                for width in widths:
-                    name = f"d{width}-{'q' + str(b) if b else dtype}"
-                    folder = synthetic_bundle(Path(tmp) / name, width, settings, bits=b, dtype=dtype)
-                    detailed = width == detail and b is None
-                    results.append(bench_model(folder, name, settings, detailed=detailed, log=log))
+    detail = detail if detail in widths else (widths[0] if widths else None)
+    with tempfile.TemporaryDirectory(prefix="ifprune-bench-") as tmp:
+        for model in models:
+            for name, folder in real_models(Path(model), bits, dtypes, Path(tmp), log):
+                results.append(bench_model(folder, name, settings, detailed=True, real=True, log=log))
+                samples.append(probe())  # the machine may be shared: probe again, keep the best
+                if folder.is_relative_to(tmp):
                     shutil.rmtree(folder, ignore_errors=True)
-                    samples.append(probe())  # the machine may be shared: probe again, keep the best
+        for b, dtype in variants(bits, dtypes):
+            for width in widths:
+                name = f"d{width}-{'q' + str(b) if b else dtype}"
+                folder = synthetic_bundle(Path(tmp) / name, width, settings, bits=b, dtype=dtype)
+                detailed = width == detail and b is None and dtype == dtypes[0]
+                results.append(bench_model(folder, name, settings, detailed=detailed, log=log))
+                shutil.rmtree(folder, ignore_errors=True)
+                samples.append(probe())
     info["bandwidth_samples"] = samples
     info["bandwidth"] = {key: max(x[key] for x in samples) for key in samples[0]}
     info["results"] = [asdict(r) for r in results]
     info["seconds"] = time.perf_counter() - start
+    info["load_end"] = load_average()
     return info
 
 
@@ -612,11 +692,15 @@ def bound_violations(info: dict) -> list[dict]:
 
 # -- command ---------------------------------------------------------------------------
 
-def parse_models(synthetic: str, bits: str, dtype: str) -> tuple[list[int], list[Optional[int]]]:
-    """The synthetic widths and quantizations of `--synthetic 512,1024 --bits 0,4`; ValueError
-    with a one-line message when they are not valid."""
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+DEFAULT_WIDTHS = "512,1024,2048"
+
+
+def parse_models(synthetic: str, bits: str, dtype: str) -> tuple[list[int], list[Optional[int]], list[str]]:
+    """The synthetic widths, quantizations and float dtypes of `--synthetic 512,1024 --bits 0,4
+    --dtype float32,bfloat16`; ValueError with a one-line message when they are not valid."""
+    dtypes = [d.strip() for d in dtype.split(",") if d.strip()]
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        raise ValueError(f"--dtype takes {', '.join(DTYPES)} (comma-separated), got {dtype!r}")
     try:
         widths = [int(w) for w in synthetic.split(",") if w.strip()]
         bit_list = [None if part.strip().lower() in ("0", "none", "float", "") else int(part)
@@ -626,7 +710,7 @@ def parse_models(synthetic: str, bits: str, dtype: str) -> tuple[list[int], list
                          f"got {synthetic!r}, {bits!r}") from None
     if any(b not in (None, 4, 8) for b in bit_list):
         raise ValueError(f"--bits takes 0 (float), 4 or 8; got {bits!r}")
-    return widths, bit_list
+    return widths, bit_list, dtypes
 
 
 def _summary(info: dict) -> list[str]:
@@ -639,7 +723,7 @@ def _summary(info: dict) -> list[str]:
             bound = bytes_bound(r, d)
             lines.append(f"  {d['density']:>7.2f} {d['k']:>6} {d['inplace_tps']:>9.1f} {d['small_tps']:>9.1f} "
                          f"{d['rows_tps']:>9.1f} {d['ratio_small']:>8.3f} {d['ratio_rows']:>7.3f} "
-                         f"{(d['speedup_rows'] or 0):>8.2f}x {(bound or 0):>10.2f}x")
+                         f"{(d['speedup'] or 0):>8.2f}x {(bound or 0):>10.2f}x")
         if r["memory"]:
             lines.append(f"  peak memory {r['memory']['ratio']:.3f}x the weights (+ KV cache)")
     for v in bound_violations(info):
@@ -650,11 +734,12 @@ def _summary(info: dict) -> list[str]:
 
 @friendly_errors
 def bench(
-    model: Optional[Path] = typer.Argument(None, help="A bundle or plain model folder to benchmark (default: synthetic models)."),
-    synthetic: str = typer.Option("512,1024,2048", help="d_model of the synthetic random models, comma-separated."),
-    dtype: str = typer.Option("float32", help="Float dtype of the synthetic models: float32, float16, bfloat16."),
-    bits: str = typer.Option("0,4", help="Quantizations of the synthetic models: 0 (float), 4, 8; comma-separated."),
+    model: Optional[str] = typer.Argument(None, help="A model to benchmark: a .gguf file (measured in each --dtype and --bits), a bundle or model folder, a repo id. Default: synthetic models only."),
+    synthetic: Optional[str] = typer.Option(None, help=f"d_model of the synthetic random models, comma-separated (default: {DEFAULT_WIDTHS} without MODEL, none with it)."),
+    dtype: str = typer.Option("float32", help="Float dtypes of the synthetic models and of a GGUF's conversions: float32, float16, bfloat16; comma-separated."),
+    bits: str = typer.Option("0,4", help="Quantizations of the synthetic models and of a GGUF's conversions: 0 (float), 4, 8; comma-separated."),
     quick: bool = typer.Option(False, "--quick", help="A fast smoke run: tiny models, few tokens, one repetition."),
+    decode_seconds: Optional[float] = typer.Option(None, help="Seconds of timed decode per density and model (default 20; fewer rounds when lower)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write every raw figure as JSON."),
     detail: int = typer.Option(1024, help="The synthetic width whose time to first token is measured at every prompt length."),
 ):
@@ -662,17 +747,27 @@ def bench(
 
     docs/BENCHMARKS.md is written from such a run by examples/benchmark_report.py (`make bench`).
     """
+    if synthetic is None:
+        synthetic = "" if model else DEFAULT_WIDTHS
     try:
-        widths, bit_list = parse_models(synthetic, bits, dtype)
+        widths, bit_list, dtypes = parse_models(synthetic, bits, dtype)
     except ValueError as e:
         fail(str(e))
-    args = [str(model)] if model else [f"--synthetic {synthetic}", f"--bits {bits}", f"--dtype {dtype}"]
-    args += (["--quick"] if quick else []) + ([f"--json {json_path}"] if json_path else [])
-    info = run(model=model, widths=widths, bits=bit_list, dtype=dtype,
-               settings=Settings.quick_run() if quick else Settings(), detail=detail,
+    shown = synthetic or "''"  # none: an empty list on the command line
+    args = ([model] if model else []) + [f"--synthetic {shown}", f"--bits {bits}", f"--dtype {dtype}"]
+    args += (["--quick"] if quick else []) + ([f"--decode-seconds {decode_seconds}"] if decode_seconds else [])
+    args += [f"--json {json_path}"] if json_path else []
+    info = run(models=[model] if model else [], widths=widths, bits=bit_list, dtypes=dtypes,
+               settings=settings_for(quick, decode_seconds), detail=detail,
                command=command_line("ifprune bench", args), log=lambda msg: typer.echo(msg, err=True))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(info, indent=1, default=str))
     for line in _summary(info):
         typer.echo(line)
+
+
+def settings_for(quick: bool, decode_seconds: Optional[float] = None) -> Settings:
+    """The command's Settings: quick_run() or the default, with its decode budget if given."""
+    s = Settings.quick_run() if quick else Settings()
+    return replace(s, decode_budget=decode_seconds) if decode_seconds else s

@@ -100,9 +100,10 @@ def compact_model(engine, k: int | None = None, *, rows: bool = False) -> nn.Mod
     every layer, i.e. the selection applied now (intermediate_size = k).
     rows=False: plain mlx-lm (nn.Linear FFN, down_proj [d_model, k]), the layout mlx-lm runs;
     rows=True: PrunableMLPs of width k in the engine's row layout, so the same kernels run.
-    Attention, norms and embeddings are shared with the engine (they are never written).
+    Attention, norms and embeddings are shared with the engine (they are never written). Its
+    config is the engine's as mlx-lm must be given it (models.normalize_config).
     """
-    from .models import build_model, load_weights, quantize_like
+    from .models import build_model, load_weights, normalize_config, quantize_like
 
     config = {key: v for key, v in engine.config.items() if key not in ("ifpruning", "quantization")}
     q = engine.config.get("quantization")
@@ -128,6 +129,8 @@ def compact_model(engine, k: int | None = None, *, rows: bool = False) -> nn.Mod
         if "bias" in down:
             weights[f"{prefix}.down_proj.bias"] = down.bias
         mx.eval([v for n, v in weights.items() if n.startswith(prefix)])
+    # mlx-lm reads what normalize_config makes explicit (e.g. transformers 5's nested rope_theta)
+    config = normalize_config(config, weights)
     model = build_model(dict(config, intermediate_size=width), prunable=rows)
     if q:
         quantize_like(model, q, weights, blas_prefill=rows)

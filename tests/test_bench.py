@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 import ifprune_mlx
 from ifprune_mlx import bench
 from examples import benchmark_report
+from ifprune_mlx.bundle import DEFAULT_DENSITY
 from ifprune_mlx.cli import app
 from ifprune_mlx.fidelity import compact_model
 from ifprune_mlx.selectors import Selection
@@ -48,7 +49,7 @@ def test_quick_bench_prints_and_the_report_writes(tmp_path):
         assert f"\n| {density:.2f} |" in text
     for fraction in bench.Settings.quick_run().changed:
         assert f"\n| {fraction:.0%} |" in text
-    assert f"density {bench.SELECT_DENSITY}" in text
+    assert f"density {DEFAULT_DENSITY}" in text
     assert "BLAS:" in text
     assert png.stat().st_size > 0
 
@@ -130,10 +131,58 @@ def test_bytes_per_token_counts_kept_rows(engine):
 
 
 def test_bench_runs_on_a_model_folder(plain_dir):
-    """A plain model (no predictor): decode and re-selection with the training-free selector."""
-    info = bench.run(model=plain_dir, widths=[], bits=[None], dtype="float32",
+    """A plain model (no predictor): every measurement, with the training-free selector."""
+    info = bench.run(models=[plain_dir], widths=[], bits=[None], dtypes=["float32"],
                      settings=bench.Settings.quick_run(), log=lambda _: None)
     (result,) = info["results"]
-    assert [d["density"] for d in result["decode"]] == [1.0, 0.5, 0.25]
-    assert result["ttft"] == [] and result["memory"] == {}  # both need a predictor
+    assert result["real"] and result["name"] == plain_dir.name
+    assert [d["density"] for d in result["decode"]] == list(bench.Settings.quick_run().real_densities)
+    assert {t["selector"] for t in result["ttft"]} == {"activations"}
+    assert result["memory"]["predictor"] == 0 and result["memory"]["peak"] >= result["memory"]["weights"]
     assert [x["swaps"] for x in result["reselect"]][0] == 0
+
+
+def test_bench_of_a_gguf_measures_each_conversion_and_reports_the_real_model_targets(tmp_path):
+    """`ifprune bench FILE.gguf`: one model per float dtype and quantization, no synthetic ones;
+    the training-free selector's TTFT split; the report's real-model section and targets."""
+    pytest.importorskip("gguf")
+    from ifprune_mlx import testing
+
+    gguf_file = testing.make_gguf(tmp_path / "tiny.gguf", "llama", "F32")
+    raw = tmp_path / "b.json"
+    result = CliRunner().invoke(app, ["bench", str(gguf_file), "--quick", "--dtype", "float32,bfloat16",
+                                      "--bits", "0,4", "--json", str(raw)])
+    assert result.exit_code == 0, result.output
+    info = json.loads(raw.read_text())
+    assert [r["name"] for r in info["results"]] == ["tiny-float32", "tiny-bfloat16", "tiny-q4"]
+    assert [r["quant"] for r in info["results"]] == ["float32", "bfloat16", "4-bit (group 32)"]
+    for r in info["results"]:
+        assert r["real"] and r["memory"] and r["load"]
+        assert [d["density"] for d in r["decode"]] == list(bench.Settings.quick_run().real_densities)
+        pruned = [d for d in r["decode"] if d["density"] < 1.0]
+        assert pruned and all("dense" in d["samples"] for d in pruned)  # speed-ups are paired
+        assert {t["selector"] for t in r["ttft"]} == {"activations"}  # a GGUF has no predictor
+        for t in r["ttft"]:
+            assert t["total"] == pytest.approx(t["select"] + t["apply"] + t["prefill"])
+    out = tmp_path / "B.md"
+    benchmark_report.main(["--from-json", str(raw), "--out", str(out), "--plot", str(tmp_path / "b.png")])
+    text = out.read_text()
+    assert "## Real model: tiny-bfloat16" in text and "## Scaling" not in text
+    assert "tiny-float32: speed-up at density 0.5 >= 0.9x the bytes bound" in text
+    assert "tiny-q4: training-free selection <= 1.0x the dense prefill" in text
+    assert "| training-free |" in text
+
+
+def test_mlx_lm_reference_reads_a_nested_rope_theta(tmp_path):
+    """transformers 5 nests rope_theta in rope_parameters; mlx-lm alone would use 10000."""
+    from ifprune_mlx import testing
+
+    config = {k: v for k, v in testing.model_config("llama").items() if k != "rope_theta"}
+    theta = 1000.0
+    folder = testing.make_model_folder(tmp_path / "m", dict(config, rope_parameters={"rope_theta": theta,
+                                                                                        "rope_type": "default"}))
+    engine = ifprune_mlx.load(folder)
+    dense = compact_model(engine)
+    assert dense.args.rope_theta == theta
+    ids = mx.array([list(range(3, 40))])
+    np.testing.assert_allclose(np.array(dense(ids)), np.array(engine.model(ids)), atol=1e-4)
