@@ -196,7 +196,11 @@ def _array_bytes(tree) -> int:
 
 
 def bytes_per_token(engine, k: int, context: int) -> dict:
-    """Bytes one decode step reads: weights touched + the KV cache at `context` tokens."""
+    """Bytes one decode step reads: weights touched + the KV cache at `context` tokens.
+
+    The embedding table is read one row per token, unless it is tied: then the output
+    projection reads all of it (SmolLM2: 49152 x 576, a fifth of the model).
+    """
     c = engine.config
     ffn = sum(_array_bytes(m.parameters()) for m in engine.mlps) * k / engine.d_ffn
     embed = _array_bytes(engine.model.model.embed_tokens.parameters())
@@ -204,7 +208,8 @@ def bytes_per_token(engine, k: int, context: int) -> dict:
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     itemsize = engine.model.model.norm.weight.dtype.size
     kv = 2 * engine.n_layers * c["num_key_value_heads"] * head_dim * context * itemsize
-    weights = ffn + rest + embed / c["vocab_size"]
+    tied = engine.model.args.tie_word_embeddings
+    weights = ffn + rest + (embed if tied else embed / c["vocab_size"])
     return {"weights": weights, "kv": kv, "total": weights + kv}
 
 

@@ -130,6 +130,19 @@ def test_bytes_per_token_counts_kept_rows(engine):
     assert bench.bytes_per_token(engine, engine.d_ffn, 10)["kv"] > 0
 
 
+def test_bytes_per_token_counts_a_tied_embedding_table_whole(tmp_path):
+    """A tied table is the output projection too: every token reads all of it."""
+    from ifprune_mlx import testing
+
+    untied = ifprune_mlx.load(testing.make_model_folder(tmp_path / "untied"))
+    tied = ifprune_mlx.load(testing.make_model_folder(
+        tmp_path / "tied", dict(testing.model_config("llama"), tie_word_embeddings=True)))
+    table = tied.model.model.embed_tokens.weight.nbytes
+    assert bench.bytes_per_token(tied, tied.d_ffn, 0)["weights"] == pytest.approx(tied.weight_bytes())
+    assert bench.bytes_per_token(untied, untied.d_ffn, 0)["weights"] == pytest.approx(
+        untied.weight_bytes() - table + table / untied.config["vocab_size"])
+
+
 def test_bench_runs_on_a_model_folder(plain_dir):
     """A plain model (no predictor): every measurement, with the training-free selector."""
     info = bench.run(models=[plain_dir], widths=[], bits=[None], dtypes=["float32"],
