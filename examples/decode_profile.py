@@ -77,12 +77,12 @@ def parts(model: nn.Module, prompt: list[int]) -> dict:
             "whole step": (step, None)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="as `ifprune chat MODEL` takes it (default: the default model)")
     ap.add_argument("--densities", default="0.5,0.3")
     ap.add_argument("--repeat", type=int, default=30)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     engine = ifprune_mlx.load(resolve(args.model).path, cache_size=0)
     prompt = _ids(engine, 32)
     variants = {"ours dense": engine.model, "mlx-lm dense": compact_model(engine)}

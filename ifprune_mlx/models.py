@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 from .errors import BundleError, UnsupportedArchitectureError
-from .prune import BlasQuantizedLinear, PrunableMLP, QuantizedRowLinear, RowLinear
+from .prune import PrunableMLP, QuantizedRowLinear, RowLinear, blas_quantized
 
 # model_type -> mlx-lm module. Each has a SwiGLU MLP with gate/up/down projections; phi3's
 # gate and up are one fused gate_up_proj, split at load (split_gate_up).
@@ -91,8 +91,9 @@ def quantize_like(model: nn.Module, quantization: dict, weights: dict, *, blas_p
 
     Bits and group size are read off each module's tensors, so mixed-precision checkpoints
     (e.g. 8-bit down_proj in a 4-bit model) load as written. blas_prefill: the quantized
-    linears outside the FFN are BlasQuantizedLinear (many-token products through BLAS on the
-    CPU, as the FFN's rows do); False keeps mlx-lm's nn.QuantizedLinear (a plain mlx-lm model).
+    linears and embeddings outside the FFN become their BLAS-prefill twins (prune.blas_quantized:
+    many-token products through BLAS on the CPU, as the FFN's rows); False keeps mlx-lm's own
+    (a plain mlx-lm model).
     """
 
     def params(path: str, module: nn.Module):
@@ -113,8 +114,8 @@ def quantize_like(model: nn.Module, quantization: dict, weights: dict, *, blas_p
     nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
                 mode=quantization.get("mode", "affine"), class_predicate=params)
     if blas_prefill:
-        swap = lambda _, m: BlasQuantizedLinear.of(m) if type(m) is nn.QuantizedLinear else m  # noqa: E731
-        model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
+        swapped = tree_map_with_path(lambda _, m: blas_quantized(m), model.leaf_modules(), is_leaf=nn.Module.is_module)
+        model.update_modules(swapped)
 
 
 def is_down_proj(name: str) -> bool:

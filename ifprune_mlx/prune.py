@@ -176,6 +176,35 @@ class BlasQuantizedLinear(nn.QuantizedLinear):
         return y + self.bias if "bias" in self else y
 
 
+class BlasQuantizedEmbedding(nn.QuantizedEmbedding):
+    """nn.QuantizedEmbedding (affine) whose output projection (tied embeddings: as_linear) over
+    many tokens runs through BLAS on the CPU (dequantized_matmul), as BlasQuantizedLinear."""
+
+    @classmethod
+    def of(cls, layer: nn.QuantizedEmbedding) -> "BlasQuantizedEmbedding":
+        rows, packed = layer.weight.shape
+        blas = cls(rows, packed * 32 // layer.bits, layer.group_size, layer.bits, layer.mode)
+        blas.update(layer.parameters())
+        blas.freeze()
+        return blas
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if self.mode != "affine" or not many_rows_on_cpu(x):
+            return super().as_linear(x)
+        return dequantized_matmul(x, self.weight, self.scales, self.biases, self.weight.shape[0],
+                                  group_size=self.group_size, bits=self.bits, channel_in=False)
+
+
+def blas_quantized(module: nn.Module) -> nn.Module:
+    """mlx-lm's affine QuantizedLinear / QuantizedEmbedding as their BLAS-prefill twins (the
+    same parameters); any other module as it is."""
+    if type(module) is nn.QuantizedLinear:
+        return BlasQuantizedLinear.of(module)
+    if type(module) is nn.QuantizedEmbedding:
+        return BlasQuantizedEmbedding.of(module)
+    return module
+
+
 class PrunableMLP(nn.Module):
     """SwiGLU FFN in row layout that computes on its first `k` channels only."""
 

@@ -207,25 +207,35 @@ def test_dequantized_matmul_equals_quantized_matmul(bits, channel_in, monkeypatc
     assert mx.abs(got - want).max().item() <= 1e-4 * mx.abs(want).max().item()
 
 
-def test_quantized_model_prefills_through_blas_and_agrees_with_mlx_lm(q4_bundle_dir):
-    """Attention's quantized linears become BlasQuantizedLinear (same parameters); over a
-    prompt the logits stay those of mlx-lm's QuantizedLinear, for one token they are its own."""
+def test_quantized_model_prefills_through_blas_and_agrees_with_mlx_lm(tmp_path):
+    """Quantized linears and embeddings outside the FFN become their BLAS twins (the same
+    parameters); over a prompt the logits stay those of mlx-lm's own layers, for a few tokens
+    (quantized_matmul either way) they are equal."""
     import mlx.nn as nn
+    from mlx.utils import tree_map_with_path
 
     from ifprune_mlx.fidelity import compact_model
-    from ifprune_mlx.prune import BlasQuantizedLinear, many_rows_on_cpu
+    from ifprune_mlx.prune import BlasQuantizedEmbedding, BlasQuantizedLinear, many_rows_on_cpu
 
-    engine = ifp.load(q4_bundle_dir)
-    plain = compact_model(engine, rows=True)
-    attention = engine.model.layers[0].self_attn
-    assert type(attention.q_proj) is BlasQuantizedLinear
+    config = dict(model_config("llama"), tie_word_embeddings=True)  # as_linear is the output layer
+    engine = ifp.load(make_bundle(tmp_path / "q4-tied", config, quantize_bits=4))
+    plain = compact_model(engine, rows=True)  # the same FFN rows, then mlx-lm's own other layers
+    assert type(engine.model.layers[0].self_attn.q_proj) is BlasQuantizedLinear
+    assert type(engine.model.model.embed_tokens) is BlasQuantizedEmbedding
     assert many_rows_on_cpu(mx.zeros((1, LONG_TOKENS.shape[1], 8))) == (mx.default_device() == mx.cpu)
-    for layer in plain.layers:  # back to mlx-lm's own quantized linear
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            blas = getattr(layer.self_attn, name)
-            mlx_lm = nn.QuantizedLinear(blas.group_size, 1, "bias" in blas, blas.group_size, blas.bits)
-            mlx_lm.update(blas.parameters())
-            setattr(layer.self_attn, name, mlx_lm)
+
+    def mlx_lm_layer(_, m):
+        if isinstance(m, BlasQuantizedLinear):
+            own = nn.QuantizedLinear(m.group_size, 1, "bias" in m, m.group_size, m.bits)
+        elif isinstance(m, BlasQuantizedEmbedding):
+            own = nn.QuantizedEmbedding(1, m.group_size, m.group_size, m.bits)
+        else:
+            return m
+        own.update(m.parameters())
+        return own
+
+    plain.update_modules(tree_map_with_path(mlx_lm_layer, plain.leaf_modules(), is_leaf=nn.Module.is_module))
+    assert type(plain.model.embed_tokens) is nn.QuantizedEmbedding
     for tokens, tolerance in ((LONG_TOKENS, 1e-3), (TOKENS, 0.0)):
         assert mx.abs(engine.model(tokens) - plain(tokens)).max().item() <= tolerance
 
