@@ -105,7 +105,6 @@ def compact_model(engine, k: int | None = None, *, rows: bool = False) -> nn.Mod
     """
     from .models import build_model, load_weights, normalize_config, quantize_like
 
-    config = {key: v for key, v in engine.config.items() if key not in ("ifpruning", "quantization")}
     q = engine.config.get("quantization")
     width = engine.d_ffn if k is None else k
     weights = {n: v for n, v in nn.utils.tree_flatten(engine.model.parameters()) if ".mlp." not in n}
@@ -130,7 +129,8 @@ def compact_model(engine, k: int | None = None, *, rows: bool = False) -> nn.Mod
             weights[f"{prefix}.down_proj.bias"] = down.bias
         mx.eval([v for n, v in weights.items() if n.startswith(prefix)])
     # mlx-lm reads what normalize_config makes explicit (e.g. transformers 5's nested rope_theta)
-    config = normalize_config(config, weights)
+    config = {key: v for key, v in normalize_config(engine.config, weights).items()
+              if key not in ("ifpruning", "quantization", "quantization_config")}
     model = build_model(dict(config, intermediate_size=width), prunable=rows)
     if q:
         quantize_like(model, q, weights, blas_prefill=rows)

@@ -160,14 +160,6 @@ class BlasQuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear (affine) whose products over many tokens run through BLAS on the CPU
     (dequantized_matmul); one token (decode) keeps quantized_matmul."""
 
-    @classmethod
-    def of(cls, layer: nn.QuantizedLinear) -> "BlasQuantizedLinear":
-        out_dims, packed = layer.weight.shape
-        blas = cls(packed * 32 // layer.bits, out_dims, "bias" in layer, layer.group_size, layer.bits, layer.mode)
-        blas.update(layer.parameters())
-        blas.freeze()
-        return blas
-
     def __call__(self, x: mx.array) -> mx.array:
         if self.mode != "affine" or not many_rows_on_cpu(x):
             return super().__call__(x)
@@ -180,14 +172,6 @@ class BlasQuantizedEmbedding(nn.QuantizedEmbedding):
     """nn.QuantizedEmbedding (affine) whose output projection (tied embeddings: as_linear) over
     many tokens runs through BLAS on the CPU (dequantized_matmul), as BlasQuantizedLinear."""
 
-    @classmethod
-    def of(cls, layer: nn.QuantizedEmbedding) -> "BlasQuantizedEmbedding":
-        rows, packed = layer.weight.shape
-        blas = cls(rows, packed * 32 // layer.bits, layer.group_size, layer.bits, layer.mode)
-        blas.update(layer.parameters())
-        blas.freeze()
-        return blas
-
     def as_linear(self, x: mx.array) -> mx.array:
         if self.mode != "affine" or not many_rows_on_cpu(x):
             return super().as_linear(x)
@@ -198,11 +182,17 @@ class BlasQuantizedEmbedding(nn.QuantizedEmbedding):
 def blas_quantized(module: nn.Module) -> nn.Module:
     """mlx-lm's affine QuantizedLinear / QuantizedEmbedding as their BLAS-prefill twins (the
     same parameters); any other module as it is."""
+    if type(module) not in (nn.QuantizedLinear, nn.QuantizedEmbedding):
+        return module
+    rows, packed = module.weight.shape
+    options = (module.group_size, module.bits, module.mode)
     if type(module) is nn.QuantizedLinear:
-        return BlasQuantizedLinear.of(module)
-    if type(module) is nn.QuantizedEmbedding:
-        return BlasQuantizedEmbedding.of(module)
-    return module
+        twin = BlasQuantizedLinear(packed * 32 // module.bits, rows, "bias" in module, *options)
+    else:
+        twin = BlasQuantizedEmbedding(rows, packed * 32 // module.bits, *options)
+    twin.update(module.parameters())
+    twin.freeze()
+    return twin
 
 
 class PrunableMLP(nn.Module):
