@@ -53,6 +53,7 @@ from .fidelity import compact_model
 
 DENSITIES = (1.0, 0.5, 0.33, 0.25)
 REAL_DENSITIES = (1.0, 0.7, 0.5, 0.3)  # real models have less slack than random ones
+DEFAULT_MODEL = "default"  # `ifprune bench default`: the default model (resolve's, predictor included)
 CHANGED = (0.0, 0.1, 0.5, 1.0)
 # A speed-up may exceed its bytes-per-token bound by this factor before it is flagged: decode
 # is memory-bound, so more than that means the two timings saw different machine load.
@@ -595,12 +596,14 @@ def real_models(model: Path, bits: list[Optional[int]], dtypes: list[str], folde
                 log: Callable[[str], None]) -> list[tuple[str, Path]]:
     """(name, folder) of the models `ifprune bench MODEL` measures: a GGUF file converted into
     `folder` once per variants(bits, dtypes) (floats dequantized; 4/8-bit re-quantized by rows
-    from them, group size 32); anything else resolve() names, as it is."""
+    from them, group size 32); "default" (unless such a folder exists) the default model
+    resolve() opens (with its trained predictor, where it has one); anything else resolve()
+    names, as it is."""
     from .resolve import resolve
 
     path = Path(model).expanduser()
     if not (path.is_file() and path.suffix.lower() == ".gguf"):
-        found = resolve(model).path
+        found = resolve(None if str(model) == DEFAULT_MODEL and not path.exists() else model).path
         return [(found.name, found)]
     from converters.gguf import convert_gguf
 
@@ -739,7 +742,7 @@ def _summary(info: dict) -> list[str]:
 
 @friendly_errors
 def bench(
-    model: Optional[str] = typer.Argument(None, help="A model to benchmark: a .gguf file (measured in each --dtype and --bits), a bundle or model folder, a repo id. Default: synthetic models only."),
+    model: Optional[str] = typer.Argument(None, help="A model to benchmark: a .gguf file (measured in each --dtype and --bits), a bundle or model folder, a repo id, or 'default' (the default model). Without it: synthetic models only."),
     synthetic: Optional[str] = typer.Option(None, help=f"d_model of the synthetic random models, comma-separated (default: {DEFAULT_WIDTHS} without MODEL, none with it)."),
     dtype: str = typer.Option("float32", help="Float dtypes of the synthetic models and of a GGUF's conversions: float32, float16, bfloat16; comma-separated."),
     bits: str = typer.Option("0,4", help="Quantizations of the synthetic models and of a GGUF's conversions: 0 (float), 4, 8; comma-separated."),
