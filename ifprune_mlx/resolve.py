@@ -141,8 +141,9 @@ def gguf_bundle(path: Path, on_progress: Progress | None = None) -> Path:
     """The bundle converted from GGUF file `path`, converting it into the cache if needed.
 
     On MLX's CPU backend the weights are converted to float32: there its quantized matmuls
-    have no BLAS path (SmolLM2: prefill 21x, decode 1.9x slower than float32 with OpenBLAS;
-    docs/CONVERTING.md). On a GPU (Apple silicon) Q8_0/Q4_0/Q4_1 rows stay quantized.
+    have no BLAS path (SmolLM2 with OpenBLAS: prefill 1.4x slower than float32 even with the
+    runtime's dequantize-then-BLAS prompts, decode 1.1-1.9x; docs/CONVERTING.md). On a GPU
+    (Apple silicon) Q8_0/Q4_0/Q4_1 rows stay quantized.
     """
     import mlx.core as mx
     from converters.gguf import convert_gguf
