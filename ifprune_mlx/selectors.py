@@ -224,7 +224,10 @@ class ActivationSelector:
         energy = _channel_energy(self.normalize)
 
         def observe(h):
-            collected.append(energy(h[0]))  # (T, d_ffn) -> (d_ffn,), channels in position order
+            # (T, d_ffn) -> (d_ffn,), channels in position order. Evaluated as the pass goes:
+            # left lazy to the end, every layer's activations would be held at once.
+            collected.append(energy(h[0]))
+            mx.async_eval(collected[-1])
 
         if cache is None:  # the chunks of a long prompt attend to the earlier ones through it
             cache = make_prompt_cache(self.model)

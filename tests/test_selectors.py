@@ -64,6 +64,32 @@ def test_chunked_scoring_equals_one_pass(plain, monkeypatch):
     assert np.allclose(activations.scores(tokens), whole, rtol=1e-4, atol=1e-5)
 
 
+def test_scoring_pass_holds_one_layer_of_activations_at_a_time(tmp_path):
+    """The pass's activations [T, d_ffn] are reduced layer by layer; left lazy to the end, all
+    layers' would be alive at once (8 x 1 MB here)."""
+    import gc
+
+    engine = ifp.load(make_model_folder(tmp_path / "m", model_config(num_hidden_layers=8, intermediate_size=1024)))
+    tokens = [int(t) for t in np.random.default_rng(0).integers(0, 320, 256)]
+    activations = engine.get_selector("activations")
+
+    def peak(run) -> int:
+        gc.collect()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        run()
+        return mx.get_peak_memory() - base
+
+    def dense_prefill():
+        cache = make_prompt_cache(engine.model)
+        engine.model(mx.array([tokens]), cache=cache)
+        mx.eval([c.state for c in cache])
+
+    one_layer = len(tokens) * 1024 * 4
+    assert peak(lambda: activations.scores(tokens)) <= peak(dense_prefill) + 3 * one_layer
+
+
 @settings(max_examples=25, deadline=None)
 @given(token=st.integers(0, 11), scale=st.floats(1e-3, 1e4), seed=st.integers(0, 2**16))
 def test_normalization_keeps_one_token_from_dominating(token, scale, seed):
