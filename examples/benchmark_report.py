@@ -93,7 +93,8 @@ def _header(info: dict, plot: Path | None, source: Path | None) -> list[str]:
     real = [r for r in info["results"] if r.get("real")]
     main = next((r for r in synthetic if r["detailed"]), synthetic[0] if synthetic else None)
     same = any(_same_kernels(d) for r in info["results"] for d in r["decode"])
-    rotation = ("three blocks (in place, mlx-lm layout, same kernels) in an order that rotates"
+    rotation = ("three blocks (in place, mlx-lm layout, same kernels; below density 1.0 also mlx-lm "
+                "dense) in an order that rotates (whole turns: each variant opens as many rounds)"
                 if same else "two blocks in alternating order")
     lines = [
         "# Benchmarks",

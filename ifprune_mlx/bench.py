@@ -297,7 +297,7 @@ def decode(engine, s: Settings, densities: tuple[float, ...], log: Callable[[str
     References (compact_model): "small", mlx-lm's layout (at density 1.0: mlx-lm on the dense
     model), "rows", the engine's layout (same kernels), and at lower densities "dense",
     mlx-lm on the dense model again. Each round times one block of every variant, in an
-    order that rotates from round to round; a ratio is the median over rounds of the ratio
+    order that rotates from round to round (a whole number of turns); a ratio is the median over rounds of the ratio
     of two variants' blocks in that round, so load changes between rounds cancel. The
     speed-up (in place vs mlx-lm dense) is paired that way too; bytes_bound is what the
     bytes read per token allow it to be.
@@ -323,6 +323,7 @@ def decode(engine, s: Settings, densities: tuple[float, ...], log: Callable[[str
         per_token = sum(1 / tps for tps in warm)  # seconds for one token of each variant
         tokens = max(2, min(s.decode_tokens, int(s.decode_budget / (s.min_reps * per_token))))
         reps = max(s.min_reps, min(s.reps, int(s.decode_budget / (tokens * per_token))))
+        reps = -(-reps // len(names)) * len(names)  # each variant opens as many rounds as the others
         times: dict[str, list[float]] = {name: [] for name in names}
         for rep in range(reps):
             shift = rep % len(names)
