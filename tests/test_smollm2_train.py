@@ -125,7 +125,10 @@ def test_exported_predictor_and_adapter_equal_the_trained_ones(tiny, exported):
     adapter, head, meta = read_artifacts(artifacts)
     assert meta["default_density"] == 0.5 and meta["predictor_layers"] == 1
     assert set(adapter) == ({n for n, _ in run.student.named_parameters() if n.endswith("norm.weight")}
-                            | {f"model.layers.{i}.mlp.up_proj.channel_gain" for i in range(checkpoints.LAYERS)})
+                            | {f"model.layers.{i}.mlp.{kind}" for i in range(checkpoints.LAYERS)
+                               for kind in ("up_proj.channel_gain", "gate_proj.channel_gain",
+                                            "down_proj.lora_a", "down_proj.lora_b")})
+    assert all(adapter[f"model.layers.{i}.mlp.down_proj.lora_b"].abs().max() > 0 for i in range(checkpoints.LAYERS))
     original = data.load_teacher(str(tiny[0]))[0]
     pred = build_predictor(original, artifacts)
     prompts = [r["prompt"] for r in run.heldout[:4]]
@@ -133,7 +136,7 @@ def test_exported_predictor_and_adapter_equal_the_trained_ones(tiny, exported):
     with torch.no_grad():
         trained = run.scores(prompts).numpy()
     assert np.allclose(predict_scores(pred, run.tokenizer, prompts), trained, atol=2e-2, rtol=1e-2)  # fp16 head
-    # the merged LLM (norms, up_proj rows scaled) computes what the student with its gains did
+    # the merged LLM (norms, gate and up rows scaled, down_proj + LoRA) computes what the student did
     adapted = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()
     ids = torch.tensor([data.chat_ids(run.tokenizer, prompts[0])])
     with torch.no_grad():
