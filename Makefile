@@ -42,7 +42,8 @@ test: install-dev
 test-all: install-dev
 	@$(WITH_BLAS) $(PY) -m pytest -q -m ""
 
-# Chat with the default model (SmolLM2-135M-Instruct, converted and calibrated once on first use).
+# Chat with the default model (SmolLM2-135M-Instruct with its trained IFPruning predictor and
+# adapter, assembled once on first use).
 chat: install
 	$(VENV)/bin/ifprune chat
 
