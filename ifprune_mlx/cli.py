@@ -160,7 +160,7 @@ def calibrate(
     the KL budget.
     """
     from . import calibrate as calibration_module
-    from .resolve import save_calibration
+    from .resolve import DEFAULT_NAME, save_calibration
     from .selectors import check_density
 
     try:
@@ -181,7 +181,8 @@ def calibrate(
     if answer_tokens is not None:
         options["answer_tokens"] = answer_tokens
     result = calibrate_with_progress(engine, **options)
-    name = found.path.name if found.origin != "default" else "SmolLM2-135M-Instruct (the default model)"
+    name = {"default": f"{DEFAULT_NAME} with its trained predictor (the default model)",
+            "gguf": f"{Path(str(model)).name} (converted GGUF file)"}.get(found.origin, found.path.name)
     for line in result.table():
         typer.echo(line)
     typer.echo(f"default density {result.density:.2f}: {result.summary()}")
