@@ -5,6 +5,8 @@ and chat template are rebuilt by transformers' GGUF tokenizer conversion (its to
 
     info = read_gguf("model.gguf")                       # metadata only: architecture, config, types
     summary = convert_gguf("model.gguf", "bundle/")      # the bundle, written atomically
+    convert_gguf("model.gguf", "bundle/", artifacts="trained/")   # + a trained predictor and adapter
+                                                         # (converters.artifacts)
 
 Tensor types:
   F32, F16, BF16      floats, cast to the bundle's dtype.

@@ -4,6 +4,9 @@ GGUF model adapted by hand, bad artifacts, and the shipped default model."""
 
 import json
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import mlx.core as mx
@@ -253,6 +256,50 @@ def test_cli_verify_compares_with_the_adapted_reference(tiny, tmp_path):
     assert "+ the adapter" in result.output and ifp.load(tmp_path / "b").has_predictor
 
 
+def test_the_artifacts_route_needs_no_torch(tiny, tmp_path):
+    path, trained = tiny
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # import torch fails
+        from typer.testing import CliRunner
+        import ifprune_mlx
+        from ifprune_mlx.cli import app
+        result = CliRunner().invoke(app, ["convert", {str(path)!r}, {str(tmp_path / "b")!r}, "--predictor", {str(trained)!r}])
+        assert result.exit_code == 0, result.output
+        engine = ifprune_mlx.load({str(tmp_path / "b")!r})
+        print(engine.select("hello").kept_counts, repr(engine.generate("hello", max_tokens=3)))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("[128, 128]")  # density 0.5 of 256 channels, from ifpruning.json
+
+
+@pytest.mark.parametrize("options, tolerance", [(["--dtype", "float16"], 2e-2), (["--quantize", "8", "--group-size", "32"], 5e-2)],
+                         ids=["float16", "8-bit-rows"])
+def test_dtype_and_quantize_options_apply_after_the_merge(tiny, tmp_path, options, tolerance):
+    """As for a plain GGUF file: float16 scales on the kept Q4_1 rows and float16 floats, or
+    every weight re-quantized by rows from the merged floats."""
+    path, trained = tiny
+    reference = convert_gguf(path, tmp_path / "float32", dequantize=True, artifacts=trained).out
+    result = runner.invoke(app, ["convert", str(path), str(tmp_path / "b"), "--predictor", str(trained), *options])
+    assert result.exit_code == 0, result.output
+    want, got = read_safetensors([reference / "model.safetensors"]), read_safetensors([tmp_path / "b" / "model.safetensors"])
+    for layer in range(LAYERS):
+        for proj in ("up_proj", "gate_proj", "down_proj"):
+            base = f"model.layers.{layer}.mlp.{proj}"
+            if f"{base}.scales" in got:  # Q4_1 rows kept (float16), or re-quantized to 8 bits
+                bits = got[f"{base}.weight"].shape[1] // got[f"{base}.scales"].shape[1]
+                value = np.array(mx.dequantize(got[f"{base}.weight"], got[f"{base}.scales"].astype(mx.float32),
+                                               got[f"{base}.biases"].astype(mx.float32), group_size=32, bits=bits))
+            else:
+                value = np.array(got[f"{base}.weight"].astype(mx.float32))
+            scale = float(np.abs(np.array(want[f"{base}.weight"])).max())
+            np.testing.assert_allclose(value, np.array(want[f"{base}.weight"]), atol=tolerance * scale, err_msg=base)
+    engine = ifp.load(tmp_path / "b")
+    assert engine.has_predictor and engine.select(PROMPTS[0]).kept_counts == [128, 128]
+
+
 # -- bad artifacts ---------------------------------------------------------------------------------
 
 
@@ -289,7 +336,7 @@ def test_bad_artifacts_fail_in_one_line_and_write_nothing(tiny, tmp_path, change
     result = runner.invoke(app, ["convert", str(path), str(tmp_path / "out"), "--predictor", str(folder)])
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert message in result.output.replace("\n", " ") or message in " ".join(result.output.split()), result.output
-    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name == "out" or p.name.startswith(".out.")]
 
 
 def test_a_gguf_with_a_folder_that_is_not_artifacts_is_refused(tiny, tmp_path):
@@ -298,6 +345,12 @@ def test_a_gguf_with_a_folder_that_is_not_artifacts_is_refused(tiny, tmp_path):
     (tmp_path / "predictor" / "config.json").write_text("{}")
     result = runner.invoke(app, ["convert", str(path), str(tmp_path / "out"), "--predictor", str(tmp_path / "predictor")])
     assert result.exit_code == 1 and "not one" in result.output and not (tmp_path / "out").exists()
+
+
+def test_artifacts_with_a_model_folder_say_they_go_with_a_gguf_file(tiny, plain_dir, tmp_path):
+    _, trained = tiny
+    result = runner.invoke(app, ["convert", str(plain_dir), str(tmp_path / "out"), "--predictor", str(trained)])
+    assert result.exit_code == 1 and "assembled with the GGUF file" in result.output and not (tmp_path / "out").exists()
 
 
 # -- the shipped default model ---------------------------------------------------------------------
