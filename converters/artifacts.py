@@ -46,9 +46,9 @@ from .readers import TensorRef
 ADAPTER_FILE, HEAD_FILE, META_FILE = "adapter.safetensors", "head.safetensors", "ifpruning.json"
 FILES = (ADAPTER_FILE, HEAD_FILE, META_FILE)
 BACKBONE_NORM = "feature_extractor.model.norm.weight"
-_NORM = re.compile(r"^model\.(layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight|norm\.weight)$")
-_GAIN = re.compile(r"^model\.layers\.(\d+)\.mlp\.(up_proj|gate_proj)\.channel_gain$")
-_LORA = re.compile(r"^model\.layers\.(\d+)\.mlp\.down_proj\.lora_(a|b)$")
+_KINDS = {"norm": re.compile(r"^model\.(layers\.\d+\.(input|post_attention)_layernorm|norm)\.weight$"),
+          "gain": re.compile(r"^model\.layers\.\d+\.mlp\.(up|gate)_proj\.channel_gain$"),
+          "lora": re.compile(r"^model\.layers\.\d+\.mlp\.down_proj\.lora_[ab]$")}
 
 
 @dataclass
@@ -145,13 +145,11 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
 # -- the adapter ---------------------------------------------------------------------------------
 
 
-def _adapter_kind(name: str) -> tuple[str, int | None]:
-    """("norm" | "gain" | "lora", layer or None) of an adapter key; ConversionError for another key."""
-    for kind, pattern in (("norm", _NORM), ("gain", _GAIN), ("lora", _LORA)):
-        match = pattern.match(name)
-        if match:
-            layer = match.group(2) if kind == "norm" else match.group(1)
-            return kind, None if layer is None else int(layer)
+def _adapter_kind(name: str) -> str:
+    """"norm", "gain" or "lora": what an adapter key is; ConversionError for another key."""
+    for kind, pattern in _KINDS.items():
+        if pattern.match(name):
+            return kind
     raise ConversionError(
         f"adapter key {name!r} is not one this converter merges: RMSNorm weights by their LLM names, "
         "model.layers.L.mlp.{up,gate}_proj.channel_gain, model.layers.L.mlp.down_proj.lora_{a,b}")
@@ -178,7 +176,7 @@ def adapter_edits(adapter: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str
 
     for key in sorted(adapter):
         value = adapter[key]
-        kind, _ = _adapter_kind(key)
+        kind = _adapter_kind(key)
         if kind == "norm":
             _expect(key, value.shape, target(key, key))
             edits[key] = lambda old, value=value: _like(old, value)
@@ -188,12 +186,14 @@ def adapter_edits(adapter: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str
             for part in parts:
                 _expect(key, value.shape, target(key, part)[:1])
                 edits[part] = lambda old, gain=value[:, None]: _like(old, _float32(old) * _const(old, gain))
-        elif key.endswith(".lora_a"):
-            base = key.removesuffix(".lora_a")
-            other = f"{base}.lora_b"
-            if other not in adapter:
-                raise ConversionError(f"adapter key {key!r} has no {other!r}: LoRA needs both")
-            a, b = value, adapter[other]
+        else:  # a LoRA: lora_a [r, d_ffn], lora_b [d_model, r]
+            base = key.rsplit(".", 1)[0]
+            missing = [name for name in (f"{base}.lora_a", f"{base}.lora_b") if name not in adapter]
+            if missing:
+                raise ConversionError(f"adapter key {key!r} has no {missing[0]!r}: a LoRA needs both")
+            if key.endswith(".lora_b"):
+                continue  # merged with its lora_a
+            a, b = value, adapter[f"{base}.lora_b"]
             weight = target(key, f"{base}.weight")
             if f"{base}.scales" in shapes:
                 raise ConversionError(
@@ -204,9 +204,6 @@ def adapter_edits(adapter: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str
                     f"adapter key {key!r}: lora_a {a.shape} and lora_b {b.shape} do not fit {base}.weight "
                     f"{weight}; expected lora_a [r, {weight[1]}] and lora_b [{weight[0]}, r]")
             edits[f"{base}.weight"] = lambda old, delta=b @ a: _like(old, _float32(old) + _const(old, delta))
-        elif f"{key.removesuffix('.lora_b')}.lora_a" not in adapter:
-            raise ConversionError(f"adapter key {key!r} has no {key.removesuffix('.lora_b') + '.lora_a'!r}: "
-                                  "LoRA needs both")
     return edits
 
 
