@@ -401,19 +401,20 @@ def test_default_model_is_the_shipped_ifpruning_bundle(tmp_path, monkeypatch):
     monkeypatch.setenv("IFPRUNE_CACHE", str(tmp_path / "cache"))
     found = resolve.resolve(None)
     assert found.origin == "default" and resolve.cache_dir() in found.path.parents
+    meta = json.loads((resolve.PRETRAINED / "ifpruning.json").read_text())
+    engine = ifp.load(found.path)
     info = runner.invoke(app, ["info"])
     assert info.exit_code == 0, info.output
-    assert "trained: 4-layer backbone + head" in info.output and "0.50 -> keeps 768 of 1536" in info.output
+    assert f"trained: {meta['predictor_layers']}-layer backbone + head" in info.output
+    assert f"{meta['default_density']:.2f} -> keeps {engine.kept_count()} of 1536" in info.output
     assert str(gguf) in info.output and "first use" not in info.output  # a trained predictor: no calibration
 
     from converters.reference import select_channels
     from examples.smollm2 import data
     from examples.smollm2.train import build_predictor
 
-    engine = ifp.load(found.path)
     prompt = _heldout_prompt()
     original, tokenizer = data.load_teacher()
-    meta = json.loads((resolve.PRETRAINED / "ifpruning.json").read_text())
     want = select_channels(build_predictor(original, resolve.PRETRAINED), tokenizer, prompt,
                            meta["default_density"], meta["pad_multiple"])
     got = engine.select(prompt).indices
