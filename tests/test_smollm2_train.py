@@ -191,31 +191,7 @@ def test_evaluation_covers_every_condition_with_intervals(tiny, exported, tmp_pa
     assert "kl_ratio_a_over_b@0.5" in text and (tmp_path / "r.png").stat().st_size > 0
 
 
-def test_adapter_merges_exactly_into_quantized_up_proj_rows():
-    mx = pytest.importorskip("mlx.core")
-    from examples.smollm2.train import merge_adapter
-
-    rng = np.random.default_rng(0)
-    w = mx.array(rng.normal(size=(8, 64)).astype(np.float32))
-    q, scales, biases = mx.quantize(w, group_size=32, bits=4)
-    gain = torch.tensor(rng.uniform(0.5, 1.5, size=8), dtype=torch.float32)
-    norm = torch.tensor(rng.uniform(0.5, 1.5, size=64), dtype=torch.float32)
-    tensors = {"model.layers.0.mlp.up_proj.weight": q, "model.layers.0.mlp.up_proj.scales": scales,
-               "model.layers.0.mlp.up_proj.biases": biases, "model.layers.0.input_layernorm.weight": mx.ones(64)}
-    adapter = {"model.layers.0.mlp.up_proj.channel_gain": gain, "model.layers.0.input_layernorm.weight": norm}
-    merged = merge_adapter(tensors, adapter)
-    assert merged["model.layers.0.mlp.up_proj.weight"] is q  # the 4-bit codes are not re-quantized
-    before = np.array(mx.dequantize(q, scales, biases, group_size=32, bits=4))
-    after = np.array(mx.dequantize(q, merged["model.layers.0.mlp.up_proj.scales"],
-                                   merged["model.layers.0.mlp.up_proj.biases"], group_size=32, bits=4))
-    assert np.allclose(after, before * gain.numpy()[:, None], rtol=1e-5, atol=1e-6)
-    assert np.allclose(np.array(merged["model.layers.0.input_layernorm.weight"]), norm.numpy())
-    assert np.array_equal(np.array(tensors["model.layers.0.mlp.up_proj.scales"]), np.array(scales))
-    with pytest.raises(KeyError, match="no tensor"):
-        merge_adapter({}, adapter)
-
-
-SHIPPED = Path(__file__).parents[1] / "examples" / "smollm2" / "trained"
+SHIPPED = Path(__file__).parents[1] / "ifprune_mlx" / "pretrained" / "smollm2_135m_instruct"
 
 
 @pytest.mark.slow

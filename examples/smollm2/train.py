@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from converters.artifacts import merge_adapter  # noqa: F401  (the adapter merged into an LLM's tensors, torch-free)
 from converters.reference import SoftTopK, SparsityPredictor, predictor_input, right_pad, set_ffn_mask
 from ifprune_mlx.selectors import kept_count
 
@@ -175,38 +176,6 @@ def apply_adapter(llm, tensors: dict[str, torch.Tensor]) -> None:
                 mlp.down_proj.weight.add_(tensors[name.replace(LORA_A_SUFFIX, LORA_B_SUFFIX)].float() @ value)
             elif not name.endswith(LORA_B_SUFFIX):
                 params[name].copy_(value.to(params[name].dtype))
-
-
-def merge_adapter(tensors: dict, adapter: dict[str, torch.Tensor]) -> dict:
-    """The adapter merged into an LLM's tensors by their mlx-lm / Hugging Face names (numpy or
-    mlx arrays), quantized or not: norm weights replaced; up_proj row j times gain j, which for
-    an affine-quantized up_proj (X.weight packed, X.scales, X.biases, groups along d_model;
-    GGUF Q4_1's d and m are the same thing) scales that row's scales and biases, exactly, with
-    the packed codes untouched. Returns a new dict; `tensors` is not modified."""
-    out = dict(tensors)
-    for name, value in adapter.items():
-        value = value.float().numpy()
-        if not name.endswith(GAIN_SUFFIX):
-            if name not in out:
-                raise KeyError(f"the LLM has no tensor {name!r} for the adapter's norm")
-            out[name] = _like(out[name], value)
-            continue
-        base = name.removesuffix(".channel_gain")
-        parts = [f"{base}.scales", f"{base}.biases"] if f"{base}.scales" in out else [f"{base}.weight"]
-        for part in parts:
-            if part not in out:
-                raise KeyError(f"the LLM has no tensor {part!r} for the adapter's gains")
-            out[part] = _like(out[part], np.asarray(out[part], dtype=np.float32) * value[:, None])
-    return out
-
-
-def _like(reference, value: np.ndarray):
-    """value as the array type and dtype of `reference` (numpy or mlx)."""
-    if isinstance(reference, np.ndarray):
-        return value.astype(reference.dtype)
-    import mlx.core as mx
-
-    return mx.array(value).astype(reference.dtype)
 
 
 class Predictor(nn.Module):
