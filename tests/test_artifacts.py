@@ -223,11 +223,11 @@ def test_bundle_computes_what_transformers_gguf_model_adapted_by_hand_does(tiny,
 @pytest.mark.torch
 def test_torch_route_and_torch_free_route_give_the_same_bundle_and_picks(tiny, tmp_path):
     """export_folders + convert of the hf folders (examples/smollm2/train.py) against
-    convert MODEL.gguf --predictor ARTIFACTS, on the adapter kinds train.py's apply_adapter merges."""
+    convert MODEL.gguf --predictor ARTIFACTS, with every adapter kind (norms, up and gate gains, LoRA)."""
     from examples.smollm2.train import export_folders
 
     path, _ = tiny
-    trained = make_artifacts(tmp_path / "trained", gate=False, lora=False, seed=3)
+    trained = make_artifacts(tmp_path / "trained", gate=True, lora=True, seed=3)
     model, tokenizer = _hf_gguf_model(path)
     model = _plain_copy(model)  # transformers saves no model it loaded from a GGUF file
     llm_dir, pred_dir = export_folders(model, tokenizer, trained, tmp_path / "folders")

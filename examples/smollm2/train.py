@@ -2,7 +2,7 @@
 LLM to its masks, by distillation to the original dense model.
 
     python -m examples.smollm2.train --run RUN --threads 1 --steps 150 --minutes 50 \
-        --export examples/smollm2/trained      # the same command again resumes RUN
+        --export ifprune_mlx/pretrained/smollm2_135m_instruct  # the same command again resumes RUN
 
 The data is data.jsonl (data.py): instructions and the dense model's own greedy answers.
 
