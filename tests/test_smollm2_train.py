@@ -211,3 +211,30 @@ def test_shipped_artifacts_load_select_and_answer_a_held_out_prompt():
     apply_adapter(original, adapter)
     answer = greedy(original, tok, [row["prompt"]], indices_to_mask(ids, 1536)[None])[0]
     assert tok.decode(answer, skip_special_tokens=True).strip()
+
+
+def test_a_few_steps_on_a_gguf_give_artifacts_that_convert_assembles(tmp_path):
+    """What ships, at tiny size: train on a GGUF model, export, `ifprune convert X.gguf --predictor
+    ARTIFACTS` (torch-free route) builds a bundle whose predictor picks the trained one's channels."""
+    pytest.importorskip("mlx.core")
+    import ifprune_mlx as ifp
+    from typer.testing import CliRunner
+
+    from ifprune_mlx.cli import app
+
+    gguf = testing.make_gguf(tmp_path / "tiny.gguf", "llama", "Q4_1", tied=True)
+    data.build(tmp_path / "data.jsonl", seed=0, batch=16, threads=1, limit=2, model=str(gguf))
+    cfg = Config(model=str(gguf), data=str(tmp_path / "data.jsonl"), pred_layers=1, batch=4, steps=2, warmup=1,
+                 threads=1, ckpt_every=2, eval_every=0, lora_rank=4)
+    run = Run(cfg, tmp_path / "run", log=lambda *a: None)
+    run.train()
+    artifacts = run.export(tmp_path / "artifacts")
+    result = CliRunner().invoke(app, ["convert", str(gguf), str(tmp_path / "bundle"), "--predictor", str(artifacts)])
+    assert result.exit_code == 0, result.output
+    engine = ifp.load(tmp_path / "bundle")
+    assert engine.has_predictor and engine.default_density == 0.5
+    pred = build_predictor(data.load_teacher(str(gguf))[0], artifacts)
+    for row in run.heldout[:3]:
+        ref = select_channels(pred, run.tokenizer, row["prompt"], 0.5, 32)
+        assert all(np.array_equal(a, b) for a, b in zip(ref, engine.select(row["prompt"]).indices)), row["prompt"]
+    assert isinstance(engine.generate(run.heldout[0]["prompt"], max_tokens=4), str)
