@@ -42,7 +42,8 @@ test: install-dev
 test-all: install-dev
 	@$(WITH_BLAS) $(PY) -m pytest -q -m ""
 
-# Chat with the default model (SmolLM2-135M-Instruct, converted and calibrated once on first use).
+# Chat with the default model (SmolLM2-135M-Instruct with its trained IFPruning predictor and
+# adapter, assembled once on first use).
 chat: install
 	$(VENV)/bin/ifprune chat
 
@@ -62,9 +63,11 @@ serve: install
 selectors: install-dev
 	@$(WITH_BLAS) $(PY) -m examples.selector_study
 
-# The default model's fidelity vs density: docs/CALIBRATION.md and docs/calibration.png.
+# The plain SmolLM2 GGUF's fidelity vs density (training-free selector; the default model adds a
+# trained predictor): docs/CALIBRATION.md and docs/calibration.png.
+SMOLLM2_GGUF = $$($(PY) -c 'from ifprune_mlx.resolve import default_gguf; print(default_gguf())')
 calibration: install-dev
-	$(VENV)/bin/ifprune calibrate --out docs/CALIBRATION.md --plot docs/calibration.png
+	$(VENV)/bin/ifprune calibrate "$(SMOLLM2_GGUF)" --out docs/CALIBRATION.md --plot docs/calibration.png
 
 # The server under concurrent load, mask affinity off and on: the table of docs/SERVER.md.
 serve-load: install-dev

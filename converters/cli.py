@@ -13,6 +13,7 @@ from ifprune_mlx.console import fail, friendly_errors, in_megabytes, progress_ba
 from ifprune_mlx.errors import ConversionError
 from ifprune_mlx.selectors import check_density
 
+from .artifacts import ADAPTER_FILE, FILES as ARTIFACT_FILES, is_artifacts, read_artifacts
 from .gguf import is_gguf, open_gguf
 from .layouts import LAYOUTS, detect
 from .write import DTYPES, convert as write_bundle
@@ -27,7 +28,10 @@ def convert(
                                          "folder with llm/ and predictor/."),
     out: Path = typer.Argument(..., help="The bundle folder to create."),
     predictor: Optional[Path] = typer.Option(None, "--predictor", "-p", help="The sparsity predictor: a folder "
-                                             "(config.json, weights, head.safetensors) or a state-dict file."),
+                                             "(config.json, weights, head.safetensors) or a state-dict file; "
+                                             "with a GGUF file, a trained artifacts folder (adapter.safetensors, "
+                                             "head.safetensors, ifpruning.json): the adapter is merged and the "
+                                             "predictor built from the file's first layers."),
     layout: str = typer.Option("auto", help=f"Source layout: {', '.join(LAYOUTS)} (detected by default; "
                                "mlx: an mlx-lm folder)."),
     config: Optional[Path] = typer.Option(None, "--config", help="The LLM's config.json or its folder "
@@ -50,35 +54,45 @@ def convert(
                                                f"multiple of this (default: ifpruning.json's, else {PAD_MULTIPLE})."),
     verify: bool = typer.Option(False, "--verify", help="Compare with the PyTorch reference on a few prompts "
                                 "(needs torch), with mlx-lm's own model for an mlx-lm folder, or with "
-                                "transformers' GGUF model for a GGUF file (needs torch); the bundle "
+                                "transformers' GGUF model for a GGUF file (needs torch; a trained adapter merged into it); the bundle "
                                 "is only written if it passes."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Without a trained predictor and "
                                    "--density: measure fidelity vs density once (as `ifprune calibrate`) and "
                                    "store the chosen default density in the bundle."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
 ):
-    """Convert a PyTorch IFPruning checkpoint (LLM + sparsity predictor), an mlx-lm folder or a GGUF file to an MLX bundle."""
+    """Convert a PyTorch IFPruning checkpoint (LLM + sparsity predictor), an mlx-lm folder or a GGUF file (with
+    --predictor: plus a trained predictor and adapter, no torch needed) to an MLX bundle."""
     if density is not None:
         check_density(density)
     refuse_overwrite(out, force)
     with ExitStack() as stack:
         gguf = is_gguf(src)
         if gguf:
-            given = [flag for flag, value in (("--predictor", predictor), ("--layout", layout != "auto"),
+            given = [flag for flag, value in (("--layout", layout != "auto"),
                                               ("--config", config), ("--predictor-config", predictor_config),
                                               ("--tokenizer", tokenizer)) if value]
             if given:
                 raise ConversionError(f"{src} is a GGUF file, which carries its own config and tokenizer; "
                                       f"drop {', '.join(given)}")
-            source = stack.enter_context(open_gguf(src, dtype=dtype, dequantize=dequantize or quantize is not None))
+            if predictor is not None and not is_artifacts(predictor):
+                raise ConversionError(f"--predictor {predictor}: with a GGUF file it names a trained IFPruning "
+                                      f"artifacts folder ({', '.join(ARTIFACT_FILES)}, as examples/smollm2/"
+                                      "train.py exports), and this is not one")
+            source = stack.enter_context(open_gguf(src, dtype=dtype, dequantize=dequantize or quantize is not None,
+                                                   artifacts=predictor))
+        elif predictor is not None and (Path(predictor) / ADAPTER_FILE).is_file():
+            raise ConversionError(f"--predictor {predictor} is a trained artifacts folder (it has an adapter); it is "
+                                  "assembled with the GGUF file it was trained on: ifprune convert MODEL.gguf OUT "
+                                  "--predictor ARTIFACTS")
         elif dequantize:
             raise ConversionError("--dequantize is for GGUF files; other sources are floats or mlx-lm folders "
                                   "(convert the float model for a float bundle)")
         else:
             source = detect(src, predictor=predictor, layout=layout, config=config,
                             predictor_config=predictor_config, tokenizer=tokenizer)
-        _convert(source, src, out, gguf=gguf, dtype=dtype, quantize=quantize, group_size=group_size,
-                 density=density, pad_multiple=pad_multiple, verify=verify, force=force)
+        _convert(source, src, out, gguf=gguf, predictor=predictor, dtype=dtype, quantize=quantize,
+                 group_size=group_size, density=density, pad_multiple=pad_multiple, verify=verify, force=force)
         has_predictor = source.predictor is not None
     if calibrate and density is None and not has_predictor:
         from ifprune_mlx.console import calibrate_with_progress, load_with_progress
@@ -91,8 +105,8 @@ def convert(
                    "shows the table")
 
 
-def _convert(source, src: Path, out: Path, *, gguf: bool, dtype, quantize, group_size, density, pad_multiple,
-             verify: bool, force: bool) -> None:
+def _convert(source, src: Path, out: Path, *, gguf: bool, predictor: Path | None, dtype, quantize, group_size,
+             density, pad_multiple, verify: bool, force: bool) -> None:
     typer.echo(f"{src}: {source.layout} layout, {source.config['model_type']}, {source.n_layers} layers x "
                f"{source.d_ffn} FFN channels, predictor: "
                f"{source.predictor_config['model_type'] if source.predictor else 'none'}", err=True)
@@ -102,7 +116,8 @@ def _convert(source, src: Path, out: Path, *, gguf: bool, dtype, quantize, group
         if gguf:
             from .gguf_verify import verify_gguf
 
-            report = verify_gguf(folder, source, src, density=density)
+            adapter = None if predictor is None else read_artifacts(predictor).adapter
+            report = verify_gguf(folder, source, src, density=density, adapter=adapter)
         else:
             from .verify import verify as run_verify
 

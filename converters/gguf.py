@@ -5,6 +5,8 @@ and chat template are rebuilt by transformers' GGUF tokenizer conversion (its to
 
     info = read_gguf("model.gguf")                       # metadata only: architecture, config, types
     summary = convert_gguf("model.gguf", "bundle/")      # the bundle, written atomically
+    convert_gguf("model.gguf", "bundle/", artifacts="trained/")   # + a trained predictor and adapter
+                                                         # (converters.artifacts)
 
 Tensor types:
   F32, F16, BF16      floats, cast to the bundle's dtype.
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -39,6 +41,7 @@ import numpy as np
 from ifprune_mlx.bundle import refuse_overwrite
 from ifprune_mlx.errors import ConversionError, UnsupportedArchitectureError
 
+from .artifacts import attach_artifacts, read_artifacts
 from .layouts import Source, _check_model, _check_quantized, to_mlx_config
 from .readers import TensorRef
 from .write import DTYPES, Progress, Summary, convert
@@ -399,7 +402,7 @@ def save_tokenizer(reader, folder: Path) -> list[str]:
 
 @contextmanager
 def open_gguf(path: Path, *, dtype: str | None = None, dequantize: bool = False,
-              requantize_down_proj: bool = False) -> Iterator[Source]:
+              requantize_down_proj: bool = False, artifacts: Path | None = None) -> Iterator[Source]:
     """A checked Source (layout "gguf") for the bundle writer; its tokenizer files live in a
     temporary folder for the duration of the `with` block.
 
@@ -410,11 +413,14 @@ def open_gguf(path: Path, *, dtype: str | None = None, dequantize: bool = False,
         dequantize: write every tensor as floats (Q8_0/Q4_0/Q4_1 included).
         requantize_down_proj: keep a quantized down_proj quantized, re-quantized along d_model by
             the writer (same bits, group 32): a smaller bundle at a measured cost in fidelity.
+        artifacts: a trained IFPruning artifacts folder (converters.artifacts): its adapter is
+            merged into the LLM and its predictor attached (backbone: the file's first layers, as floats).
     """
     path = Path(path)
     dtype = dtype or DEFAULT_DTYPE
     if dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    trained = None if artifacts is None else read_artifacts(artifacts)  # fails before any tensor is read
     reader = _open_reader(path)
     info = _info(reader, path)
     tensors = _Tensors(reader, path, info.hf_config, dtype, dequantize, requantize_down_proj)
@@ -435,15 +441,20 @@ def open_gguf(path: Path, *, dtype: str | None = None, dequantize: bool = False,
     else:
         quantization = None
         llm = _check_model(config, tensors.refs, "the GGUF model", rows=True)
+    source = Source("gguf", config, info.hf_config, llm, None, quantization=quantization)
+    if trained is not None:
+        floats = tensors if dequantize or not quantized else _Tensors(reader, path, info.hf_config, dtype, True, False)
+        source = attach_artifacts(source, trained, floats.refs)
     with tempfile.TemporaryDirectory(prefix="ifprune-gguf-tokenizer-") as folder:
         save_tokenizer(reader, Path(folder))
-        yield Source("gguf", config, info.hf_config, llm, Path(folder), quantization=quantization)
+        yield replace(source, tokenizer_dir=Path(folder))
 
 
 def convert_gguf(path: Path, out: Path, *, force: bool = False, dtype: str | None = None,
                  dequantize: bool = False, requantize_down_proj: bool = False,
                  bits: int | None = None, group_size: int = 64,
-                 default_density: float | None = None, on_progress: Progress | None = None,
+                 default_density: float | None = None, artifacts: Path | None = None,
+                 on_progress: Progress | None = None,
                  check: Callable[[Source, Path], None] | None = None) -> Summary:
     """Convert a GGUF file to a bundle at `out` (written atomically; see the module docstring).
 
@@ -456,7 +467,9 @@ def convert_gguf(path: Path, out: Path, *, force: bool = False, dtype: str | Non
         requantize_down_proj: re-quantize a quantized down_proj along d_model instead of writing it
             as floats (smaller, less faithful; see the module docstring).
         bits, group_size: re-quantize every weight by rows (4 or 8 bits) from floats instead.
-        default_density: the bundle's default density (default: the plain model's).
+        default_density: the bundle's default density (default: the artifacts' ifpruning.json's,
+            else the plain model's).
+        artifacts: a trained IFPruning artifacts folder: the adapter merged, the predictor attached.
         on_progress: called as on_progress(bytes_done, bytes_total) after each tensor.
         check: called as check(source, folder) on the finished folder before it is renamed to
             `out` (e.g. verify_gguf); if it raises, nothing is left at `out`.
@@ -464,7 +477,7 @@ def convert_gguf(path: Path, out: Path, *, force: bool = False, dtype: str | Non
     out = Path(out)
     refuse_overwrite(out, force)
     with open_gguf(path, dtype=dtype, dequantize=dequantize or bits is not None,
-                   requantize_down_proj=requantize_down_proj) as source:
+                   requantize_down_proj=requantize_down_proj, artifacts=artifacts) as source:
         return convert(source, out, dtype=dtype or DEFAULT_DTYPE, bits=bits, group_size=group_size,
                        default_density=default_density, force=force, on_progress=on_progress,
                        check=None if check is None else (lambda folder: check(source, folder)))

@@ -30,14 +30,21 @@ from .verify import (GREEDY_TOKENS, PROMPTS, TOLERANCES, VerifyReport, _bundle_t
                      _float32_logits, _Tally, requantization_tolerance)
 
 
-def reference_model(path: Path):
-    """transformers' float32 model of a GGUF file (needs torch)."""
+def reference_model(path: Path, adapter: dict | None = None):
+    """transformers' float32 model of a GGUF file (needs torch), with a trained adapter merged
+    into it when given (converters.artifacts.merge_adapter on its state dict)."""
     torch = torch_or_error("--verify of a GGUF file")
     import transformers
 
     path = Path(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                               dtype=torch.float32)
+    if adapter:
+        from .artifacts import merge_adapter
+
+        state = {name: value.numpy() for name, value in model.state_dict().items()}
+        merged = merge_adapter(state, adapter)
+        model.load_state_dict({name: torch.from_numpy(merged[name]) for name in state}, strict=False)
     return model.eval()
 
 
@@ -51,16 +58,16 @@ def _torch_greedy(torch, model, ids: list[int], n: int) -> list[int]:
 
 
 def verify_gguf(bundle: Path, source: Source, path: Path, *, prompts=PROMPTS, density: float | None = None,
-                reference=None) -> VerifyReport:
-    """Compare the bundle converted from GGUF file `path` with transformers' model of that file
-    (or `reference`, that model already loaded). See the module docstring."""
+                reference=None, adapter: dict | None = None) -> VerifyReport:
+    """Compare the bundle converted from GGUF file `path` with transformers' model of that file,
+    `adapter` merged into it (or `reference`, that model already loaded). See the module docstring."""
     torch = torch_or_error("--verify of a GGUF file")
     import ifprune_mlx
     from .reference import indices_to_mask, set_ffn_mask
 
     bundle = Path(bundle)
     engine = ifprune_mlx.load(bundle)
-    model = reference or reference_model(path)
+    model = reference or reference_model(path, adapter)
     quantization = engine.config.get("quantization")
     dtype = str(engine.model.model.norm.weight.dtype).rsplit(".", 1)[-1]
     density = engine.default_density if density is None else density
@@ -103,6 +110,6 @@ def verify_gguf(bundle: Path, source: Source, path: Path, *, prompts=PROMPTS, de
         tolerance += requantization_tolerance(min(down_bits))
     return tally.report(
         prompts=len(prompts), density=density, dtype=dtype, quantization=quantization, tolerance=tolerance,
-        worst=worst, with_predictor=False, reference=f"transformers' GGUF model of {Path(path).name}",
+        worst=worst, with_predictor=False, reference=f"transformers' GGUF model of {Path(path).name}" + (" + the adapter" if adapter else ""),
         source_tolerance=tolerance, reference_model="transformers' GGUF model",
         kl=float(np.mean(np.concatenate(kls))), top1_agreement=top1 / positions, greedy_identical=greedy_same)

@@ -15,7 +15,8 @@ decode step waits for the slowest rank).
 speed: under mlx.launch, loads MODEL sharded twice (split global, then balanced) and decodes
 the same prompts with each, printing rank 0's decode tokens/s; run it without mlx.launch for
 the single-process figures. latency: under mlx.launch, the time of one all_sum of a
-SmolLM2-sized (576 floats) vector, what each layer adds to a decode step. MODEL defaults to the default model (SmolLM2-135M-Instruct).
+SmolLM2-sized (576 floats) vector, what each layer adds to a decode step. MODEL defaults to the
+plain SmolLM2-135M-Instruct GGUF (training-free selector; the default model adds a trained predictor).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import ifprune_mlx
 from ifprune_mlx.calibrate import ANSWER_TOKENS, PROMPTS
 from ifprune_mlx.distributed import balanced_top_k, world
 from ifprune_mlx.fidelity import fidelity_after_prefill, greedy_tokens
-from ifprune_mlx.resolve import resolve
+from ifprune_mlx.resolve import default_gguf, resolve
 from ifprune_mlx.selectors import Selection, top_k
 
 DENSITIES = (0.3, 0.5, 0.7)
@@ -42,7 +43,7 @@ def bounds(d_ffn: int, n: int) -> np.ndarray:
 
 
 def fidelity(model: str | None, prompts: int) -> None:
-    path = resolve(model).path  # the default model: converted once into the cache
+    path = resolve(model or default_gguf()).path  # the plain SmolLM2 GGUF: converted once into the cache
     engine = ifprune_mlx.load(path)
     selector = engine.selector
     names = ["global"] + [f"balanced N={n}" for n in RANKS]
@@ -79,7 +80,7 @@ def speed(model: str | None, tokens: int, prompts: int) -> None:
     group = world()
     rank = group.rank() if group else 0
     splits = ("global", "balanced") if group else ("one process",)
-    path = resolve(model).path  # convert the default model once before (the fidelity run does)
+    path = resolve(model or default_gguf()).path  # converted once before (the fidelity run does)
     rows = []
     for split in splits:
         engine = ifprune_mlx.load(path, group=group, split=split) if group else ifprune_mlx.load(path)

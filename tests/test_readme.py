@@ -17,8 +17,8 @@ def _python_example() -> str:
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
-    """On a tiny bundle named by $IFPRUNE_MODEL (the default model takes minutes to convert
-    and calibrate the first time; the slow test below runs it)."""
+    """On a tiny bundle named by $IFPRUNE_MODEL (the default model is assembled from its GGUF
+    the first time; the slow test below runs it)."""
     monkeypatch.setenv("IFPRUNE_MODEL", str(testing.make_bundle(tmp_path / "tiny")))
     monkeypatch.chdir(tmp_path)
     exec(compile(_python_example(), "README.md", "exec"), {})
@@ -38,4 +38,4 @@ def test_readme_python_example_prints_what_the_readme_says(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     exec(compile(_python_example(), "README.md", "exec"), {})
     out = capsys.readouterr().out
-    assert "The capital of France is Paris." in out and "default density 0.90" in out
+    assert "The capital of France is Paris." in out and "default density 0.50" in out

@@ -125,7 +125,10 @@ def test_exported_predictor_and_adapter_equal_the_trained_ones(tiny, exported):
     adapter, head, meta = read_artifacts(artifacts)
     assert meta["default_density"] == 0.5 and meta["predictor_layers"] == 1
     assert set(adapter) == ({n for n, _ in run.student.named_parameters() if n.endswith("norm.weight")}
-                            | {f"model.layers.{i}.mlp.up_proj.channel_gain" for i in range(checkpoints.LAYERS)})
+                            | {f"model.layers.{i}.mlp.{kind}" for i in range(checkpoints.LAYERS)
+                               for kind in ("up_proj.channel_gain", "gate_proj.channel_gain",
+                                            "down_proj.lora_a", "down_proj.lora_b")})
+    assert all(adapter[f"model.layers.{i}.mlp.down_proj.lora_b"].abs().max() > 0 for i in range(checkpoints.LAYERS))
     original = data.load_teacher(str(tiny[0]))[0]
     pred = build_predictor(original, artifacts)
     prompts = [r["prompt"] for r in run.heldout[:4]]
@@ -133,7 +136,7 @@ def test_exported_predictor_and_adapter_equal_the_trained_ones(tiny, exported):
     with torch.no_grad():
         trained = run.scores(prompts).numpy()
     assert np.allclose(predict_scores(pred, run.tokenizer, prompts), trained, atol=2e-2, rtol=1e-2)  # fp16 head
-    # the merged LLM (norms, up_proj rows scaled) computes what the student with its gains did
+    # the merged LLM (norms, gate and up rows scaled, down_proj + LoRA) computes what the student did
     adapted = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()
     ids = torch.tensor([data.chat_ids(run.tokenizer, prompts[0])])
     with torch.no_grad():
@@ -188,31 +191,7 @@ def test_evaluation_covers_every_condition_with_intervals(tiny, exported, tmp_pa
     assert "kl_ratio_a_over_b@0.5" in text and (tmp_path / "r.png").stat().st_size > 0
 
 
-def test_adapter_merges_exactly_into_quantized_up_proj_rows():
-    mx = pytest.importorskip("mlx.core")
-    from examples.smollm2.train import merge_adapter
-
-    rng = np.random.default_rng(0)
-    w = mx.array(rng.normal(size=(8, 64)).astype(np.float32))
-    q, scales, biases = mx.quantize(w, group_size=32, bits=4)
-    gain = torch.tensor(rng.uniform(0.5, 1.5, size=8), dtype=torch.float32)
-    norm = torch.tensor(rng.uniform(0.5, 1.5, size=64), dtype=torch.float32)
-    tensors = {"model.layers.0.mlp.up_proj.weight": q, "model.layers.0.mlp.up_proj.scales": scales,
-               "model.layers.0.mlp.up_proj.biases": biases, "model.layers.0.input_layernorm.weight": mx.ones(64)}
-    adapter = {"model.layers.0.mlp.up_proj.channel_gain": gain, "model.layers.0.input_layernorm.weight": norm}
-    merged = merge_adapter(tensors, adapter)
-    assert merged["model.layers.0.mlp.up_proj.weight"] is q  # the 4-bit codes are not re-quantized
-    before = np.array(mx.dequantize(q, scales, biases, group_size=32, bits=4))
-    after = np.array(mx.dequantize(q, merged["model.layers.0.mlp.up_proj.scales"],
-                                   merged["model.layers.0.mlp.up_proj.biases"], group_size=32, bits=4))
-    assert np.allclose(after, before * gain.numpy()[:, None], rtol=1e-5, atol=1e-6)
-    assert np.allclose(np.array(merged["model.layers.0.input_layernorm.weight"]), norm.numpy())
-    assert np.array_equal(np.array(tensors["model.layers.0.mlp.up_proj.scales"]), np.array(scales))
-    with pytest.raises(KeyError, match="no tensor"):
-        merge_adapter({}, adapter)
-
-
-SHIPPED = Path(__file__).parents[1] / "examples" / "smollm2" / "trained"
+SHIPPED = Path(__file__).parents[1] / "ifprune_mlx" / "pretrained" / "smollm2_135m_instruct"
 
 
 @pytest.mark.slow
@@ -232,3 +211,30 @@ def test_shipped_artifacts_load_select_and_answer_a_held_out_prompt():
     apply_adapter(original, adapter)
     answer = greedy(original, tok, [row["prompt"]], indices_to_mask(ids, 1536)[None])[0]
     assert tok.decode(answer, skip_special_tokens=True).strip()
+
+
+def test_a_few_steps_on_a_gguf_give_artifacts_that_convert_assembles(tmp_path):
+    """What ships, at tiny size: train on a GGUF model, export, `ifprune convert X.gguf --predictor
+    ARTIFACTS` (torch-free route) builds a bundle whose predictor picks the trained one's channels."""
+    pytest.importorskip("mlx.core")
+    import ifprune_mlx as ifp
+    from typer.testing import CliRunner
+
+    from ifprune_mlx.cli import app
+
+    gguf = testing.make_gguf(tmp_path / "tiny.gguf", "llama", "Q4_1", tied=True)
+    data.build(tmp_path / "data.jsonl", seed=0, batch=16, threads=1, limit=2, model=str(gguf))
+    cfg = Config(model=str(gguf), data=str(tmp_path / "data.jsonl"), pred_layers=1, batch=4, steps=2, warmup=1,
+                 threads=1, ckpt_every=2, eval_every=0, lora_rank=4)
+    run = Run(cfg, tmp_path / "run", log=lambda *a: None)
+    run.train()
+    artifacts = run.export(tmp_path / "artifacts")
+    result = CliRunner().invoke(app, ["convert", str(gguf), str(tmp_path / "bundle"), "--predictor", str(artifacts)])
+    assert result.exit_code == 0, result.output
+    engine = ifp.load(tmp_path / "bundle")
+    assert engine.has_predictor and engine.default_density == 0.5
+    pred = build_predictor(data.load_teacher(str(gguf))[0], artifacts)
+    for row in run.heldout[:3]:
+        ref = select_channels(pred, run.tokenizer, row["prompt"], 0.5, 32)
+        assert all(np.array_equal(a, b) for a, b in zip(ref, engine.select(row["prompt"]).indices)), row["prompt"]
+    assert isinstance(engine.generate(run.heldout[0]["prompt"], max_tokens=4), str)

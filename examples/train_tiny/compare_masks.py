@@ -21,7 +21,7 @@ from converters.reference import indices_to_mask, predict_scores
 from ifprune_mlx.selectors import kept_count, top_k
 
 from . import data
-from .evaluate import HERE, accuracy, masks_for, static_indices
+from .evaluate import HERE, accuracy, distinct, hits, masks_for, static_indices
 from .train import Config, load_checkpoint
 
 
@@ -36,19 +36,19 @@ def main(argv=None) -> None:
     data.use(cfg.skills)
     llm, predictor, tok, meta = load_checkpoint(args.ckpt)
     F, pad = llm.config.intermediate_size, meta["pad_multiple"]
-    test = data.test_set(args.n)
+    test = distinct(data.test_set(args.n))
     rng = random.Random(99)
     train_scores = predict_scores(predictor, tok, [data.sample(rng).prompt for _ in range(1000)])
     scores = predict_scores(predictor, tok, [ex.prompt for ex in test])
     task = {s.name: predict_scores(predictor, tok, [s.phrasings[0]])[0] for s in data.SKILLS}
     other = {s: data.SKILL_NAMES[(i + 1) % len(data.SKILL_NAMES)] for i, s in enumerate(data.SKILL_NAMES)}
-    print(f"dense {accuracy(llm, tok, test)['mean']:.3f}")
+    print(f"dense {accuracy(hits(llm, tok, test), test)['mean']:.3f}")
     print("density k per-input per-task static wrong-skill")
     for d in [float(x) for x in args.densities.split(",")]:
         k = kept_count(d, F, pad)
         per_task = torch.stack([indices_to_mask(top_k(task[ex.skill], k), F) for ex in test])
         wrong = torch.stack([indices_to_mask(top_k(task[other[ex.skill]], k), F) for ex in test])
-        accs = [accuracy(llm, tok, test, m)["mean"] for m in (
+        accs = [accuracy(hits(llm, tok, test, m), test)["mean"] for m in (
             masks_for(scores, k, F), per_task, indices_to_mask(static_indices(train_scores, k), F), wrong)]
         print(f"{d} {k} " + " ".join(f"{a:.3f}" for a in accs), flush=True)
 

@@ -10,6 +10,12 @@ task (per layer, the channels most often selected over training prompts); a dens
 from scratch with only the kept width (train.py --narrow; trained here if missing). Controls: a
 random mask, no FFN at all, and each skill given the next skill's per-task mask. Hand-written
 sections after the KEEP marker line of an existing RESULTS.md are kept.
+
+Prompts are distinct: the test bucket of a skill can be small (brackets, French, add), so the
+`--n` draws per skill are deduplicated and the table says how many distinct inputs each skill
+has. Means are over skills (each skill's mean over its prompts); intervals are 95% bootstrap
+over prompts, resampled within each skill; differences between two masks are paired (same
+prompts).
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +57,37 @@ def generate(llm, tokenizer, prompts: list[str], masks: torch.Tensor | None = No
     return [s.strip() for s in out]
 
 
-def accuracy(llm, tokenizer, examples, masks=None) -> dict[str, float]:
-    """Exact match per skill (and 'mean', the mean over skills)."""
+def distinct(examples: list) -> list:
+    """The examples without repeated prompts (first occurrence kept, order kept)."""
+    seen = set()
+    return [ex for ex in examples if not (ex.prompt in seen or seen.add(ex.prompt))]
+
+
+def hits(llm, tokenizer, examples, masks=None) -> np.ndarray:
+    """1.0 where the greedy answer is exactly right, per example."""
     answers = generate(llm, tokenizer, [ex.prompt for ex in examples], masks)
-    hits = defaultdict(list)
-    for ex, a in zip(examples, answers):
-        hits[ex.skill].append(a == ex.answer)
-    acc = {s: float(np.mean(h)) for s, h in hits.items()}
-    acc["mean"] = float(np.mean([acc[s] for s in data.SKILL_NAMES if s in acc]))
+    return np.array([a == ex.answer for ex, a in zip(examples, answers)], dtype=np.float64)
+
+
+def skill_mean(values: np.ndarray, skills: list[str]) -> float:
+    """The mean over skills of each skill's mean of `values`."""
+    return float(np.mean([values[[s == name for s in skills]].mean() for name in sorted(set(skills))]))
+
+
+def skill_mean_interval(values: np.ndarray, skills: list[str], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of skill_mean, prompts resampled within each skill."""
+    rng = np.random.default_rng(seed)
+    groups = [values[[s == name for s in skills]] for name in sorted(set(skills))]
+    stats = [np.mean([g[rng.integers(0, len(g), len(g))].mean() for g in groups]) for _ in range(draws)]
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+def accuracy(values: np.ndarray, examples) -> dict[str, float]:
+    """Exact match per skill, 'mean' over skills and its interval 'low'/'high'."""
+    skills = [ex.skill for ex in examples]
+    acc = {name: float(values[[s == name for s in skills]].mean()) for name in set(skills)}
+    acc["mean"] = skill_mean(values, skills)
+    acc["low"], acc["high"] = skill_mean_interval(values, skills)
     return acc
 
 
@@ -92,8 +120,9 @@ def main(argv=None) -> None:
     L, F = llm.config.num_hidden_layers, llm.config.intermediate_size
     density, pad = meta["default_density"], meta["pad_multiple"]
     k = kept_count(density, F, pad)
-    test = data.test_set(args.n)
-    test_ph = data.test_set(args.n, seed=4321, heldout_phrasing=True)
+    test = distinct(data.test_set(args.n))
+    test_ph = distinct(data.test_set(args.n, seed=4321, heldout_phrasing=True))
+    n_distinct = {name: sum(ex.skill == name for ex in test) for name in data.SKILL_NAMES}
     rng = random.Random(99)
     train_prompts = [data.sample(rng).prompt for _ in range(1000)]
 
@@ -103,40 +132,52 @@ def main(argv=None) -> None:
     task_scores = {s.name: predict_scores(predictor, tokenizer, [s.phrasings[0]])[0] for s in data.SKILLS}
     task_masks = torch.stack([indices_to_mask(top_k(task_scores[ex.skill], k), F) for ex in test])
 
-    rows = {}
-    rows["dense (full model, no mask)"] = accuracy(llm, tokenizer, test)
-    rows[f"IFPruning per-input (k={k}/{F})"] = accuracy(llm, tokenizer, test, masks_for(scores, k, F))
-    rows[f"IFPruning per-task (k={k}/{F})"] = accuracy(llm, tokenizer, test, task_masks)
-    rows[f"static mask, same for all tasks (k={k}/{F})"] = accuracy(
+    scored = {}  # name -> hits per test prompt
+    scored["dense (full model, no mask)"] = hits(llm, tokenizer, test)
+    scored[f"IFPruning per-input (k={k}/{F})"] = hits(llm, tokenizer, test, masks_for(scores, k, F))
+    scored[f"IFPruning per-task (k={k}/{F})"] = hits(llm, tokenizer, test, task_masks)
+    scored[f"static mask, same for all tasks (k={k}/{F})"] = hits(
         llm, tokenizer, test, indices_to_mask(static_indices(train_scores, k), F))
     # controls: does *which* channels matter? a random mask, and the per-task mask of another skill
     random_ids = [np.sort(np.random.default_rng(layer).choice(F, k, replace=False)) for layer in range(L)]
-    rows[f"random mask, same for all tasks (k={k}/{F})"] = accuracy(llm, tokenizer, test, indices_to_mask(random_ids, F))
-    rows["no FFN at all (every channel masked)"] = accuracy(llm, tokenizer, test, torch.zeros(L, F))
+    scored[f"random mask, same for all tasks (k={k}/{F})"] = hits(llm, tokenizer, test, indices_to_mask(random_ids, F))
+    scored["no FFN at all (every channel masked)"] = hits(llm, tokenizer, test, torch.zeros(L, F))
     other = {s: data.SKILL_NAMES[(i + 1) % len(data.SKILL_NAMES)] for i, s in enumerate(data.SKILL_NAMES)}
     wrong_masks = torch.stack([indices_to_mask(top_k(task_scores[other[ex.skill]], k), F) for ex in test])
-    rows[f"IFPruning, the next skill's per-task mask (k={k}/{F})"] = accuracy(llm, tokenizer, test, wrong_masks)
+    scored[f"IFPruning, the next skill's per-task mask (k={k}/{F})"] = hits(llm, tokenizer, test, wrong_masks)
     if not (args.narrow / "llm").exists():
         print(f"training the narrow baseline into {args.narrow}")
         train(Config(**{**cfg.__dict__, "narrow": True}), args.narrow)
     narrow, _, ntok, _ = load_checkpoint(args.narrow)
-    rows[f"dense from scratch, d_ffn={narrow.config.intermediate_size}"] = accuracy(narrow, ntok, test)
+    scored[f"dense from scratch, d_ffn={narrow.config.intermediate_size}"] = hits(narrow, ntok, test)
+    rows = {name: accuracy(v, test) for name, v in scored.items()}
+    names = list(scored)
+    skills_of = [ex.skill for ex in test]
+    paired = {}  # IFPruning per-input minus each other condition, same prompts
+    for other_name in [names[0], names[2], names[3], names[6], names[7]]:
+        diff = scored[names[1]] - scored[other_name]
+        for label, keep in (("all skills", None), ("without brackets", "brackets")):
+            sub = [i for i, s in enumerate(skills_of) if s != keep]
+            paired[(other_name, label)] = (skill_mean(diff[sub], [skills_of[i] for i in sub]),
+                                           *skill_mean_interval(diff[sub], [skills_of[i] for i in sub]))
     heldout = {
-        "dense": accuracy(llm, tokenizer, test_ph)["mean"],
-        "IFPruning per-input": accuracy(llm, tokenizer, test_ph, masks_for(scores_ph, k, F))["mean"],
-        "narrow": accuracy(narrow, ntok, test_ph)["mean"],
+        "dense": accuracy(hits(llm, tokenizer, test_ph), test_ph),
+        "IFPruning per-input": accuracy(hits(llm, tokenizer, test_ph, masks_for(scores_ph, k, F)), test_ph),
+        "narrow": accuracy(hits(narrow, ntok, test_ph), test_ph),
     }
     print("table done", f"{time.time() - t0:.0f}s")
 
     # accuracy vs density, on the first n_sweep prompts of every skill
     densities = [float(d) for d in args.densities.split(",")]
-    sub = [i for i, ex in enumerate(test) if i % args.n < args.n_sweep]
+    sub = [i for i, ex in enumerate(test) if sum(e.skill == ex.skill for e in test[:i]) < args.n_sweep]
     sweep = [test[i] for i in sub]
     curve = {"IFPruning per-input": [], "static": []}
     for d in densities:
         kd = kept_count(d, F, pad)
-        curve["IFPruning per-input"].append(accuracy(llm, tokenizer, sweep, masks_for(scores[sub], kd, F))["mean"])
-        curve["static"].append(accuracy(llm, tokenizer, sweep, indices_to_mask(static_indices(train_scores, kd), F))["mean"])
+        curve["IFPruning per-input"].append(
+            accuracy(hits(llm, tokenizer, sweep, masks_for(scores[sub], kd, F)), sweep)["mean"])
+        curve["static"].append(
+            accuracy(hits(llm, tokenizer, sweep, indices_to_mask(static_indices(train_scores, kd), F)), sweep)["mean"])
         print(f"density {d}: k={kd} ifp {curve['IFPruning per-input'][-1]:.3f} static {curve['static'][-1]:.3f}")
 
     # are masks task-specific? Jaccard of kept channels within vs across skills
@@ -154,7 +195,7 @@ def main(argv=None) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, ys in curve.items():
         ax.plot(densities, ys, marker="o", label=name)
-    ax.axhline(rows["dense (full model, no mask)"]["mean"], color="gray", ls="--", label="dense (no mask)")
+    ax.axhline(rows[names[0]]["mean"], color="gray", ls="--", label="dense (no mask)")
     ax.axvline(density, color="gray", ls=":", label=f"trained density {density:.2f}")
     ax.set_xlabel("density (fraction of FFN channels kept per layer)")
     ax.set_ylabel("mean exact match over skills")
@@ -173,17 +214,27 @@ def main(argv=None) -> None:
              f"LLM: Llama, {L} layers, d_model {llm.config.hidden_size}, d_ffn {F}; predictor: Llama "
              f"{predictor.feature_extractor.config.num_hidden_layers} layers, d {predictor.feature_extractor.config.hidden_size}. "
              f"Target density {density:.3f}: k = {k} of {F} FFN channels kept in every layer.",
-             f"Held-out prompts: {args.n} per skill, inputs from the test bucket (never trained on), "
-             "training phrasings, seed 1234. Greedy decoding, exact match.", "",
+             f"Held-out prompts: {args.n} draws per skill of inputs from the test bucket (never trained on), "
+             f"training phrasings, seed 1234, deduplicated: {len(test)} distinct prompts. Small test buckets "
+             f"repeat inputs, so some skills have fewer distinct prompts (row n). Greedy decoding, exact match; "
+             "mean = mean over skills, [95% bootstrap interval] over prompts resampled within skills.", "",
              "| model / mask | " + " | ".join(skills) + " | mean |",
-             "|---|" + "---|" * (len(skills) + 1)]
+             "|---|" + "---|" * (len(skills) + 1),
+             "| n (distinct prompts) | " + " | ".join(str(n_distinct[s]) for s in skills) + " | |"]
     for name, acc in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{acc[s]:.2f}" for s in skills) + f" | **{acc['mean']:.3f}** |")
-    lines += ["", "Unseen phrasing of every instruction (phrasing 4 of each skill, never trained on), mean exact match:", "",
-              "| model | mean |", "|---|---|"]
-    lines += [f"| {n} | {v:.3f} |" for n, v in heldout.items()]
+        lines.append(f"| {name} | " + " | ".join(f"{acc[s]:.2f}" for s in skills)
+                     + f" | **{acc['mean']:.3f}** [{acc['low']:.3f}, {acc['high']:.3f}] |")
+    lines += ["", f"IFPruning per-input minus each other condition, paired on the same prompts (mean over skills "
+              "[95% interval]); the brackets skill, with few distinct inputs, alone and left out:", "",
+              "| minus | all skills | without brackets |", "|---|---|---|"]
+    for other_name in dict.fromkeys(name for name, _ in paired):
+        cells = [paired[(other_name, label)] for label in ("all skills", "without brackets")]
+        lines.append(f"| {other_name} | " + " | ".join(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, lo, hi in cells) + " |")
+    lines += ["", f"Unseen phrasing of every instruction (phrasing 4 of each skill, never trained on; {len(test_ph)} "
+              "distinct prompts), mean exact match:", "", "| model | mean [95% interval] |", "|---|---|"]
+    lines += [f"| {n} | {v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}] |" for n, v in heldout.items()]
     lines += ["", "## Accuracy vs density", "",
-              f"Mean exact match over skills on the first {args.n_sweep} held-out prompts of every skill; "
+              f"Mean exact match over skills on the first {args.n_sweep} distinct held-out prompts of every skill; "
               "k = kept_count(density, d_ffn, 32) per layer; static = per layer the k channels most often "
               "selected over 1000 training prompts at that k.", "", "![accuracy vs density](density.png)", "",
               "| density | " + " | ".join(str(d) for d in densities) + " |",

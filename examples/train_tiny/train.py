@@ -268,18 +268,19 @@ def fold_mean_score(predictor, tokenizer, rng: random.Random, n: int = 2048) -> 
 
 def _quick_eval(cfg, llm, predictor, tokenizer) -> str:
     """Mean held-out exact match, dense and (if any) with the predictor's hard masks."""
-    from .evaluate import accuracy, jaccard, masks_for  # evaluate imports this module
+    from .evaluate import accuracy, distinct, hits, jaccard, masks_for  # evaluate imports this module
     from converters.reference import predict_scores
 
     llm.eval()
-    test = data.test_set(10, seed=7)
-    out = f"dense {accuracy(llm, tokenizer, test)['mean']:.3f}"
+    test = distinct(data.test_set(10, seed=7))
+    out = f"dense {accuracy(hits(llm, tokenizer, test), test)['mean']:.3f}"
     if predictor is not None:
         predictor.eval()
         scores = predict_scores(predictor, tokenizer, [ex.prompt for ex in test])
         if cfg.center_scores:  # as centered() in training; fold_mean_score does it for good at the end
             scores = scores - scores.mean(0, keepdims=True)
-        out += f"  pruned {accuracy(llm, tokenizer, test, masks_for(scores, cfg.k, cfg.d_ffn))['mean']:.3f}"
+        pruned = accuracy(hits(llm, tokenizer, test, masks_for(scores, cfg.k, cfg.d_ffn)), test)
+        out += f"  pruned {pruned['mean']:.3f}"
         sel = [top_k(s, cfg.k) for s in scores]
         within = [jaccard(sel[i], sel[j]) for i in range(len(test)) for j in range(i) if test[i].skill == test[j].skill]
         across = [jaccard(sel[i], sel[j]) for i in range(len(test)) for j in range(i) if test[i].skill != test[j].skill]
