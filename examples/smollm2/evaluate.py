@@ -20,12 +20,18 @@ Conditions (issue 14):
   ref the original dense model itself: KL 0; match16 measures batched-generation noise
 Intervals: 95% bootstrap over prompts (2000 resamples, seeded); the ratio a/b and the
 differences a-c are paired (the same resampled prompts).
+
+Decode speed per density: `ifprune bench default` (the shipped bundle as `make chat` opens it,
+in MLX), run in a child process; its JSON is kept in --speed-json, which --report-only reuses.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -255,7 +261,36 @@ def summarize(stored: dict) -> dict:
     return results
 
 
-def write_report(results: dict, out_md: Path, out_png: Path, command: str) -> None:
+def measure_speed(out_json: Path, decode_seconds: float = 10.0) -> dict:
+    """`ifprune bench default` in a child process (MLX, the shipped bundle): its JSON figures."""
+    exe = shutil.which("ifprune", path=str(Path(sys.executable).parent)) or shutil.which("ifprune")
+    cmd = [exe, "bench", "default", "--decode-seconds", str(decode_seconds), "--json", str(out_json)]
+    subprocess.run(cmd, check=True)
+    return json.loads(Path(out_json).read_text())
+
+
+def speed_lines(speed: dict, default_density: float | None) -> list[str]:
+    """The decode table of an `ifprune bench default` JSON, as markdown lines."""
+    result = speed["results"][0]
+    rows = {round(r["density"], 3): r for r in result["decode"]}
+    dense = rows.get(1.0)
+    lines = ["## Decode speed", "",
+             f"`{speed['command']}` ({speed['date']}, {result['name']}: {result['weight_bytes'] / 1e6:.0f} MB of "
+             f"weights, {speed['machine'].get('blas', '')}; load average {speed['load_start']} -> {speed['load_end']} "
+             "on this shared machine). Medians over rounds in which every variant decodes in turn; ratios are paired "
+             "per round. *small*: a compact copy of exactly the kept rows; bytes bound: dense bytes / bytes read per "
+             "token at that density.", "",
+             "| density | kept | tok/s | vs this model dense | vs mlx-lm dense | bytes bound | in place / small |",
+             "|---|---|---|---|---|---|---|"]
+    for d, r in sorted(rows.items(), reverse=True):
+        own = r["inplace_tps"] / dense["inplace_tps"] if dense else float("nan")
+        mark = " (default)" if default_density is not None and abs(d - default_density) < 1e-6 else ""
+        lines.append(f"| {d:g}{mark} | {r['k']} | {r['inplace_tps']:.1f} | {own:.2f}x | {r['speedup']:.2f}x | "
+                     f"{r['bytes_bound']:.2f}x | {'' if d == 1.0 else format(r['ratio_small'], '.3f')} |")
+    return lines + [""]
+
+
+def write_report(results: dict, out_md: Path, out_png: Path, command: str, speed: dict | None = None) -> None:
     c, p = results["conditions"], results["paired"]
 
     def cell(name, metric, digits=3):
@@ -278,7 +313,11 @@ def write_report(results: dict, out_md: Path, out_png: Path, command: str) -> No
     lines += ["", "Paired comparisons (same resampled prompts):", "", "| | value | 95% interval |", "|---|---|---|"]
     for key, v in p.items():
         lines.append(f"| {key} | {v['value']:.3f} | [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}] |")
-    lines += ["", "Per family, density 0.5, KL (match16):", "",
+    if speed is not None:
+        lines += [""] + speed_lines(speed, results.get("artifacts_meta", {}).get("default_density"))
+    else:
+        lines += [""]
+    lines += ["Per family, density 0.5, KL (match16):", "",
               "| family | n | " + " | ".join(NAMES[x] for x in ("a", "b", "c", "d")) + " |",
               "|---|---|" + "---|" * 4]
     for f in results["families"]:
@@ -323,6 +362,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     ap.add_argument("--plot", type=Path, default=HERE / "results.png")
     ap.add_argument("--json", type=Path, default=HERE / "results.json")
+    ap.add_argument("--speed-json", type=Path, default=HERE / "speed.json",
+                    help="decode speed figures of `ifprune bench default` (measured unless --no-speed or --report-only)")
+    ap.add_argument("--no-speed", action="store_true", help="do not measure decode speed")
     args = ap.parse_args(argv)
     names = condition_names() if args.conditions == "all" else args.conditions.split(",")
     if args.report_only:
@@ -337,7 +379,10 @@ def main(argv=None) -> None:
     command = "python -m examples.smollm2.evaluate" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if k in ("artifacts", "per_family") and v != ap.get_default(k))
-    write_report(results, args.out, args.plot, command)
+    if not (args.report_only or args.no_speed):
+        measure_speed(args.speed_json)
+    speed = json.loads(args.speed_json.read_text()) if args.speed_json.exists() else None
+    write_report(results, args.out, args.plot, command, speed)
     print(args.out.read_text())
 
 
