@@ -238,3 +238,14 @@ def test_a_few_steps_on_a_gguf_give_artifacts_that_convert_assembles(tmp_path):
         ref = select_channels(pred, run.tokenizer, row["prompt"], 0.5, 32)
         assert all(np.array_equal(a, b) for a, b in zip(ref, engine.select(row["prompt"]).indices)), row["prompt"]
     assert isinstance(engine.generate(run.heldout[0]["prompt"], max_tokens=4), str)
+
+
+def test_speed_table_reads_a_bench_json_and_marks_the_default_density():
+    from examples.smollm2.evaluate import speed_lines
+
+    decode = [{"density": d, "k": k, "inplace_tps": tps, "speedup": tps / 21.0, "bytes_bound": bound, "ratio_small": 0.98}
+              for d, k, tps, bound in ((1.0, 1536, 20.0, 1.0), (0.5, 768, 25.0, 1.42))]
+    speed = {"command": "ifprune bench default", "date": "today", "machine": {"blas": "OpenBLAS"}, "load_start": 1.0,
+             "load_end": 1.0, "results": [{"name": "m", "weight_bytes": 5e8, "decode": decode}]}
+    rows = [line for line in speed_lines(speed, 0.5) if line.startswith("| 0.5")]
+    assert rows == ["| 0.5 (default) | 768 | 25.0 | 1.25x | 1.19x | 1.42x | 0.980 |"]
