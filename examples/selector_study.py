@@ -81,8 +81,10 @@ def sweep(n: int, calibration_prompts: int, densities: list[float], plot: Path |
     """Accuracy vs density on the demo model: where do the selectors part ways?"""
     from examples.train_tiny import data
 
+    from examples.train_tiny.evaluate import distinct
+
     engine = ifp.load(checkpoint_bundle(DEMO_CHECKPOINT))
-    examples = data.test_set(n)
+    examples = distinct(data.test_set(n))
     calibration = _calibration_scores(engine, calibration_prompts)
     curves = {"trained predictor": [], "training-free, GRIFFIN (dense prefill)": [],
               "training-free, pruned prefill": [], "static mask from predictor scores": [],
@@ -106,7 +108,8 @@ def sweep(n: int, calibration_prompts: int, densities: list[float], plot: Path |
         log(f"  density {density}: " + ", ".join(f"{name} {c[-1]:.3f}" for name, c in curves.items()))
     dense = _exact_match(engine, examples, lambda p: None, False)
     engine.apply("auto")
-    lines = [f"Mean exact match over the 10 skills, {n} held-out prompts per skill, greedy; dense "
+    lines = [f"Mean exact match over the 10 skills, {len(examples)} distinct held-out prompts ({n} draws per skill, "
+             "repeats dropped), greedy, one run without intervals (see the table above for their size); dense "
              f"model {dense:.3f}. k = channels kept per layer of {engine.d_ffn}; static masks: "
              f"from {calibration_prompts} training prompts' predictor or activation scores.", ""]
     if plot is not None and _plot_sweep(densities, curves, dense, engine.default_density, plot):
@@ -145,12 +148,13 @@ def _plot_sweep(densities, curves, dense: float, trained: float, path: Path) -> 
 
 def demo(n: int, calibration_prompts: int, log) -> str:
     from examples.train_tiny import data
+    from examples.train_tiny.evaluate import distinct, skill_mean, skill_mean_interval
 
     engine = ifp.load(checkpoint_bundle(DEMO_CHECKPOINT))
     raw = ActivationSelector(engine.model, engine.mlps, engine.prompt_tokens, normalize=False)
     density = engine.default_density
     k = engine.kept_count(density)
-    test = data.test_set(n)
+    test = distinct(data.test_set(n))
     calibration = _calibration_scores(engine, calibration_prompts)
     log(f"demo: {len(test)} held-out prompts, k={k}/{engine.d_ffn}; static masks from {calibration_prompts} training prompts")
     static_pred, static_act = (_static(engine, calibration[name], k) for name in ("predictor", "activations"))
@@ -191,15 +195,21 @@ def demo(n: int, calibration_prompts: int, log) -> str:
 
     skills = data.SKILL_NAMES
     lines = [f"Demo model ({engine.n_layers} layers, d_ffn {engine.d_ffn}), density {density:.2f}: "
-             f"k = {k} channels kept per layer. {n} held-out prompts per skill (data.test_set, seed 1234), "
-             "greedy, exact match. KL: mean KL(dense || masked) in nats of the next-token "
-             "distributions over the dense model's answer, the prompt prefilled dense.", "",
+             f"k = {k} channels kept per layer. {len(test)} distinct held-out prompts ({n} draws per skill of "
+             "data.test_set, seed 1234, repeats dropped: row n), greedy, exact match; mean over skills with a 95% "
+             "bootstrap interval (prompts resampled within skills). KL: mean KL(dense || masked) in nats of the "
+             "next-token distributions over the dense model's answer, the prompt prefilled dense.", "",
              "| selector / mask | " + " | ".join(skills) + " | mean | KL |",
-             "|---|" + "---|" * (len(skills) + 2)]
+             "|---|" + "---|" * (len(skills) + 2),
+             "| n (distinct prompts) | " + " | ".join(str(len(hits["dense (no pruning)"][s])) for s in skills) + " | | |"]
     for name in variants:
         acc = [float(np.mean(hits[name][s])) for s in skills]
+        values = np.array([float(h) for s in skills for h in hits[name][s]])
+        labels = [s for s in skills for _ in hits[name][s]]
+        low, high = skill_mean_interval(values, labels)
         k_l = f"{max(0.0, float(np.mean(kl[name]))):.3f}" if kl[name] else ""  # no "-0.000"
-        lines.append(f"| {name} | " + " | ".join(f"{a:.2f}" for a in acc) + f" | **{np.mean(acc):.3f}** | {k_l} |")
+        lines.append(f"| {name} | " + " | ".join(f"{a:.2f}" for a in acc)
+                     + f" | **{skill_mean(values, labels):.3f}** [{low:.3f}, {high:.3f}] | {k_l} |")
     lines += ["", f"Mean per-layer Jaccard overlap of the predictor's and the training-free selector's "
               f"masks on the same prompt: {np.mean(overlap):.2f} (two random masks of this size: "
               f"{k / (2 * engine.d_ffn - k):.2f})."]
