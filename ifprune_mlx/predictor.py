@@ -13,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .bundle import read_config, read_safetensors, weight_files
 from .errors import BundleError, PredictorError
@@ -92,3 +93,32 @@ def load_predictor(folder: Path, n_layers: int, d_ffn: int) -> Predictor:
     predictor.head2.update({"weight": head["head2.weight"], "bias": head["head2.bias"]})
     mx.eval(predictor.parameters())
     return predictor
+
+
+def share_llm_weights(predictor: Predictor, llm: nn.Module) -> int:
+    """Point the predictor's backbone at the LLM's own arrays wherever they are equal (same name,
+    shape, dtype and values), so that the bundle's copy is freed: an IFPruning predictor built
+    from the LLM's first layers holds its embedding table and attention again (SmolLM2: 113 MB
+    of embeddings). FFN weights are never shared: the engine moves the LLM's rows in place.
+    Returns the bytes freed."""
+    ours = dict(tree_flatten(llm.parameters()))
+    shared, freed = [], 0
+    for name, value in tree_flatten(predictor.backbone.parameters()):
+        other = ours.get(name)
+        if ".mlp." in name or other is None or other.shape != value.shape or other.dtype != value.dtype:
+            continue
+        if not _equal_in_blocks(other, value):
+            continue
+        shared.append((name, other))
+        freed += value.nbytes
+    if shared:
+        predictor.backbone.update(tree_unflatten(shared))
+    return freed
+
+
+def _equal_in_blocks(a: mx.array, b: mx.array, block_bytes: int = 8 << 20) -> bool:
+    """a == b everywhere, compared a block of rows at a time (no full-size temporary at load)."""
+    if a.ndim < 2:
+        return bool(mx.array_equal(a, b).item())
+    step = max(1, block_bytes // max(1, a[0].nbytes))
+    return all(mx.array_equal(a[i: i + step], b[i: i + step]).item() for i in range(0, a.shape[0], step))

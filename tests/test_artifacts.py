@@ -421,3 +421,30 @@ def test_default_model_is_the_shipped_ifpruning_bundle(tmp_path, monkeypatch):
     assert len(got) == 30 and all(np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(want, got))
     answer = engine.generate(prompt, max_tokens=16)
     assert answer.strip() and engine.generate(prompt, max_tokens=16) == answer
+
+
+def test_the_predictor_shares_the_llms_unchanged_weights_and_not_its_ffn(tiny, tmp_path):
+    """The assembled predictor repeats the GGUF's embeddings and first layers: at load it points at
+    the LLM's arrays where they are equal (the adapted norms and every FFN row array stay its own),
+    and its scores stay those of an unshared predictor, before and after rows move."""
+    from mlx.utils import tree_flatten
+
+    from ifprune_mlx.predictor import load_predictor
+
+    path, trained = tiny
+    assert runner.invoke(app, ["convert", str(path), str(tmp_path / "b"), "--predictor", str(trained),
+                               "--dequantize"]).exit_code == 0
+    engine = ifp.load(tmp_path / "b")
+    predictor = engine.selectors["predictor"].predictor
+    llm = dict(tree_flatten(engine.model.parameters()))
+    shared = {name for name, value in tree_flatten(predictor.backbone.parameters())
+              if name in llm and llm[name] is value}
+    assert "model.embed_tokens.weight" in shared
+    assert any(".self_attn." in name for name in shared)
+    assert not any(".mlp." in name or "layernorm" in name for name in shared)  # FFN rows move; norms are adapted
+    alone = load_predictor(tmp_path / "b" / "predictor", LAYERS, D_FFN)
+    for prompt in PROMPTS[:3]:
+        tokens = engine.selectors["predictor"].inputs(prompt)
+        np.testing.assert_array_equal(predictor.scores(tokens), alone.scores(tokens))
+        engine.apply(engine.select(prompt, 0.25))  # rows of the LLM's FFN move in place
+        np.testing.assert_array_equal(predictor.scores(tokens), alone.scores(tokens))
