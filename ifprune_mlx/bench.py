@@ -196,6 +196,13 @@ def _array_bytes(tree) -> int:
     return sum(v.nbytes for _, v in nn.utils.tree_flatten(tree))
 
 
+def _own_bytes(module: nn.Module, other: nn.Module) -> int:
+    """Bytes of module's arrays that are not also other's (the predictor shares the LLM's
+    unchanged arrays: predictor.share_llm_weights)."""
+    theirs = {id(v) for _, v in nn.utils.tree_flatten(other.parameters())}
+    return sum(v.nbytes for _, v in nn.utils.tree_flatten(module.parameters()) if id(v) not in theirs)
+
+
 def bytes_per_token(engine, k: int, context: int) -> dict:
     """Bytes one decode step reads: weights touched + the KV cache at `context` tokens.
 
@@ -488,7 +495,7 @@ def memory_probe(folder: str, density: float, prompt_tokens: int, tokens: int) -
     peak = mx.get_peak_memory()
     rss = resident_memory()[1]
     weights = engine.weight_bytes()
-    predictor = _array_bytes(engine.selectors["predictor"].predictor.parameters()) if engine.has_predictor else 0
+    predictor = _own_bytes(engine.selectors["predictor"].predictor, engine.model) if engine.has_predictor else 0
     k = engine.mlps[0].k
     kv = bytes_per_token(engine, k, len(ids) + n)["kv"]
     return {"weights": weights, "predictor": predictor, "kv": kv, "density": density, "peak_load": after_load,
