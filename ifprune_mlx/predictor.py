@@ -95,25 +95,17 @@ def load_predictor(folder: Path, n_layers: int, d_ffn: int) -> Predictor:
     return predictor
 
 
-def share_llm_weights(predictor: Predictor, llm: nn.Module) -> int:
+def share_llm_weights(predictor: Predictor, llm: nn.Module) -> None:
     """Point the predictor's backbone at the LLM's own arrays wherever they are equal (same name,
     shape, dtype and values), so that the bundle's copy is freed: an IFPruning predictor built
     from the LLM's first layers holds its embedding table and attention again (SmolLM2: 113 MB
-    of embeddings). FFN weights are never shared: the engine moves the LLM's rows in place.
-    Returns the bytes freed."""
+    of embeddings). FFN weights are never shared: the engine moves the LLM's rows in place."""
     ours = dict(tree_flatten(llm.parameters()))
-    shared, freed = [], 0
-    for name, value in tree_flatten(predictor.backbone.parameters()):
-        other = ours.get(name)
-        if ".mlp." in name or other is None or other.shape != value.shape or other.dtype != value.dtype:
-            continue
-        if not _equal_in_blocks(other, value):
-            continue
-        shared.append((name, other))
-        freed += value.nbytes
+    shared = [(name, ours[name]) for name, value in tree_flatten(predictor.backbone.parameters())
+              if ".mlp." not in name and name in ours and ours[name].shape == value.shape
+              and ours[name].dtype == value.dtype and _equal_in_blocks(ours[name], value)]
     if shared:
         predictor.backbone.update(tree_unflatten(shared))
-    return freed
 
 
 def _equal_in_blocks(a: mx.array, b: mx.array, block_bytes: int = 8 << 20) -> bool:

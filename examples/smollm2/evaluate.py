@@ -380,8 +380,9 @@ def main(argv=None) -> None:
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if k in ("artifacts", "per_family") and v != ap.get_default(k))
     if not (args.report_only or args.no_speed):
-        measure_speed(args.speed_json)
-    speed = json.loads(args.speed_json.read_text()) if args.speed_json.exists() else None
+        speed = measure_speed(args.speed_json)
+    else:
+        speed = json.loads(args.speed_json.read_text()) if args.speed_json.exists() else None
     write_report(results, args.out, args.plot, command, speed)
     print(args.out.read_text())
 
