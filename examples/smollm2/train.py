@@ -49,16 +49,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from converters.artifacts import ADAPTER_FILE, HEAD_FILE, META_FILE
 from converters.artifacts import merge_adapter  # noqa: F401  (the adapter merged into an LLM's tensors, torch-free)
+from converters.artifacts import read_artifacts as read_checked
 from converters.reference import SoftTopK, SparsityPredictor, predictor_input, right_pad, set_ffn_mask
 from ifprune_mlx.selectors import kept_count
 
 from . import data
 
 HERE = Path(__file__).parent
-ADAPTER_FILE, HEAD_FILE, META_FILE = "adapter.safetensors", "head.safetensors", "ifpruning.json"
 GAIN_SUFFIX = ".mlp.up_proj.channel_gain"  # adapter key: model.layers.{l}.mlp.up_proj.channel_gain
 GATE_GAIN_SUFFIX = ".mlp.gate_proj.channel_gain"
 LORA_A_SUFFIX, LORA_B_SUFFIX = ".mlp.down_proj.lora_a", ".mlp.down_proj.lora_b"  # [r, d_ffn], [d_model, r]
@@ -502,10 +503,11 @@ class Run:
 
 
 def read_artifacts(folder: Path) -> tuple[dict, dict, dict]:
-    """(adapter tensors, head tensors, ifpruning meta) of an exported artifacts folder."""
-    folder = Path(folder)
-    return (load_file(folder / ADAPTER_FILE), load_file(folder / HEAD_FILE),
-            json.loads((folder / META_FILE).read_text()))
+    """(adapter tensors, head tensors, ifpruning meta) of an exported artifacts folder, checked
+    as the converter checks it (converters.artifacts.read_artifacts), tensors as torch float32."""
+    read = read_checked(folder)
+    return ({k: torch.from_numpy(v) for k, v in read.adapter.items()},
+            {k: torch.from_numpy(v) for k, v in read.head.items()}, read.meta)
 
 
 def build_predictor(llm, artifacts: Path) -> SparsityPredictor:
