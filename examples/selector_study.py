@@ -81,7 +81,7 @@ def sweep(n: int, calibration_prompts: int, densities: list[float], plot: Path |
     """Accuracy vs density on the demo model: where do the selectors part ways?"""
     from examples.train_tiny import data
 
-    from examples.train_tiny.evaluate import distinct
+    from examples.train_tiny.data import distinct
 
     engine = ifp.load(checkpoint_bundle(DEMO_CHECKPOINT))
     examples = distinct(data.test_set(n))
@@ -148,7 +148,7 @@ def _plot_sweep(densities, curves, dense: float, trained: float, path: Path) -> 
 
 def demo(n: int, calibration_prompts: int, log) -> str:
     from examples.train_tiny import data
-    from examples.train_tiny.evaluate import distinct, skill_mean, skill_mean_interval
+    from examples.train_tiny.data import distinct, skill_mean, skill_mean_interval
 
     engine = ifp.load(checkpoint_bundle(DEMO_CHECKPOINT))
     raw = ActivationSelector(engine.model, engine.mlps, engine.prompt_tokens, normalize=False)

@@ -13,6 +13,8 @@ import hashlib
 import random
 from dataclasses import dataclass
 
+import numpy as np
+
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 FRENCH = {"one": "un", "two": "deux", "three": "trois", "four": "quatre", "five": "cinq",
           "six": "six", "seven": "sept", "eight": "huit", "nine": "neuf", "ten": "dix",
@@ -198,3 +200,25 @@ def corpus(n: int, seed: int = 0) -> list[str]:
         ex = sample(rng, "train", skill, phrasing=i % len(skill.phrasings))
         out.append(f"{ex.prompt}\n{ex.answer}")
     return out
+
+
+# -- held-out statistics -------------------------------------------------------------------
+
+
+def distinct(examples: list) -> list:
+    """The examples without repeated prompts (first occurrence kept, order kept)."""
+    seen = set()
+    return [ex for ex in examples if not (ex.prompt in seen or seen.add(ex.prompt))]
+
+
+def skill_mean(values: np.ndarray, skills: list[str]) -> float:
+    """The mean over skills of each skill's mean of `values`."""
+    return float(np.mean([values[[s == name for s in skills]].mean() for name in sorted(set(skills))]))
+
+
+def skill_mean_interval(values: np.ndarray, skills: list[str], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of skill_mean, prompts resampled within each skill."""
+    rng = np.random.default_rng(seed)
+    groups = [values[[s == name for s in skills]] for name in sorted(set(skills))]
+    stats = [np.mean([g[rng.integers(0, len(g), len(g))].mean() for g in groups]) for _ in range(draws)]
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))

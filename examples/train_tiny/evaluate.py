@@ -33,6 +33,7 @@ from ifprune_mlx.selectors import kept_count, overlap, top_k
 from ifprune_mlx.selectors import static_top_k as static_indices  # one mask for all tasks
 
 from . import data
+from .data import distinct, skill_mean, skill_mean_interval
 from .train import Config, chat_prefix, load_checkpoint, train
 
 HERE = Path(__file__).parent
@@ -57,29 +58,10 @@ def generate(llm, tokenizer, prompts: list[str], masks: torch.Tensor | None = No
     return [s.strip() for s in out]
 
 
-def distinct(examples: list) -> list:
-    """The examples without repeated prompts (first occurrence kept, order kept)."""
-    seen = set()
-    return [ex for ex in examples if not (ex.prompt in seen or seen.add(ex.prompt))]
-
-
 def hits(llm, tokenizer, examples, masks=None) -> np.ndarray:
     """1.0 where the greedy answer is exactly right, per example."""
     answers = generate(llm, tokenizer, [ex.prompt for ex in examples], masks)
     return np.array([a == ex.answer for ex, a in zip(examples, answers)], dtype=np.float64)
-
-
-def skill_mean(values: np.ndarray, skills: list[str]) -> float:
-    """The mean over skills of each skill's mean of `values`."""
-    return float(np.mean([values[[s == name for s in skills]].mean() for name in sorted(set(skills))]))
-
-
-def skill_mean_interval(values: np.ndarray, skills: list[str], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval of skill_mean, prompts resampled within each skill."""
-    rng = np.random.default_rng(seed)
-    groups = [values[[s == name for s in skills]] for name in sorted(set(skills))]
-    stats = [np.mean([g[rng.integers(0, len(g), len(g))].mean() for g in groups]) for _ in range(draws)]
-    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
 def accuracy(values: np.ndarray, examples) -> dict[str, float]:
