@@ -27,6 +27,7 @@ pytest.importorskip("uvicorn")
 
 import ifprune_mlx as ifp  # noqa: E402
 from ifprune_mlx import server  # noqa: E402
+from ifprune_mlx.scheduler import MAX_OVERTAKES, Job, Scheduler  # noqa: E402
 from ifprune_mlx.chat import mask_key  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -483,7 +484,7 @@ async def _run_queued(scheduler, engine, work, max_tokens=4):
     jobs = []
     for messages, options in work:
         dense = options.get("dense", False)
-        job = server.Job(prompt=messages, ids=engine.prompt_tokens(messages), task=messages[0]["content"],
+        job = Job(prompt=messages, ids=engine.prompt_tokens(messages), task=messages[0]["content"],
                          sampling={"max_tokens": max_tokens, "temp": 0.0, "top_p": 1.0, "seed": None},
                          density=None, selector="" if dense else "predictor", dense=dense, stop=[], loop=loop)
         scheduler.submit(job)
@@ -510,7 +511,7 @@ def test_mask_affinity_swaps_fewer_rows_and_changes_no_answer(endless_bundle, en
     work = mixed_workload(rounds=4)
     swaps, texts = {}, {}
     for affinity in (False, True):
-        scheduler = server.Scheduler(lambda: ifp.load(endless_bundle), affinity=affinity, max_queue=len(work))
+        scheduler = Scheduler(lambda: ifp.load(endless_bundle), affinity=affinity, max_queue=len(work))
         try:
             outputs = asyncio.run(_run_queued(scheduler, engine, work))
         finally:
@@ -523,9 +524,9 @@ def test_mask_affinity_swaps_fewer_rows_and_changes_no_answer(endless_bundle, en
 
 def test_affinity_passes_a_request_over_a_bounded_number_of_times(endless_bundle, engine):
     # One request for mask B behind many for mask A: it still runs before all of A's are done.
-    many = [([{"role": "user", "content": TASK}], {})] * (server.MAX_OVERTAKES + 8)
+    many = [([{"role": "user", "content": TASK}], {})] * (MAX_OVERTAKES + 8)
     work = [many[0], ([{"role": "user", "content": "Sort these numbers: 5 3 9 1."}], {}), *many[1:]]
-    scheduler = server.Scheduler(lambda: ifp.load(endless_bundle), max_queue=len(work))
+    scheduler = Scheduler(lambda: ifp.load(endless_bundle), max_queue=len(work))
     order = []
     original = scheduler._run
     scheduler._run = lambda job: (order.append(job.prompt[0]["content"]), original(job))
@@ -534,7 +535,7 @@ def test_affinity_passes_a_request_over_a_bounded_number_of_times(endless_bundle
     finally:
         scheduler.stop()
     position = order.index("Sort these numbers: 5 3 9 1.")
-    assert 1 < position <= server.MAX_OVERTAKES + 1
+    assert 1 < position <= MAX_OVERTAKES + 1
 
 
 # -- the command -----------------------------------------------------------------------------
