@@ -6,6 +6,7 @@ response objects built anywhere. The routes are in server.py, the worker in sche
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Literal, Optional, Union
@@ -30,7 +31,7 @@ class APIError(Exception):
 # -- request schemas -----------------------------------------------------------------------
 
 class _Schema(BaseModel):
-    # strict: "5" is not a number, 5.0 is not an integer; unknown fields are ignored
+    # strict: "5" is not a number, 5.0 is not an integer; parse_request checks the unknown fields
     model_config = ConfigDict(strict=True, extra="allow")
 
 
@@ -63,6 +64,13 @@ class _Request(_Schema):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = 1
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logit_bias: Optional[dict[str, float]] = None
+    # extensions: sampling, as mlx_lm.server and llama-server take it
+    top_k: Optional[int] = Field(None, ge=0)
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(None, gt=0)
     # extensions: what to prune
     density: Optional[float] = None
     selector: Optional[str] = None
@@ -73,22 +81,35 @@ class _Request(_Schema):
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(_Request):
     prompt: Union[str, list[str]]
     echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=20)  # the legacy API: how many top tokens
 
 
-
-# Accepted only at their neutral value: anything else would be silently ignored.
-_NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0),
-            "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
-            "functions": (None, []), "suffix": (None, ""), "best_of": (None, 1)}
+# Fields this server cannot honour, accepted only at the values that ask for nothing: any
+# other value is a 400 naming the field, never silently ignored.
+REFUSED = {
+    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
+    "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
+    "prediction": (None,), "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,),
+    "moderation": (None,), "service_tier": (None, "auto", "default"), "store": (None, False),
+    "prompt_cache_options": (None,), "prompt_cache_retention": (None,),
+    "suffix": (None, ""), "best_of": (None, 1),
+}
+# Labels for the caller's own records: accepted, and by their meaning they change no output
+# (prompt caching here is automatic, by shared prefix).
+LABELS = ("user", "metadata", "safety_identifier", "prompt_cache_key")
 
 
 def parse_request(schema: type[BaseModel], body: dict):
-    """The request `body` checked against `schema`: APIError 422 (schema) or 400 (refused field)."""
+    """The request `body` checked against `schema`: APIError 422 (schema) or 400 (a field
+    refused, unknown, or a value this server cannot honour)."""
     try:
         request = schema.model_validate(body)
     except ValidationError as e:
@@ -98,42 +119,88 @@ def parse_request(schema: type[BaseModel], body: dict):
                          and p not in ("str", "int", "float", "bool", "list", "dict"))
         raise APIError(422, f"{param or 'body'}: {first['msg']}", param=param or None,
                        code=first["type"]) from None
-    for name, neutral in _NEUTRAL.items():
-        if name in (request.model_extra or {}) and request.model_extra[name] not in neutral:
-            raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported")
+    for name, value in (request.model_extra or {}).items():
+        if name in REFUSED:
+            if value not in REFUSED[name]:
+                raise APIError(400, f"{name} is not supported by this server (accepted only as "
+                                    f"{' or '.join(json.dumps(v) for v in REFUSED[name])})",
+                               param=name, code="unsupported")
+        elif name not in LABELS:
+            raise APIError(400, f"unknown field {name!r}: this server does not know it (docs/SERVER.md "
+                                "lists the fields it takes)", param=name, code="unknown_field")
     if request.n != 1:
         raise APIError(400, "n must be 1: this server generates one choice per request", param="n",
                        code="unsupported")
     return request
 
 
+def sampling(body: _Request, max_tokens: int, vocab_size: int | None) -> dict:
+    """The sampling settings of a request, for the scheduler (mlx-lm's samplers and logits
+    processors read them); APIError 400 for a logit_bias key that is not a token id."""
+    bias = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < (vocab_size or 2**31):
+            raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 to "
+                                f"{(vocab_size or 2**31) - 1})", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias: {value} for token {key} is outside [-100, 100]", param="logit_bias")
+        bias[int(key)] = value
+    if isinstance(body, CompletionRequest):
+        logprobs, top = body.logprobs is not None, body.logprobs or 0
+    else:
+        logprobs, top = bool(body.logprobs), body.top_logprobs or 0
+        if top and not logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    return {"max_tokens": max_tokens, "temp": 1.0 if body.temperature is None else body.temperature,
+            "top_p": 1.0 if body.top_p is None else body.top_p, "top_k": body.top_k or 0,
+            "min_p": body.min_p or 0.0, "seed": body.seed, "logit_bias": bias,
+            "repetition_penalty": body.repetition_penalty, "presence_penalty": body.presence_penalty,
+            "frequency_penalty": body.frequency_penalty, "logprobs": logprobs, "top_logprobs": top}
+
+
 class Reply:
     """The OpenAI response objects of one request (chat.completion or text_completion)."""
 
-    def __init__(self, chat: bool, model: str, report: dict):
-        self.chat, self.model, self.report = chat, model, report
+    def __init__(self, chat: bool, model: str):
+        self.chat, self.model = chat, model
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        self._offset = 0  # characters sent so far (the legacy logprobs' text_offset)
 
     def _object(self, kind: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
-    def whole(self, text: str, done: dict) -> dict:
+    def _logprobs(self, entries: list[dict] | None) -> dict | None:
+        """OpenAI's logprobs object of these tokens: chat's `content` list, or the legacy form."""
+        if not entries:
+            return None
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": done["finish_reason"], "logprobs": None}
+            return {"content": entries, "refusal": None}
+        offsets = []
+        for e in entries:
+            offsets.append(self._offset)
+            self._offset += len(e["token"])
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": offsets}
+
+    def whole(self, text: str, done: dict, logprobs: list[dict] | None = None) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
         else:
-            choice = {"index": 0, "text": text, "finish_reason": done["finish_reason"], "logprobs": None}
+            choice = {"index": 0, "text": text}
+        choice.update(finish_reason=done["finish_reason"], logprobs=self._logprobs(logprobs))
         return self._object("chat.completion" if self.chat else "text_completion", [choice],
                             usage=done["usage"], ifprune=done["ifprune"])
 
-    def _chunk(self, content: str | None, finish: str | None, include_usage: bool, **extra) -> dict:
+    def _chunk(self, content: str | None, finish: str | None, include_usage: bool,
+               logprobs: list[dict] | None = None, **extra) -> dict:
         if self.chat:
-            choice = {"index": 0, "delta": {} if content is None else {"content": content},
-                      "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "delta": {} if content is None else {"content": content}}
         else:
-            choice = {"index": 0, "text": content or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "text": content or ""}
+        choice.update(finish_reason=finish, logprobs=self._logprobs(logprobs))
         usage = {"usage": None} if include_usage else {}
         return self._object("chat.completion.chunk" if self.chat else "text_completion", [choice],
                             **usage, **extra)
@@ -146,8 +213,8 @@ class Reply:
         chunk["choices"][0]["delta"] = {"role": "assistant", "content": ""}
         return [chunk]
 
-    def piece(self, text: str, include_usage: bool) -> dict:
-        return self._chunk(text, None, include_usage)
+    def piece(self, text: str, include_usage: bool, logprobs: list[dict] | None = None) -> dict:
+        return self._chunk(text, None, include_usage, logprobs)
 
     def last(self, done: dict, include_usage: bool) -> dict:
         return self._chunk(None, done["finish_reason"], include_usage, ifprune=done["ifprune"])
@@ -155,4 +222,3 @@ class Reply:
     def usage(self, done: dict) -> dict:
         return self._object("chat.completion.chunk" if self.chat else "text_completion", [],
                             usage=done["usage"])
-

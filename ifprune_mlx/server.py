@@ -15,17 +15,18 @@ import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .errors import IFPruneError, SelectionError
-from .openai_api import APIError, ChatRequest, CompletionRequest, Reply, _Request, parse_request
+from .openai_api import APIError, ChatRequest, CompletionRequest, Reply, _Request, parse_request, sampling
 from .scheduler import Job, QueueFull, RequestError, Scheduler
 from .selectors import check_density
 
@@ -45,6 +46,29 @@ class ServerConfig:
     max_tokens: int = 4096            # largest max_tokens a request may ask for
     default_max_tokens: int = 256
     max_body: int = 2_000_000         # bytes
+    read_timeout: float = 30.0        # seconds the body may pause while it arrives (408 after)
+    keepalive: float = 10.0           # seconds between SSE comments while a stream waits for its first token
+    cors: list[str] = field(default_factory=list)  # origins allowed to call from a browser ("*": any)
+
+
+def _valid_text(text: str) -> str:
+    """The text with lone surrogates (valid JSON escapes, not characters) made U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _task(messages, policy: str):
+    """What the trained predictor selects a chat's mask from: per task, the system message
+    (the task instruction) when there is one, else the first user message; per turn, the
+    last user message (as engine.generate). A completion's text is its own task."""
+    if not isinstance(messages, list):
+        return messages
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    if not users:
+        raise APIError(400, "the messages hold no user message to select channels from", param="messages")
+    if policy == "per-turn":
+        return users[-1]
+    system = [m["content"] for m in messages if m["role"] in ("system", "developer") and m["content"].strip()]
+    return system[0] if system else users[0]
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -55,13 +79,20 @@ class _Disconnected(Exception):
     """The client went away."""
 
 
-async def _read_json(request: Request, limit: int) -> dict:
+async def _read_json(request: Request, limit: int, timeout: float) -> dict:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise APIError(413, f"request body of {int(length)} bytes is over the limit of {limit} bytes",
                        code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    body = request.stream()
+    while True:  # each piece of the body must come within `timeout` seconds
+        try:
+            chunk = await asyncio.wait_for(body.__anext__(), timeout)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="timeout") from None
         size += len(chunk)
         if size > limit:
             raise APIError(413, f"request body is over the limit of {limit} bytes", code="request_too_large")
@@ -88,12 +119,16 @@ class Server:
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
+            Route("/live", self.live, methods=["GET"]),
         ]
         self.app = Starlette(routes=routes, exception_handlers={
             HTTPException: self._http_error, APIError: self._api_error, Exception: self._bug,
         })
         if config.api_key:
-            self.app.add_middleware(_BearerAuth, key=config.api_key)
+            self.app.add_middleware(_BearerAuth, key=config.api_key, open_paths=("/live",))
+        if config.cors:  # outermost: a browser's preflight carries no key
+            self.app.add_middleware(CORSMiddleware, allow_origins=config.cors, allow_methods=["GET", "POST"],
+                                    allow_headers=["Authorization", "Content-Type"], max_age=600)
 
     # -- routes ------------------------------------------------------------------------
 
@@ -109,22 +144,32 @@ class Server:
 
     async def health(self, request: Request) -> Response:
         s = self.scheduler
-        return JSONResponse({"status": "ok", "model": self.config.model_id, "busy": s.running is not None,
-                             "queued": s.queued, "affinity": s.affinity, **s.stats, "last": s.last})
+        state = s.state
+        return JSONResponse({"status": "ok" if state != "dead" else "dead", "worker": state,
+                             "model": self.config.model_id, "busy": s.running > 0, "running": s.running,
+                             "queued": s.queued, "affinity": s.affinity, **s.stats, "last": s.last},
+                            status_code=503 if state == "dead" else 200)
+
+    async def live(self, request: Request) -> Response:
+        """Liveness, without the key: the worker's state only (503 when its thread is dead)."""
+        state = self.scheduler.state
+        return JSONResponse({"status": "dead" if state == "dead" else "ok", "worker": state},
+                            status_code=503 if state == "dead" else 200)
 
     async def chat_completions(self, request: Request) -> Response:
-        body = parse_request(ChatRequest, await _read_json(request, self.config.max_body))
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        body = parse_request(ChatRequest, await _read_json(request, self.config.max_body, self.config.read_timeout))
+        messages = [{"role": m.role, "content": _valid_text(m.text())} for m in body.messages]
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await self._serve(request, body, messages, max_tokens, chat=True)
 
     async def completions(self, request: Request) -> Response:
-        body = parse_request(CompletionRequest, await _read_json(request, self.config.max_body))
+        body = parse_request(CompletionRequest, await _read_json(request, self.config.max_body, self.config.read_timeout))
         prompt = body.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
                 raise APIError(400, "prompt: give one prompt (batches are not supported)", param="prompt")
             prompt = prompt[0]
+        prompt = _valid_text(prompt)
         if body.echo:
             raise APIError(400, "echo is not supported by this server", param="echo", code="unsupported")
         return await self._serve(request, body, prompt, body.max_tokens, chat=False)
@@ -158,19 +203,12 @@ class Server:
             selector = "" if body.dense else self.engine.get_selector(body.selector or config.selector).name
         except SelectionError as e:
             raise APIError(400, str(e), param="selector") from None
-        task = prompt
-        if isinstance(prompt, list) and selector == "predictor":
-            users = [m["content"] for m in prompt if m["role"] == "user"]
-            if not users:
-                raise APIError(400, "the messages hold no user message to select channels from",
-                               param="messages")
-            task = users[0] if body.policy == "per-task" else users[-1]
+        task = _task(prompt, body.policy) if selector == "predictor" else prompt
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4:
             raise APIError(400, "stop: at most 4 sequences", param="stop")
-        sampling = {"max_tokens": max_tokens, "temp": 1.0 if body.temperature is None else body.temperature,
-                    "top_p": 1.0 if body.top_p is None else body.top_p, "seed": body.seed}
-        return Job(prompt=prompt, ids=None, task=task, sampling=sampling, density=density, selector=selector,
+        options = sampling(body, max_tokens, self.engine.config.get("vocab_size"))
+        return Job(prompt=prompt, ids=None, task=task, sampling=options, density=density, selector=selector,
                    dense=body.dense, stop=stop, loop=asyncio.get_running_loop())
 
     async def _serve(self, request: Request, body: _Request, prompt, max_tokens, chat: bool) -> Response:
@@ -183,26 +221,26 @@ class Server:
                            headers={"Retry-After": str(e.retry_after)}) from None
         gone = asyncio.ensure_future(_wait_disconnect(request))
         try:
-            kind, payload = await _next_event(job, gone)
+            kind, payload = await _next_event(job, gone, skip=("progress",))  # "queued" once tokenized
             if kind == "error":
                 raise _engine_error(payload)
-            report = payload
-            reply = Reply(chat, self.config.model_id, report)
+            reply = Reply(chat, self.config.model_id)
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 stream = self._stream(job, gone, reply, include_usage)
                 gone = None  # the stream owns it now
                 return StreamingResponse(stream, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            pieces = []
+            pieces, logprobs = [], []
             while True:
-                kind, payload = await _next_event(job, gone)
+                kind, payload = await _next_event(job, gone, skip=("queued", "progress", "start"))
                 if kind == "text":
-                    pieces.append(payload)
+                    pieces.append(payload[0])
+                    logprobs += payload[1] or []
                 elif kind == "error":
                     raise _engine_error(payload)
                 else:
-                    return JSONResponse(reply.whole("".join(pieces), payload))
+                    return JSONResponse(reply.whole("".join(pieces), payload, logprobs))
         except _Disconnected:
             return Response(status_code=499)
         finally:
@@ -211,13 +249,23 @@ class Server:
                 gone.cancel()
 
     async def _stream(self, job: Job, gone: asyncio.Future, reply: "Reply", include_usage: bool):
+        """The SSE stream; until the first token, a comment every `keepalive` seconds and per
+        prefill chunk keeps proxies from closing an idle connection."""
+        started = False
         try:
             for chunk in reply.opening(include_usage):
                 yield _sse(chunk)
             while True:
-                kind, payload = await _next_event(job, gone)
-                if kind == "text":
-                    yield _sse(reply.piece(payload, include_usage))
+                wait = None if started else self.config.keepalive
+                kind, payload = await _next_event(job, gone, timeout=wait)
+                if kind in ("keepalive", "queued"):
+                    yield ": keepalive\n\n"
+                elif kind == "progress":
+                    yield f": keepalive {payload[0]}/{payload[1]}\n\n"
+                elif kind == "start":
+                    started = True
+                elif kind == "text":
+                    yield _sse(reply.piece(payload[0], include_usage, payload[1]))
                 elif kind == "error":
                     yield _sse({"error": _engine_error(payload).body()})
                     return
@@ -261,15 +309,23 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-async def _next_event(job: Job, gone: asyncio.Future) -> tuple[str, object]:
-    """The job's next event; raises _Disconnected (and cancels the job) if the client leaves first."""
-    get = asyncio.ensure_future(job.events.get())
-    await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-    if get.done():
-        return get.result()
-    get.cancel()
-    job.cancel()
-    raise _Disconnected
+async def _next_event(job: Job, gone: asyncio.Future, skip: tuple = (),
+                      timeout: float | None = None) -> tuple[str, object]:
+    """The job's next event not of the kinds in `skip`, or ("keepalive", None) after `timeout`
+    seconds without one; raises _Disconnected (and cancels the job) if the client leaves first."""
+    while True:
+        get = asyncio.ensure_future(job.events.get())
+        await asyncio.wait({get, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if get.done():
+            kind, payload = get.result()
+            if kind in skip:
+                continue
+            return kind, payload
+        get.cancel()
+        if not gone.done():
+            return "keepalive", None
+        job.cancel()
+        raise _Disconnected
 
 
 def _sse(data: dict) -> str:
@@ -277,13 +333,13 @@ def _sse(data: dict) -> str:
 
 
 class _BearerAuth:
-    """ASGI middleware: every HTTP request needs `Authorization: Bearer KEY`."""
+    """ASGI middleware: every HTTP request needs `Authorization: Bearer KEY` (but `open_paths`)."""
 
-    def __init__(self, app, key: str):
-        self.app, self.key = app, key.encode()
+    def __init__(self, app, key: str, open_paths: tuple[str, ...] = ()):
+        self.app, self.key, self.open_paths = app, key.encode(), open_paths
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
             given = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
@@ -297,21 +353,25 @@ class _BearerAuth:
 
 # -- running it ----------------------------------------------------------------------------
 
-def start(load: Callable[[], object], config: ServerConfig, *, max_queue: int = 64,
-          affinity: bool = True, prompt_caches: int = 16) -> Server:
-    """Load the engine on its worker thread and build the app (serve it with uvicorn)."""
-    scheduler = Scheduler(load, max_queue=max_queue, affinity=affinity, prompt_caches=prompt_caches)
+def start(load: Callable[[], object], config: ServerConfig, **options) -> Server:
+    """Load the engine on its worker thread and build the app (serve it with uvicorn).
+    Options are Scheduler's: max_queue, affinity, prompt_caches, max_batch."""
+    scheduler = Scheduler(load, **options)
     scheduler.start()
     return Server(scheduler, config)
 
 
-def uvicorn_server(server: Server, sock, log_level: str = "info"):
-    """A uvicorn.Server for the app on an already bound socket (127.0.0.1 unless told otherwise)."""
+def uvicorn_server(server: Server, sock, log_level: str = "info", max_connections: int | None = None,
+                   idle_timeout: float = 5.0):
+    """A uvicorn.Server for the app on an already bound socket (127.0.0.1 unless told otherwise).
+    max_connections: connections served at once (uvicorn answers 503 beyond); idle_timeout:
+    seconds a kept-alive connection may stay idle."""
     import uvicorn
 
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=3, lifespan="off")
+    config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level, lifespan="off",
+                            timeout_graceful_shutdown=3, limit_concurrency=max_connections,
+                            timeout_keep_alive=idle_timeout)
     return uvicorn.Server(config)
 
 
@@ -327,11 +387,11 @@ class BackgroundServer:
     """
 
     def __init__(self, load: Callable[[], object], config: ServerConfig, *, host: str = "127.0.0.1",
-                 port: int = 0, log_level: str = "warning", **options):
+                 port: int = 0, log_level: str = "warning", max_connections: int | None = None, **options):
         self.server = start(load, config, **options)
         sock = socket.socket()
         sock.bind((host, port))
-        self._uvicorn = uvicorn_server(self.server, sock, log_level=log_level)
+        self._uvicorn = uvicorn_server(self.server, sock, log_level=log_level, max_connections=max_connections)
         self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [sock]}, daemon=True)
         self._thread.start()
         while not self._uvicorn.started and self._thread.is_alive():
