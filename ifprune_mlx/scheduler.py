@@ -113,6 +113,10 @@ def prompt_ids(engine, prompt) -> list[int]:
     return list(ids)
 
 
+class WorkerStopped(RuntimeError):
+    """The worker thread has ended (stopped, or died of a bug): nothing more will run."""
+
+
 class QueueFull(Exception):
     def __init__(self, retry_after: int):
         super().__init__("queue full")
@@ -189,6 +193,8 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         """Queue a job; raises QueueFull (with a Retry-After in seconds) when the queue is full."""
         with self._cond:
+            if self._ready.is_set() and not self._thread.is_alive():
+                raise WorkerStopped("the engine's worker has stopped; the server must be restarted")
             if len(self._pending) >= self.max_queue or self._stopping or self._load_error is not None:
                 wait = self._job_seconds * (len(self._pending) + 1) / self.max_batch
                 raise QueueFull(max(1, min(60, math.ceil(wait))))
@@ -206,9 +212,24 @@ class Scheduler:
             self._ready.set()
             return
         self._ready.set()
-        while self._schedule():
-            if self.batch.active:
-                self._step()
+        try:
+            while self._schedule():
+                if self.batch.active:
+                    self._step()
+        except BaseException:
+            log.exception("the engine's worker stopped")
+            raise
+        finally:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """The worker ends: every job still waiting or running gets an error (none hangs)."""
+        with self._cond:
+            jobs = [d.job for d in self.batch.active.values()] + list(self._pending)
+            self._pending.clear()
+        for job in jobs:
+            if not job.cancelled.is_set():
+                self._fail(job, WorkerStopped("the engine's worker stopped; the server must be restarted"))
         self.batch.close()
 
     def _new_batch(self) -> MaskBatch:

@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from .errors import IFPruneError, SelectionError
 from .openai_api import APIError, ChatRequest, CompletionRequest, Reply, _Request, parse_request, sampling
-from .scheduler import Job, QueueFull, RequestError, Scheduler
+from .scheduler import Job, QueueFull, RequestError, Scheduler, WorkerStopped
 from .selectors import check_density
 
 log = logging.getLogger("ifprune.serve")
@@ -219,6 +219,8 @@ class Server:
             raise APIError(503, f"the server is busy ({self.scheduler.max_queue} requests queued); retry later",
                            type="server_error", code="queue_full",
                            headers={"Retry-After": str(e.retry_after)}) from None
+        except WorkerStopped as e:
+            raise APIError(503, str(e), type="server_error", code="worker_stopped") from None
         gone = asyncio.ensure_future(_wait_disconnect(request))
         try:
             kind, payload = await _next_event(job, gone, skip=("progress",))  # "queued" once tokenized
@@ -297,6 +299,8 @@ class Server:
 
 
 def _engine_error(e: Exception) -> APIError:
+    if isinstance(e, WorkerStopped):
+        return APIError(503, str(e), type="server_error", code="worker_stopped")
     if isinstance(e, RequestError):
         return APIError(400, str(e), param=e.param, code=e.code)
     if isinstance(e, IFPruneError):
@@ -370,7 +374,9 @@ def uvicorn_server(server: Server, sock, log_level: str = "info", max_connection
 
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level, lifespan="off",
-                            timeout_graceful_shutdown=3, limit_concurrency=max_connections,
+                            timeout_graceful_shutdown=3,
+                            # uvicorn counts the connection being answered too
+                            limit_concurrency=None if max_connections is None else max_connections + 1,
                             timeout_keep_alive=idle_timeout)
     return uvicorn.Server(config)
 
