@@ -174,7 +174,8 @@ class MaskBatch:
         (uid,) = self.generator.insert(
             [ids[reused:]], max_tokens=[max_tokens], caches=[cache], all_tokens=[ids[:reused]],
             samplers=[sampler(s["temp"], s["top_p"], s.get("min_p", 0.0), s.get("top_k", 0))],
-            logits_processors=[logits_processors(s)], stop_sequences=[self._stops])
+            logits_processors=[logits_processors(s) + ([job.constraint] if job.constraint else [])],
+            stop_sequences=[self._stops])
         report.update(reused_tokens=reused, prefill_tokens=len(ids) - reused)
         self.active[uid] = Decoding(job, key, report, self.engine.tokenizer.detokenizer, StopText(job.stop))
 

@@ -67,6 +67,7 @@ class _Request(_Schema):
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     logit_bias: Optional[dict[str, float]] = None
+    response_format: Optional[dict] = None
     # extensions: sampling, as mlx_lm.server and llama-server take it
     top_k: Optional[int] = Field(None, ge=0)
     min_p: Optional[float] = Field(None, ge=0, le=1)
@@ -96,7 +97,7 @@ class CompletionRequest(_Request):
 REFUSED = {
     "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
     "functions": (None, []), "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
+"modalities": (None, ["text"]), "audio": (None,),
     "prediction": (None,), "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,),
     "moderation": (None,), "service_tier": (None, "auto", "default"), "store": (None, False),
     "prompt_cache_options": (None,), "prompt_cache_retention": (None,),
@@ -151,7 +152,13 @@ def sampling(body: _Request, max_tokens: int, vocab_size: int | None) -> dict:
         logprobs, top = bool(body.logprobs), body.top_logprobs or 0
         if top and not logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    return {"max_tokens": max_tokens, "temp": 1.0 if body.temperature is None else body.temperature,
+    response_format = body.response_format
+    if response_format is not None and response_format.get("type") not in ("text", "json_object", "json_schema"):
+        raise APIError(400, f"response_format.type is {response_format.get('type')!r}; expected \"text\", "
+                            "\"json_object\" or \"json_schema\"", param="response_format")
+    if response_format is not None and response_format["type"] == "text":
+        response_format = None
+    return {"max_tokens": max_tokens, "response_format": response_format, "temp": 1.0 if body.temperature is None else body.temperature,
             "top_p": 1.0 if body.top_p is None else body.top_p, "top_k": body.top_k or 0,
             "min_p": body.min_p or 0.0, "seed": body.seed, "logit_bias": bias,
             "repetition_penalty": body.repetition_penalty, "presence_penalty": body.presence_penalty,

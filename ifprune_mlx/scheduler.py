@@ -31,6 +31,7 @@ import mlx.core as mx
 from .batching import Decoding, MaskBatch, PrefixCaches
 from .chat import mask_key
 from .errors import IFPruneError
+from .grammar import GrammarError, Grammars
 from .selectors import Selection
 
 log = logging.getLogger("ifprune.serve")
@@ -60,6 +61,7 @@ class Job:
     select_ms: float = 0.0
     error: Exception | None = None
     overtaken: int = 0
+    constraint: object = None        # grammar.JsonConstraint of a response_format, made by the worker
 
     @property
     def griffin(self) -> bool:
@@ -142,6 +144,7 @@ class Scheduler:
         self.engine = None
         self.batch: MaskBatch | None = None
         self.caches = PrefixCaches(prompt_caches)
+        self.grammars: Grammars | None = None  # made on first use of response_format
         self._load = load
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -393,11 +396,25 @@ class Scheduler:
         return self.engine.swap_cost(job.selection)
 
     def _tokenize(self, job: Job) -> None:
+        """Token ids and the grammar of a new job (the tokenizer is used on this thread only)."""
         try:
             job.ids = prompt_ids(self.engine, job.prompt)
+            if job.sampling.get("response_format"):
+                job.constraint = self._grammars().constraint(job.sampling["response_format"])
             job.emit("queued")
         except RequestError as e:
             job.error = e
+        except GrammarError as e:
+            job.error = RequestError(str(e), "response_format")
+        except Exception as e:  # a bug: this request fails, the worker goes on
+            log.exception("preparing a request failed")
+            job.error = e
+
+    def _grammars(self) -> Grammars:
+        if self.grammars is None:
+            vocab = self.engine.config.get("vocab_size") or len(self.engine.tokenizer.vocab)
+            self.grammars = Grammars(self.engine.tokenizer, vocab)
+        return self.grammars
 
     def _select(self, job: Job) -> None:
         if job.selected or job.griffin or job.error is not None:

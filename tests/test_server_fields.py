@@ -8,6 +8,7 @@ and logits processors, on the same pruned model (a tiny one, greedy answers neve
 
 from __future__ import annotations
 
+import json
 import typing
 
 import httpx
@@ -30,7 +31,7 @@ MESSAGES = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "
 # Honoured: what a request says changes what it gets (tested here or in test_server.py).
 HONOURED = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
             "stop", "stream", "stream_options", "n", "frequency_penalty", "presence_penalty", "logit_bias",
-            "logprobs", "top_logprobs", "prompt"}
+            "logprobs", "top_logprobs", "prompt", "response_format"}
 # Labels for the caller's records: accepted, no effect on the output by their meaning.
 LABELS = {"user", "metadata", "safety_identifier", "prompt_cache_key"}
 # Refused: a value that asks for something is a 400 naming the field.
@@ -38,7 +39,7 @@ REFUSED = {
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
     "tool_choice": "required", "parallel_tool_calls": True,
     "functions": [{"name": "f", "parameters": {"type": "object"}}], "function_call": "auto",
-    "response_format": {"type": "json_object"}, "modalities": ["text", "audio"],
+    "modalities": ["text", "audio"],
     "audio": {"voice": "alloy", "format": "wav"}, "prediction": {"type": "content", "content": "x"},
     "reasoning_effort": "high", "verbosity": "low", "web_search_options": {}, "moderation": {"model": "x"},
     "service_tier": "flex", "store": True, "prompt_cache_options": {}, "prompt_cache_retention": "24h",
@@ -157,3 +158,50 @@ def test_logprobs_and_top_logprobs(client, engine):
     lp = legacy.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
     assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 6},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "tags": {"type": "array", "maxItems": 2, "items": {"enum": ["a", "b"]}}}}
+
+
+def valid_person(value) -> bool:
+    return (isinstance(value, dict) and set(value) == {"name", "age", "tags"} and isinstance(value["name"], str)
+            and len(value["name"]) <= 6 and type(value["age"]) is int and 0 <= value["age"] <= 120
+            and isinstance(value["tags"], list) and len(value["tags"]) <= 2 and set(value["tags"]) <= {"a", "b"})
+
+
+@pytest.mark.parametrize("options", [{"temperature": 0}, {"temperature": 1.0, "seed": 3}], ids=["greedy", "sampled"])
+def test_json_schema_output_parses_and_validates(client, options):
+    pytest.importorskip("llguidance")
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    reply = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=200,
+                                           response_format=response_format, **options)
+    assert reply.choices[0].finish_reason == "stop"
+    assert valid_person(json.loads(reply.choices[0].message.content))
+    # streamed, in a batch with unconstrained requests
+    chunks = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=200, stream=True,
+                                            response_format=response_format, **options)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert valid_person(json.loads(text))
+
+
+def test_json_object_output_is_an_object_or_a_prefix_of_one(client):
+    pytest.importorskip("llguidance")
+    reply = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=60, temperature=0,
+                                           response_format={"type": "json_object"})
+    text = reply.choices[0].message.content
+    assert text.lstrip().startswith("{")
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
+def test_a_schema_that_cannot_be_followed_is_a_400(client):
+    pytest.importorskip("llguidance")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=MESSAGES, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "minProperties": "two"}}})
+    assert e.value.body["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="m", messages=MESSAGES, response_format={"type": "yaml"})
