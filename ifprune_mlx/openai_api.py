@@ -45,8 +45,10 @@ class TextPart(_Schema):
 
 
 class Message(_Schema):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
+    tool_calls: Optional[list[dict]] = None   # an assistant's earlier calls
+    tool_call_id: Optional[str] = None        # a tool message answers this call
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -84,6 +86,9 @@ class ChatRequest(_Request):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[list[dict]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], dict, None] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 class CompletionRequest(_Request):
@@ -95,7 +100,6 @@ class CompletionRequest(_Request):
 # Fields this server cannot honour, accepted only at the values that ask for nothing: any
 # other value is a 400 naming the field, never silently ignored.
 REFUSED = {
-    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
     "functions": (None, []), "function_call": (None, "none"),
 "modalities": (None, ["text"]), "audio": (None,),
     "prediction": (None,), "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,),
@@ -192,12 +196,17 @@ class Reply:
                 "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
                 "text_offset": offsets}
 
-    def whole(self, text: str, done: dict, logprobs: list[dict] | None = None) -> dict:
+    def whole(self, text: str, done: dict, logprobs: list[dict] | None = None,
+              tool_calls: list[dict] | None = None) -> dict:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+            if tool_calls:
+                calls = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls]
+                choice["message"] = {"role": "assistant", "content": text or None, "tool_calls": calls}
         else:
             choice = {"index": 0, "text": text}
-        choice.update(finish_reason=done["finish_reason"], logprobs=self._logprobs(logprobs))
+        finish = "tool_calls" if tool_calls else done["finish_reason"]
+        choice.update(finish_reason=finish, logprobs=self._logprobs(logprobs))
         return self._object("chat.completion" if self.chat else "text_completion", [choice],
                             usage=done["usage"], ifprune=done["ifprune"])
 
@@ -223,8 +232,14 @@ class Reply:
     def piece(self, text: str, include_usage: bool, logprobs: list[dict] | None = None) -> dict:
         return self._chunk(text, None, include_usage, logprobs)
 
-    def last(self, done: dict, include_usage: bool) -> dict:
-        return self._chunk(None, done["finish_reason"], include_usage, ifprune=done["ifprune"])
+    def calls(self, tool_calls: list[dict], include_usage: bool) -> dict:
+        chunk = self._chunk(None, None, include_usage)
+        chunk["choices"][0]["delta"] = {"tool_calls": tool_calls}
+        return chunk
+
+    def last(self, done: dict, include_usage: bool, called: bool = False) -> dict:
+        finish = "tool_calls" if called else done["finish_reason"]
+        return self._chunk(None, finish, include_usage, ifprune=done["ifprune"])
 
     def usage(self, done: dict) -> dict:
         return self._object("chat.completion.chunk" if self.chat else "text_completion", [],

@@ -62,6 +62,7 @@ class Job:
     error: Exception | None = None
     overtaken: int = 0
     constraint: object = None        # grammar.JsonConstraint of a response_format, made by the worker
+    tools: list | None = None        # OpenAI tools the chat template renders
 
     @property
     def griffin(self) -> bool:
@@ -97,13 +98,17 @@ class RequestError(IFPruneError, ValueError):
         self.param, self.code = param, code
 
 
-def prompt_ids(engine, prompt) -> list[int]:
-    """A job's token ids: chat messages through the chat template, a completion's text as is.
+def prompt_ids(engine, prompt, tools: list | None = None) -> list[int]:
+    """A job's token ids: chat messages through the chat template (with `tools`, if any), a
+    completion's text as is.
 
     Raises RequestError for what the model cannot take (a template refusing the messages, an
     empty prompt, a prompt as long as the context)."""
     try:
-        ids = engine.prompt_tokens(prompt) if isinstance(prompt, list) else engine.tokenizer.encode(prompt)
+        if tools:
+            ids = engine.tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True)
+        else:
+            ids = engine.prompt_tokens(prompt) if isinstance(prompt, list) else engine.tokenizer.encode(prompt)
     except Exception as e:  # the chat template refuses these messages (jinja raises many types)
         raise RequestError(f"the chat template refuses these messages: {e}", "messages") from None
     if not ids:
@@ -398,7 +403,7 @@ class Scheduler:
     def _tokenize(self, job: Job) -> None:
         """Token ids and the grammar of a new job (the tokenizer is used on this thread only)."""
         try:
-            job.ids = prompt_ids(self.engine, job.prompt)
+            job.ids = prompt_ids(self.engine, job.prompt, job.tools)
             if job.sampling.get("response_format"):
                 job.constraint = self._grammars().constraint(job.sampling["response_format"])
             job.emit("queued")

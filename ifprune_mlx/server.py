@@ -29,6 +29,7 @@ from .errors import IFPruneError, SelectionError
 from .openai_api import APIError, ChatRequest, CompletionRequest, Reply, _Request, parse_request, sampling
 from .scheduler import Job, QueueFull, RequestError, Scheduler, WorkerStopped
 from .selectors import check_density
+from .tools import ToolCallText, supports_tools, template_message
 
 log = logging.getLogger("ifprune.serve")
 
@@ -158,9 +159,25 @@ class Server:
 
     async def chat_completions(self, request: Request) -> Response:
         body = parse_request(ChatRequest, await _read_json(request, self.config.max_body, self.config.read_timeout))
-        messages = [{"role": m.role, "content": _valid_text(m.text())} for m in body.messages]
+        messages = [_message(m) for m in body.messages]
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await self._serve(request, body, messages, max_tokens, chat=True)
+        return await self._serve(request, body, messages, max_tokens, chat=True, tools=self._tools(body))
+
+    def _tools(self, body: ChatRequest) -> list[dict] | None:
+        """The tools the chat template renders (None: none); APIError for what cannot be honoured."""
+        if not body.tools or body.tool_choice == "none":
+            return None
+        if body.tool_choice not in (None, "auto"):
+            raise APIError(400, "tool_choice: only \"auto\" and \"none\" are supported (this server cannot force "
+                                "a call)", param="tool_choice", code="unsupported")
+        if body.parallel_tool_calls is False:
+            raise APIError(400, "parallel_tool_calls: false is not supported (every call the model makes is "
+                                "returned)", param="parallel_tool_calls", code="unsupported")
+        if not supports_tools(self.engine.tokenizer):
+            raise APIError(400, f"tools: the chat template of {self.config.model_id} renders no tools (or mlx-lm "
+                                "knows no parser for its calls); send the request without tools",
+                           param="tools", code="unsupported")
+        return body.tools
 
     async def completions(self, request: Request) -> Response:
         body = parse_request(CompletionRequest, await _read_json(request, self.config.max_body, self.config.read_timeout))
@@ -211,8 +228,10 @@ class Server:
         return Job(prompt=prompt, ids=None, task=task, sampling=options, density=density, selector=selector,
                    dense=body.dense, stop=stop, loop=asyncio.get_running_loop())
 
-    async def _serve(self, request: Request, body: _Request, prompt, max_tokens, chat: bool) -> Response:
+    async def _serve(self, request: Request, body: _Request, prompt, max_tokens, chat: bool,
+                     tools: list[dict] | None = None) -> Response:
         job = self._job(body, prompt, max_tokens)
+        job.tools = tools
         try:
             self.scheduler.submit(job)
         except QueueFull as e:
@@ -227,9 +246,10 @@ class Server:
             if kind == "error":
                 raise _engine_error(payload)
             reply = Reply(chat, self.config.model_id)
+            calls = ToolCallText(self.engine.tokenizer, tools) if tools else None
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                stream = self._stream(job, gone, reply, include_usage)
+                stream = self._stream(job, gone, reply, include_usage, calls)
                 gone = None  # the stream owns it now
                 return StreamingResponse(stream, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -242,7 +262,12 @@ class Server:
                 elif kind == "error":
                     raise _engine_error(payload)
                 else:
-                    return JSONResponse(reply.whole("".join(pieces), payload, logprobs))
+                    text, tool_calls = "".join(pieces), []
+                    if calls is not None:
+                        content, tool_calls = calls.feed(text)
+                        rest, more = calls.finish()
+                        text, tool_calls = content + rest, tool_calls + more
+                    return JSONResponse(reply.whole(text, payload, logprobs, tool_calls))
         except _Disconnected:
             return Response(status_code=499)
         finally:
@@ -250,9 +275,11 @@ class Server:
                 job.cancel()
                 gone.cancel()
 
-    async def _stream(self, job: Job, gone: asyncio.Future, reply: "Reply", include_usage: bool):
+    async def _stream(self, job: Job, gone: asyncio.Future, reply: "Reply", include_usage: bool,
+                      calls: ToolCallText | None):
         """The SSE stream; until the first token, a comment every `keepalive` seconds and per
-        prefill chunk keeps proxies from closing an idle connection."""
+        prefill chunk keeps proxies from closing an idle connection. With tools, the text of a
+        call is held until it has ended, then sent as a tool_calls delta."""
         started = False
         try:
             for chunk in reply.opening(include_usage):
@@ -267,12 +294,16 @@ class Server:
                 elif kind == "start":
                     started = True
                 elif kind == "text":
-                    yield _sse(reply.piece(payload[0], include_usage, payload[1]))
+                    for chunk in _pieces(reply, payload[0], payload[1], include_usage, calls.feed if calls else None):
+                        yield chunk
                 elif kind == "error":
                     yield _sse({"error": _engine_error(payload).body()})
                     return
                 else:
-                    yield _sse(reply.last(payload, include_usage))
+                    if calls is not None:
+                        for chunk in _pieces(reply, "", None, include_usage, lambda _: calls.finish()):
+                            yield chunk
+                    yield _sse(reply.last(payload, include_usage, called=bool(calls and calls.count)))
                     if include_usage:
                         yield _sse(reply.usage(payload))
                     yield "data: [DONE]\n\n"
@@ -296,6 +327,27 @@ class Server:
     async def _bug(self, request: Request, e: Exception) -> Response:
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=e)
         return error_response(APIError(500, "internal server error", type="server_error"))
+
+
+def _pieces(reply: Reply, text: str, logprobs, include_usage: bool, split) -> list[str]:
+    """SSE events of a piece of text: content (tool-call text split off by `split`), then calls."""
+    found = []
+    if split is not None:
+        text, found = split(text)
+    out = [_sse(reply.piece(text, include_usage, logprobs))] if text or logprobs else []
+    if found:
+        out.append(_sse(reply.calls(found, include_usage)))
+    return out
+
+
+def _message(m) -> dict:
+    """A request's message as the chat template takes it (lone surrogates made U+FFFD)."""
+    message = {"role": m.role, "content": _valid_text(m.text())}
+    if m.tool_calls:
+        message["tool_calls"] = m.tool_calls
+    if m.tool_call_id:
+        message["tool_call_id"] = m.tool_call_id
+    return template_message(message)
 
 
 def _engine_error(e: Exception) -> APIError:

@@ -28,16 +28,15 @@ from ifprune_mlx import server  # noqa: E402
 SYSTEM = "Answer in one word."
 MESSAGES = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name a color."}]
 
-# Honoured: what a request says changes what it gets (tested here or in test_server.py).
+# Honoured: what a request says changes what it gets (tested here, in test_server.py and, for
+# the tools, test_server_tools.py; values that cannot be honoured are a 400 there too).
 HONOURED = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
             "stop", "stream", "stream_options", "n", "frequency_penalty", "presence_penalty", "logit_bias",
-            "logprobs", "top_logprobs", "prompt", "response_format"}
+            "logprobs", "top_logprobs", "prompt", "response_format", "tools", "tool_choice", "parallel_tool_calls"}
 # Labels for the caller's records: accepted, no effect on the output by their meaning.
 LABELS = {"user", "metadata", "safety_identifier", "prompt_cache_key"}
 # Refused: a value that asks for something is a 400 naming the field.
 REFUSED = {
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-    "tool_choice": "required", "parallel_tool_calls": True,
     "functions": [{"name": "f", "parameters": {"type": "object"}}], "function_call": "auto",
     "modalities": ["text", "audio"],
     "audio": {"voice": "alloy", "format": "wav"}, "prediction": {"type": "content", "content": "x"},
