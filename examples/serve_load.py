@@ -93,12 +93,12 @@ def drive(url: str, clients: int, requests: int, mixed: bool, max_tokens: int) -
     return records, time.perf_counter() - start
 
 
-def one(api, messages: list[dict], max_tokens: int) -> dict:
+def one(api, messages: list[dict], max_tokens: int, **options) -> dict:
     """One streamed request: its text, TTFT, tokens and the server's report."""
     start = time.perf_counter()
     first, pieces, report, tokens = None, [], None, 0
     stream = api.chat.completions.create(model="default", messages=messages, max_tokens=max_tokens, temperature=0,
-                                         stream=True, stream_options={"include_usage": True})
+                                         stream=True, stream_options={"include_usage": True}, **options)
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             first = first or time.perf_counter()
@@ -125,6 +125,22 @@ def row(name: str, clients: int, records: dict, wall: float, reference: dict) ->
     return line, tps, statistics.median(ttft)
 
 
+def grammar_overhead(url: str, max_tokens: int, n: int = 6) -> str:
+    """Decode ms per token of one client, plain and with response_format json_object."""
+    api = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    per_token = {}
+    for name, options in (("plain", {}), ("json_object", {"response_format": {"type": "json_object"}})):
+        times = []
+        for j in range(n):
+            r = one(api, request_prompt(j, False), max_tokens, **options)
+            if r["tokens"] > 1:
+                times.append((r["latency"] - r["ttft"]) / (r["tokens"] - 1) * 1000)
+        per_token[name] = statistics.median(times)
+    return (f"Constrained decoding (1 client, {n} requests each, median decode ms per token): plain "
+            f"{per_token['plain']:.1f}, json_object {per_token['json_object']:.1f} "
+            f"({per_token['json_object'] - per_token['plain']:+.1f} ms per token).")
+
+
 def load_model(model: str | None):
     from ifprune_mlx.resolve import open_model
 
@@ -135,8 +151,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a bundle or model folder (default: the default chat model)")
     parser.add_argument("--clients", type=int, nargs="*", default=[1, 4, 8, 16])
-    parser.add_argument("--requests", type=int, default=32, help="requests per run")
-    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--requests", type=int, default=16, help="requests per run")
+    parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, help="write the table into this markdown file, between its markers")
     args = parser.parse_args()
     load = os.getloadavg()
@@ -164,6 +180,7 @@ def main() -> None:
                 print(line, flush=True)
                 summary.append(f"{name}, {clients} clients: {tps / base[0]:.2f}x the tokens/s of 1 client, "
                                f"median TTFT {ttft / base[1]:.2f}x")
+        summary.append(grammar_overhead(url, args.max_tokens))
     finally:
         running.stop()
     after = os.getloadavg()
