@@ -6,7 +6,8 @@ openai client, each client sending its next request when the last one ended. Eve
 has a system message (the task instruction, from which the trained predictor selects the
 mask) and a user question. "same task": one system prompt, so every request has one mask and
 they decode in one batch; "mixed tasks": four system prompts, four masks, batches take turns.
-Before each workload one request per system prompt warms the server (and its prefix caches).
+Each run gets a fresh server (no KV caches from earlier runs), warmed by one request per
+system prompt with a question of its own, so prefix caches hold the system prompts only.
 
 The 1-client run of a workload is the sequential reference: with greedy decoding, every
 request of the other runs is checked to give the same text as there (the table says how many
@@ -22,6 +23,7 @@ On Linux CPU preload OpenBLAS (see the Makefile's WITH_BLAS).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import threading
@@ -59,9 +61,12 @@ QUESTIONS = [
 BEGIN, END = "<!-- serve-load begin -->", "<!-- serve-load end -->"
 
 
-def request_prompt(j: int, mixed: bool) -> list[dict]:
+WARM_UP = "Hello."
+
+
+def request_prompt(j: int, mixed: bool, question: str | None = None) -> list[dict]:
     system = SYSTEMS[j % len(SYSTEMS)] if mixed else SYSTEMS[0]
-    return [{"role": "system", "content": system}, {"role": "user", "content": QUESTIONS[j % len(QUESTIONS)]}]
+    return [{"role": "system", "content": system}, {"role": "user", "content": question or QUESTIONS[j % len(QUESTIONS)]}]
 
 
 def drive(url: str, clients: int, requests: int, mixed: bool, max_tokens: int) -> tuple[dict, float]:
@@ -141,10 +146,21 @@ def grammar_overhead(url: str, max_tokens: int, n: int = 6) -> str:
             f"({per_token['json_object'] - per_token['plain']:+.1f} ms per token).")
 
 
-def load_model(model: str | None):
+@contextlib.contextmanager
+def fresh_server(model: str | None, clients: int, mixed: bool):
+    """A new server on `model` (default: the default chat model), warmed up; yields its /v1 URL."""
     from ifprune_mlx.resolve import open_model
 
-    return lambda: open_model(model)
+    running = server.BackgroundServer(lambda: open_model(model), server.ServerConfig(model_id="default"),
+                                      max_queue=max(64, clients))
+    try:
+        url = running.url + "/v1"
+        warm = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+        for j in range(len(SYSTEMS) if mixed else 1):
+            one(warm, request_prompt(j, mixed, WARM_UP), 4)
+        yield url
+    finally:
+        running.stop()
 
 
 def main() -> None:
@@ -156,33 +172,26 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the table into this markdown file, between its markers")
     args = parser.parse_args()
     load = os.getloadavg()
-    running = server.BackgroundServer(load_model(args.model), server.ServerConfig(model_id="default"),
-                                      max_queue=max(64, max(args.clients)))
     lines = ["| workload | clients | requests | TTFT median / p95 ms | tokens/s (all clients) "
              "| batch size at first token (mean) | prompt tokens reused (mean) | same text as 1 client |",
              "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     summary = []
-    try:
-        url = running.url + "/v1"
-        for mixed in (False, True):
-            name = "mixed tasks (4 masks)" if mixed else "same task (1 mask)"
-            warm = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
-            for j in range(len(SYSTEMS) if mixed else 1):
-                one(warm, request_prompt(j, mixed), 4)
-            reference, base = None, None
-            for clients in sorted(args.clients):
+    for mixed in (False, True):
+        name = "mixed tasks (4 masks)" if mixed else "same task (1 mask)"
+        reference, base = None, None
+        for clients in sorted(args.clients):
+            with fresh_server(args.model, clients, mixed) as url:
                 records, wall = drive(url, clients, args.requests, mixed, args.max_tokens)
-                reference = reference or records
-                line, tps, ttft = row(name, clients, records, wall, reference)
-                base = base or (tps, ttft)
-                lines.append(line)
-                print(line, flush=True)
-                summary.append(f"{name}, {clients} clients: {tps / base[0]:.2f}x the tokens/s of 1 client, "
-                               f"median TTFT {ttft / base[1]:.2f}x")
+            reference = reference or records
+            line, tps, ttft = row(name, clients, records, wall, reference)
+            base = base or (tps, ttft)
+            lines.append(line)
+            print(line, flush=True)
+            summary.append(f"{name}, {clients} clients: {tps / base[0]:.2f}x the tokens/s of 1 client, "
+                           f"median TTFT {ttft / base[1]:.2f}x")
+    with fresh_server(args.model, 1, False) as url:
         summary.append(grammar_overhead(url, args.max_tokens))
-    finally:
-        running.stop()
     after = os.getloadavg()
     notes = [f"Load average (1/5/15 min) before: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; "
              f"after: {after[0]:.2f} / {after[1]:.2f} / {after[2]:.2f} on {os.cpu_count()} cores. "

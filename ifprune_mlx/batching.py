@@ -131,7 +131,7 @@ class Decoding:
     """One request in the batch: its job (scheduler.Job), report and decoding state."""
 
     job: object
-    key: str
+    key: str          # what its KV cache is kept under (the mask's key)
     report: dict
     detokenizer: object
     stopper: StopText
@@ -162,8 +162,8 @@ class MaskBatch:
         return 0 if self.closed else self.max_batch - len(self.active)
 
     def add(self, job, key: str, report: dict, cache: list | None = None, reused: int | None = None) -> None:
-        """Insert a job (job.ids, job.sampling) whose mask `key` is applied. Without `cache`,
-        the longest prefix this mask's caches hold is reused."""
+        """Insert a job (job.ids, job.sampling) whose mask is applied; its KV cache is kept
+        under `key`. Without `cache`, the longest prefix the caches of `key` hold is reused."""
         ids = job.ids
         if cache is None:
             cache, reused = self.prefixes.lookup(key, ids)

@@ -174,7 +174,7 @@ class Scheduler:
             self._stopping = True
             for job in self._pending:
                 job.cancel()
-            for d in list(self.batch.active.values()) if self.batch else []:
+            for d in list(self.batch.active.values()) if self.batch else []:  # the worker's; read only
                 d.job.cancel()
             self._cond.notify_all()
         if self._thread.ident is not None:
@@ -331,7 +331,7 @@ class Scheduler:
         batch = self.batch
         if not batch.active or not batch.room():
             return []
-        key = next(iter(batch.active.values())).key
+        key = next(iter(batch.active.values())).job.key
         chosen, passed = [], []
         for job in window:
             if job not in self._pending:
@@ -388,7 +388,8 @@ class Scheduler:
         self.stats["swaps"] += 0 if stats is None else stats.swaps
         self.batch.closed = True
         report = self._report(job, job.selection, stats, queue_ms, select_ms)
-        self.batch.add(job, job.key, report, cache=cache, reused=reused)
+        # its prompt's keys and values were computed densely: its cache serves no pruned request
+        self.batch.add(job, "dense-prefill " + job.key, report, cache=cache, reused=reused)
         if cache is not None:  # the dense prefill is reported as prefill
             report.update(reused_tokens=0, prefill_tokens=len(job.ids))
 
