@@ -65,15 +65,16 @@ class Forced:
         return mx.where(keep, logits, mx.array(-float("inf"), dtype=logits.dtype))
 
 
-@pytest.fixture
-def forced_server(tools_bundle, monkeypatch):
+@pytest.fixture(scope="module")
+def forced_server(tools_bundle):
     """A server whose model writes what forced["text"] says."""
     forced = {"text": CALL}
     running = server.BackgroundServer(lambda: ifp.load(tools_bundle), server.ServerConfig(model_id="m"))
     tokenizer = running.server.engine.tokenizer
-    monkeypatch.setattr(batching, "logits_processors", lambda sampling: [Forced(tokenizer, forced["text"])])
-    client = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0, timeout=60)
-    yield client, forced
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batching, "logits_processors", lambda sampling: [Forced(tokenizer, forced["text"])])
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        yield client, forced
     running.stop()
 
 
