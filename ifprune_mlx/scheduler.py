@@ -315,14 +315,17 @@ class Scheduler:
             other.overtaken += 1
         self._pending.remove(job)
 
-    def _pick(self, window: list[Job]) -> Job:
-        """The job that starts the next batch: the head, or with affinity the cheapest swap."""
+    def _pick(self, window: list[Job]) -> Job | None:
+        """The job that starts the next batch: the head, or with affinity the cheapest swap
+        (None: the head arrived after this round's preparation; the next round takes it)."""
         head = self._pending[0]
+        if head.ids is None or not (head.selected or head.griffin):
+            return None
         if not self.affinity or head.overtaken >= MAX_OVERTAKES or self._swap_cost(head) is None:
             return head
         costs = [(cost, i, job) for i, job in enumerate(window)
                  if job in self._pending and (cost := self._swap_cost(job)) is not None]
-        return min(costs, key=lambda c: c[:2])[2]
+        return min(costs, key=lambda c: c[:2], default=(0, 0, head))[2]
 
     def _joiners(self, window: list[Job]) -> list[Job]:
         """Queued jobs that join the running batch now: those of its mask, in queue order,
@@ -432,7 +435,9 @@ class Scheduler:
         try:
             job.selection = self.engine.select(job.task, job.density, job.selector)
             job.selected = True
-        except IFPruneError as e:
+        except Exception as e:  # a bad request (IFPruneError), or a bug: this request fails, the worker goes on
+            if not isinstance(e, IFPruneError):
+                log.exception("selecting a request's mask failed")
             job.error = e
         job.select_ms = (time.perf_counter() - start) * 1000
 
