@@ -9,6 +9,8 @@ they decode in one batch; "mixed tasks": four system prompts, four masks, batche
 Each run gets a fresh server (no KV caches from earlier runs), warmed by one request per
 system prompt with a question of its own, so prefix caches hold the system prompts only.
 
+Tokens per CPU-second (the CPU time of this process: server and clients) shows what batching
+saves when the machine is shared and wall-clock throughput mostly measures the neighbours.
 The 1-client run of a workload is the sequential reference: with greedy decoding, every
 request of the other runs is checked to give the same text as there (the table says how many
 did). Writes a markdown table (stdout, and with --out into docs/SERVER.md between its
@@ -69,8 +71,9 @@ def request_prompt(j: int, mixed: bool, question: str | None = None) -> list[dic
     return [{"role": "system", "content": system}, {"role": "user", "content": question or QUESTIONS[j % len(QUESTIONS)]}]
 
 
-def drive(url: str, clients: int, requests: int, mixed: bool, max_tokens: int) -> tuple[dict, float]:
-    """`requests` requests over `clients` threads; returns {j: record} and wall seconds."""
+def drive(url: str, clients: int, requests: int, mixed: bool, max_tokens: int) -> tuple[dict, float, float]:
+    """`requests` requests over `clients` threads; returns {j: record}, wall seconds and the
+    CPU seconds this process used (server and clients: it is one process)."""
     records, errors, lock = {}, [], threading.Lock()
     todo = iter(range(requests))
 
@@ -88,14 +91,14 @@ def drive(url: str, clients: int, requests: int, mixed: bool, max_tokens: int) -
                 return
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     if errors:
         raise SystemExit(f"{len(errors)} clients failed, e.g. {errors[0]}")
-    return records, time.perf_counter() - start
+    return records, time.perf_counter() - start, time.process_time() - cpu
 
 
 def one(api, messages: list[dict], max_tokens: int, **options) -> dict:
@@ -117,14 +120,14 @@ def one(api, messages: list[dict], max_tokens: int, **options) -> dict:
             "batch": report["batch"], "reused": report["reused_tokens"]}
 
 
-def row(name: str, clients: int, records: dict, wall: float, reference: dict) -> tuple[str, float, float]:
+def row(name: str, clients: int, records: dict, wall: float, cpu: float, reference: dict) -> tuple[str, float, float]:
     n = len(records)
     ttft = sorted(r["ttft"] * 1000 for r in records.values())
     tokens = sum(r["tokens"] for r in records.values())
     same = sum(records[j]["text"] == reference[j]["text"] for j in records)
     p95 = statistics.quantiles(ttft, n=20)[-1] if n > 1 else ttft[0]
     tps = tokens / wall
-    line = (f"| {name} | {clients} | {n} | {statistics.median(ttft):.0f} / {p95:.0f} | {tps:.1f} "
+    line = (f"| {name} | {clients} | {n} | {statistics.median(ttft):.0f} / {p95:.0f} | {tps:.1f} | {tokens / cpu:.1f} "
             f"| {statistics.mean(r['batch'] for r in records.values()):.1f} "
             f"| {statistics.mean(r['reused'] for r in records.values()):.0f} | {same}/{n} |")
     return line, tps, statistics.median(ttft)
@@ -172,9 +175,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the table into this markdown file, between its markers")
     args = parser.parse_args()
     load = os.getloadavg()
-    lines = ["| workload | clients | requests | TTFT median / p95 ms | tokens/s (all clients) "
+    lines = ["| workload | clients | requests | TTFT median / p95 ms | tokens/s (all clients) | tokens per CPU-s "
              "| batch size at first token (mean) | prompt tokens reused (mean) | same text as 1 client |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     summary = []
     for mixed in (False, True):
@@ -182,9 +185,9 @@ def main() -> None:
         reference, base = None, None
         for clients in sorted(args.clients):
             with fresh_server(args.model, clients, mixed) as url:
-                records, wall = drive(url, clients, args.requests, mixed, args.max_tokens)
+                records, wall, cpu = drive(url, clients, args.requests, mixed, args.max_tokens)
             reference = reference or records
-            line, tps, ttft = row(name, clients, records, wall, reference)
+            line, tps, ttft = row(name, clients, records, wall, cpu, reference)
             base = base or (tps, ttft)
             lines.append(line)
             print(line, flush=True)
