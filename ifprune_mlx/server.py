@@ -1,9 +1,11 @@
 """`ifprune serve`: an OpenAI-compatible HTTP API over one Engine (Starlette + uvicorn).
 
 Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions
-(streamed as server-sent events or not), GET /health. Requests may add `density`, `selector`
-and `dense`; every response carries an `ifprune` object saying what ran. The worker that runs
-them is scheduler.py (no HTTP); the request schemas and response objects are openai_api.py.
+(streamed as server-sent events or not), GET /health, and GET /live (liveness, no key).
+Requests may add `density`, `selector`, `dense` and `policy`; every response carries an
+`ifprune` object saying what ran. The worker that runs them is scheduler.py with batching.py
+(no HTTP), the request schemas and response objects are openai_api.py, structured output
+grammar.py and tool calls tools.py.
 """
 
 from __future__ import annotations
