@@ -42,7 +42,7 @@ def serve(
     if density is not None:
         check_density(density)
     for name, value in (("--max-queue", max_queue), ("--max-tokens", max_tokens), ("--prompt-caches", prompt_caches),
-                        ("--max-batch", max_batch), ("--max-connections", max_connections or 1)):
+                        ("--max-batch", max_batch), ("--max-connections", 1 if max_connections is None else max_connections)):
         if value < 1:
             fail(f"{name} must be at least 1, got {value}")
     for name, value in (("--max-body-mb", max_body_mb), ("--read-timeout", read_timeout), ("--keepalive", keepalive)):

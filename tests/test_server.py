@@ -564,6 +564,9 @@ def test_serve_command_fails_in_one_line(bundle_dir, monkeypatch):
             (["--selector", "oracle", "--port", str(free_port())], "unknown selector 'oracle'"),
             (["--port", str(busy.getsockname()[1])], "cannot listen on 127.0.0.1"),
             (["--max-queue", "0"], "--max-queue must be at least 1"),
+            (["--max-batch", "0"], "--max-batch must be at least 1"),
+            (["--max-connections", "0"], "--max-connections must be at least 1"),
+            (["--read-timeout", "0"], "--read-timeout must be positive"),
         ]
         for args, message in cases:
             result = runner.invoke(app, ["serve", str(bundle_dir), *args])
