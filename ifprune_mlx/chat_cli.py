@@ -21,7 +21,7 @@ from .chat import DENSE, POLICIES, ChatSession
 from .console import (DENSITY_OPTION, MODEL_ARGUMENT, SEED_OPTION, TEMP_OPTION, TOP_P_OPTION, density_origin,
                       error_line, fail, friendly_errors, open_model)
 from .errors import IFPruneError
-from .selectors import check_density
+from .selectors import check_density, check_sampling
 
 HELP = """\
 /help              this list
@@ -361,10 +361,7 @@ def chat(
         check_density(density)
     if select not in POLICIES:
         fail(f"--select must be one of {', '.join(POLICIES)}, got {select!r}")
-    if max_tokens < 1:
-        fail(f"--max-tokens must be at least 1, got {max_tokens}")
-    if temp < 0 or not (0 < top_p <= 1):
-        fail("--temp must be >= 0 and --top-p in (0, 1]")
+    check_sampling(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)  # the engine's check, before loading
     engine, found = open_model(model)
     session = ChatSession(engine, policy=select, density=density, selector=selector, system=system,
                           max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)

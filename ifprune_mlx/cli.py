@@ -12,6 +12,7 @@ from . import __version__
 from .console import (DENSITY_OPTION, MODEL_ARGUMENT, SEED_OPTION, TEMP_OPTION, TOP_P_OPTION,
                       calibrate_with_progress, density_origin, fail, friendly_errors, open_model, quiet_rank)
 from .distributed import DEFAULT_SPLIT, SPLITS, world
+from .selectors import check_sampling
 from .blas import active_blas
 
 app = typer.Typer(
@@ -109,6 +110,7 @@ def generate(
         fail("--dense runs the full model; it cannot be combined with --selector")
     if split not in SPLITS:
         fail(f"--split must be one of {', '.join(SPLITS)}; got {split!r}")
+    check_sampling(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)  # the engine's check, before loading
     group = world()
     if group is not None and group.rank() != 0:
         quiet_rank()
@@ -160,7 +162,8 @@ def calibrate(
     the KL budget.
     """
     from . import calibrate as calibration_module
-    from .resolve import DEFAULT_NAME, save_calibration
+    from .calibration_store import save_calibration
+    from .resolve import DEFAULT_NAME
     from .selectors import check_density
 
     try:
@@ -201,9 +204,9 @@ def calibrate(
 
 
 # Commands in their own modules register here.
-from converters.cli import convert  # noqa: E402
+from .convert_cli import convert  # noqa: E402
 app.command()(convert)
-from .bench import bench  # noqa: E402
+from .bench.cli import bench  # noqa: E402
 app.command()(bench)
 from .chat_cli import chat  # noqa: E402
 

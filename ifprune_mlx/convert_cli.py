@@ -8,15 +8,15 @@ from typing import Optional
 
 import typer
 
-from ifprune_mlx.bundle import DEFAULT_DENSITY, PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY, refuse_overwrite
-from ifprune_mlx.console import fail, friendly_errors, in_megabytes, progress_bar
-from ifprune_mlx.errors import ConversionError
-from ifprune_mlx.selectors import check_density
+from converters.artifacts import ADAPTER_FILE, FILES as ARTIFACT_FILES, is_artifacts, read_artifacts
+from converters.gguf import is_gguf, open_gguf
+from converters.layouts import LAYOUTS, detect
+from converters.write import DTYPES, convert as write_bundle
 
-from .artifacts import ADAPTER_FILE, FILES as ARTIFACT_FILES, is_artifacts, read_artifacts
-from .gguf import is_gguf, open_gguf
-from .layouts import LAYOUTS, detect
-from .write import DTYPES, convert as write_bundle
+from .bundle import DEFAULT_DENSITY, PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY, refuse_overwrite
+from .console import fail, friendly_errors, in_megabytes, progress_bar
+from .errors import ConversionError
+from .selectors import check_density
 
 
 @friendly_errors
@@ -95,8 +95,8 @@ def convert(
                  group_size=group_size, density=density, pad_multiple=pad_multiple, verify=verify, force=force)
         has_predictor = source.predictor is not None
     if calibrate and density is None and not has_predictor:
-        from ifprune_mlx.console import calibrate_with_progress, load_with_progress
-        from ifprune_mlx.resolve import save_calibration
+        from .console import calibrate_with_progress, load_with_progress
+        from .calibration_store import save_calibration
 
         engine = load_with_progress(out)
         result = calibrate_with_progress(engine)
@@ -114,12 +114,12 @@ def _convert(source, src: Path, out: Path, *, gguf: bool, predictor: Path | None
 
     def check(folder: Path) -> None:
         if gguf:
-            from .gguf_verify import verify_gguf
+            from converters.gguf_verify import verify_gguf
 
             adapter = None if predictor is None else read_artifacts(predictor).adapter
             report = verify_gguf(folder, source, src, density=density, adapter=adapter)
         else:
-            from .verify import verify as run_verify
+            from converters.verify import verify as run_verify
 
             report = run_verify(folder, source, density=density)
         reports.append(report)
