@@ -139,9 +139,9 @@ def generate(
         )
 
 
-@app.command()
+@app.command("calibrate")
 @friendly_errors
-def calibrate(
+def calibrate_command(
     model: Optional[str] = MODEL_ARGUMENT,
     densities: str = typer.Option("0.3,0.4,0.5,0.6,0.7,0.8,0.9", "--densities",
                                   help="The ladder of densities to measure, comma-separated."),
@@ -161,7 +161,7 @@ def calibrate(
     density's pruned model (KL and top-1 agreement); the default is the lowest density within
     the KL budget.
     """
-    from . import calibrate as calibration_module
+    from . import calibrate
     from .calibration_store import save_calibration
     from .resolve import DEFAULT_NAME
     from .selectors import check_density
@@ -190,14 +190,14 @@ def calibrate(
         typer.echo(line)
     typer.echo(f"default density {result.density:.2f}: {result.summary()}")
     if plot is not None:
-        if calibration_module.plot(result, plot, f"{name}: fidelity vs density ({result.selector})"):
+        if calibrate.plot(result, plot, f"{name}: fidelity vs density ({result.selector})"):
             typer.echo(f"plot: {plot}", err=True)
         else:
             typer.echo("plot skipped: matplotlib is not installed (pip install matplotlib)", err=True)
     if out is not None:
         command = "ifprune calibrate" + (f" {model}" if model else "") + (f" --plot {plot}" if plot else "") + f" --out {out}"
         plot_name = None if plot is None else plot.name if plot.parent == out.parent else str(plot)
-        out.write_text(calibration_module.report(result, name, command, plot_name))
+        out.write_text(calibrate.report(result, name, command, plot_name))
         typer.echo(f"report: {out}", err=True)
     if save:
         typer.echo(f"stored as the default: {save_calibration(engine, result)}", err=True)

@@ -4,6 +4,7 @@ compare (no timings asserted)."""
 import json
 
 import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -76,10 +77,15 @@ def test_the_report_flags_speedups_above_the_bytes_bound(tmp_path):
                                                              result)[-2]
 
 
-def test_bench_rejects_bad_options():
-    result = CliRunner().invoke(app, ["bench", "--quick", "--bits", "3"])
+@pytest.mark.parametrize("flags, message", [
+    (["--bits", "3"], "--bits takes 0 (float), 4 or 8; got '3'"),
+    (["--dtype", "float8"], "--dtype takes float32, float16, bfloat16 (comma-separated), got 'float8'"),
+    (["--synthetic", "wide"], "--synthetic takes widths like 512,1024 and --bits like 0,4; got 'wide', '0,4'"),
+])
+def test_bench_rejects_bad_options(flags, message):
+    result = CliRunner().invoke(app, ["bench", "--quick", *flags])
     assert result.exit_code == 1
-    assert "--bits" in result.output
+    assert result.output.strip() == f"error: {message}"  # one line, before measuring anything
 
 
 def test_physically_small_model_computes_what_the_engine_keeps(engine):
@@ -108,7 +114,11 @@ def test_quantized_physically_small_model_runs(q4_bundle_dir):
         assert "scales" in small.layers[0].mlp.down_proj
         # the mlx-lm layout re-quantizes down_proj along d_ffn: equal up to that rounding
         np.testing.assert_allclose(np.array(small(ids)), np.array(engine.model(ids)), atol=0 if rows else 0.5)
-        assert measure.decode_tps(small, [1, 2, 3], 2) > 0
+        cache = make_prompt_cache(small)
+        assert measure.decode_tps(small, [1, 2, 3], 2, cache) > 0
+        # on `cache`: the prompt, then the first token and the 2 timed ones (mlx-lm's generate_step
+        # runs one step ahead, so the last token decoded is fed too)
+        assert cache[0].offset == 3 + 1 + 2
 
 
 def test_changed_selection_differs_by_the_fraction(engine):

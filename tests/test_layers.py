@@ -64,3 +64,60 @@ def test_the_lazy_names_are_the_modules_own():
     assert set(ifprune_mlx.__all__) <= set(dir(ifprune_mlx))
     with pytest.raises(AttributeError, match="no_such_name"):
         ifprune_mlx.no_such_name
+
+
+# -- the diagram in docs/ARCHITECTURE.md is drawn from the contract --------------------------
+
+ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
+BEGIN = "<!-- layers: drawn from pyproject.toml by `python tests/test_layers.py --write`; do not edit -->"
+END = "<!-- /layers -->"
+
+
+def _contract_layers() -> list[list[str]]:
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (layers,) = [c["layers"] for c in config["contracts"] if c["type"] == "layers"]
+    return [[m.strip() for m in layer.split("|")] for layer in layers]
+
+
+def _file(module: str) -> str:
+    """ifprune_mlx.chat -> chat.py, ifprune_mlx.bench -> bench/, converters -> converters/."""
+    path = ROOT / module.replace(".", "/")
+    shown = module.removeprefix("ifprune_mlx.")
+    return f"{shown}/" if path.is_dir() else f"{shown}.py"
+
+
+def layers_diagram() -> str:
+    """The contract's layers, top to bottom: a module imports only from lines below its own;
+    modules on one line do not import each other."""
+    lines = [" " + " | ".join(_file(m) for m in layer) for layer in _contract_layers()]
+    return "\n".join([BEGIN, "```", "top: the apps", *lines, "bottom: the format and its errors", "```", END])
+
+
+def test_the_architecture_page_draws_the_contract():
+    text = ARCHITECTURE.read_text()
+    assert BEGIN in text and END in text
+    drawn = text[text.index(BEGIN):text.index(END) + len(END)]
+    assert drawn == layers_diagram(), "run `python tests/test_layers.py --write`"
+
+
+def test_every_module_is_in_a_layer_and_in_the_module_table():
+    """A new module must take a place in the contract (else nothing checks its imports) and
+    a row in ARCHITECTURE.md's module table."""
+    placed = {m for layer in _contract_layers() for m in layer}
+    modules = {f"ifprune_mlx.{p.stem}" for p in (ROOT / "ifprune_mlx").glob("*.py") if p.stem != "__init__"}
+    modules |= {f"ifprune_mlx.{p.name}" for p in (ROOT / "ifprune_mlx").iterdir() if (p / "__init__.py").is_file()}
+    assert modules | {"converters"} == placed
+    table = ARCHITECTURE.read_text().split("## Modules", 1)[1].split("\n## ", 1)[0]
+    for module in placed - {"converters"}:
+        assert f"`{_file(module)}`" in table, module
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python tests/test_layers.py --write   (redraws the layers in docs/ARCHITECTURE.md)")
+    text = ARCHITECTURE.read_text()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    ARCHITECTURE.write_text(text[:start] + layers_diagram() + text[end:])
+    print(f"wrote the layers of {ARCHITECTURE}")
