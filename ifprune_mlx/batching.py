@@ -25,6 +25,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .chat import common_prefix
+from .selectors import check_sampling
 
 PREFILL_STEP = 512      # prompt tokens per prefill chunk: a decode step waits for one chunk at most
 PREFILL_TOGETHER = 8    # prompts prefilled in one batch
@@ -34,6 +35,16 @@ PREFILL_TOGETHER = 8    # prompts prefilled in one batch
 def sampler(temp: float, top_p: float, min_p: float, top_k: int):
     """mlx-lm's sampler; one object per setting, so a batch of equal settings samples in one call."""
     return make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+
+
+CHECKED = ("max_tokens", "temp", "top_p", "seed", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+           "frequency_penalty", "logit_bias")
+
+
+def check_request_sampling(sampling: dict) -> None:
+    """The engine's check (selectors.check_sampling) of a request's sampling settings:
+    SamplingError naming the first bad one."""
+    check_sampling(**{name: sampling.get(name) for name in CHECKED})
 
 
 def logits_processors(sampling: dict) -> list:
@@ -164,10 +175,10 @@ class MaskBatch:
     def add(self, job, key: str, report: dict, cache: list | None = None, reused: int | None = None) -> None:
         """Insert a job (job.ids, job.sampling) whose mask is applied; its KV cache is kept
         under `key`. Without `cache`, the longest prefix the caches of `key` hold is reused."""
-        ids = job.ids
+        ids, s = job.ids, job.sampling
+        check_request_sampling(s)
         if cache is None:
             cache, reused = self.prefixes.lookup(key, ids)
-        s = job.sampling
         max_tokens = s["max_tokens"]
         if self.engine.context_length:
             max_tokens = max(1, min(max_tokens, self.engine.context_length - len(ids)))

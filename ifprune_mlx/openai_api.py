@@ -147,8 +147,6 @@ def sampling(body: _Request, max_tokens: int, vocab_size: int | None) -> dict:
         if not key.lstrip("-").isdigit() or not 0 <= int(key) < (vocab_size or 2**31):
             raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 to "
                                 f"{(vocab_size or 2**31) - 1})", param="logit_bias")
-        if not -100 <= value <= 100:
-            raise APIError(400, f"logit_bias: {value} for token {key} is outside [-100, 100]", param="logit_bias")
         bias[int(key)] = value
     if isinstance(body, CompletionRequest):
         logprobs, top = body.logprobs is not None, body.logprobs or 0

@@ -376,8 +376,7 @@ class Scheduler:
         engine = self.engine
         engine.apply("auto")
         before = engine.last_apply
-        selector = engine.get_selector(job.selector)
-        prefilled = engine._griffin_prefill(selector, job.ids, job.density)
+        prefilled = engine.prefill_activations(job.ids, job.density, job.selector)
         if prefilled is None:  # a one-token prompt: select on it, prefill pruned
             job.selection = engine.select(job.prompt, job.density, job.selector)
             engine.apply(job.selection)

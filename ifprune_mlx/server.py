@@ -27,7 +27,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .errors import IFPruneError, SelectionError
+from .batching import check_request_sampling
+from .errors import IFPruneError, SamplingError, SelectionError
 from .openai_api import APIError, ChatRequest, CompletionRequest, Reply, _Request, parse_request, sampling
 from .scheduler import Job, QueueFull, RequestError, Scheduler, WorkerStopped
 from .selectors import check_density
@@ -227,6 +228,11 @@ class Server:
         if len(stop) > 4:
             raise APIError(400, "stop: at most 4 sequences", param="stop")
         options = sampling(body, max_tokens, self.engine.config.get("vocab_size"))
+        try:  # the engine's check, before the request queues
+            check_request_sampling(options)
+        except SamplingError as e:
+            name = str(e).split()[0].rstrip(":")
+            raise APIError(400, str(e), param={"temp": "temperature"}.get(name, name)) from None
         return Job(prompt=prompt, ids=None, task=task, sampling=options, density=density, selector=selector,
                    dense=body.dense, stop=stop, loop=asyncio.get_running_loop())
 

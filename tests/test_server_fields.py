@@ -204,3 +204,12 @@ def test_a_schema_that_cannot_be_followed_is_a_400(client):
     assert e.value.body["param"] == "response_format"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="m", messages=MESSAGES, response_format={"type": "yaml"})
+
+
+@pytest.mark.parametrize("body,param", [({"seed": -1}, "seed"), ({"logit_bias": {"5": 500}}, "logit_bias"),
+                                        ({"temperature": float("inf")}, "temperature")], ids=str)
+def test_the_engines_sampling_check_answers_400(served, body, param):
+    r = httpx.post(served.url + "/v1/chat/completions", timeout=30,
+                   content=json.dumps({"messages": MESSAGES, **body}).replace("Infinity", "1e999"),
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code in (400, 422) and r.json()["error"]["param"] == param, r.text
