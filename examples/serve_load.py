@@ -152,7 +152,7 @@ def grammar_overhead(url: str, max_tokens: int, n: int = 6) -> str:
 @contextlib.contextmanager
 def fresh_server(model: str | None, clients: int, mixed: bool):
     """A new server on `model` (default: the default chat model), warmed up; yields its /v1 URL."""
-    from ifprune_mlx.resolve import open_model
+    from ifprune_mlx.opener import open_model
 
     running = server.BackgroundServer(lambda: open_model(model), server.ServerConfig(model_id="default"),
                                       max_queue=max(64, clients))
