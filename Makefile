@@ -24,7 +24,7 @@ $(VENV)/.runtime: pyproject.toml
 	touch $@
 
 # torch==2.13.0 is pinned: it is the CPU build this project is developed and tested with.
-# `ifprune serve`: the runtime and the serve extra (Starlette, uvicorn, pydantic).
+# `ifprune serve`: the runtime and the serve extra (Starlette, uvicorn, pydantic, llguidance).
 $(VENV)/.serve: $(VENV)/.runtime
 	$(PY) -m pip install -q -e ".[serve]"
 	touch $@
