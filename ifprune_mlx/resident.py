@@ -77,6 +77,11 @@ class RowSource:
             self.where.update({name: (path, header) for name in header if is_ffn_rows(name)})
         self.bytes_read, self.read_seconds = 0, 0.0
 
+    def total_bytes(self) -> int:
+        """Bytes of every FFN row array in the files (the whole FFN)."""
+        return sum(header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+                   for name, (_, header) in self.where.items())
+
     def check(self) -> None:
         """Raise BundleChangedError if a file changed on disk (size, mtime or header) since load."""
         for path, stamp in self.stamps.items():
@@ -244,6 +249,10 @@ class Residency:
         self.d_ffn, self.capacity, self.max_density = d_ffn, capacity, max_density
         self.source = RowSource(files)
 
+    def ffn_bytes(self) -> int:
+        """Bytes of the whole FFN's rows in the bundle."""
+        return self.source.total_bytes()
+
     # -- loading -------------------------------------------------------------------------
 
     def shape_model(self, model: nn.Module, bias: bool) -> None:
@@ -390,3 +399,19 @@ def residency_for(folder: Path, config: dict, block: dict | None, max_density: f
     d_ffn = int(config["intermediate_size"])
     capacity = kept_count(density, d_ffn, block.get("pad_multiple", PAD_MULTIPLE))
     return Residency(weight_files(folder), d_ffn, capacity, density)
+
+
+def describe(engine) -> str:
+    """A line on an engine's resident mode for `info` and /stats ("off" for a full-memory engine)."""
+    residency = engine.residency
+    if residency is None:
+        return "off (the whole model in memory)"
+    held = sum(v.nbytes for mlp in engine.mlps for _, v in nn.utils.tree_flatten(mlp.parameters()))
+    return (f"kept: {residency.capacity} of {residency.d_ffn} FFN rows per layer in memory (max density "
+            f"{residency.max_density:.2f}), {held / 1e6:.1f} MB of the bundle's {residency.ffn_bytes() / 1e6:.1f} MB "
+            "of FFN rows; the rows a selection adds are read from the bundle")
+
+
+def read_cost(stats: ApplyStats) -> str:
+    """What an apply read: e.g. "read 5.3 MB (1024 rows) in 4.1 ms"."""
+    return f"read {stats.bytes_read / 1e6:.1f} MB ({stats.rows_read} rows) in {stats.read_seconds * 1e3:.1f} ms"
