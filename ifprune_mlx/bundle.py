@@ -139,7 +139,7 @@ def read_row_runs(path: Path, header: dict, name: str, runs: Iterable[tuple[int,
     out = np.empty([sum(stop - start for start, stop in runs), *shape[1:]],
                    dtype="uint16" if dtype == "bfloat16" else dtype)
     flat = out.reshape(-1).view(np.uint8)
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:  # unbuffered: the bytes go straight into `out`
         (n,) = struct.unpack("<Q", f.read(8))
         done = 0
         for start, stop in runs:

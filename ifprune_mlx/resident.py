@@ -41,7 +41,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.activations import swiglu
 
-from .bundle import DEFAULT_DENSITY, PAD_MULTIPLE, file_stamp, read_row_runs, safetensors_header, weight_files
+from .bundle import DEFAULT_DENSITY, PAD_MULTIPLE, SAFETENSORS_DTYPES, file_stamp, read_row_runs, safetensors_header, weight_files
 from .distributed import is_ffn_rows
 from .errors import BundleChangedError, BundleError, ResidentError, SelectionError
 from .prune import (ApplyStats, PrunableMLP, QuantizedRowLinear, _host_view, _move_layer, _swap_layer,
@@ -99,6 +99,10 @@ class RowSource:
     def read(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` (sorted, distinct) of tensor `name`, in that order, as NumPy."""
         path, header = self.where[name]
+        if len(ids) == 0:
+            info = header[name]
+            return np.empty((0, *info["shape"][1:]), dtype="uint16" if info["dtype"] == "BF16" else
+                            SAFETENSORS_DTYPES[info["dtype"]][0])
         start = time.perf_counter()
         try:
             rows = read_row_runs(path, header, name, channel_runs(ids))
