@@ -30,7 +30,7 @@ from .distributed import DEFAULT_SPLIT, Sharding, all_ranks_ok
 from .errors import BundleError, PromptTooLongError, ResidentError, SelectionError
 from .models import (build_model, load_weights, normalize_config, prunable_mlps, to_row_layout,
                      quantize_like)
-from .predictor import load_predictor, share_llm_weights
+from .predictor import load_predictor
 from .prune import ApplyStats, apply_selection, rows_to_swap
 from .resident import MODES as RESIDENT_MODES, Residency, residency_for
 from .selectors import (ActivationSelector, PredictorSelector, Prompt, Selection, Selector,
@@ -472,8 +472,7 @@ def _engine(folder: Path, config: dict, block: dict | None, model: nn.Module, **
     if block.get("predictor"):
         pdir = folder / block["predictor"]
         sharding = options.get("sharding")
-        predictor = load_predictor(pdir, len(mlps), sharding.d_ffn if sharding else mlps[0].d_ffn)
-        share_llm_weights(predictor, model)
+        predictor = load_predictor(pdir, len(mlps), sharding.d_ffn if sharding else mlps[0].d_ffn, llm=model)
         if (pdir / "tokenizer_config.json").is_file() or (pdir / "tokenizer.json").is_file():
             selector_tokenizer = load_tokenizer(pdir)
     engine = Engine(model, tokenizer, config, selector_tokenizer, predictor,

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -50,18 +50,35 @@ from .selectors import Selection, check_density, kept_count
 
 MODES = ("kept",)
 CHUNK_BYTES = 16 * 2**20  # bytes of one row array streamed at a time in the scoring pass
+GAP_BYTES = 32 * 2**10  # rows at most this far apart are read in one range
+SPAN_BYTES = 8 * 2**20  # the most one read brings in at a time
 _EMPTY = -1  # a slot whose rows could not be restored after a failed apply
 
 
-def channel_runs(ids: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted channel ids -> runs [start, stop) of consecutive ids (one byte range each)."""
+def channel_runs(ids: np.ndarray, gap: int = 0, most: int | None = None) -> list[tuple[int, int]]:
+    """Sorted channel ids -> ranges [start, stop) to read: runs of consecutive ids, merged when
+    at most `gap` rows apart, split to at most `most` rows."""
     ids = np.asarray(ids, dtype=np.int64)
     if ids.size == 0:
         return []
-    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-    starts = ids[np.r_[0, breaks]]
-    stops = ids[np.r_[breaks - 1, ids.size - 1]] + 1
-    return list(zip(starts.tolist(), stops.tolist()))
+    breaks = np.flatnonzero(np.diff(ids) > gap + 1) + 1
+    starts = ids[np.r_[0, breaks]].tolist()
+    stops = (ids[np.r_[breaks - 1, ids.size - 1]] + 1).tolist()
+    step = most or max(stops)
+    return [(a, min(stop, a + step)) for start, stop in zip(starts, stops) for a in range(start, stop, step)]
+
+
+def _batches(runs: list[tuple[int, int]], most: int):
+    """Consecutive runs grouped so that each group spans at most `most` rows (or one run)."""
+    batch, rows = [], 0
+    for run in runs:
+        if batch and rows + run[1] - run[0] > most:
+            yield batch
+            batch, rows = [], 0
+        batch.append(run)
+        rows += run[1] - run[0]
+    if batch:
+        yield batch
 
 
 class RowSource:
@@ -96,22 +113,42 @@ class RowSource:
                     f"{path}: changed on disk since it was loaded (its {what} differs), so its rows may not "
                     "match those in memory; load the model again (the previous selection stays applied)")
 
-    def read(self, name: str, ids: np.ndarray) -> np.ndarray:
-        """Rows `ids` (sorted, distinct) of tensor `name`, in that order, as NumPy."""
+    def read(self, name: str, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows `ids` (sorted, distinct) of tensor `name`, in that order, as NumPy (into `out`
+        when given: e.g. a view of an MLX array's buffer)."""
+        if out is None:
+            info = self.where[name][1][name]
+            out = np.empty((len(ids), *info["shape"][1:]),
+                           dtype="uint16" if info["dtype"] == "BF16" else SAFETENSORS_DTYPES[info["dtype"]][0])
+        for part, rows in self.batches(name, ids):
+            out[part] = rows
+        return out
+
+    def batches(self, name: str, ids: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+        """Rows `ids` (sorted, distinct) of tensor `name` as (part, rows of ids[part]) pieces of
+        at most SPAN_BYTES read each. Runs of ids closer than GAP_BYTES are read as one range
+        (the gap's rows are dropped): fewer reads, and a cold disk reads sequentially."""
         path, header = self.where[name]
-        if len(ids) == 0:
-            info = header[name]
-            return np.empty((0, *info["shape"][1:]), dtype="uint16" if info["dtype"] == "BF16" else
-                            SAFETENSORS_DTYPES[info["dtype"]][0])
-        start = time.perf_counter()
-        try:
-            rows = read_row_runs(path, header, name, channel_runs(ids))
-        except OSError as e:
-            raise ResidentError(f"{path}: reading {len(ids)} rows of {name} failed ({e.strerror or e}); "
-                                "the previous selection stays applied; check the disk and try again") from e
-        self.bytes_read += rows.nbytes
-        self.read_seconds += time.perf_counter() - start
-        return rows
+        info = header[name]
+        row_bytes = max(1, (info["data_offsets"][1] - info["data_offsets"][0]) // max(1, info["shape"][0]))
+        most = max(1, SPAN_BYTES // row_bytes)
+        done = 0
+        for batch in _batches(channel_runs(ids, GAP_BYTES // row_bytes, most), most):
+            start = time.perf_counter()
+            try:
+                data = read_row_runs(path, header, name, batch)
+            except OSError as e:
+                raise ResidentError(f"{path}: reading {len(ids)} rows of {name} failed ({e.strerror or e}); "
+                                    "the previous selection stays applied; check the disk and try again") from e
+            finally:
+                self.read_seconds += time.perf_counter() - start
+            self.bytes_read += data.nbytes
+            starts = np.array([a for a, _ in batch])
+            offsets = np.cumsum([0] + [b - a for a, b in batch])[:-1]
+            chunk = ids[done: np.searchsorted(ids, batch[-1][1])]
+            at = np.searchsorted(starts, chunk, side="right") - 1
+            yield slice(done, done + chunk.size), data[offsets[at] + chunk - starts[at]]
+            done += chunk.size
 
 
 def _as_mlx(rows: np.ndarray, like: mx.array) -> mx.array:
@@ -272,8 +309,18 @@ class Residency:
         if missing:
             raise BundleError(f"tensor {missing[0]!r} is in no weight file the bundle lists; re-convert the model")
         first = np.arange(self.capacity)
-        return {name: _as_mlx(self.source.read(name, first), value) if is_ffn_rows(name) else value
+        return {name: self._first_rows(name, value, first) if is_ffn_rows(name) else value
                 for name, value in weights.items()}
+
+    def _first_rows(self, name: str, like: mx.array, ids: np.ndarray) -> mx.array:
+        """Rows `ids` of tensor `name` as an MLX array of like's dtype, read into its buffer."""
+        rows = mx.zeros((ids.size, *like.shape[1:]), dtype=like.dtype)
+        mx.eval(rows)
+        host = _host_view(rows)
+        if host is None:
+            return _as_mlx(self.source.read(name, ids), like)
+        self.source.read(name, ids, out=host)
+        return rows
 
     def attach(self, model: nn.Module) -> None:
         """Tell every ResidentMLP where its rows are (after the model's weights are loaded)."""
@@ -347,10 +394,10 @@ class Residency:
                           read_seconds=self.source.read_seconds - read0)
 
     def _apply_layer(self, mlp: ResidentMLP, keep: np.ndarray, done: list) -> tuple[np.ndarray, list]:
-        """One layer of apply(); once its rows move it joins `done`, whose undo restores it."""
+        """One layer of apply(): relabel the victim slots, swap into canonical order, then read
+        the incoming rows into their slots a piece at a time (no layer-sized buffer). Once its
+        rows move it joins `done`, whose undo swaps them back and reads the evicted rows again."""
         incoming, new_perm, rounds = plan_layer(mlp.perm, mlp.k, keep, self.d_ffn)
-        tensors = mlp.row_tensors()
-        rows = [self.source.read(tensor, incoming) for _, _, tensor in tensors]  # before any change
         old_perm, old_k = mlp.perm, mlp.k
         mlp.perm = new_perm
         try:
@@ -359,9 +406,11 @@ class Residency:
             mlp.perm = old_perm
             raise
         done.append((mlp, old_perm, old_k, rounds))
-        slots = _slots_of(mlp.perm, incoming)
-        for (module, name, _), data in zip(tensors, rows):
-            _write_rows(module, name, slots, data)
+        if incoming.size:
+            slots = _slots_of(mlp.perm, incoming)
+            for module, name, tensor in mlp.row_tensors():
+                for part, rows in self.source.batches(tensor, incoming):
+                    _write_rows(module, name, slots[part], rows)
         mlp.k = keep.size
         return incoming, rounds
 

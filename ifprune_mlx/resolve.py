@@ -229,8 +229,10 @@ def prepare(found: Resolved, *, on_progress: Progress | None = None, **load_opti
 
 def needs_calibration(engine, found: Resolved) -> bool:
     """Whether a model is calibrated on this first use: it has no stored calibration (a
-    plain folder's is attached here), no trained predictor, and was converted or downloaded here."""
-    return not attach_stored_calibration(engine) and found.made_here and not engine.has_predictor
+    plain folder's is attached here), no trained predictor, and was converted or downloaded here;
+    not in resident mode, which cannot run the dense reference (`ifprune calibrate` without it)."""
+    return (not attach_stored_calibration(engine) and found.made_here and not engine.has_predictor
+            and engine.residency is None)
 
 
 def open_model(model: str | Path | None = None, *, on_progress: Progress | None = None, **load_options):
