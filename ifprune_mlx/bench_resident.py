@@ -76,19 +76,37 @@ def probe(folder: str, resident: bool, density: float, prompt_tokens: int, token
             "d_ffn": engine.d_ffn}
 
 
+def tokenizer_probe(folder: str) -> dict:
+    """In a fresh process: the peak RSS growth of loading the model's tokenizer alone (what the
+    engine's RSS holds besides arrays: its vocabulary and the code transformers loads for it)."""
+    from mlx_lm.utils import load_tokenizer
+
+    from . import load  # noqa: F401 (the same imports as probe() before its baseline)
+    from .bench import resident_memory
+
+    rss0 = resident_memory(reset_peak=True)[0]
+    load_tokenizer(Path(folder))
+    return {"rss_growth": resident_memory()[1] - rss0}
+
+
+def _child(function: str, *args) -> dict:
+    """function(*args) of this module in a fresh interpreter (same environment), its JSON result."""
+    code = (f"import json, sys; from ifprune_mlx.bench_resident import {function}; "
+            f"print(json.dumps({function}(*json.loads(sys.argv[1]))))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def memory(folder: Path, density: float, prompt_tokens: int, tokens: int) -> list[dict]:
-    """probe() in a fresh interpreter per mode (full, then resident), with the bound worked out."""
+    """probe() in a fresh interpreter per mode (full, then resident), with the bound worked out,
+    and the tokenizer's own RSS (tokenizer_probe)."""
     weights, ffn = file_bytes(folder)
+    tokenizer = _child("tokenizer_probe", str(folder))["rss_growth"]
     rows = []
     for resident in (False, True):
-        code = ("import json, sys; from ifprune_mlx.bench_resident import probe; "
-                "print(json.dumps(probe(sys.argv[1], sys.argv[2] == '1', float(sys.argv[3]), "
-                "int(sys.argv[4]), int(sys.argv[5]))))")
-        out = subprocess.run([sys.executable, "-c", code, str(folder), "1" if resident else "0", str(density),
-                              str(prompt_tokens), str(tokens)], capture_output=True, text=True, check=True)
-        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row = _child("probe", str(folder), resident, density, prompt_tokens, tokens)
         c = row["capacity"] / row["d_ffn"]
-        row.update(weights=weights, ffn=ffn, fraction_held=c,
+        row.update(weights=weights, ffn=ffn, fraction_held=c, tokenizer_rss=tokenizer,
                    bound=(weights + row["predictor"] - (1 - c) * ffn) * SLACK + row["kv"],
                    rss_growth=row["rss_peak"] - row["rss_start"])
         rows.append(row)
@@ -214,7 +232,8 @@ def bench_model(folder: Path, name: str, density: float, quick: bool, log: Calla
     out["ttft"] = ttft(full, res, density, 2 if quick else 6, 8 if quick else 64)
     log(f"  TTFT: full {out['ttft']['full_ms']:.0f} ms, resident {out['ttft']['resident_ms']:.0f} ms "
         f"({out['ttft']['mb_read']:.1f} MB read)")
-    out["decode"] = decode(full, res, density, 2 if quick else 12, 4 if quick else 16, 5 if quick else 60)
+    big = out["memory"][0]["weights"] > 1e9  # a few tokens per block: decode reads all its weights per token
+    out["decode"] = decode(full, res, density, 2 if quick else 16, 4 if quick or big else 16, 5 if quick else 120)
     d = out["decode"]
     log(f"  decode: full {d['full_tps']:.1f} tok/s, resident {d['resident_tps']:.1f} tok/s, paired ratio "
         f"{d['ratio']:.3f} (quartiles {d['ratio_low']:.3f}-{d['ratio_high']:.3f}, {d['rounds']} rounds)")
@@ -292,7 +311,9 @@ def report(info: dict) -> str:
            "bytes, c = capacity / d_ffn, KV = the KV cache at the end of the generation. *MLX peak* is "
            "mx.get_peak_memory() (every MLX array; load, select, apply and a generation included); *RSS growth* "
            "is the process's peak resident set size minus its size before the load (after the imports), which "
-           "also counts the tokenizer, Python objects and the allocator's slack.", ""]
+           "also counts the tokenizer, Python objects and the allocator's slack.", "",
+           "Regenerate: `ifprune bench default --resident kept --json docs/resident.json` (with the OpenBLAS "
+           "preload `ifprune` sets up), then `python examples/resident_report.py docs/resident.json docs/RESIDENT.md`.", ""]
     for r in info["results"]:
         out += _model_section(r)
     return "\n".join(out) + "\n"
@@ -304,12 +325,18 @@ def _model_section(r: dict) -> list[str]:
            f"{r['layers']} layers, d_ffn {r['d_ffn']}, {r['quant']}, weights {_mb(full['weights'])} MB of which "
            f"FFN rows {_mb(full['ffn'])} MB; predictor: {'trained' if r['predictor'] else 'none'}; resident "
            f"capacity {r['capacity']} rows per layer. Load average {r['load'][0]} -> {r['load'][1]}.", "",
-           "| engine | weights held (MB) | MLX peak (MB) | RSS growth (MB) | bound (MB) | MLX peak within bound |",
-           "|---|---:|---:|---:|---:|---|"]
+           "| engine | weights held (MB) | MLX peak (MB) | RSS growth (MB) | RSS growth - tokenizer (MB) "
+           "| bound (MB) | MLX peak within bound | RSS growth within bound |",
+           "|---|---:|---:|---:|---:|---:|---|---|"]
+    tokenizer = res.get("tokenizer_rss", 0)
     for row in (full, res):
         out.append(f"| {'resident kept' if row['resident'] else 'full memory'} | {_mb(row['held'])} | "
-                   f"{_mb(row['peak'])} | {_mb(row['rss_growth'])} | {_mb(res['bound'])} | "
-                   f"{'yes' if row['peak'] <= res['bound'] else 'no'} |")
+                   f"{_mb(row['peak'])} | {_mb(row['rss_growth'])} | {_mb(row['rss_growth'] - tokenizer)} | "
+                   f"{_mb(res['bound'])} | {'yes' if row['peak'] <= res['bound'] else 'no'} | "
+                   f"{'yes' if row['rss_growth'] <= res['bound'] else 'no'} |")
+    out += ["", f"The tokenizer alone grows a fresh process's peak RSS by {_mb(tokenizer)} MB (its vocabulary "
+            "and the code transformers loads for it; measured in its own process); the bound counts weights "
+            "and the KV cache only."]
     out += ["", "Apply cost per changed fraction of the kept channels (median of the repetitions; cold: the "
             "bundle's pages dropped from the OS cache first):", "",
             "| changed | page cache | rows read | MB read | read ms | resident apply ms | full-engine apply ms |",

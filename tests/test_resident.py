@@ -305,3 +305,18 @@ def test_cli_info_and_generate_show_resident_mode(bundle_dir):
     assert result.exit_code == 1 and "--max-density 1" in result.output
     result = runner.invoke(app, ["generate", str(bundle_dir), "-p", "x", "--max-density", "0.5"])
     assert result.exit_code == 1 and "pass --resident kept" in result.output
+
+
+def test_chat_stats_show_the_last_apply_read(bundle_dir, capsys):
+    from ifprune_mlx.chat import ChatSession
+    from ifprune_mlx.chat_cli import ChatREPL
+
+    engine = load(bundle_dir, resident="kept", max_density=MAX_DENSITY)
+    session = ChatSession(engine, policy="per-turn", density=0.4, max_tokens=4)
+    for _ in session.send("Sort these numbers: 5 3 9 1."):
+        pass
+    capsys.readouterr()
+    ChatREPL(session, interactive=False).stats("")
+    out = capsys.readouterr().out
+    assert f"row swaps, read {session.last.read_bytes / 1e6:.1f} MB ({session.last.rows_read} rows) in" in out
+    assert "kept: 128 of 256 FFN rows per layer in memory" in out
