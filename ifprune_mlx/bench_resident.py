@@ -314,9 +314,20 @@ def report(info: dict) -> str:
            "also counts the tokenizer, Python objects and the allocator's slack.", "",
            "Regenerate: `ifprune bench default --resident kept --json docs/resident.json` (with the OpenBLAS "
            "preload `ifprune` sets up), then `python examples/resident_report.py docs/resident.json docs/RESIDENT.md`.", ""]
+    out += ["Summary:", ""] + [_summary_line(r) for r in info["results"]] + [""]
     for r in info["results"]:
         out += _model_section(r)
     return "\n".join(out) + "\n"
+
+
+def _summary_line(r: dict) -> str:
+    full, res = r["memory"]
+    d = r["decode"]
+    return (f"- {r['name']}: MLX peak {_mb(res['peak'])} MB resident vs {_mb(full['peak'])} MB full memory "
+            f"(bound {_mb(res['bound'])} MB: {'within' if res['peak'] <= res['bound'] else 'above'}); process RSS "
+            f"growth {_mb(res['rss_growth'])} MB vs {_mb(full['rss_growth'])} MB ({'within' if res['rss_growth'] <= res['bound'] else 'above'} "
+            f"the bound, which leaves out the tokenizer's {_mb(res.get('tokenizer_rss', 0))} MB); decode resident/full "
+            f"median {d['ratio']:.2f} over {d['rounds']} paired rounds (quartiles {d['ratio_low']:.2f}-{d['ratio_high']:.2f}).")
 
 
 def _model_section(r: dict) -> list[str]:
