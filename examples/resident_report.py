@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ifprune_mlx.bench_resident import report
+from ifprune_mlx.bench.resident import report
 
 if __name__ == "__main__":
     source = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/resident.json")

@@ -5,7 +5,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from ifprune_mlx import bench_resident, load
+from ifprune_mlx import load
+from ifprune_mlx.bench import resident as bench_resident
 from ifprune_mlx.cli import app
 
 

@@ -42,8 +42,8 @@ SYNTHETIC_BYTES = 2e9  # the synthetic model has at least this many bytes of wei
 
 def file_bytes(folder: Path) -> tuple[int, int]:
     """(all weight bytes, FFN row bytes) of a bundle's LLM, from its safetensors headers."""
-    from .bundle import safetensors_header, weight_files
-    from .distributed import is_ffn_rows
+    from ..bundle import safetensors_header, weight_files
+    from ..distributed import is_ffn_rows
 
     total = ffn = 0
     for path in weight_files(Path(folder)):
@@ -58,8 +58,9 @@ def file_bytes(folder: Path) -> tuple[int, int]:
 
 def probe(folder: str, resident: bool, density: float, prompt_tokens: int, tokens: int) -> dict:
     """In a fresh process: load (resident or not), select at `density`, apply, generate."""
-    from . import load
-    from .bench import _own_bytes, bytes_per_token, prompt_text, resident_memory
+    from .. import load
+    from .machine import resident_memory
+    from .measure import _own_bytes, bytes_per_token, prompt_text
 
     rss0 = resident_memory(reset_peak=True)[0]
     mx.reset_peak_memory()
@@ -81,8 +82,8 @@ def tokenizer_probe(folder: str) -> dict:
     engine's RSS holds besides arrays: its vocabulary and the code transformers loads for it)."""
     from mlx_lm.utils import load_tokenizer
 
-    from . import load  # noqa: F401 (the same imports as probe() before its baseline)
-    from .bench import resident_memory
+    from .. import load  # noqa: F401 (the same imports as probe() before its baseline)
+    from .machine import resident_memory
 
     rss0 = resident_memory(reset_peak=True)[0]
     load_tokenizer(Path(folder))
@@ -91,7 +92,7 @@ def tokenizer_probe(folder: str) -> dict:
 
 def _child(function: str, *args) -> dict:
     """function(*args) of this module in a fresh interpreter (same environment), its JSON result."""
-    code = (f"import json, sys; from ifprune_mlx.bench_resident import {function}; "
+    code = (f"import json, sys; from ifprune_mlx.bench.resident import {function}; "
             f"print(json.dumps({function}(*json.loads(sys.argv[1]))))")
     out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -130,14 +131,14 @@ def drop_page_cache(paths) -> bool:
 def apply_costs(full, res, density: float, fractions, reps: int) -> list[dict]:
     """Resident apply cost per changed fraction (warm and cold page cache) and the full
     engine's apply of the same change."""
-    from .bench import _changed, prompt_text
-    from .selectors import Selection
+    from ..selectors import Selection
+    from .measure import changed_selection, prompt_text
 
     rng = np.random.default_rng(0)
     base = res.select(prompt_text(res, 32, salt=7)[0], density)
     rows = []
     for fraction in fractions:
-        target = Selection.from_indices(_changed(base, fraction, res.d_ffn, rng), res.d_ffn, res.n_layers)
+        target = Selection.from_indices(changed_selection(base, fraction, res.d_ffn, rng), res.d_ffn, res.n_layers)
         full_s = []
         for _ in range(reps):
             full.apply(base)
@@ -164,7 +165,7 @@ def apply_costs(full, res, density: float, fractions, reps: int) -> list[dict]:
 
 def ttft(full, res, density: float, prompts: int, prompt_tokens: int) -> dict:
     """Seconds to the first token of prompts that each select anew, the engines alternately."""
-    from .bench import prompt_text
+    from .measure import prompt_text
 
     times: dict[str, list[float]] = {"full": [], "resident": []}
     read = []
@@ -186,7 +187,8 @@ def ttft(full, res, density: float, prompts: int, prompt_tokens: int) -> dict:
 
 def decode(full, res, density: float, rounds: int, tokens: int, budget: float) -> dict:
     """Decode tok/s of both engines on one selection, alternating blocks; paired ratios."""
-    from .bench import _Stream, load_average, prompt_text
+    from .machine import load_average
+    from .measure import _Stream, prompt_text
 
     text, ids = prompt_text(res, 32, salt=3)
     selection = res.select(text, density)
@@ -211,8 +213,8 @@ def decode(full, res, density: float, rounds: int, tokens: int, budget: float) -
 
 def bench_model(folder: Path, name: str, density: float, quick: bool, log: Callable[[str], None]) -> dict:
     """Every measurement on one bundle."""
-    from . import load
-    from .bench import load_average
+    from .. import load
+    from .machine import load_average
 
     out = {"name": name, "density": density, "load": [load_average()]}
     out["memory"] = memory(folder, density, 8 if quick else 64, 4 if quick else 32)
@@ -243,7 +245,8 @@ def bench_model(folder: Path, name: str, density: float, quick: bool, log: Calla
 
 def synthetic(folder: Path, quick: bool) -> Path:
     """A random float32 bundle of >= SYNTHETIC_BYTES of weights (tiny when quick)."""
-    from .bench import Settings, synthetic_bundle, synthetic_config
+    from .measure import synthetic_bundle, synthetic_config
+    from .settings import Settings
 
     if quick:
         return synthetic_bundle(folder, 256, replace(Settings.quick_run(), layers=2))
@@ -261,7 +264,8 @@ def synthetic(folder: Path, quick: bool) -> Path:
 
 def run(model: str | None, quick: bool, log: Callable[[str], None], command: str = "") -> dict:
     """Resident mode vs the full-memory engine on MODEL (if given) and a synthetic >= 2 GB model."""
-    from .bench import load_average, machine, real_models
+    from .machine import load_average, machine
+    from .run import real_models
 
     info = {"machine": machine(), "command": command, "density": DENSITY,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": load_average(), "results": []}
@@ -373,9 +377,9 @@ def bench_resident(model: str | None, resident: str, quick: bool, json_path: Pat
     """`ifprune bench [MODEL] --resident kept [--quick] [--json PATH]`: run(), print, write JSON."""
     import typer
 
-    from .bench import command_line
-    from .console import fail
-    from .resident import MODES
+    from ..console import fail
+    from ..resident import MODES
+    from .cli import command_line
 
     if resident not in MODES:
         fail(f"--resident takes {', '.join(MODES)}, got {resident!r}")
