@@ -364,8 +364,9 @@ class Residency:
         return [np.arange(self.d_ffn)] * len(mlps)
 
     def rows_to_read(self, mlps: list[ResidentMLP], keep: list[np.ndarray] | None) -> int:
-        """Rows apply(mlps, keep) would read now (nothing moves)."""
-        keep = self._keep(mlps, keep)
+        """Rows apply(mlps, keep) would read now (nothing moves; None: every channel, which
+        apply refuses when they do not fit)."""
+        keep = [np.arange(self.d_ffn)] * len(mlps) if keep is None else keep
         return sum(np.setdiff1d(ids, mlp.perm).size for mlp, ids in zip(mlps, keep))
 
     def apply(self, mlps: list[ResidentMLP], keep: list[np.ndarray] | None) -> ApplyStats:

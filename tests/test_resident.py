@@ -148,6 +148,7 @@ def test_dense_is_refused_below_full_capacity_and_exact_at_max_density_one(pairs
     full, res = pairs["float32"]
     with pytest.raises(ResidentError, match="without --resident, or with --max-density 1"):
         res.apply(None)
+    assert res.swap_cost(None) == (res.d_ffn - res.residency.capacity) * res.n_layers  # a cost, not an error
     whole = load(bundle_dir, resident="kept", max_density=1.0)
     assert whole.residency.capacity == whole.d_ffn
     whole.apply(None)
