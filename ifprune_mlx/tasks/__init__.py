@@ -12,4 +12,6 @@ __all__ = ["TASK_DIR", "TASKS", "TaskDataError", "read_records"]
 TASKS = {
     "ifprune_ifeval_dev": "ifeval_dev.jsonl",
     "ifprune_ifeval_test": "ifeval_test.jsonl",
+    "ifprune_exact_dev": "exact_dev.jsonl",
+    "ifprune_exact_test": "exact_test.jsonl",
 }

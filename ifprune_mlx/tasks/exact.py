@@ -4,6 +4,8 @@ Each record has `check` (how to score) and `answers`:
 - "number": the numbers the response states beyond those of the prompt are exactly one, the
   answer ("7 + 5 = 12" is right for "What is 7 plus 5?"; "12, or maybe 13" is not);
 - "text": one of the answers appears as a whole word or phrase, case-insensitively;
+- "text_case": the same, case-sensitively ("RIVER" for "write river in capitals");
+- "yesno": the response's first word is the answer, yes or no;
 - "json": the response holds a JSON object (markdown fences allowed) with every key of the
   answer object and equal values (strings compared case-insensitively); extra keys are allowed.
 """
@@ -15,7 +17,7 @@ import math
 import re
 
 _NUMBER = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?")
-CHECKS = ("number", "text", "json")
+CHECKS = ("number", "text", "text_case", "yesno", "json")
 
 
 def stated_numbers(text: str) -> set[float]:
@@ -28,8 +30,14 @@ def check_number(prompt: str, response: str, answer: str) -> bool:
     return len(new) == 1 and math.isclose(new.pop(), float(answer))
 
 
-def check_text(response: str, answers: list[str]) -> bool:
-    return any(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", response, re.IGNORECASE) for a in answers)
+def check_text(response: str, answers: list[str], case_sensitive: bool = False) -> bool:
+    flags = 0 if case_sensitive else re.IGNORECASE
+    return any(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", response, flags) for a in answers)
+
+
+def check_yes_no(response: str, answer: str) -> bool:
+    first = re.match(r"\W*(\w+)", response)
+    return first is not None and first.group(1).lower() == answer
 
 
 def check_json(response: str, answer: str) -> bool:
@@ -64,8 +72,10 @@ def is_correct(doc: dict, response: str) -> bool:
     check, answers = doc["check"], doc["answers"]
     if check == "number":
         return check_number(doc["prompt"], response, answers[0])
-    if check == "text":
-        return check_text(response, answers)
+    if check in ("text", "text_case"):
+        return check_text(response, answers, case_sensitive=check == "text_case")
+    if check == "yesno":
+        return check_yes_no(response, answers[0])
     if check == "json":
         return check_json(response, answers[0])
     raise ValueError(f"record {doc.get('key')!r} has check {check!r}; expected one of {', '.join(CHECKS)}")
