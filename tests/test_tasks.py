@@ -271,3 +271,20 @@ def test_exact_dev_scores_through_lm_eval(monkeypatch):
     answers = {r["prompt"]: (_right_answer(r) if n % 2 == 0 else _wrong_answer(r)) for n, r in enumerate(records)}
     scores = _evaluate_offline(monkeypatch, "ifprune_exact_dev", answers)
     assert scores["acc,none"] == pytest.approx(sum(n % 2 == 0 for n in range(len(records))) / len(records))
+
+
+def test_read_records_errors(tmp_path, monkeypatch):
+    from ifprune_mlx.tasks import TaskDataError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ifeval_dev.jsonl").write_text('{"shadow": true}\n')
+    assert read_records("ifeval_dev.jsonl")[0]["key"] == 1000  # a bare name is the shipped file
+    assert read_records("./ifeval_dev.jsonl") == [{"shadow": True}]
+    with pytest.raises(TaskDataError, match="not found"):
+        read_records("no_such_task.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(TaskDataError, match=r"bad.jsonl:2 is a list"):
+        read_records(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"a": 1\n')
+    with pytest.raises(TaskDataError, match=r"bad.jsonl:1 is not JSON"):
+        read_records(tmp_path / "bad.jsonl")
