@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from .console import MODEL_ARGUMENT, fail, friendly_errors, load_resolved, resolve_with_progress
+from .console import (MAX_DENSITY_OPTION, MODEL_ARGUMENT, RESIDENT_OPTION, fail, friendly_errors, load_resolved,
+                      resident_options, resolve_with_progress)
 from .selectors import check_density
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -32,6 +33,8 @@ def serve(
     max_connections: Optional[int] = typer.Option(None, "--max-connections", help="Connections served at once; more get 503 (default: no cap)."),
     read_timeout: float = typer.Option(30.0, "--read-timeout", help="Seconds a request body may pause while it arrives (408 after)."),
     keepalive: float = typer.Option(10.0, "--keepalive", help="Seconds between SSE keep-alive comments while a stream waits for its first token."),
+    resident: Optional[str] = RESIDENT_OPTION,
+    max_density: Optional[float] = MAX_DENSITY_OPTION,
 ):
     """Serve MODEL over an OpenAI-compatible HTTP API (chat/completions, completions, models)."""
     try:
@@ -48,11 +51,12 @@ def serve(
     for name, value in (("--max-body-mb", max_body_mb), ("--read-timeout", read_timeout), ("--keepalive", keepalive)):
         if value <= 0:
             fail(f"{name} must be positive, got {value}")
+    load_options = resident_options(resident, max_density)
     sock = _listen(host, port)
     found = resolve_with_progress(model)
 
     def load():
-        engine = load_resolved(found)
+        engine = load_resolved(found, **load_options)
         engine.get_selector(selector)  # an unknown selector fails before serving
         return engine
 
