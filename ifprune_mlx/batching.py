@@ -112,7 +112,7 @@ class PrefixCaches:
 
 
 class StopText:
-    """Cuts generated text at the first stop string; holds back what may begin one."""
+    """Cuts generated text at the first stop string to be complete; holds back what may begin one."""
 
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
@@ -124,9 +124,10 @@ class StopText:
         if not self.stops:
             out, self.held = self.held, ""
             return out, False
-        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        # the stop that is complete first (the least end), as it would be token by token
+        hits = [(i + len(s), i) for s in self.stops if (i := self.held.find(s)) >= 0]
         if hits:
-            out, self.held = self.held[:min(hits)], ""
+            out, self.held = self.held[:min(hits)[1]], ""
             return out, True
         keep = max((n for s in self.stops for n in range(1, len(s)) if self.held.endswith(s[:n])), default=0)
         out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]

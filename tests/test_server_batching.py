@@ -65,7 +65,7 @@ def test_store_keeps_at_most_max_caches_and_drops_what_a_new_entry_contains():
 @settings(max_examples=80, deadline=None)
 @given(text=st.text("ab<>", max_size=30), stops=st.lists(st.text("ab<>", min_size=1, max_size=3), max_size=3),
        cuts=st.lists(st.integers(0, 30), max_size=6))
-def test_stop_text_cuts_at_the_first_stop_however_the_text_streams(text, stops, cuts):
+def test_stop_text_cuts_at_the_first_complete_stop_however_the_text_streams(text, stops, cuts):
     stopper, out, stopped = StopText(stops), "", False
     bounds = sorted({0, len(text), *[c % (len(text) + 1) for c in cuts]})
     for a, b in zip(bounds, bounds[1:]):
@@ -75,5 +75,6 @@ def test_stop_text_cuts_at_the_first_stop_however_the_text_streams(text, stops, 
             break
     if not stopped:
         out += stopper.flush()
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    assert out == (text[:min(hits)] if hits else text) and stopped == bool(hits)
+    # the stop complete first wins (the least end; then the earliest start), however the text streams
+    hits = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
+    assert out == (text[:min(hits)[1]] if hits else text) and stopped == bool(hits)
