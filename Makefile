@@ -24,7 +24,7 @@ $(VENV)/.runtime: pyproject.toml
 	touch $@
 
 # torch==2.13.0 is pinned: it is the CPU build this project is developed and tested with.
-# `ifprune serve`: the runtime and the serve extra (Starlette, uvicorn, pydantic).
+# `ifprune serve`: the runtime and the serve extra (Starlette, uvicorn, pydantic, llguidance).
 $(VENV)/.serve: $(VENV)/.runtime
 	$(PY) -m pip install -q -e ".[serve]"
 	touch $@
@@ -74,9 +74,10 @@ SMOLLM2_GGUF = $$($(PY) -c 'from ifprune_mlx.resolve import default_gguf; print(
 calibration: install-dev
 	$(VENV)/bin/ifprune calibrate "$(SMOLLM2_GGUF)" --out docs/CALIBRATION.md --plot docs/calibration.png
 
-# The server under concurrent load, mask affinity off and on: the table of docs/SERVER.md.
+# The server under load: throughput and time to first token at 1/4/8/16 streaming clients on the
+# default model, same task and mixed tasks; writes the table into docs/SERVER.md.
 serve-load: install-dev
-	@$(WITH_BLAS) $(PY) -m examples.serve_load
+	@$(WITH_BLAS) $(PY) -m examples.serve_load --out docs/SERVER.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info .cache
