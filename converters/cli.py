@@ -56,9 +56,9 @@ def convert(
                                 "(needs torch), with mlx-lm's own model for an mlx-lm folder, or with "
                                 "transformers' GGUF model for a GGUF file (needs torch; a trained adapter merged into it); the bundle "
                                 "is only written if it passes."),
-    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Without a trained predictor and "
-                                   "--density: measure fidelity vs density once (as `ifprune calibrate`) and "
-                                   "store the chosen default density in the bundle."),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Without --density: measure fidelity "
+                                   "vs density once (as `ifprune calibrate`) and store the default density the "
+                                   "rule chooses, and the per-layer budgets, in the bundle."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
 ):
     """Convert a PyTorch IFPruning checkpoint (LLM + sparsity predictor), an mlx-lm folder or a GGUF file (with
@@ -93,8 +93,7 @@ def convert(
                             predictor_config=predictor_config, tokenizer=tokenizer)
         _convert(source, src, out, gguf=gguf, predictor=predictor, dtype=dtype, quantize=quantize,
                  group_size=group_size, density=density, pad_multiple=pad_multiple, verify=verify, force=force)
-        has_predictor = source.predictor is not None
-    if calibrate and density is None and not has_predictor:
+    if calibrate and density is None:
         from ifprune_mlx.console import calibrate_with_progress, load_with_progress
         from ifprune_mlx.resolve import save_calibration
 

@@ -14,7 +14,7 @@ package ships (pretrained/smollm2_135m_instruct); naming that GGUF file (`ifprun
 its path) opens the plain model, with the training-free selector. Converted models live
 in the cache folder ($IFPRUNE_CACHE, else $XDG_CACHE_HOME/ifprune-mlx, else
 ~/.cache/ifprune-mlx) and are converted again when their file changes. Models that are
-converted or downloaded here without a trained predictor are calibrated once (calibrate.py); other plain folders keep
+converted or downloaded here (the default model too) are calibrated once (calibrate.py); other plain folders keep
 their calibration, if `ifprune calibrate` ran on them, in the cache's calibration/ folder.
 
 This module sits above the runtime and the converters (it imports both, they import
@@ -213,8 +213,8 @@ def hub_snapshot(repo_id: str, on_progress: Progress | None = None) -> Path:
 
 def prepare(found: Resolved, *, on_progress: Progress | None = None, **load_options):
     """Load a resolved model and give it its calibrated default density: stored, or measured
-    now (once, then stored) for a model without a trained predictor that was converted or
-    downloaded here (a GGUF file, a repo id, the default model)."""
+    now (once, then stored) for a model that was converted or downloaded here (a GGUF file, a
+    repo id, the default model)."""
     from .calibrate import calibrate
     from .engine import load
 
@@ -228,9 +228,12 @@ def prepare(found: Resolved, *, on_progress: Progress | None = None, **load_opti
 
 
 def needs_calibration(engine, found: Resolved) -> bool:
-    """Whether a model is calibrated on this first use: it has no stored calibration (a
-    plain folder's is attached here), no trained predictor, and was converted or downloaded here."""
-    return not attach_stored_calibration(engine) and found.made_here and not engine.has_predictor
+    """Whether a model is calibrated on this first use: it was converted or downloaded here and
+    has no stored calibration by the current rule (a plain folder's is attached here)."""
+    from .calibrate import VERSION
+
+    stored = attach_stored_calibration(engine) and engine.calibration.version >= VERSION
+    return found.made_here and not stored
 
 
 def open_model(model: str | Path | None = None, *, on_progress: Progress | None = None, **load_options):
