@@ -63,11 +63,11 @@ serve: install
 selectors: install-dev
 	@$(WITH_BLAS) $(PY) -m examples.selector_study
 
-# The plain SmolLM2 GGUF's fidelity vs density (training-free selector; the default model adds a
-# trained predictor): docs/CALIBRATION.md and docs/calibration.png.
-SMOLLM2_GGUF = $$($(PY) -c 'from ifprune_mlx.resolve import default_gguf; print(default_gguf())')
+# `ifprune convert` of the SmolLM2 GGUF (4-bit, float32, the default model), timed with its
+# calibration: the ladders, per-layer vs uniform and the chosen defaults in docs/CALIBRATION.md
+# and docs/calibration.png (a few minutes on an idle 2-core machine).
 calibration: install-dev
-	$(VENV)/bin/ifprune calibrate "$(SMOLLM2_GGUF)" --out docs/CALIBRATION.md --plot docs/calibration.png
+	@$(WITH_BLAS) $(PY) -m examples.calibration_report
 
 # The server under concurrent load, mask affinity off and on: the table of docs/SERVER.md.
 serve-load: install-dev

@@ -35,7 +35,7 @@ from .fidelity import batched_fidelity, greedy_batch
 
 DENSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 KL_BUDGET = 0.25  # nats per token: about 85-90% top-1 agreement with the dense model
-ANSWER_TOKENS = 24
+ANSWER_TOKENS = 16  # answers are cut at their end token too; the intervals in docs/CALIBRATION.md show what this buys
 REFERENCE_DENSITY = 0.5  # where each layer's sensitivity (its KL pruned alone) is measured
 VERSION = 2  # 1: the rule was mean KL <= budget; 2: the interval's upper end, and layer budgets
 
@@ -78,8 +78,6 @@ BUDGET_PROMPTS = (
     "Explain what a black hole is to a ten-year-old.",
     "Translate to French: Where is the train station?",
     "Write a limerick about a cat who loves cheese.",
-    "List four renewable sources of energy.",
-    "Give a one-sentence definition of inflation.",
 )
 
 
@@ -287,6 +285,8 @@ def calibrate(engine, *, densities: Sequence[float] = DENSITIES, kl_budget: floa
     start = time.perf_counter()
     densities = sorted(densities)
     chooser = engine.get_selector(selector)
+    if engine.sharding is not None:  # a rank holds part of each layer: no per-layer error curves
+        budget_prompts = ()
     total = 1 + len(budget_prompts) + len(prompts)
     engine.apply(None)
     try:

@@ -154,7 +154,7 @@ def calibrate(
                                               "KL to the dense model, in nats, that the default may cost "
                                               "[default: 0.25]."),
     selector: Optional[str] = typer.Option(None, "--selector", help="predictor or activations (default: the model's)."),
-    answer_tokens: Optional[int] = typer.Option(None, "--answer-tokens", help="Tokens of each reference answer [default: 24]."),
+    answer_tokens: Optional[int] = typer.Option(None, "--answer-tokens", help="Most tokens of each reference answer (cut after its end token) [default: 16]."),
     layer_budgets: bool = typer.Option(True, "--layer-budgets/--no-layer-budgets", help="Also set per-layer budgets "
                                        "from separate prompts and measure them against uniform (used only if they "
                                        "lower the KL)."),

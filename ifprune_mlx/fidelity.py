@@ -166,13 +166,15 @@ def _log_softmax(logits: mx.array) -> mx.array:
 def masks_for(engine, selections: Sequence[Selection | None]) -> list[mx.array]:
     """Per layer, a [len(selections), 1, d_ffn] 0/1 mask in the layer's position order: row b
     keeps the channels selections[b] keeps (None: all). prune.masking's input."""
+    local = [None if s is None else s.indices if engine.sharding is None else engine.sharding.local(s.indices)
+             for s in selections]  # under mlx.distributed, this rank's rows
     masks = []
     for layer, mlp in enumerate(engine.mlps):
-        rows = np.ones((len(selections), 1, engine.d_ffn), dtype=np.float32)
-        for b, selection in enumerate(selections):
-            if selection is not None:
-                kept = np.zeros(engine.d_ffn, dtype=np.float32)
-                kept[selection.indices[layer]] = 1.0
+        rows = np.ones((len(selections), 1, mlp.d_ffn), dtype=np.float32)
+        for b, indices in enumerate(local):
+            if indices is not None:
+                kept = np.zeros(mlp.d_ffn, dtype=np.float32)
+                kept[indices[layer]] = 1.0
                 rows[b, 0] = kept[mlp.perm]
         masks.append(mx.array(rows))
     return masks
