@@ -267,7 +267,8 @@ def test_the_artifacts_route_needs_no_torch(tiny, tmp_path):
         from typer.testing import CliRunner
         import ifprune_mlx
         from ifprune_mlx.cli import app
-        result = CliRunner().invoke(app, ["convert", {str(path)!r}, {str(tmp_path / "b")!r}, "--predictor", {str(trained)!r}])
+        result = CliRunner().invoke(app, ["convert", {str(path)!r}, {str(tmp_path / "b")!r}, "--predictor", {str(trained)!r},
+                                          "--no-calibrate"])
         assert result.exit_code == 0, result.output
         engine = ifprune_mlx.load({str(tmp_path / "b")!r})
         print(engine.select("hello").kept_counts, repr(engine.generate("hello", max_tokens=3)))
@@ -275,7 +276,7 @@ def test_the_artifacts_route_needs_no_torch(tiny, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("[128, 128]")  # density 0.5 of 256 channels, from ifpruning.json
+    assert result.stdout.startswith("[128, 128]")  # density 0.5 of 256 channels, from ifpruning.json (not calibrated)
 
 
 @pytest.mark.parametrize("options, tolerance", [(["--dtype", "float16"], 2e-2), (["--quantize", "8", "--group-size", "32"], 5e-2)],
@@ -285,7 +286,8 @@ def test_dtype_and_quantize_options_apply_after_the_merge(tiny, tmp_path, option
     every weight re-quantized by rows from the merged floats."""
     path, trained = tiny
     reference = convert_gguf(path, tmp_path / "float32", dequantize=True, artifacts=trained).out
-    result = runner.invoke(app, ["convert", str(path), str(tmp_path / "b"), "--predictor", str(trained), *options])
+    result = runner.invoke(app, ["convert", str(path), str(tmp_path / "b"), "--predictor", str(trained), *options,
+                                 "--no-calibrate"])
     assert result.exit_code == 0, result.output
     want, got = read_safetensors([reference / "model.safetensors"]), read_safetensors([tmp_path / "b" / "model.safetensors"])
     for layer in range(LAYERS):
