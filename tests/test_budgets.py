@@ -15,7 +15,7 @@ from ifprune_mlx.calibrate import calibrate
 from ifprune_mlx.errors import BundleError
 from ifprune_mlx.fidelity import masks_for
 from ifprune_mlx.prune import masking
-from ifprune_mlx.resolve import save_calibration
+from ifprune_mlx.calibration_store import save_calibration
 from ifprune_mlx.selectors import kept_count
 
 PROMPTS = ("Sort 3 1 2", "Reverse the letters: a b c", "Add 4 and 5")
