@@ -65,7 +65,7 @@ def test_generate_dense(bundle_dir):
     engine = ifp.load(bundle_dir)
     engine.apply(None)
     assert result.stdout == engine.generate("hi", max_tokens=3) + "\n"
-    assert result.stderr.startswith("[dense, apply 0 row swaps | prompt ")
+    assert result.stderr.splitlines()[-1].startswith("[dense, apply 0 row swaps | prompt ")
 
 
 def test_user_mistakes_are_one_line_without_traceback(tmp_path, bundle_dir):
