@@ -33,11 +33,12 @@ def find_model(name: str | Path | None = None, *, group=None, on_progress: Stage
 def needs_calibration(engine: Engine, found: Resolved) -> bool:
     """The first-use rule: calibrate now if the model was converted or downloaded here (trained
     or not: one rule chooses every default) and has no stored calibration by the current rule
-    (a plain folder's is attached here)."""
+    (a plain folder's is attached here); not in resident mode, which cannot run the dense
+    reference (`ifprune calibrate` without it)."""
     from .calibrate import VERSION
 
     stored = attach_stored_calibration(engine) and engine.calibration.version >= VERSION
-    return found.made_here and not stored
+    return found.made_here and not stored and engine.residency is None
 
 
 def open_found(found: Resolved, *, group=None, on_progress: StageProgress | None = None, **load_options) -> Engine:
