@@ -1,21 +1,23 @@
 """Per-layer budgets: how many FFN channels each layer keeps at a given average density.
 
 Uniform pruning keeps k = kept_count(density) channels in every layer. Layers are not equally
-sensitive, so a budget moves channels from layers whose output barely changes when pruned to
-layers whose output changes most, with the same total (the same FFN bytes read per token).
+sensitive, so a budget moves channels from layers whose pruning costs little to layers whose
+pruning costs most, with the same total (the same FFN bytes read per token).
 
-The allocation is TEAL-style (Liu et al. 2024, "Training-free activation sparsity"): each
-layer's own output error, measured on calibration prompts, and a greedy that spends channels
-where they lower the summed error most. The error of layer l at k kept channels is the
-relative error of its FFN output over the dense answers' tokens,
+The allocation is TEAL-style (Liu et al. 2024, "Training-free activation sparsity"): per-layer
+loss curves measured on calibration prompts, and a greedy that spends channels where they lower
+the summed loss most. Layer l's curve, loss[l][s] for the s-th kept count of steps(), is
 
-    e_l(k) = sum_t ||y_t - y_t(top k)||^2 / sum_t ||y_t||^2,
+    KL_l(k_ref) * e_l(k) / e_l(k_ref),   e_l(k) = sum_t ||y_t - y_t(top k)||^2 / sum_t ||y_t||^2:
 
-with the channels taken in the selector's order for that prompt. It is measured from the
-dense reference pass calibration runs anyway (no extra forward pass), which is why this rule
-and not a greedy by the marginal KL of the whole model (one extra pass per layer and step).
-Whether it helps is measured, not assumed: calibrate.py compares it with uniform at equal
-average density on prompts that did not set it, and turns it on only where it lowers the KL.
+the model's KL to dense when layer l alone keeps k_ref channels (one batched pass measures it
+for every layer), carried along the layer's own output error e_l, which the same pass gives for
+every k (channels in the selector's order for the prompt). One measured sensitivity per layer
+and a free curve shape, instead of a greedy by the whole model's marginal KL (a pass per layer
+and step); the sensitivity matters: e_l alone (tried first) starves the last layer and raises
+the KL. Whether the budgets help is measured, not assumed: calibrate.py compares them with
+uniform at equal average density on prompts that did not set them, and turns them on only
+where they lower the KL.
 """
 
 from __future__ import annotations
@@ -38,19 +40,20 @@ def steps(d_ffn: int, pad_multiple: int) -> list[int]:
     return [*range(pad, d_ffn, pad), d_ffn]
 
 
-def allocate(errors: np.ndarray, total: int, d_ffn: int, pad_multiple: int) -> list[int]:
-    """Kept channels per layer that sum to `total` (as near as the steps allow, never above),
-    greedily minimising the summed error.
+def allocate(loss: np.ndarray, total: int, d_ffn: int, pad_multiple: int) -> list[int]:
+    """Kept channels per layer that sum to `total` (exactly when d_ffn is a multiple of
+    pad_multiple; never above), greedily minimising the summed loss.
 
-    errors: [n_layers, len(steps(d_ffn, pad_multiple))], error of each layer at each step.
-    Every layer keeps at least the first step; a step is taken where it lowers the summed error
-    most (ties: the lower layer). The result is each layer's count, in steps(d_ffn, pad_multiple).
+    loss: [n_layers, len(steps(d_ffn, pad_multiple))], the loss of each layer at each step.
+    Every layer keeps at least the first step; a step is taken where it lowers the summed loss
+    most (ties: the lower layer): optimal for convex curves. The result is each layer's count,
+    in steps(d_ffn, pad_multiple).
     """
     grid = steps(d_ffn, pad_multiple)
-    errors = np.asarray(errors, dtype=np.float64)
-    n_layers = errors.shape[0]
-    if errors.shape != (n_layers, len(grid)):
-        raise ValueError(f"errors must be [n_layers, {len(grid)}], got {errors.shape}")
+    loss = np.asarray(loss, dtype=np.float64)
+    n_layers = loss.shape[0]
+    if loss.shape != (n_layers, len(grid)):
+        raise ValueError(f"loss must be [n_layers, {len(grid)}], got {loss.shape}")
     level = [0] * n_layers
     spent = n_layers * grid[0]
     if total <= spent:
@@ -59,7 +62,7 @@ def allocate(errors: np.ndarray, total: int, d_ffn: int, pad_multiple: int) -> l
     def push(heap, layer):
         s = level[layer]
         if s + 1 < len(grid):
-            heapq.heappush(heap, (-(errors[layer, s] - errors[layer, s + 1]), layer))
+            heapq.heappush(heap, (-(loss[layer, s] - loss[layer, s + 1]), layer))
 
     heap: list = []
     for layer in range(n_layers):
@@ -77,10 +80,11 @@ def allocate(errors: np.ndarray, total: int, d_ffn: int, pad_multiple: int) -> l
 
 @dataclass
 class LayerBudgets:
-    """Per-layer error curves from calibration, and whether the engine uses them.
+    """Per-layer loss curves from calibration, and whether the engine uses them.
 
-    errors[l][s]: layer l's relative output error keeping steps(d_ffn, pad_multiple)[s]
-    channels (mean over the prompts). counts(density) allocates from them.
+    loss[l][s]: the estimated KL (nats) of layer l alone keeping steps(d_ffn, pad_multiple)[s]
+    channels, mean over the budget prompts (see the module docstring). counts(density)
+    allocates from them.
     """
 
     selector: str
@@ -100,7 +104,7 @@ class LayerBudgets:
 
     @classmethod
     def from_json(cls, data: dict, n_layers: int, d_ffn: int, where: str) -> "LayerBudgets":
-        """Check a stored block against the model (layers, steps, finite errors), else BundleError."""
+        """Check a stored block against the model (layers, steps, finite losses), else BundleError."""
         try:
             budgets = cls(**data)
         except TypeError as e:

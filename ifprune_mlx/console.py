@@ -4,6 +4,7 @@ through opener.py; this module only draws their progress)."""
 from __future__ import annotations
 
 import functools
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,10 +87,10 @@ def _progress() -> Progress:
 
 
 def stage_line(description: str) -> None:
-    """Off a terminal (piped, logged) the bars are not drawn: say what starts, one line on stderr."""
+    """Off a terminal (piped, logged) the bars are not drawn: say what starts, one line on stderr
+    (without the bar's unit)."""
     if not stderr.is_terminal:
-        stderr.print(f"{description.replace(' (MB)', '').replace(' (prompts)', '').replace(' (layers)', '')} ...",
-                     highlight=False, markup=False)
+        stderr.print(f"{re.sub(r' [(](MB|prompts|layers)[)]$', '', description)} ...", highlight=False, markup=False)
 
 
 @contextmanager
