@@ -87,14 +87,17 @@ def kept_count(density: float, d_ffn: int, pad_multiple: int = PAD_MULTIPLE) -> 
     return max(1, min(d_ffn, k))
 
 
-def top_k(scores: np.ndarray, k: int) -> list[np.ndarray]:
+def top_k(scores: np.ndarray, k: int | Sequence[int]) -> list[np.ndarray]:
     """Per layer, the ids of the k highest scores (ties broken by lower id), sorted ascending.
 
-    scores: [n_layers, d_ffn]
+    scores: [n_layers, d_ffn]; k: one count for every layer, or one per layer (layer budgets).
     """
     scores = np.asarray(scores, dtype=np.float32)
-    order = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
-    return [np.sort(row).astype(np.int64) for row in order]
+    counts = [int(k)] * len(scores) if np.isscalar(k) else [int(c) for c in k]
+    if len(counts) != len(scores):
+        raise SelectionError(f"{len(counts)} kept counts for {len(scores)} layers")
+    order = np.argsort(-scores, axis=-1, kind="stable")
+    return [np.sort(row[:c]).astype(np.int64) for row, c in zip(order, counts)]
 
 
 def overlap(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> list[float]:
