@@ -22,6 +22,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ifprune_mlx.bench.machine import blas_name
 from ifprune_mlx import calibrate as calibration
 from ifprune_mlx.resolve import PRETRAINED, default_gguf
 
@@ -64,7 +65,7 @@ def page(runs: dict, command: str, started: str, minutes: float) -> str:
         f"- machine: {platform.system()} {platform.release()}, {os.cpu_count()} cores, shared with other work: "
         "the 1-minute load average is given per run (above 2, the runs waited for the CPU; wall times then "
         "overstate what an idle machine takes, CPU times much less so)",
-        f"- BLAS: {'OpenBLAS (' + os.environ['LD_PRELOAD'] + ')' if 'blas' in os.environ.get('LD_PRELOAD', '') else 'the mlx[cpu] wheel reference BLAS'}",
+        f"- BLAS: {blas_name()}",
         "",
         "How the default density is chosen (ifprune_mlx/calibrate.py, `choose_default_density`): the lowest "
         "density of the ladder at which, and at every density above it, the upper end of the 95% interval of "
