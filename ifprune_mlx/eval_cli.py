@@ -140,10 +140,8 @@ eval_command.__doc__ = EVAL_HELP
 
 def run(model, names, densities, selectors, reference, *, limit, out, include_paths, max_gen_toks,
         chat_template, cache) -> None:
-    """Check the tasks, open the models, run every condition, write the results."""
-    from . import eval_report
-    from .bench import load_average
-    from .eval_run import check_tasks, compare, load_tasks, run_condition, task_manager
+    """Check the tasks, open the models, run every condition; the results are written after each."""
+    from .eval_run import check_tasks, load_tasks, run_condition, task_manager
     from .resolve import cache_dir
 
     manager = task_manager(include_paths)
@@ -151,43 +149,54 @@ def run(model, names, densities, selectors, reference, *, limit, out, include_pa
     load_tasks(names, manager)
     cache_root = cache or cache_dir() / "eval"
     options = dict(limit=limit, chat_template=chat_template, max_gen_toks=max_gen_toks)
+    meta = {"tasks": names, "limit": limit, "max_gen_toks": max_gen_toks, "chat_template": chat_template,
+            "command": "ifprune eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "ifprune eval"}
     results = []
     with _progress_lines() as on_progress:
         engine, name = _open(model, densities is None)
+        meta["model"] = name
         if densities is None:
             densities = [None] + ([engine.default_density] if engine.default_density < 1.0 else [])
         conditions = _conditions(engine, name, densities, selectors, reference is None)
+        runs = []
         if reference is not None:
             ref_engine, ref_name = _open(reference, False)
-            ref = run_condition(ref_engine, _conditions(ref_engine, ref_name, [None], [], True)[0], names, manager,
-                                cache_root, on_progress=_staged(on_progress, f"{ref_name} dense"), **options)
-            results.append(ref)
-            _log_condition(ref)
+            runs.append((ref_engine, _conditions(ref_engine, ref_name, [None], [], True)[0]))
             del ref_engine
-        for condition in conditions:
-            result = run_condition(engine, condition, names, manager, cache_root,
-                                   on_progress=_staged(on_progress, f"{name} {condition.name}"), **options)
-            results.append(result)
-            _log_condition(result)
-    refs = [r for r in results if r.condition.reference]
-    if refs:
-        for r in results:
-            if r is not refs[0]:
-                compare(r, refs[0])
-    out.mkdir(parents=True, exist_ok=True)
-    command = "ifprune eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "ifprune eval"
-    meta = {"model": name, "reference": refs[0].condition.model if refs else None, "tasks": names,
-            "limit": limit, "max_gen_toks": max_gen_toks, "chat_template": chat_template, "command": command,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "load": load_average()}
-    eval_report.write_json(results, out / "results.json", meta)
-    plotted = eval_report.plot(results, out / "quality_vs_speed.png", f"{name}: quality vs decode speed")
-    (out / "results.md").write_text(eval_report.markdown(results, command, meta,
-                                                         "quality_vs_speed.png" if plotted else None))
+        runs += [(engine, condition) for condition in conditions]
+        for i, (model_engine, condition) in enumerate(runs):
+            results.append(run_condition(model_engine, condition, names, manager, cache_root, **options,
+                                         on_progress=_staged(on_progress, f"{condition.model} {condition.name}")))
+            _log_condition(results[-1])
+            plotted = _write(results, out, meta)
+            runs[i] = None  # a reference model is freed once it has run
+    from . import eval_report
+
     for line in eval_report.table(results):
         typer.echo(line)
     typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}"
                + (f", {out / 'quality_vs_speed.png'}" if plotted else " (plot skipped: pip install matplotlib)"),
                err=True)
+
+
+def _write(results, out: Path, meta: dict) -> bool:
+    """Compare with the reference and write JSON, Markdown and the plot (so far); whether it plotted."""
+    from . import eval_report as report
+    from .bench import load_average
+    from .eval_run import compare
+
+    refs = [r for r in results if r.condition.reference]
+    for r in results:
+        if refs and r is not refs[0]:
+            compare(r, refs[0])
+    meta = {**meta, "reference": refs[0].condition.model if refs else None,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "load": load_average()}
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(results, out / "results.json", meta)
+    plotted = report.plot(results, out / "quality_vs_speed.png", f"{meta['model']}: quality vs decode speed")
+    (out / "results.md").write_text(report.markdown(results, meta["command"], meta,
+                                                    "quality_vs_speed.png" if plotted else None))
+    return plotted
 
 
 def _staged(on_progress, prefix: str):
