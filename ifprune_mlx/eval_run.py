@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 
 from . import stats
 from .eval_lm import EngineLM, EvalError, GenerationCache, condition_name, decode_rate, model_fingerprint
+from .tasks import TASK_DIR  # the offline task files shipped with the package
 
-TASKS_DIR = Path(__file__).parent / "tasks"  # the offline task files shipped with the package
 SEED = 1234
 
 
@@ -76,7 +76,7 @@ def task_manager(include_paths: Sequence[Path] = ()):
     """lm-eval's TaskManager with the shipped offline tasks and `include_paths` added."""
     from lm_eval.tasks import TaskManager
 
-    paths = [str(p) for p in [TASKS_DIR, *include_paths] if Path(p).is_dir()]
+    paths = [str(p) for p in [TASK_DIR, *include_paths] if Path(p).is_dir()]
     return TaskManager(include_path=paths or None)
 
 

@@ -297,3 +297,22 @@ def test_lm_eval_is_used_without_torch(bundle_dir, tasks_dir, tmp_path):
     assert "lm_eval" not in importers and "eval_" not in importers and "datasets" not in importers
     if importers != "[]":
         assert "mlx_lm/tokenizer_utils.py" in importers
+
+
+def test_the_shipped_instruction_following_task_runs_offline(bundle_dir, tmp_path):
+    """The dev split through the whole path: IFEval's checkers, the instruction-level score as
+    followed instructions over all instructions of the documents."""
+    from ifprune_mlx.tasks import read_records
+
+    result = runner.invoke(app, ["eval", str(bundle_dir), "--tasks", "ifprune_ifeval_dev", "--limit", "3",
+                                 "--density", "1.0,0.5", "--max-gen-toks", "12", "--out", str(tmp_path / "out"),
+                                 "--cache", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    records = read_records("ifeval_dev.jsonl")[:3]
+    for condition in data["conditions"]:
+        metrics = condition["metrics"]["ifprune_ifeval_dev"]
+        inst = metrics["inst_level_strict_acc,none"]
+        assert [inst["values"][str(i)][1] for i in range(3)] == [len(r["instruction_id_list"]) for r in records]
+        assert metrics["prompt_level_strict_acc,none"]["low"] is not None
+        assert condition["tokens"] <= 3 * 12
