@@ -216,6 +216,7 @@ def test_eval_writes_scores_intervals_and_paired_differences(evaluated):
     assert "bundle 0.50 predictor | tiny_mc | acc,none" in table and "(reference)" in table
     assert (out / "quality_vs_speed.png").stat().st_size > 1000
     assert "| bundle dense (reference) | tiny_gen | exact_match,none |" in result.output
+    assert f"bundle 0.50-activations generate_until: {len(DOCS)}/{len(DOCS)}" in result.output  # progress lines
 
 
 def test_a_rerun_only_reads_the_cache(evaluated):
@@ -239,6 +240,13 @@ def test_a_reference_model_is_run_dense_and_compared(bundle_dir, plain_dir, task
     assert ref["condition"] == {"model": "plain", "density": None, "selector": None, "reference": True}
     assert pruned["condition"]["density"] == 0.5 and pruned["metrics"]["tiny_mc"]["acc,none"]["docs"] == 4
     assert pruned["metrics"]["tiny_mc"]["acc,none"]["diff"] is not None
+
+
+def test_help_explains_the_command():
+    result = runner.invoke(app, ["eval", "--help"])
+    assert result.exit_code == 0
+    for words in ("--tasks", "--density", "--reference", "--selector", "paired", "cached", "offline"):
+        assert words in result.output
 
 
 def test_user_mistakes_are_one_line(bundle_dir, tasks_dir, tmp_path, monkeypatch):
