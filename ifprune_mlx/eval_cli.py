@@ -100,7 +100,8 @@ def eval_command(
     tasks: str = typer.Option(..., "--tasks", help="lm-eval task names, comma-separated (the shipped offline "
                               "tasks, lm-eval's own, or those under --include-path)."),
     density: Optional[str] = typer.Option(None, "--density", help="Densities to run, comma-separated, e.g. "
-                                          "1.0,0.7,0.5 (1.0 = the full model). Default: 1.0 and the model's default."),
+                                          "1.0,0.7,0.5 (1.0 = the full model; without --reference it always runs, "
+                                          "as the reference). Default: 1.0 and the model's default."),
     selector: Optional[str] = typer.Option(None, "--selector", help="predictor and/or activations, comma-separated "
                                            "(default: the model's: the trained predictor where there is one)."),
     reference: Optional[str] = typer.Option(None, "--reference", help="Compare with this model run dense "
@@ -157,6 +158,8 @@ def run(model, names, densities, selectors, reference, *, limit, out, include_pa
         meta["model"] = name
         if densities is None:
             densities = [None] + ([engine.default_density] if engine.default_density < 1.0 else [])
+        if reference is None and None not in densities:
+            densities = [None, *densities]  # the reference: the same model at density 1.0
         conditions = _conditions(engine, name, densities, selectors, reference is None)
         runs = []
         if reference is not None:

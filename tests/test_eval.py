@@ -313,11 +313,13 @@ def test_the_shipped_instruction_following_task_runs_offline(bundle_dir, tmp_pat
     from ifprune_mlx.tasks import read_records
 
     result = runner.invoke(app, ["eval", str(bundle_dir), "--tasks", "ifprune_ifeval_dev", "--limit", "3",
-                                 "--density", "1.0,0.5", "--max-gen-toks", "12", "--out", str(tmp_path / "out"),
+                                 "--density", "0.5", "--max-gen-toks", "12", "--out", str(tmp_path / "out"),
                                  "--cache", str(tmp_path / "cache")])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     records = read_records("ifeval_dev.jsonl")[:3]
+    assert [(c["condition"]["density"], c["condition"]["reference"]) for c in data["conditions"]] == \
+        [(None, True), (0.5, False)]  # the reference, density 1.0, runs without being asked for
     for condition in data["conditions"]:
         metrics = condition["metrics"]["ifprune_ifeval_dev"]
         inst = metrics["inst_level_strict_acc,none"]
