@@ -24,6 +24,11 @@ $(VENV)/.runtime: pyproject.toml
 	touch $@
 
 # torch==2.13.0 is pinned: it is the CPU build this project is developed and tested with.
+# `ifprune serve`: the runtime and the serve extra (Starlette, uvicorn, pydantic).
+$(VENV)/.serve: $(VENV)/.runtime
+	$(PY) -m pip install -q -e ".[serve]"
+	touch $@
+
 $(VENV)/.dev: $(VENV)/.runtime
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,torch]"
@@ -56,7 +61,7 @@ bench: install-dev
 		--dtype float32,bfloat16 --bits 0,4 --decode-seconds 6 --detail 512
 
 # The OpenAI-compatible server on http://127.0.0.1:8080/v1 (docs/SERVER.md).
-serve: install
+serve: $(VENV)/.serve
 	$(VENV)/bin/ifprune serve
 
 # Trained predictor vs training-free selector: writes the tables of docs/SELECTORS.md.

@@ -44,7 +44,7 @@ from ifprune_mlx.errors import ConversionError, UnsupportedArchitectureError
 from .artifacts import attach_artifacts, read_artifacts
 from .layouts import Source, _check_model, _check_quantized, to_mlx_config
 from .readers import TensorRef
-from .write import DTYPES, Progress, Summary, convert
+from .write import DTYPES, ByteProgress, Summary, convert
 
 GGUF_MAGIC = b"GGUF"
 GROUP_SIZE = 32  # Q8_0, Q4_0 and Q4_1 blocks
@@ -454,7 +454,7 @@ def convert_gguf(path: Path, out: Path, *, force: bool = False, dtype: str | Non
                  dequantize: bool = False, requantize_down_proj: bool = False,
                  bits: int | None = None, group_size: int = 64,
                  default_density: float | None = None, artifacts: Path | None = None,
-                 on_progress: Progress | None = None,
+                 on_progress: ByteProgress | None = None,
                  check: Callable[[Source, Path], None] | None = None) -> Summary:
     """Convert a GGUF file to a bundle at `out` (written atomically; see the module docstring).
 

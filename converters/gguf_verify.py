@@ -62,11 +62,11 @@ def verify_gguf(bundle: Path, source: Source, path: Path, *, prompts=PROMPTS, de
     """Compare the bundle converted from GGUF file `path` with transformers' model of that file,
     `adapter` merged into it (or `reference`, that model already loaded). See the module docstring."""
     torch = torch_or_error("--verify of a GGUF file")
-    import ifprune_mlx
+    from ifprune_mlx.engine import load
     from .reference import indices_to_mask, set_ffn_mask
 
     bundle = Path(bundle)
-    engine = ifprune_mlx.load(bundle)
+    engine = load(bundle)
     model = reference or reference_model(path, adapter)
     quantization = engine.config.get("quantization")
     dtype = str(engine.model.model.norm.weight.dtype).rsplit(".", 1)[-1]

@@ -159,9 +159,14 @@ def detect(src: Path, *, predictor: Path | None = None, layout: str = "auto",
         tensors = _check_model(mlx_config, _split_fused_ffn(llm), "the LLM", rows=True)
     source = Source(found, mlx_config, hf_config, tensors, tok_dir, quantization=quantization,
                     folder=src if mlx else None)
-    if not pred:
-        return source
+    if pred:
+        _attach_predictor(source, pred, pred_dir, predictor_config)
+    return source
 
+
+def _attach_predictor(source: Source, pred: dict, pred_dir: Path | None, predictor_config: Path | None) -> None:
+    """Check the predictor's tensors (backbone + head) against its config and the LLM, and
+    give them to `source` with the predictor's tokenizer folder and ifpruning.json defaults."""
     phf, pconfig_dir = _config(predictor_config, pred_dir, "the predictor backbone", "--predictor-config")
     backbone = {k.removeprefix(BACKBONE_PREFIX): v for k, v in pred.items() if k not in HEAD_KEYS}
     head = {HEAD_KEYS[k]: v for k, v in pred.items() if k in HEAD_KEYS}
@@ -175,7 +180,6 @@ def detect(src: Path, *, predictor: Path | None = None, layout: str = "auto",
             break
     if pred_dir is not None:
         source.defaults = _ifpruning_json(pred_dir)
-    return source
 
 
 # -- tensor names --------------------------------------------------------------------------------

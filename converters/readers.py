@@ -104,7 +104,7 @@ class Checkpoint(Mapping[str, TensorRef]):
 
 
 @conversion_errors()
-def weight_files(path: Path, skip: str | None = None) -> list[Path]:
+def checkpoint_files(path: Path, skip: str | None = None) -> list[Path]:
     """The weight files of a checkpoint: the file itself, or those of a folder.
 
     In a folder: the shards listed in a `*.safetensors.index.json` (each must exist), else
@@ -142,7 +142,7 @@ def open_checkpoint(path: Path, skip: str | None = None) -> Checkpoint:
 
     `skip`: in a folder, ignore the files whose name starts with it.
     """
-    files = weight_files(Path(path), skip)
+    files = checkpoint_files(Path(path), skip)
     refs: dict[str, TensorRef] = {}
     for f in files:
         part = _open_safetensors(f) if f.name.endswith(SAFETENSORS_SUFFIXES) else _open_torch(f)

@@ -315,11 +315,11 @@ def verify(bundle: Path, source: Source, *, prompts=PROMPTS, density: float | No
         return verify_with_mlx_lm(bundle, source, prompts=prompts, density=density, tolerance=tolerance)
     torch = torch_or_error("--verify")
 
-    import ifprune_mlx
+    from ifprune_mlx.engine import load
     from .reference import indices_to_mask, set_ffn_mask
 
     bundle = Path(bundle)
-    engine = ifprune_mlx.load(bundle)
+    engine = load(bundle)
     llm, predictor = reference_models(source)
     quantization = engine.config.get("quantization")
     dtype = str(engine.model.model.norm.weight.dtype).rsplit(".", 1)[-1]
@@ -409,12 +409,12 @@ def verify_with_mlx_lm(bundle: Path, source: Source, *, prompts=PROMPTS, density
     for a float source, whose bundle may be cast or quantized on request), KL, top-1 agreement
     and greedy continuations. A predictor is checked as in verify() (needs torch).
     """
-    import ifprune_mlx
+    from ifprune_mlx.engine import load
     from ifprune_mlx.models import build_model
     from mlx_lm.utils import load_model
 
     bundle = Path(bundle)
-    engine = ifprune_mlx.load(bundle)
+    engine = load(bundle)
     mlx_lm_model, _ = load_model(Path(source.folder), model_config=source.config)
     quantization = engine.config.get("quantization")
     dtype = str(engine.model.model.norm.weight.dtype).rsplit(".", 1)[-1]

@@ -33,7 +33,7 @@ from .readers import TensorRef
 DTYPES = ("float32", "float16", "bfloat16")
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
-Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+ByteProgress = Callable[[int, int], None]  # on_progress(bytes done, bytes total)
 
 
 @dataclass
@@ -94,10 +94,28 @@ def source_dtype(source: Source) -> str:
     return max(totals, key=totals.get)
 
 
+def _checked_dtype(source: Source, dtype: str | None, bits: int | None, group_size: int) -> str:
+    """The dtype to write (default: the source's), after checking it, bits and group_size;
+    ConversionError (one line) for a combination convert() cannot write."""
+    dtype = dtype or source_dtype(source)
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if bits is not None and bits not in BITS:
+        raise ConversionError(f"--quantize {bits}: only 4- and 8-bit rows are supported")
+    if bits is not None and group_size not in GROUP_SIZES:
+        raise ConversionError(f"--group-size {group_size}: choose one of {', '.join(map(str, GROUP_SIZES))}")
+    if source.quantization and (bits is not None or dtype != source_dtype(source)):
+        raise ConversionError(
+            f"{source.folder or 'the LLM'} is already quantized: its tensors are copied as they are and "
+            f"down_proj is re-quantized by rows; drop {'--quantize' if bits is not None else '--dtype'} "
+            "(or convert the float model to choose bits or dtype)")
+    return dtype
+
+
 def convert(source: Source, out: Path, *, dtype: str | None = None, bits: int | None = None,
             group_size: int = 64, default_density: float | None = None,
             pad_multiple: int | None = None, force: bool = False,
-            on_progress: Progress | None = None, check: Callable[[Path], None] | None = None) -> Summary:
+            on_progress: ByteProgress | None = None, check: Callable[[Path], None] | None = None) -> Summary:
     """Write `source` as a bundle at `out`.
 
     Args:
@@ -119,18 +137,7 @@ def convert(source: Source, out: Path, *, dtype: str | None = None, bits: int | 
     start = time.perf_counter()
     out = Path(out)
     refuse_overwrite(out, force)
-    dtype = dtype or source_dtype(source)
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
-    if bits is not None and bits not in BITS:
-        raise ConversionError(f"--quantize {bits}: only 4- and 8-bit rows are supported")
-    if bits is not None and group_size not in GROUP_SIZES:
-        raise ConversionError(f"--group-size {group_size}: choose one of {', '.join(map(str, GROUP_SIZES))}")
-    if source.quantization and (bits is not None or dtype != source_dtype(source)):
-        raise ConversionError(
-            f"{source.folder or 'the LLM'} is already quantized: its tensors are copied as they are and "
-            f"down_proj is re-quantized by rows; drop {'--quantize' if bits is not None else '--dtype'} "
-            "(or convert the float model to choose bits or dtype)")
+    dtype = _checked_dtype(source, dtype, bits, group_size)
     target = getattr(mx, dtype)
     fallback = DEFAULT_DENSITY if source.predictor is not None else PLAIN_DEFAULT_DENSITY
     density = default_density if default_density is not None else source.defaults.get("default_density", fallback)

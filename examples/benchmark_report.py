@@ -18,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from ifprune_mlx import bench
+from ifprune_mlx.bench import cli as bench_cli, run as bench_run
+from ifprune_mlx.bench.settings import BOUND_SLACK, settings_for
 
 REPO = Path(__file__).resolve().parents[1]
 NOTES = "<!-- Hand-written notes below this line are kept when the benchmark is re-run. -->"
@@ -49,9 +50,9 @@ def _same_kernels(row: dict) -> bool:
 
 
 def _flagged(value: float, bound: float | None) -> str:
-    """`value` (a ratio), marked when it beats its bytes-per-token bound (bench.BOUND_SLACK)."""
+    """`value` (a ratio), marked when it beats its bytes-per-token bound (BOUND_SLACK)."""
     text = f"{value:.2f}x"
-    return f"{text} **(> bound)**" if bound and value > bound * bench.BOUND_SLACK else text
+    return f"{text} **(> bound)**" if bound and value > bound * BOUND_SLACK else text
 
 
 def targets(info: dict) -> list[tuple[str, bool, str]]:
@@ -71,10 +72,10 @@ def targets(info: dict) -> list[tuple[str, bool, str]]:
                         full[0]["ratio_mlx_lm"] >= goal, f"{full[0]['ratio_mlx_lm']:.3f}x"))
         half = [d for d in r["decode"] if d["density"] == TARGET_BOUND_DENSITY and d.get("speedup")]
         if r.get("real") and half:
-            share = half[0]["speedup"] / bench.bytes_bound(r, half[0])
+            share = half[0]["speedup"] / bench_run.bytes_bound(r, half[0])
             out.append((f"{r['name']}: speed-up at density {TARGET_BOUND_DENSITY} >= {TARGET_BOUND_SHARE}x "
                         "the bytes bound", share >= TARGET_BOUND_SHARE,
-                        f"{share:.3f}x ({half[0]['speedup']:.2f}x of {bench.bytes_bound(r, half[0]):.2f}x)"))
+                        f"{share:.3f}x ({half[0]['speedup']:.2f}x of {bench_run.bytes_bound(r, half[0]):.2f}x)"))
         free = [t for t in r["ttft"] if t.get("selector") == "activations"]
         if r.get("real") and free:
             worst = max(free, key=lambda t: t["select_over_dense"])
@@ -100,7 +101,7 @@ def _header(info: dict, plot: Path | None, source: Path | None) -> list[str]:
         "# Benchmarks",
         "",
         "Is the in-place runtime as fast as a model that is really that small? Measured by "
-        "ifprune_mlx/bench.py, written by examples/benchmark_report.py. Every ratio comes from "
+        "ifprune_mlx/bench/, written by examples/benchmark_report.py. Every ratio comes from "
         "one run in which the variants were timed in alternation, so ratios, not absolute "
         "tok/s, are what to compare across machines and loads.",
         "",
@@ -136,7 +137,7 @@ def _header(info: dict, plot: Path | None, source: Path | None) -> list[str]:
         *([f"- synthetic models: random llama weights, {main['layers']} layers, vocab {main['vocab']} with an "
            "untied lm_head, d_ffn = 4 d_model, head_dim 64, 4 query heads per KV head; random "
            "predictor (1-layer qwen2 backbone of width d_model / 4 + head) in the bundle "
-           "(bench.synthetic_config, testing.make_bundle)"] if main else []),
+           "(bench.measure.synthetic_config, testing.make_bundle)"] if main else []),
         "- references (fidelity.compact_model), holding compact copies of exactly the rows the "
         "engine keeps: *mlx-lm layout* = a plain mlx-lm llama (nn.Linear FFN, "
         "intermediate_size = k; at density 1.0 the dense model as mlx-lm runs it); *same "
@@ -144,7 +145,7 @@ def _header(info: dict, plot: Path | None, source: Path | None) -> list[str]:
         "engine's (max |diff| in the tables).",
         f"- checks: a speed-up over the dense model cannot exceed dense bytes / pruned bytes read "
         f"per token, and in place vs a compact copy of the same rows cannot exceed 1; figures "
-        f"more than {bench.BOUND_SLACK - 1:.0%} above their bound are marked **(> bound)** and "
+        f"more than {BOUND_SLACK - 1:.0%} above their bound are marked **(> bound)** and "
         "listed under Checks.",
         "",
     ]
@@ -163,7 +164,7 @@ def _reference_blas_note(info: dict) -> str:
 
 
 def _checks(info: dict) -> list[str]:
-    found = bench.bound_violations(info)
+    found = bench_run.bound_violations(info)
     lines = ["## Checks", ""]
     if not found:
         return lines + ["Every decode ratio and speed-up is within its bytes-per-token bound.", ""]
@@ -187,7 +188,7 @@ def _scaling(res: list[dict]) -> list[str]:
         low = min(r["decode"], key=lambda d: d["density"])
         ttft = ", ".join(f"{t['ratio_dense']:.2f} ({t['tokens']} tok, {t.get('selector', 'predictor')})"
                          for t in r["ttft"])
-        speedup = (_flagged(low["speedup"], bench.bytes_bound(r, low)) + f" at {low['density']:.2f}"
+        speedup = (_flagged(low["speedup"], bench_run.bytes_bound(r, low)) + f" at {low['density']:.2f}"
                    if low["speedup"] else "")
         rows.append([r["name"], f"{r['weight_bytes'] / 1e6:.0f}",
                      f"{min(d['ratio_small'] for d in pruned):.3f}" if pruned else "",
@@ -216,13 +217,13 @@ def _decode(info: dict, r: dict) -> list[str]:
                "in place / roofline", "rounds x tokens", "load", "max logit diff"]
     rows = []
     for d in r["decode"]:
-        bound = bench.bytes_bound(r, d)
+        bound = bench_run.bytes_bound(r, d)
         roof = _roof_gbs(info) * 1e9 / d["bytes_per_token"]
         row = [f"{d['density']:.2f}", d["k"], f"{d['inplace_tps']:.1f}", f"{d['small_tps']:.1f}",
-               f"**{d['ratio_small']:.3f}**" + (" **(> bound)**" if d["ratio_small"] > bench.BOUND_SLACK else "")]
+               f"**{d['ratio_small']:.3f}**" + (" **(> bound)**" if d["ratio_small"] > BOUND_SLACK else "")]
         if same:
             row += [f"{d['rows_tps']:.1f}", f"**{d['ratio_rows']:.3f}**"
-                    + (" **(> bound)**" if d["ratio_rows"] > bench.BOUND_SLACK else "")]
+                    + (" **(> bound)**" if d["ratio_rows"] > BOUND_SLACK else "")]
         row += [_flagged(d["speedup"], bound) if d["speedup"] else ""]
         if same:
             row += [_flagged(d["speedup_rows"], bound) if d["speedup_rows"] else ""]
@@ -290,7 +291,7 @@ def _ttft(r: dict) -> list[str]:
 
 
 def write_markdown(info: dict, out: Path, plot: Path | None = None, source: Path | None = None) -> Path:
-    """The report of `info` (bench.run's result; read from the JSON file `source`, if given) at
+    """The report of `info` (bench.run.run's result; read from the JSON file `source`, if given) at
     `out`, keeping the notes below NOTES."""
     res = info["results"]
     lines = _header(info, plot, source)
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", help="a real model as `ifprune bench MODEL` takes it (a .gguf is "
                     "measured in each --dtype and --bits); default: synthetic models only")
-    ap.add_argument("--synthetic", help=f"d_model of the synthetic models (default: {bench.DEFAULT_WIDTHS} "
+    ap.add_argument("--synthetic", help=f"d_model of the synthetic models (default: {bench_cli.DEFAULT_WIDTHS} "
                     "without MODEL, none with it)")
     ap.add_argument("--bits", default="0,4", help="quantizations: 0 (float), 4, 8")
     ap.add_argument("--dtype", default="float32", help="float dtypes, comma-separated: float32, float16, bfloat16")
@@ -374,14 +375,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.from_json:
         info = json.loads(args.from_json.read_text())
     else:
-        synthetic = args.synthetic if args.synthetic is not None else "" if args.model else bench.DEFAULT_WIDTHS
+        synthetic = args.synthetic if args.synthetic is not None else "" if args.model else bench_cli.DEFAULT_WIDTHS
         try:
-            widths, bits, dtypes = bench.parse_models(synthetic, args.bits, args.dtype)
+            widths, bits, dtypes = bench_cli.parse_models(synthetic, args.bits, args.dtype)
         except ValueError as e:
             ap.error(str(e))
-        command = bench.command_line("python -m examples.benchmark_report", list(argv if argv is not None else sys.argv[1:]))
-        info = bench.run(models=[args.model] if args.model else [], widths=widths, bits=bits, dtypes=dtypes,
-                         settings=bench.settings_for(args.quick, args.decode_seconds),
+        command = bench_cli.command_line("python -m examples.benchmark_report", list(argv if argv is not None else sys.argv[1:]))
+        info = bench_run.run(models=[args.model] if args.model else [], widths=widths, bits=bits, dtypes=dtypes,
+                         settings=settings_for(args.quick, args.decode_seconds),
                          detail=args.detail, command=command, log=lambda msg: print(msg, file=sys.stderr))
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(info, indent=1, default=str))

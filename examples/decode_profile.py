@@ -29,7 +29,8 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
 import ifprune_mlx
-from ifprune_mlx.bench import _ids, bytes_per_token, load_average
+from ifprune_mlx.bench.machine import load_average
+from ifprune_mlx.bench.measure import bytes_per_token, prompt_ids
 from ifprune_mlx.blas import active_blas
 from ifprune_mlx.fidelity import compact_model, random_selection
 from ifprune_mlx.prune import PrunableMLP
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=30)
     args = ap.parse_args(argv)
     engine = ifprune_mlx.load(resolve(args.model or default_gguf()).path, cache_size=0)
-    prompt = _ids(engine, 32)
+    prompt = prompt_ids(engine, 32)
     variants = {"ours dense": engine.model, "mlx-lm dense": compact_model(engine)}
     plans = {"ours dense": None, "mlx-lm dense": None}
     for density in map(float, args.densities.split(",")):

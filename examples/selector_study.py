@@ -30,8 +30,10 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 import ifprune_mlx as ifp
-from ifprune_mlx.bench import Settings, blas_name, prompt_text, synthetic_bundle
-from ifprune_mlx.resolve import checkpoint_bundle
+from ifprune_mlx.bench.machine import blas_name
+from ifprune_mlx.bench.measure import prompt_text, synthetic_bundle
+from ifprune_mlx.bench.settings import Settings
+from ifprune_mlx.disk_cache import checkpoint_bundle
 from ifprune_mlx.fidelity import kl_after_prefill, prefill_dense, random_selection
 from ifprune_mlx.selectors import ActivationSelector, Selection, static_top_k
 from ifprune_mlx.testing import make_model_folder, model_config

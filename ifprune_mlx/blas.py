@@ -58,7 +58,7 @@ def use_openblas() -> None:
 
 
 def _note_once() -> None:
-    from .resolve import cache_dir
+    from .disk_cache import cache_dir
 
     stamp = cache_dir() / "openblas-note"
     if stamp.exists():

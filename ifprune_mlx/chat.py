@@ -38,7 +38,7 @@ from mlx_lm.generate import GenerationResponse
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from .errors import SelectionError
-from .selectors import Selection, Selector, check_density
+from .selectors import Selection, Selector, check_density, check_sampling
 
 POLICIES = ("per-task", "per-turn", "off")
 DENSE = "dense"  # the cache key of the unpruned model
@@ -239,6 +239,7 @@ class ChatSession:
                  selector: str | Selector | None = None, system: str | None = None,
                  max_tokens: int = 256, temp: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, max_caches: int = 4):
+        check_sampling(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)  # as the engine will
         self.engine, self.system, self.seed, self.max_caches = engine, system, seed, max_caches
         self.max_tokens, self.temp, self.top_p = max_tokens, temp, top_p
         self.set_policy(policy)

@@ -21,14 +21,14 @@ from .chat import DENSE, POLICIES, ChatSession
 from .console import (DENSITY_OPTION, MODEL_ARGUMENT, SEED_OPTION, TEMP_OPTION, TOP_P_OPTION, density_origin,
                       error_line, fail, friendly_errors, open_model)
 from .errors import IFPruneError
-from .selectors import check_density
+from .selectors import check_density, check_sampling
 
 HELP = """\
 /help              this list
 /density D         keep a fraction D of the FFN channels, e.g. /density 0.5
 /reselect          the next message selects a new mask (per-task: it becomes the task)
 /dense             run the full model (again: back to pruning)
-/select POLICY     per-task | per-turn | off
+/policy POLICY     when to select a mask: per-task | per-turn | off
 /selector NAME     predictor (trained) | activations (training-free)
 /max-tokens N      most tokens per answer
 /stats             costs of the last turn: select, apply, first token, tok/s, memory
@@ -67,7 +67,7 @@ class ChatREPL:
         self._pruned_policy = session.policy if session.policy != "off" else "per-task"
         self.commands: dict[str, Callable[[str], bool | None]] = {
             "/help": self.help, "/?": self.help, "/density": self.density,
-            "/reselect": self.reselect, "/dense": self.dense, "/select": self.select,
+            "/reselect": self.reselect, "/dense": self.dense, "/policy": self.policy,
             "/selector": self.selector, "/max-tokens": self.max_tokens,
             "/stats": self.stats, "/mask": self.mask, "/reset": self.reset,
             "/clear": self.reset, "/save": self.save, "/quit": self.quit,
@@ -185,9 +185,9 @@ class ChatREPL:
             self.session.set_policy("off")
             _say(f"dense: all {self.engine.d_ffn} channels per layer, no selection (/dense again to prune)")
 
-    def select(self, arg: str) -> None:
+    def policy(self, arg: str) -> None:
         if arg not in POLICIES:
-            raise UsageError(f"usage: /select {'|'.join(POLICIES)} (now {self.session.policy})")
+            raise UsageError(f"usage: /policy {'|'.join(POLICIES)} (now {self.session.policy})")
         self.session.set_policy(arg)
         if arg != "off":
             self._pruned_policy = arg
@@ -352,31 +352,28 @@ def chat(
     temp: float = TEMP_OPTION,
     top_p: float = TOP_P_OPTION,
     seed: Optional[int] = SEED_OPTION,
-    select: str = typer.Option("per-task", "--select", help="When to select a mask: per-task (first message), per-turn (every message), off (dense)."),
+    policy: str = typer.Option("per-task", "--policy", help="When to select a mask: per-task (first message), per-turn (every message), off (dense)."),
     selector: Optional[str] = typer.Option(None, "--selector", help="Who selects: predictor (the trained one; default where the bundle has one) or activations (training-free, any model)."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message."),
 ):
     """Chat with a pruned model: streams answers; /help lists the slash commands."""
     if density is not None:
         check_density(density)
-    if select not in POLICIES:
-        fail(f"--select must be one of {', '.join(POLICIES)}, got {select!r}")
-    if max_tokens < 1:
-        fail(f"--max-tokens must be at least 1, got {max_tokens}")
-    if temp < 0 or not (0 < top_p <= 1):
-        fail("--temp must be >= 0 and --top-p in (0, 1]")
+    if policy not in POLICIES:
+        fail(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    check_sampling(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)  # the engine's check, before loading
     engine, found = open_model(model)
-    session = ChatSession(engine, policy=select, density=density, selector=selector, system=system,
+    session = ChatSession(engine, policy=policy, density=density, selector=selector, system=system,
                           max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
     interactive = sys.stdin.isatty()
     repl = ChatREPL(session, interactive)
     if interactive:
         _setup_readline(sorted(repl.commands))
-        what = ("dense (no selection)" if select == "off" else
-                f"{select} selection, density {session.density:.2f} "
+        what = ("dense (no selection)" if policy == "off" else
+                f"{policy} selection, density {session.density:.2f} "
                 f"({session.kept_count()} of {engine.d_ffn} channels per layer)")
         who = {"predictor": "trained predictor", "activations": "training-free selector"}[session.selector.name]
-        if select != "off" and density is None:
+        if policy != "off" and density is None:
             what += f"; {density_origin(engine)}"
         typer.secho(f"{found.path}: {engine.config['model_type']}, {engine.n_layers} layers, {who}; {what}",
                     dim=True)

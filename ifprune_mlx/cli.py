@@ -12,6 +12,7 @@ from . import __version__
 from .console import (DENSITY_OPTION, MODEL_ARGUMENT, SEED_OPTION, TEMP_OPTION, TOP_P_OPTION,
                       calibrate_with_progress, density_origin, fail, friendly_errors, open_model, quiet_rank)
 from .distributed import DEFAULT_SPLIT, SPLITS, world
+from .selectors import check_sampling
 from .blas import active_blas
 
 app = typer.Typer(
@@ -109,6 +110,7 @@ def generate(
         fail("--dense runs the full model; it cannot be combined with --selector")
     if split not in SPLITS:
         fail(f"--split must be one of {', '.join(SPLITS)}; got {split!r}")
+    check_sampling(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)  # the engine's check, before loading
     group = world()
     if group is not None and group.rank() != 0:
         quiet_rank()
@@ -137,9 +139,9 @@ def generate(
         )
 
 
-@app.command()
+@app.command("calibrate")
 @friendly_errors
-def calibrate(
+def calibrate_command(
     model: Optional[str] = MODEL_ARGUMENT,
     densities: str = typer.Option("0.3,0.4,0.5,0.6,0.7,0.8,0.9", "--densities",
                                   help="The ladder of densities to measure, comma-separated."),
@@ -159,8 +161,9 @@ def calibrate(
     density's pruned model (KL and top-1 agreement); the default is the lowest density within
     the KL budget.
     """
-    from . import calibrate as calibration_module
-    from .resolve import DEFAULT_NAME, save_calibration
+    from . import calibrate
+    from .calibration_store import save_calibration
+    from .resolve import DEFAULT_NAME
     from .selectors import check_density
 
     try:
@@ -187,23 +190,23 @@ def calibrate(
         typer.echo(line)
     typer.echo(f"default density {result.density:.2f}: {result.summary()}")
     if plot is not None:
-        if calibration_module.plot(result, plot, f"{name}: fidelity vs density ({result.selector})"):
+        if calibrate.plot(result, plot, f"{name}: fidelity vs density ({result.selector})"):
             typer.echo(f"plot: {plot}", err=True)
         else:
             typer.echo("plot skipped: matplotlib is not installed (pip install matplotlib)", err=True)
     if out is not None:
         command = "ifprune calibrate" + (f" {model}" if model else "") + (f" --plot {plot}" if plot else "") + f" --out {out}"
         plot_name = None if plot is None else plot.name if plot.parent == out.parent else str(plot)
-        out.write_text(calibration_module.report(result, name, command, plot_name))
+        out.write_text(calibrate.report(result, name, command, plot_name))
         typer.echo(f"report: {out}", err=True)
     if save:
         typer.echo(f"stored as the default: {save_calibration(engine, result)}", err=True)
 
 
 # Commands in their own modules register here.
-from converters.cli import convert  # noqa: E402
+from .convert_cli import convert  # noqa: E402
 app.command()(convert)
-from .bench import bench  # noqa: E402
+from .bench.cli import bench  # noqa: E402
 app.command()(bench)
 from .chat_cli import chat  # noqa: E402
 

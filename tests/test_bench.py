@@ -4,12 +4,14 @@ compare (no timings asserted)."""
 import json
 
 import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 import ifprune_mlx
-from ifprune_mlx import bench
+from ifprune_mlx.bench import measure, run
+from ifprune_mlx.bench.settings import Settings
 from examples import benchmark_report
 from ifprune_mlx.bundle import DEFAULT_DENSITY
 from ifprune_mlx.cli import app
@@ -45,9 +47,9 @@ def test_quick_bench_prints_and_the_report_writes(tmp_path):
     for column in ("in place", "small", "same kernels", "in place / same kernels", "bytes bound",
                    "MB read / token", "roofline tok/s"):
         assert column in decode_header
-    for density in bench.Settings.quick_run().densities:
+    for density in Settings.quick_run().densities:
         assert f"\n| {density:.2f} |" in text
-    for fraction in bench.Settings.quick_run().changed:
+    for fraction in Settings.quick_run().changed:
         assert f"\n| {fraction:.0%} |" in text
     assert f"density {DEFAULT_DENSITY}" in text
     assert "BLAS:" in text
@@ -66,19 +68,24 @@ def test_the_report_flags_speedups_above_the_bytes_bound(tmp_path):
                                                   row(0.25, 80.0, 4.0, ratio=1.3)],
               "ttft": [], "reselect": [], "memory": {}, "seconds": 1.0, "detailed": True}
     info = {"results": [result]}
-    found = {(v["density"], v["figure"]) for v in bench.bound_violations(info)}
+    found = {(v["density"], v["figure"]) for v in run.bound_violations(info)}
     assert found == {(0.25, "speed-up vs mlx-lm dense"), (0.25, "in place / mlx-lm layout")}
-    assert bench.bytes_bound(result, result["decode"][2]) == pytest.approx(2.5)
+    assert run.bytes_bound(result, result["decode"][2]) == pytest.approx(2.5)
     checks = "\n".join(benchmark_report._checks(info))
     assert checks.count("\n| m | ") == 2
     assert "4.00x **(> bound)**" in benchmark_report._decode({"bandwidth": {"stream_gbs": 1, "gemv_gbs": 1}},
                                                              result)[-2]
 
 
-def test_bench_rejects_bad_options():
-    result = CliRunner().invoke(app, ["bench", "--quick", "--bits", "3"])
+@pytest.mark.parametrize("flags, message", [
+    (["--bits", "3"], "--bits takes 0 (float), 4 or 8; got '3'"),
+    (["--dtype", "float8"], "--dtype takes float32, float16, bfloat16 (comma-separated), got 'float8'"),
+    (["--synthetic", "wide"], "--synthetic takes widths like 512,1024 and --bits like 0,4; got 'wide', '0,4'"),
+])
+def test_bench_rejects_bad_options(flags, message):
+    result = CliRunner().invoke(app, ["bench", "--quick", *flags])
     assert result.exit_code == 1
-    assert "--bits" in result.output
+    assert result.output.strip() == f"error: {message}"  # one line, before measuring anything
 
 
 def test_physically_small_model_computes_what_the_engine_keeps(engine):
@@ -107,14 +114,18 @@ def test_quantized_physically_small_model_runs(q4_bundle_dir):
         assert "scales" in small.layers[0].mlp.down_proj
         # the mlx-lm layout re-quantizes down_proj along d_ffn: equal up to that rounding
         np.testing.assert_allclose(np.array(small(ids)), np.array(engine.model(ids)), atol=0 if rows else 0.5)
-        assert bench.decode_tps(small, [1, 2, 3], 2) > 0
+        cache = make_prompt_cache(small)
+        assert measure.decode_tps(small, [1, 2, 3], 2, cache) > 0
+        # on `cache`: the prompt, then the first token and the 2 timed ones (mlx-lm's generate_step
+        # runs one step ahead, so the last token decoded is fed too)
+        assert cache[0].offset == 3 + 1 + 2
 
 
 def test_changed_selection_differs_by_the_fraction(engine):
     base = engine.select("Translate the sentence into French.", density=0.33)
     rng = np.random.default_rng(0)
     for fraction in (0.0, 0.5, 1.0):
-        target = Selection.from_indices(bench._changed(base, fraction, engine.d_ffn, rng),
+        target = Selection.from_indices(measure.changed_selection(base, fraction, engine.d_ffn, rng),
                                         engine.d_ffn, engine.n_layers)
         for old, new in zip(base.indices, target.indices):
             assert len(new) == len(old)
@@ -122,12 +133,12 @@ def test_changed_selection_differs_by_the_fraction(engine):
 
 
 def test_bytes_per_token_counts_kept_rows(engine):
-    full = bench.bytes_per_token(engine, engine.d_ffn, 0)
-    half = bench.bytes_per_token(engine, engine.d_ffn // 2, 0)
-    ffn = sum(bench._array_bytes(m.parameters()) for m in engine.mlps)
+    full = measure.bytes_per_token(engine, engine.d_ffn, 0)
+    half = measure.bytes_per_token(engine, engine.d_ffn // 2, 0)
+    ffn = sum(measure.array_bytes(m.parameters()) for m in engine.mlps)
     assert full["weights"] - half["weights"] == pytest.approx(ffn / 2)
     assert full["weights"] < engine.weight_bytes()  # one embedding row, not the table
-    assert bench.bytes_per_token(engine, engine.d_ffn, 10)["kv"] > 0
+    assert measure.bytes_per_token(engine, engine.d_ffn, 10)["kv"] > 0
 
 
 def test_bytes_per_token_counts_a_tied_embedding_table_whole(tmp_path):
@@ -138,18 +149,18 @@ def test_bytes_per_token_counts_a_tied_embedding_table_whole(tmp_path):
     tied = ifprune_mlx.load(testing.make_model_folder(
         tmp_path / "tied", dict(testing.model_config("llama"), tie_word_embeddings=True)))
     table = tied.model.model.embed_tokens.weight.nbytes
-    assert bench.bytes_per_token(tied, tied.d_ffn, 0)["weights"] == pytest.approx(tied.weight_bytes())
-    assert bench.bytes_per_token(untied, untied.d_ffn, 0)["weights"] == pytest.approx(
+    assert measure.bytes_per_token(tied, tied.d_ffn, 0)["weights"] == pytest.approx(tied.weight_bytes())
+    assert measure.bytes_per_token(untied, untied.d_ffn, 0)["weights"] == pytest.approx(
         untied.weight_bytes() - table + table / untied.config["vocab_size"])
 
 
 def test_bench_runs_on_a_model_folder(plain_dir):
     """A plain model (no predictor): every measurement, with the training-free selector."""
-    info = bench.run(models=[plain_dir], widths=[], bits=[None], dtypes=["float32"],
-                     settings=bench.Settings.quick_run(), log=lambda _: None)
+    info = run.run(models=[plain_dir], widths=[], bits=[None], dtypes=["float32"],
+                     settings=Settings.quick_run(), log=lambda _: None)
     (result,) = info["results"]
     assert result["real"] and result["name"] == plain_dir.name
-    assert [d["density"] for d in result["decode"]] == list(bench.Settings.quick_run().real_densities)
+    assert [d["density"] for d in result["decode"]] == list(Settings.quick_run().real_densities)
     assert {t["selector"] for t in result["ttft"]} == {"activations"}
     assert result["memory"]["predictor"] == 0 and result["memory"]["peak"] >= result["memory"]["weights"]
     assert [x["swaps"] for x in result["reselect"]][0] == 0
@@ -171,7 +182,7 @@ def test_bench_of_a_gguf_measures_each_conversion_and_reports_the_real_model_tar
     assert [r["quant"] for r in info["results"]] == ["float32", "bfloat16", "4-bit (group 32)"]
     for r in info["results"]:
         assert r["real"] and r["memory"] and r["load"]
-        assert [d["density"] for d in r["decode"]] == list(bench.Settings.quick_run().real_densities)
+        assert [d["density"] for d in r["decode"]] == list(Settings.quick_run().real_densities)
         pruned = [d for d in r["decode"] if d["density"] < 1.0]
         assert pruned and all("dense" in d["samples"] for d in pruned)  # speed-ups are paired
         assert {t["selector"] for t in r["ttft"]} == {"activations"}  # a GGUF has no predictor

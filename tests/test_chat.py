@@ -174,7 +174,7 @@ def test_cli_user_mistakes_are_one_line(tmp_path, bundle_dir, monkeypatch):
     cases = [
         (["chat", str(tmp_path / "missing")], "no such model folder or file"),
         (["chat", str(bundle_dir), "--density", "2"], "density must be in (0, 1]"),
-        (["chat", str(bundle_dir), "--select", "often"], "--select must be one of"),
+        (["chat", str(bundle_dir), "--policy", "often"], "--policy must be one of"),
         (["chat"], "none: no such model folder or file"),
     ]
     for args, message in cases:
@@ -277,7 +277,7 @@ def test_cli_in_a_terminal(endless_bundle, tmp_path):
 
 def test_cli_dense_in_a_terminal_and_ctrl_d(endless_bundle, tmp_path):
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(IFPRUNE[0], [*IFPRUNE[1:], "chat", str(endless_bundle), "--select", "off",
+    child = pexpect.spawn(IFPRUNE[0], [*IFPRUNE[1:], "chat", str(endless_bundle), "--policy", "off",
                                        "--system", "Be brief.", "-m", "3"],
                           env=_env(tmp_path), encoding="utf-8", codec_errors="replace", timeout=30)
     screen = child.logfile_read = io.StringIO()

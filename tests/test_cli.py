@@ -1,9 +1,18 @@
 """`ifprune info` and `ifprune generate`: output, and one red line for user mistakes."""
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
+import ifprune_mlx as ifp
 from ifprune_mlx.cli import app
+
+ROOT = Path(__file__).parents[1]
 
 runner = CliRunner()
 
@@ -16,21 +25,47 @@ def test_info_describes_a_bundle(bundle_dir):
         assert expected in result.output
 
 
+def _rows(output: str) -> dict[str, str]:
+    """`ifprune info`'s table as {key: value} (keys and values are separated by 2+ spaces)."""
+    return dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in output.splitlines() if "  " in line)
+
+
 def test_info_on_a_plain_model(plain_dir):
     result = runner.invoke(app, ["info", str(plain_dir)])
-    assert result.exit_code == 0
-    assert "plain model" in result.output and "training-free" in result.output
-
-
-def test_generate_streams_and_reports(bundle_dir):
-    result = runner.invoke(app, ["generate", str(bundle_dir), "-p", "Sort these numbers", "-m", "6", "--density", "0.5"])
     assert result.exit_code == 0, result.output
-    assert "density 0.50" in result.output and "row swaps" in result.output
+    engine = ifp.load(plain_dir)
+    rows = _rows(result.stdout)
+    assert rows["path"] == str(plain_dir) and rows["kind"] == "plain model (FFN put in row layout at load)"
+    assert rows["predictor"] == "none"
+    assert rows["selectors"] == "activations (training-free; no trained predictor)"
+    assert rows["default density"] == (f"0.50 -> keeps {engine.kept_count(0.5)} of {engine.d_ffn} channels "
+                                       "(not calibrated: `ifprune calibrate MODEL` measures which density to trust)")
+    assert rows["FFN channels / layer"] == str(engine.d_ffn) and rows["layers"] == str(engine.n_layers)
+
+
+def test_generate_streams_what_the_python_api_generates_and_reports_it(bundle_dir):
+    prompt = "Sort these numbers"
+    result = runner.invoke(app, ["generate", str(bundle_dir), "-p", prompt, "-m", "6", "--density", "0.5"])
+    assert result.exit_code == 0, result.output
+    engine = ifp.load(bundle_dir)  # as fresh as the command's: the same rows move
+    *_, last = engine.stream_responses(prompt, max_tokens=6, density=0.5)
+    assert result.stdout == engine.generate(prompt, max_tokens=6, density=0.5) + "\n"
+    report = result.stderr.strip()
+    assert re.fullmatch(r"\[density 0\.50, select \d+ ms \(predictor\), apply (\d+) row swaps \| prompt "
+                        rf"{last.prompt_tokens} tok [\d.]+ tok/s \| gen {last.generation_tokens} tok [\d.]+ tok/s "
+                        r"\| peak [\d.]+ GB\]", report), report
+    swaps = int(re.search(r"apply (\d+) row swaps", report).group(1))
+    fresh = ifp.load(bundle_dir)
+    assert swaps == fresh.apply(fresh.select(prompt, 0.5)).swaps > 0
 
 
 def test_generate_dense(bundle_dir):
     result = runner.invoke(app, ["generate", str(bundle_dir), "-p", "hi", "-m", "3", "--dense"])
-    assert result.exit_code == 0 and "[dense" in result.output
+    assert result.exit_code == 0, result.output
+    engine = ifp.load(bundle_dir)
+    engine.apply(None)
+    assert result.stdout == engine.generate("hi", max_tokens=3) + "\n"
+    assert result.stderr.startswith("[dense, apply 0 row swaps | prompt ")
 
 
 def test_user_mistakes_are_one_line_without_traceback(tmp_path, bundle_dir):
@@ -84,20 +119,19 @@ def test_generation_stops_at_the_end_of_the_context(bundle_dir):
 
 
 def test_info_names_the_blas_in_use(bundle_dir):
-    """`ifprune` re-runs itself with OpenBLAS preloaded on Linux when it is installed."""
-    import os
-    import shutil
-    import subprocess
-    import sys
+    """The command re-runs itself with OpenBLAS preloaded on Linux when it is installed, and
+    `ifprune info` names the BLAS of the process that answers."""
+    from ifprune_mlx.blas import INSTALL_HINT, openblas_path
 
-    from ifprune_mlx.blas import openblas_path
-
-    script = shutil.which("ifprune", path=os.path.dirname(sys.executable))
-    if script is None:
-        pytest.skip("the ifprune entry point is not installed in this environment")
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "IFPRUNE_BLAS")}
-    out = subprocess.run([script, "info", str(bundle_dir)], capture_output=True, text=True, env=env,
-                         timeout=120).stdout
-    line = next(l for l in out.splitlines() if l.startswith("BLAS"))
-    if sys.platform == "linux":
-        assert ("OpenBLAS" in line) == (openblas_path() is not None), line
+    env["PYTHONPATH"] = str(ROOT)
+    run = subprocess.run([sys.executable, "-m", "ifprune_mlx.cli", "info", str(bundle_dir)], capture_output=True,
+                         text=True, env=env, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    blas = _rows(run.stdout)["BLAS (CPU)"]
+    if sys.platform != "linux":
+        assert blas == "the platform's (Accelerate / Metal)"
+    elif openblas_path() is not None:
+        assert blas == f"OpenBLAS ({openblas_path()})"
+    else:
+        assert blas == f"the mlx[cpu] wheel's reference BLAS (slow prefill; {INSTALL_HINT})"

@@ -231,7 +231,7 @@ def test_conversion_holds_no_second_copy_of_the_model(tmp_path, dtype):
     src = testing.make_model_folder(tmp_path / "src", config)
     size = (src / "model.safetensors").stat().st_size
     code = ("import sys; from pathlib import Path; from converters.layouts import detect; "
-            "from converters.write import convert; from ifprune_mlx.bench import resident_memory; "
+            "from converters.write import convert; from ifprune_mlx.bench.machine import resident_memory; "
             "source = detect(Path(sys.argv[1])); before, _ = resident_memory(reset_peak=True); "
             "convert(source, Path(sys.argv[2]), dtype=sys.argv[3]); print(resident_memory()[1] - before)")
     out = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out"), dtype], check=True,

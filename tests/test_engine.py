@@ -106,6 +106,9 @@ def test_sampling_is_reproducible_with_a_seed(engine):
     a = engine.generate(PROMPT, max_tokens=12, temp=1.0, seed=7)
     b = engine.generate(PROMPT, max_tokens=12, temp=1.0, seed=7)
     assert a == b
+    # the seed is what makes them equal: other seeds sample other texts, and none is the greedy one
+    others = {engine.generate(PROMPT, max_tokens=12, temp=1.0, seed=seed) for seed in (1, 2, 3)}
+    assert others - {a} and a != engine.generate(PROMPT, max_tokens=12)
 
 
 def test_chat_messages_select_from_the_last_user_message(engine):

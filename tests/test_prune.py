@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ifprune_mlx as ifp
-from ifprune_mlx.bench import resident_memory
+from ifprune_mlx.bench.machine import resident_memory
 from ifprune_mlx.models import build_model
 from ifprune_mlx.prune import QuantizedRowLinear, RowLinear, apply_selection, plan_canonical, plan_swaps
 from ifprune_mlx.testing import make_bundle, model_config

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 import ifprune_mlx as ifp
-from ifprune_mlx import resolve, testing
+from ifprune_mlx import calibration_store, disk_cache, resolve, testing
 from ifprune_mlx.cli import app
 
 SHIPPED = Path(__file__).parents[1] / "examples" / "train_tiny" / "checkpoint"
@@ -82,7 +82,7 @@ def test_a_checkpoint_folder_is_converted_once_and_again_when_it_changes(tmp_pat
     source = tmp_path / "checkpoint"
     shutil.copytree(SHIPPED, source)
     first = resolve.resolve(str(source))
-    assert first.origin == "checkpoint" and resolve.cache_dir() in first.path.parents
+    assert first.origin == "checkpoint" and disk_cache.cache_dir() in first.path.parents
     assert ifp.load(first.path).has_predictor
 
     import converters.write
@@ -103,12 +103,12 @@ def test_plain_folder_calibration_is_kept_in_the_cache(tmp_path, plain_dir):
 
     folder = shutil.copytree(plain_dir, tmp_path / "plain")
     engine = ifp.load(folder)
-    assert not resolve.attach_stored_calibration(engine)
+    assert not calibration_store.attach_stored_calibration(engine)
     calibration = Calibration("activations", 2, 4, 0.25, [DensityFidelity(0.7, 96, 0.1, 0.05, 0.2, 0.9)], 0.7)
-    where = resolve.save_calibration(engine, calibration)
-    assert resolve.cache_dir() in where.parents and not (folder / "calibration.json").exists()
+    where = calibration_store.save_calibration(engine, calibration)
+    assert disk_cache.cache_dir() in where.parents and not (folder / "calibration.json").exists()
     again = ifp.load(folder)
-    assert resolve.attach_stored_calibration(again)
+    assert calibration_store.attach_stored_calibration(again)
     assert again.default_density == 0.7 and again.calibration == calibration
 
 
@@ -122,7 +122,7 @@ def test_bundles_are_readable_by_others(tmp_path):
 def test_a_gguf_file_is_converted_once_into_the_cache(tmp_path, monkeypatch):
     path = testing.make_gguf(tmp_path / "tiny.Q8_0.gguf", "llama", "Q8_0")
     found = resolve.resolve(str(path))
-    assert found.origin == "gguf" and found.made_here and resolve.cache_dir() in found.path.parents
+    assert found.origin == "gguf" and found.made_here and disk_cache.cache_dir() in found.path.parents
     engine = ifp.load(found.path)
     assert engine.n_layers == 2 and engine.tokenizer.chat_template
     import converters.gguf
@@ -138,6 +138,6 @@ def test_the_cli_opens_a_gguf_file_and_calibrates_it_once(tmp_path):
     path = testing.make_gguf(tmp_path / "tiny.gguf", "qwen2", "Q4_0")
     first = CliRunner().invoke(app, ["info", str(path)])
     assert first.exit_code == 0, first.output
-    assert "calibrated: " in first.output and str(resolve.cache_dir()) in first.output
+    assert "calibrated: " in first.output and str(disk_cache.cache_dir()) in first.output
     again = CliRunner().invoke(app, ["info", str(path)])
     assert "first use" not in again.output and "calibrated: " in again.output

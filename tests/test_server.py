@@ -249,6 +249,8 @@ def test_seeded_sampling_is_reproducible(api, engine):
     a, *_ = chat(api, [{"role": "user", "content": TASK}], **options)
     b, *_ = chat(api, [{"role": "user", "content": TASK}], **options)
     assert a == b == engine.generate(TASK, max_tokens=8, temp=1.0, top_p=0.9, seed=7)
+    others = {chat(api, [{"role": "user", "content": TASK}], **dict(options, seed=seed))[0] for seed in (1, 2, 3)}
+    assert others - {a}  # the seed is what makes them equal
 
 
 # -- bad requests ----------------------------------------------------------------------------

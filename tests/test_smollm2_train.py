@@ -32,8 +32,9 @@ def tiny(tmp_path_factory):
 
 def tiny_config(tiny, **extra):
     folder, path, _ = tiny
-    return Config(model=str(folder), data=str(path), pred_layers=1, batch=4, steps=4, warmup=2, threads=1,
-                  ckpt_every=2, eval_every=2, eval_prompts=4, ridge=1.0, **extra)
+    options = dict(model=str(folder), data=str(path), pred_layers=1, batch=4, steps=4, warmup=2, threads=1,
+                   ckpt_every=2, eval_every=2, eval_prompts=4, ridge=1.0)
+    return Config(**{**options, **extra})
 
 
 def test_tiny_data_has_every_family_split_by_the_rule(tiny):
@@ -96,6 +97,8 @@ def test_training_logs_resumes_and_reproduces(tiny, tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(SystemExit, match="other settings"):
         Run(tiny_config(tiny, tau=0.1), tmp_path / "b", log=lambda *a: None)
+    with pytest.raises(SystemExit, match="steps"):  # the cosine schedule depends on it
+        Run(tiny_config(tiny, steps=8), tmp_path / "b", log=lambda *a: None)
 
 
 def test_warm_start_head_tracks_the_training_free_scores(tiny, tmp_path):
@@ -249,3 +252,12 @@ def test_speed_table_reads_a_bench_json_and_marks_the_default_density():
              "load_end": 1.0, "results": [{"name": "m", "weight_bytes": 5e8, "decode": decode}]}
     rows = [line for line in speed_lines(speed, 0.5) if line.startswith("| 0.5")]
     assert rows == ["| 0.5 (default) | 768 | 25.0 | 1.25x | 1.19x | 1.42x | 0.980 |"]
+
+
+def test_trainer_defaults_are_the_shipped_run():
+    """The documented command (the defaults) rebuilds the shipped artifacts."""
+    from dataclasses import asdict
+    shipped = json.loads((Path(__file__).parents[1] / "ifprune_mlx" / "pretrained" / "smollm2_135m_instruct"
+                          / "train_config.json").read_text())
+    assert asdict(Config()) == shipped
+    assert Config().data_path() == SHIPPED_DATA

@@ -174,7 +174,7 @@ def _evaluate_offline(monkeypatch, task, answers, limit=None):
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     results = simple_evaluate(model=_canned_lm(answers), tasks=[task], limit=limit,
-                              task_manager=TaskManager(include_path=str(TASK_DIR)))
+                              task_manager=TaskManager(include_path=str(TASK_DIR), include_defaults=False))
     return results["results"][task]
 
 
@@ -201,3 +201,90 @@ def test_sentences_counted_without_nltk_data():
     checkers()
     assert instructions_util.count_sentences("It rained. We stayed in! Did you?") == 3
     assert instructions_util.nltk.word_tokenize("GO TEAM, go!") == ["GO", "TEAM", ",", "go", "!"]
+
+
+# -- exact-answer tasks --------------------------------------------------------------------------
+
+EXACT_SIZES = {"ifprune_exact_dev": 60, "ifprune_exact_test": 150}
+
+
+def test_exact_checks():
+    from ifprune_mlx.tasks.exact import check_json, check_number, check_text, check_yes_no, stated_numbers
+
+    assert stated_numbers("1,000 g is 1 kg, or 1.5 lb") == {1000.0, 1.0, 1.5}
+    assert check_number("What is 7 plus 5?", "7 + 5 = 12.", "12")
+    assert not check_number("What is 7 plus 5?", "It is 12, or maybe 13.", "12")
+    assert not check_number("What is 7 plus 5?", "7 plus 5", "12")
+    assert check_text("The capital is Rome.", ["Rome"])
+    assert not check_text("Romeo lived in Verona.", ["Rome"])
+    assert check_text("Painted by Leonardo da Vinci.", ["Leonardo", "da Vinci"])
+    assert check_text("It reads RIVER.", ["RIVER"], case_sensitive=True)
+    assert not check_text("It reads River.", ["RIVER"], case_sensitive=True)
+    assert check_yes_no("No, penguins cannot fly.", "no") and check_yes_no('"Yes."', "yes")
+    assert not check_yes_no("Penguins? No.", "no")
+    assert check_json('```json\n{"city": "oslo", "extra": 1}\n```', '{"city": "Oslo"}')
+    assert not check_json('{"city": "Oslo"', '{"city": "Oslo"}')
+    assert not check_json('{"done": 1}', '{"done": true}')
+    assert not check_json('{"age": "3"}', '{"age": 3}')
+
+
+def _right_answer(r):
+    return {"number": f"The answer is {r['answers'][0]}.", "text": f"It is {r['answers'][0]}.",
+            "text_case": f"It is {r['answers'][0]}.", "yesno": f"{r['answers'][0].title()}.",
+            "json": r["answers"][0]}[r["check"]]
+
+
+def _wrong_answer(r):
+    if r["check"] == "number":
+        return f"The answer is {float(r['answers'][0]) + 1:g}."
+    if r["check"] == "yesno":
+        return "Yes." if r["answers"][0] == "no" else "No."
+    if r["check"] == "text_case":
+        return f"It is {r['answers'][0].lower()}."
+    return {"text": "I am not sure about that.", "json": '{"answer": null}'}[r["check"]]
+
+
+def test_exact_records():
+    from ifprune_mlx.tasks.exact import CHECKS, is_correct
+
+    kinds, keys = {}, set()
+    for name, least in EXACT_SIZES.items():
+        if name not in TASKS:
+            continue
+        records = read_records(TASKS[name])
+        assert len(records) >= least, name
+        kinds[name] = {r["kind"] for r in records}
+        for r in records:
+            assert set(r) == {"key", "kind", "prompt", "check", "answers"} and r["check"] in CHECKS
+            assert r["key"] not in keys
+            keys.add(r["key"])
+            assert is_correct(r, _right_answer(r)), r
+            if r["check"] in ("text", "text_case"):  # else echoing the question would score
+                assert not is_correct(r, r["prompt"]), r
+            assert not is_correct(r, _wrong_answer(r)), r
+    assert len(set(map(frozenset, kinds.values()))) <= 1, kinds  # dev and test: the same kinds
+
+
+def test_exact_dev_scores_through_lm_eval(monkeypatch):
+    """A canned LM answers every other question right; lm-eval's accuracy must be that share."""
+    records = read_records(TASKS["ifprune_exact_dev"])
+    answers = {r["prompt"]: (_right_answer(r) if n % 2 == 0 else _wrong_answer(r)) for n, r in enumerate(records)}
+    scores = _evaluate_offline(monkeypatch, "ifprune_exact_dev", answers)
+    assert scores["acc,none"] == pytest.approx(sum(n % 2 == 0 for n in range(len(records))) / len(records))
+
+
+def test_read_records_errors(tmp_path, monkeypatch):
+    from ifprune_mlx.tasks import TaskDataError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ifeval_dev.jsonl").write_text('{"shadow": true}\n')
+    assert read_records("ifeval_dev.jsonl")[0]["key"] == 1000  # a bare name is the shipped file
+    assert read_records("./ifeval_dev.jsonl") == [{"shadow": True}]
+    with pytest.raises(TaskDataError, match="not found"):
+        read_records("no_such_task.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(TaskDataError, match=r"bad.jsonl:2 is a list"):
+        read_records(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"a": 1\n')
+    with pytest.raises(TaskDataError, match=r"bad.jsonl:1 is not JSON"):
+        read_records(tmp_path / "bad.jsonl")

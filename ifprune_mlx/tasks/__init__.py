@@ -11,4 +11,7 @@ __all__ = ["TASK_DIR", "TASKS", "TaskDataError", "read_records"]
 # task name -> its data file in TASK_DIR
 TASKS = {
     "ifprune_ifeval_dev": "ifeval_dev.jsonl",
+    "ifprune_ifeval_test": "ifeval_test.jsonl",
+    "ifprune_exact_dev": "exact_dev.jsonl",
+    "ifprune_exact_test": "exact_test.jsonl",
 }

@@ -16,13 +16,15 @@ class TaskDataError(IFPruneError, ValueError):
 
 
 def read_records(data_file: str | Path) -> list[dict]:
-    """The records of a task's JSONL file (a bare name is looked up in this folder)."""
+    """The records of a JSONL file: a bare file name is a task file of this folder, anything
+    with a directory part ("./x.jsonl", "data/x.jsonl") a path."""
     path = Path(data_file)
-    if not path.is_absolute():
+    if str(data_file) == path.name:
         path = TASK_DIR / path
     if not path.is_file():
-        raise TaskDataError(f"task data file {path} not found; expected one of "
-                            f"{sorted(p.name for p in TASK_DIR.glob('*.jsonl'))}; reinstall ifprune-mlx")
+        raise TaskDataError(f"task data file {path} not found; the task files are "
+                            f"{sorted(p.name for p in TASK_DIR.glob('*.jsonl'))} (reinstall ifprune-mlx "
+                            f"if one is missing); give any other file with its directory")
     records = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():

@@ -8,15 +8,15 @@ from typing import Optional
 
 import typer
 
-from ifprune_mlx.bundle import DEFAULT_DENSITY, PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY, refuse_overwrite
-from ifprune_mlx.console import fail, friendly_errors, in_megabytes, progress_bar
-from ifprune_mlx.errors import ConversionError
-from ifprune_mlx.selectors import check_density
+from converters.artifacts import ADAPTER_FILE, FILES as ARTIFACT_FILES, is_artifacts, read_artifacts
+from converters.gguf import is_gguf, open_gguf
+from converters.layouts import LAYOUTS, detect
+from converters import write
 
-from .artifacts import ADAPTER_FILE, FILES as ARTIFACT_FILES, is_artifacts, read_artifacts
-from .gguf import is_gguf, open_gguf
-from .layouts import LAYOUTS, detect
-from .write import DTYPES, convert as write_bundle
+from .bundle import DEFAULT_DENSITY, PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY, refuse_overwrite
+from .console import fail, friendly_errors, in_megabytes, progress_bar
+from .errors import ConversionError
+from .selectors import check_density
 
 
 @friendly_errors
@@ -40,7 +40,7 @@ def convert(
                                                     "backbone's config.json or folder (required for state dicts)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Folder of the LLM's tokenizer files "
                                              "(default: next to its config)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help=f"{' | '.join(DTYPES)} (default: the source's; "
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=f"{' | '.join(write.DTYPES)} (default: the source's; "
                                         "a quantized mlx-lm folder keeps its own; a GGUF file: float32, also "
                                         "for the scales of its quantized tensors)."),
     dequantize: bool = typer.Option(False, "--dequantize", help="GGUF file: write every weight as floats "
@@ -56,7 +56,7 @@ def convert(
                                 "(needs torch), with mlx-lm's own model for an mlx-lm folder, or with "
                                 "transformers' GGUF model for a GGUF file (needs torch; a trained adapter merged into it); the bundle "
                                 "is only written if it passes."),
-    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Without a trained predictor and "
+    calibrate_default: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Without a trained predictor and "
                                    "--density: measure fidelity vs density once (as `ifprune calibrate`) and "
                                    "store the chosen default density in the bundle."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
@@ -68,41 +68,49 @@ def convert(
     refuse_overwrite(out, force)
     with ExitStack() as stack:
         gguf = is_gguf(src)
-        if gguf:
-            given = [flag for flag, value in (("--layout", layout != "auto"),
-                                              ("--config", config), ("--predictor-config", predictor_config),
-                                              ("--tokenizer", tokenizer)) if value]
-            if given:
-                raise ConversionError(f"{src} is a GGUF file, which carries its own config and tokenizer; "
-                                      f"drop {', '.join(given)}")
-            if predictor is not None and not is_artifacts(predictor):
-                raise ConversionError(f"--predictor {predictor}: with a GGUF file it names a trained IFPruning "
-                                      f"artifacts folder ({', '.join(ARTIFACT_FILES)}, as examples/smollm2/"
-                                      "train.py exports), and this is not one")
-            source = stack.enter_context(open_gguf(src, dtype=dtype, dequantize=dequantize or quantize is not None,
-                                                   artifacts=predictor))
-        elif predictor is not None and (Path(predictor) / ADAPTER_FILE).is_file():
-            raise ConversionError(f"--predictor {predictor} is a trained artifacts folder (it has an adapter); it is "
-                                  "assembled with the GGUF file it was trained on: ifprune convert MODEL.gguf OUT "
-                                  "--predictor ARTIFACTS")
-        elif dequantize:
-            raise ConversionError("--dequantize is for GGUF files; other sources are floats or mlx-lm folders "
-                                  "(convert the float model for a float bundle)")
-        else:
-            source = detect(src, predictor=predictor, layout=layout, config=config,
-                            predictor_config=predictor_config, tokenizer=tokenizer)
+        source = _open_source(stack, src, gguf=gguf, predictor=predictor, layout=layout, config=config,
+                              predictor_config=predictor_config, tokenizer=tokenizer, dtype=dtype,
+                              dequantize=dequantize, quantize=quantize)
         _convert(source, src, out, gguf=gguf, predictor=predictor, dtype=dtype, quantize=quantize,
                  group_size=group_size, density=density, pad_multiple=pad_multiple, verify=verify, force=force)
         has_predictor = source.predictor is not None
-    if calibrate and density is None and not has_predictor:
-        from ifprune_mlx.console import calibrate_with_progress, load_with_progress
-        from ifprune_mlx.resolve import save_calibration
+    if calibrate_default and density is None and not has_predictor:
+        from .console import calibrate_with_progress, load_with_progress
+        from .calibration_store import save_calibration
 
         engine = load_with_progress(out)
         result = calibrate_with_progress(engine)
         save_calibration(engine, result)
         typer.echo(f"default density {result.density:.2f} ({result.summary()}); `ifprune calibrate {out}` "
                    "shows the table")
+
+
+def _open_source(stack: ExitStack, src: Path, *, gguf: bool, predictor, layout, config, predictor_config,
+                 tokenizer, dtype, dequantize: bool, quantize):
+    """The converter's Source for SRC (a GGUF file, opened in `stack`, or what detect() finds),
+    after refusing the options that do not go with it."""
+    if gguf:
+        given = [flag for flag, value in (("--layout", layout != "auto"),
+                                          ("--config", config), ("--predictor-config", predictor_config),
+                                          ("--tokenizer", tokenizer)) if value]
+        if given:
+            raise ConversionError(f"{src} is a GGUF file, which carries its own config and tokenizer; "
+                                  f"drop {', '.join(given)}")
+        if predictor is not None and not is_artifacts(predictor):
+            raise ConversionError(f"--predictor {predictor}: with a GGUF file it names a trained IFPruning "
+                                  f"artifacts folder ({', '.join(ARTIFACT_FILES)}, as examples/smollm2/"
+                                  "train.py exports), and this is not one")
+        return stack.enter_context(open_gguf(src, dtype=dtype, dequantize=dequantize or quantize is not None,
+                                             artifacts=predictor))
+    if predictor is not None and (Path(predictor) / ADAPTER_FILE).is_file():
+        raise ConversionError(f"--predictor {predictor} is a trained artifacts folder (it has an adapter); it is "
+                              "assembled with the GGUF file it was trained on: ifprune convert MODEL.gguf OUT "
+                              "--predictor ARTIFACTS")
+    if dequantize:
+        raise ConversionError("--dequantize is for GGUF files; other sources are floats or mlx-lm folders "
+                              "(convert the float model for a float bundle)")
+    return detect(src, predictor=predictor, layout=layout, config=config,
+                  predictor_config=predictor_config, tokenizer=tokenizer)
 
 
 def _convert(source, src: Path, out: Path, *, gguf: bool, predictor: Path | None, dtype, quantize, group_size,
@@ -114,12 +122,12 @@ def _convert(source, src: Path, out: Path, *, gguf: bool, predictor: Path | None
 
     def check(folder: Path) -> None:
         if gguf:
-            from .gguf_verify import verify_gguf
+            from converters.gguf_verify import verify_gguf
 
             adapter = None if predictor is None else read_artifacts(predictor).adapter
             report = verify_gguf(folder, source, src, density=density, adapter=adapter)
         else:
-            from .verify import verify as run_verify
+            from converters.verify import verify as run_verify
 
             report = run_verify(folder, source, density=density)
         reports.append(report)
@@ -132,7 +140,7 @@ def _convert(source, src: Path, out: Path, *, gguf: bool, predictor: Path | None
     try:
         tensors = len(source.llm) + len(source.predictor or {}) + len(source.head or {})
         with progress_bar(f"converting {tensors} tensors (MB)") as update:
-            summary = write_bundle(source, out, dtype=dtype, bits=quantize, group_size=group_size,
+            summary = write.convert(source, out, dtype=dtype, bits=quantize, group_size=group_size,
                                    default_density=density, pad_multiple=pad_multiple, force=force,
                                    on_progress=in_megabytes(update),
                                    check=check if verify else None)
