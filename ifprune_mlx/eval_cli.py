@@ -143,7 +143,7 @@ def run(model, names, densities, selectors, reference, *, limit, out, include_pa
         chat_template, cache) -> None:
     """Check the tasks, open the models, run every condition; the results are written after each."""
     from .eval_run import check_tasks, load_tasks, run_condition, task_manager
-    from .resolve import cache_dir
+    from .disk_cache import cache_dir
 
     manager = task_manager(include_paths)
     names = check_tasks(names, manager)
@@ -185,7 +185,7 @@ def run(model, names, densities, selectors, reference, *, limit, out, include_pa
 def _write(results, out: Path, meta: dict) -> bool:
     """Compare with the reference and write JSON, Markdown and the plot (so far); whether it plotted."""
     from . import eval_report as report
-    from .bench import load_average
+    from .bench.machine import load_average
     from .eval_run import compare
 
     refs = [r for r in results if r.condition.reference]

@@ -198,7 +198,7 @@ class EngineLM(LM):
         else:
             prefilled = None
             if self.selector == "activations":  # as generation runs it (engine.stream_responses)
-                prefilled = self.engine._griffin_prefill(self.engine.get_selector("activations"), ids, self.density)
+                prefilled = self.engine.prefill_activations(ids, self.density)
             if prefilled is None:
                 self.engine.prepare(context, self.density, self.selector)
             else:
