@@ -73,7 +73,7 @@ def plot(results: Sequence[ConditionResult], path: Path, title: str) -> bool:
     except ImportError:
         return False
     tasks = primary_metrics(results)
-    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5.2 * max(1, len(tasks)), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6.4 * max(1, len(tasks)), 4.4), squeeze=False)
     for ax, (task, label) in zip(axes[0], tasks.items()):
         for r in results:
             m = r.metrics.get(task, {}).get(label)
@@ -84,13 +84,18 @@ def plot(results: Sequence[ConditionResult], path: Path, title: str) -> bool:
             color = "black" if c.reference else ("tab:blue" if c.selector in (None, "predictor") else "tab:orange")
             marker = "s" if c.density is None else "o"
             ax.errorbar([r.decode_tps], [100 * m.score], yerr=yerr, fmt=marker, color=color, capsize=3)
-            ax.annotate(_label(r).replace(" (reference)", " ref"), (r.decode_tps, 100 * m.score),
-                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+            short = "dense" if c.density is None else f"{c.density:.2f} {c.selector}"
+            ax.annotate(f"{short} (reference)" if c.reference else short, (r.decode_tps, 100 * m.score),
+                        textcoords="offset points", xytext=(5, -3), fontsize=7)
         ax.set_xlabel("decode tokens/s (measured during the run)")
         ax.set_ylabel(f"{label.split(',')[0]} (%)")
         ax.set_title(task, fontsize=9)
+        ax.margins(x=0.25)
         ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=9)
+    references = sorted({r.condition.model for r in results if r.condition.reference})
+    others = {r.condition.model for r in results if not r.condition.reference}
+    separate = [m for m in references if m not in others]  # --reference: another model
+    fig.suptitle(title + (f"\nreference (black): {', '.join(separate)}, dense" if separate else ""), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
