@@ -8,6 +8,7 @@ config.json; the sparsity predictor lives in its `predictor/` sub-folder. A fold
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -120,18 +121,45 @@ def read_rows(path: Path, header: dict, name: str, start: int, stop: int) -> mx.
     `header` is the file's safetensors_header. Rows are contiguous in the row-major file, so
     a range of rows is one range of bytes: a rank of a sharded load reads its rows alone.
     """
+    rows = mx.array(read_row_runs(path, header, name, [(start, stop)]))
+    return rows.view(mx.bfloat16) if header[name]["dtype"] == "BF16" else rows
+
+
+def read_row_runs(path: Path, header: dict, name: str, runs: Iterable[tuple[int, int]]) -> np.ndarray:
+    """Rows of tensor `name` of a safetensors file, runs [start, stop) after one another, one
+    byte range read per run (one open file). NumPy, with bfloat16 as the uint16 of the same
+    bytes (NumPy has no bfloat16), so the rows can be copied into a buffer without MLX.
+
+    Raises OSError from the file system as it comes; BundleError if a run lies past the end.
+    """
     info = header[name]
     shape, dtype = list(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]][0]
     row_bytes = (info["data_offsets"][1] - info["data_offsets"][0]) // max(1, shape[0])
-    with open(path, "rb") as f:
+    runs = list(runs)
+    out = np.empty([sum(stop - start for start, stop in runs), *shape[1:]],
+                   dtype="uint16" if dtype == "bfloat16" else dtype)
+    flat = out.reshape(-1).view(np.uint8)
+    with open(path, "rb", buffering=0) as f:  # unbuffered: the bytes go straight into `out`
         (n,) = struct.unpack("<Q", f.read(8))
-        f.seek(8 + n + info["data_offsets"][0] + start * row_bytes)
-        data = f.read((stop - start) * row_bytes)
-    if len(data) != (stop - start) * row_bytes:
-        raise BundleError(f"{path}: tensor {name!r} is truncated")
-    raw = np.frombuffer(data, dtype="uint16" if dtype == "bfloat16" else dtype)
-    rows = mx.array(raw.reshape([stop - start, *shape[1:]]))
-    return rows.view(mx.bfloat16) if dtype == "bfloat16" else rows
+        done = 0
+        for start, stop in runs:
+            want = (stop - start) * row_bytes
+            f.seek(8 + n + info["data_offsets"][0] + start * row_bytes)
+            if f.readinto(memoryview(flat[done: done + want])) != want:
+                raise BundleError(f"{path}: tensor {name!r} is truncated")
+            done += want
+    return out
+
+
+def file_stamp(path: Path) -> tuple[int, int, str]:
+    """(size, mtime in ns, SHA-256 of the safetensors header) of a weight file: what changes
+    when the file is rewritten, replaced or truncated, read in a few kB."""
+    st = path.stat()
+    with open(path, "rb") as f:
+        head = f.read(8)
+        (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+        digest = hashlib.sha256(head + f.read(min(n, _MAX_HEADER))).hexdigest()
+    return st.st_size, st.st_mtime_ns, digest
 
 
 def index_shards(index: Path) -> list[Path]:

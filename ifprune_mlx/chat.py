@@ -76,6 +76,9 @@ class TurnStats:
     decode_tps: float = 0.0
     peak_memory_gb: float = 0.0    # MLX's peak during the turn (reset when it starts)
     finish_reason: str | None = None  # "stop", "length" or "interrupted"
+    rows_read: int = 0             # resident mode: FFN rows the apply read from the bundle,
+    read_bytes: int = 0            # their bytes
+    read_ms: float = 0.0           # and the reads' wall time
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -332,7 +335,8 @@ class ChatSession:
             density=1.0 if selection is None else selection.density,
             kept_counts=[self.engine.d_ffn] * self.engine.n_layers if selection is None else selection.kept_counts,
             selected=selected, select_ms=select_s * 1000, apply_ms=apply_s * 1000,
-            swaps=stats.swaps, cache_hit=lease.hit, reused_tokens=lease.reused,
+            swaps=stats.swaps, rows_read=stats.rows_read, read_bytes=stats.bytes_read,
+            read_ms=stats.read_seconds * 1000, cache_hit=lease.hit, reused_tokens=lease.reused,
             prefill_tokens=len(lease.feed),
         )
         self.turns.append(turn)

@@ -18,9 +18,10 @@ from typing import Callable, Optional
 import typer
 
 from .chat import DENSE, POLICIES, ChatSession
-from .console import (DENSITY_OPTION, MODEL_ARGUMENT, SEED_OPTION, TEMP_OPTION, TOP_P_OPTION, density_origin,
-                      error_line, fail, friendly_errors, open_model)
+from .console import (DENSITY_OPTION, MAX_DENSITY_OPTION, MODEL_ARGUMENT, RESIDENT_OPTION, SEED_OPTION, TEMP_OPTION,
+                      TOP_P_OPTION, density_origin, error_line, fail, friendly_errors, open_model, resident_options)
 from .errors import IFPruneError
+from .resident import describe
 from .selectors import check_density, check_sampling
 
 HELP = """\
@@ -231,13 +232,17 @@ class ChatREPL:
         rows = [
             ("policy", t.policy),
             ("select", select),
-            ("apply", f"{t.apply_ms:.1f} ms, {t.swaps} row swaps"),
+            ("apply", f"{t.apply_ms:.1f} ms, {t.swaps} row swaps" + (
+                f", read {t.read_bytes / 1e6:.1f} MB ({t.rows_read} rows) in {t.read_ms:.1f} ms"
+                if self.engine.residency else "")),
             ("prefill", f"{t.prefill_tokens} tokens ({reuse}), {t.prefill_tps:.0f} tok/s"),
             ("first token", f"{t.ttft_ms:.1f} ms"),
             ("decode", f"{t.generation_tokens} tokens, {t.decode_tps:.1f} tok/s ({t.finish_reason})"),
             ("kept", f"{_kept(t.kept_counts, d_ffn)} channels per layer (density {t.density:.2f})"),
             ("default", f"density {self.engine.default_density:.2f}: {density_origin(self.engine)}"),
-            ("memory", f"peak {_mb(t.peak_memory_gb)} this turn, weights {_mb(self.engine.weight_bytes() / 1e9)}"),
+            ("memory", f"peak {_mb(t.peak_memory_gb)} this turn, weights {_mb(self.engine.weight_bytes() / 1e9)}"
+             + (" in memory" if self.engine.residency else "")),
+            ("resident", describe(self.engine)),
             ("KV caches", f"{caches}; {_mb(self.session.cache_bytes() / 1e9)}" if caches else "none"),
         ]
         for key, value in rows:
@@ -355,6 +360,8 @@ def chat(
     policy: str = typer.Option("per-task", "--policy", help="When to select a mask: per-task (first message), per-turn (every message), off (dense)."),
     selector: Optional[str] = typer.Option(None, "--selector", help="Who selects: predictor (the trained one; default where the bundle has one) or activations (training-free, any model)."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message."),
+    resident: Optional[str] = RESIDENT_OPTION,
+    max_density: Optional[float] = MAX_DENSITY_OPTION,
 ):
     """Chat with a pruned model: streams answers; /help lists the slash commands."""
     if density is not None:
@@ -362,7 +369,7 @@ def chat(
     if policy not in POLICIES:
         fail(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     check_sampling(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)  # the engine's check, before loading
-    engine, found = open_model(model)
+    engine, found = open_model(model, **resident_options(resident, max_density))
     session = ChatSession(engine, policy=policy, density=density, selector=selector, system=system,
                           max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
     interactive = sys.stdin.isatty()

@@ -9,8 +9,9 @@ from typing import Optional
 import typer
 
 from . import __version__
-from .console import (DENSITY_OPTION, MODEL_ARGUMENT, SEED_OPTION, TEMP_OPTION, TOP_P_OPTION,
-                      calibrate_with_progress, density_origin, fail, friendly_errors, open_model, quiet_rank)
+from .console import (DENSITY_OPTION, MAX_DENSITY_OPTION, MODEL_ARGUMENT, RESIDENT_OPTION, SEED_OPTION, TEMP_OPTION,
+                      TOP_P_OPTION, calibrate_with_progress, density_origin, fail, friendly_errors, open_model,
+                      quiet_rank, resident_options)
 from .distributed import DEFAULT_SPLIT, SPLITS, world
 from .selectors import check_sampling
 from .blas import active_blas
@@ -37,9 +38,12 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
 @app.command()
 @friendly_errors
-def info(model: Optional[str] = MODEL_ARGUMENT):
+def info(model: Optional[str] = MODEL_ARGUMENT, resident: Optional[str] = RESIDENT_OPTION,
+         max_density: Optional[float] = MAX_DENSITY_OPTION):
     """Describe a model: where it is, architecture, sizes, predictor, default density, weight bytes."""
-    engine, found = open_model(model)
+    from .resident import describe
+
+    engine, found = open_model(model, **resident_options(resident, max_density))
     c = engine.config
     q = c.get("quantization")
     if "ifpruning" in c:
@@ -55,7 +59,9 @@ def info(model: Optional[str] = MODEL_ARGUMENT):
         ("layers", engine.n_layers),
         ("d_model", c["hidden_size"]),
         ("FFN channels / layer", engine.d_ffn),
-        ("weights", f"{engine.weight_bytes() / 1e6:.1f} MB" + (f" ({q['bits']}-bit, group {q['group_size']})" if q else "")),
+        ("weights", f"{engine.weight_bytes() / 1e6:.1f} MB" + (f" ({q['bits']}-bit, group {q['group_size']})" if q else "")
+         + (" in memory" if engine.residency else "")),
+        ("resident", describe(engine)),
         ("predictor", _predictor_summary(engine)),
         ("selectors", "predictor = trained predictor (default), activations = training-free" if engine.has_predictor
          else "activations (training-free; no trained predictor)"),
@@ -98,6 +104,8 @@ def generate(
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="Print selection and speed figures to stderr."),
     split: str = typer.Option(DEFAULT_SPLIT, "--split", help="Under mlx.launch (the FFN sharded over the ranks): "
                               "global (the single-process top-k) or balanced (top-k/N within each rank's channels)."),
+    resident: Optional[str] = RESIDENT_OPTION,
+    max_density: Optional[float] = MAX_DENSITY_OPTION,
 ):
     """Select channels for PROMPT, prune in place and stream the answer.
 
@@ -115,7 +123,7 @@ def generate(
     if group is not None and group.rank() != 0:
         quiet_rank()
         verbose = False
-    engine, _ = open_model(model, group, **({"split": split} if group else {}))
+    engine, _ = open_model(model, group, **({"split": split} if group else {}), **resident_options(resident, max_density))
     engine.get_selector(selector)  # an unknown selector, or "predictor" without one, fails here
     if dense:
         engine.apply(None)
@@ -131,6 +139,10 @@ def generate(
         kept = "dense" if sel is None else f"density {sel.density:.2f}, select {sel.seconds * 1000:.0f} ms ({sel.source})"
         if sel is not None and sel.source == "activations":
             kept += " = the dense prefill that scores the channels"
+        if engine.residency is not None:
+            from .resident import read_cost
+
+            kept += f", {read_cost(engine.last_apply)}"
         typer.echo(
             f"[{kept}, apply {engine.last_apply.swaps} row swaps | prompt {last.prompt_tokens} tok "
             f"{last.prompt_tps:.1f} tok/s | gen {last.generation_tokens} tok {last.generation_tps:.1f} tok/s | "

@@ -23,6 +23,25 @@ DENSITY_OPTION = typer.Option(None, help="Fraction of FFN channels to keep, in (
 TEMP_OPTION = typer.Option(0.0, help="Sampling temperature (0: greedy).")
 TOP_P_OPTION = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold.")
 SEED_OPTION = typer.Option(None, help="Random seed, for reproducible sampling.")
+RESIDENT_OPTION = typer.Option(None, "--resident", help="kept: hold only the FFN rows a selection may keep "
+                               "(up to --max-density) and read the rows that enter from the bundle when the "
+                               "selection changes (bundles only; docs/ARCHITECTURE.md). Default: the whole model.")
+MAX_DENSITY_OPTION = typer.Option(None, "--max-density", help="With --resident kept: the highest density it can "
+                                  "apply, which sets the FFN rows held per layer (default: the model's default density).")
+
+
+def resident_options(resident: str | None, max_density: float | None) -> dict:
+    """load()'s resident options from --resident/--max-density (one red line if they do not fit)."""
+    from .resident import MODES
+    from .selectors import check_density
+
+    if resident is None:
+        if max_density is not None:
+            fail("--max-density sets the capacity of --resident kept; pass --resident kept with it")
+        return {}
+    if resident not in MODES:
+        fail(f"--resident takes {', '.join(MODES)}, got {resident!r}")
+    return {"resident": resident, "max_density": None if max_density is None else check_density(max_density)}
 
 
 def error_line(message: str) -> None:

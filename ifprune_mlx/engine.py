@@ -27,15 +27,17 @@ from . import bundle
 from .bundle import PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY
 from .calibrate import Calibration
 from .distributed import DEFAULT_SPLIT, Sharding, all_ranks_ok
-from .errors import BundleError, PromptTooLongError, SelectionError
+from .errors import BundleError, PromptTooLongError, ResidentError, SelectionError
 from .models import (build_model, load_weights, normalize_config, prunable_mlps, to_row_layout,
                      quantize_like)
-from .predictor import load_predictor, share_llm_weights
+from .predictor import load_predictor
 from .prune import ApplyStats, apply_selection, rows_to_swap
+from .resident import MODES as RESIDENT_MODES, Residency, residency_for
 from .selectors import (ActivationSelector, PredictorSelector, Prompt, Selection, Selector,
-                        check_sampling, kept_count, top_k)
+                        check_density, check_sampling, kept_count, top_k)
 
 AUTO = "auto"  # apply(AUTO): no pinned selection, generation selects per prompt
+LOST = "lost"  # engine.applied after a resident apply failed and could not restore every row
 
 
 class Engine:
@@ -55,14 +57,16 @@ class Engine:
         sharding: None in one process; under mlx.distributed, how the FFN channels are split
             over the ranks (ifprune_mlx.distributed). Selections (`applied` included) are
             always global, in original channel ids; each rank applies its part.
+        residency: None, or resident mode (load(resident="kept"), ifprune_mlx.resident): each
+            layer holds `residency.capacity` FFN rows and applies read the rows that enter.
     """
 
     def __init__(self, model: nn.Module, tokenizer, config: dict, selector_tokenizer=None,
                  predictor=None, default_density: float | None = None, pad_multiple: int = PAD_MULTIPLE,
                  cache_size: int = 64, path: Path | None = None, deterministic: bool = True,
-                 sharding: Sharding | None = None):
+                 sharding: Sharding | None = None, residency: Residency | None = None):
         self.model, self.tokenizer, self.config, self.path = model, tokenizer, config, path
-        self.deterministic, self.sharding = deterministic, sharding
+        self.deterministic, self.sharding, self.residency = deterministic, sharding, residency
         self.mlps = prunable_mlps(model)
         self.n_layers = len(self.mlps)
         self.d_ffn = sharding.d_ffn if sharding else self.mlps[0].d_ffn
@@ -80,11 +84,22 @@ class Engine:
         self._pin: Selection | None | str = AUTO
         self.applied: Selection | None = None  # what the model computes with now (None: dense)
         self.last_apply = ApplyStats([0] * self.n_layers)
+        if residency is not None:
+            self._start_resident()
+
+    def _start_resident(self) -> None:
+        """Resident mode: the default density is capped at the capacity's, and the model computes
+        on the first kept_count() channels (load read the first `capacity`) until an apply."""
+        self.default_density = min(self.default_density, self.residency.max_density)
+        self.applied = self.residency.start(self.mlps, self.kept_count())
 
     def use_calibration(self, calibration: Calibration) -> None:
-        """Make a calibration's chosen density the default (ifprune_mlx.calibrate)."""
+        """Make a calibration's chosen density the default (ifprune_mlx.calibrate); in resident
+        mode at most the capacity's."""
         self.calibration = calibration
         self.default_density = calibration.density
+        if self.residency is not None:
+            self.default_density = min(self.default_density, self.residency.max_density)
 
     # -- selection ---------------------------------------------------------------------
 
@@ -104,8 +119,11 @@ class Engine:
 
     def kept_count(self, density: float | None = None) -> int:
         """Channels kept per layer at `density` (default: the bundle's)."""
-        return kept_count(self.default_density if density is None else density,
-                          self.d_ffn, self.pad_multiple)
+        density = self.default_density if density is None else density
+        k = kept_count(density, self.d_ffn, self.pad_multiple)
+        if self.residency is not None and k > self.residency.capacity:
+            self.residency.check_counts([k], f"density {check_density(density):.2f}")
+        return k
 
     def select(self, prompt: Prompt, density: float | None = None,
                selector: str | Selector | None = None) -> Selection:
@@ -182,16 +200,31 @@ class Engine:
         if selection is self.applied:
             return ApplyStats([0] * self.n_layers)
         keep = None if selection is None else list(selection.indices)
+        if self.residency is not None:
+            self.last_apply = self._apply_resident(keep)
+            self.applied = selection
+            return self.last_apply
         if keep is not None and self.sharding is not None:
             keep = self.sharding.local(keep)
         self.last_apply = apply_selection(self.mlps, keep, canonical=self.deterministic)
         self.applied = selection
         return self.last_apply
 
+    def _apply_resident(self, keep: list[np.ndarray] | None) -> ApplyStats:
+        """Resident mode's apply (resident.Residency.apply)."""
+        try:
+            return self.residency.apply(self.mlps, keep)
+        except BaseException:
+            if not self.residency.intact(self.mlps):
+                self.applied = LOST  # some rows are unknown: the next apply reads them, whatever it is
+            raise
+
     def swap_cost(self, selection: Selection | None) -> int:
         """Rows apply(selection) would swap now (None: dense); nothing moves."""
         if selection is self.applied:
             return 0
+        if self.residency is not None:  # what an apply costs here is the rows it reads
+            return self.residency.rows_to_read(self.mlps, None if selection is None else list(selection.indices))
         return rows_to_swap(self.mlps, None if selection is None else list(selection.indices),
                             canonical=self.deterministic)
 
@@ -328,6 +361,8 @@ class Engine:
         """Write this model (dense, original channel order) and its tokenizer as a bundle."""
         if self.sharding is not None:
             raise BundleError("this engine holds one rank's share of the FFN; save from a single-process load")
+        if self.residency is not None:
+            raise BundleError("this engine holds only its kept FFN rows (resident mode); save from a load without resident")
         if self.has_predictor:
             raise BundleError("saving an engine with a predictor is the converter's job (ifprune convert)")
         if self.path is None:
@@ -345,15 +380,18 @@ class Engine:
 
 
 def _read_model(folder: Path, config: dict, is_bundle: bool, on_progress=None,
-                sharding: Sharding | None = None) -> nn.Module:
+                sharding: Sharding | None = None, residency: Residency | None = None) -> nn.Module:
     """The LLM of a bundle (row layout) or of a plain model folder (converted here); with
-    `sharding`, only this rank's FFN rows (read from the files alone, for a bundle)."""
+    `sharding`, only this rank's FFN rows (read from the files alone, for a bundle); with
+    `residency` (bundles only), the first `capacity` rows of every layer's FFN."""
     files = bundle.weight_files(folder)
     weights = bundle.read_safetensors(files)
     config = normalize_config(config, weights)
     model = build_model(config)
     if sharding is not None:
         sharding.shard_model(model, bool(config.get("mlp_bias", False)))
+    if residency is not None:
+        residency.shape_model(model, bool(config.get("mlp_bias", False)))
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     quantization = config.get("quantization")
@@ -363,15 +401,20 @@ def _read_model(folder: Path, config: dict, is_bundle: bool, on_progress=None,
         weights = to_row_layout(weights, quantization)
     if sharding is not None:
         weights = sharding.local_weights(weights, files if is_bundle else None)
+    if residency is not None:
+        weights = residency.local_weights(weights)
     if quantization:
         quantize_like(model, quantization, weights)
     load_weights(model, weights, str(folder), on_progress)
+    if residency is not None:
+        residency.attach(model)
     return model
 
 
 def load(path: str | Path, *, cache_size: int = 64, deterministic: bool = True,
          on_progress: Callable[[int, int], None] | None = None,
-         group: mx.distributed.Group | None = None, split: str = DEFAULT_SPLIT) -> Engine:
+         group: mx.distributed.Group | None = None, split: str = DEFAULT_SPLIT,
+         resident: str | None = None, max_density: float | None = None) -> Engine:
     """Load a bundle, or a plain mlx-lm / Hugging Face float model folder, as an Engine.
 
     Args:
@@ -385,15 +428,27 @@ def load(path: str | Path, *, cache_size: int = 64, deterministic: bool = True,
             every rank must make the same calls (docs/DISTRIBUTED.md). None: one process.
         split: under a group, how scores become the kept channels: "global" (the same top-k
             as one process) or "balanced" (top-k/N within each rank's channels).
+        resident: "kept": hold only the kept FFN rows, read from the bundle when a selection
+            changes (ifprune_mlx.resident; bundles only). None: the whole model in memory.
+        max_density: resident mode's capacity: the highest density it can apply (default: the
+            bundle's default density).
     """
+    if resident is None and max_density is not None:
+        raise ResidentError("max_density sets resident mode's capacity; pass resident=\"kept\" with it")
+    if resident is not None and resident not in RESIDENT_MODES:
+        raise ResidentError(f"resident must be one of {', '.join(RESIDENT_MODES)} (or None), got {resident!r}")
     if group is not None and group.size() > 1:
+        if resident is not None:
+            raise ResidentError("resident mode runs in one process; it cannot be combined with a distributed group")
         return _load_sharded(path, group, split, cache_size=cache_size, deterministic=deterministic,
                              on_progress=on_progress)
     folder = Path(path).expanduser()
     config = bundle.read_config(folder)
     block = bundle.ifpruning_block(config, folder)
-    model = _read_model(folder, config, block is not None, on_progress)
-    return _engine(folder, config, block, model, cache_size=cache_size, deterministic=deterministic)
+    residency = None if resident is None else residency_for(folder, config, block, max_density)
+    model = _read_model(folder, config, block is not None, on_progress, residency=residency)
+    return _engine(folder, config, block, model, cache_size=cache_size, deterministic=deterministic,
+                   residency=residency)
 
 
 def _load_sharded(path: str | Path, group: mx.distributed.Group, split: str, **options) -> Engine:
@@ -425,8 +480,7 @@ def _engine(folder: Path, config: dict, block: dict | None, model: nn.Module, **
     if block.get("predictor"):
         pdir = folder / block["predictor"]
         sharding = options.get("sharding")
-        predictor = load_predictor(pdir, len(mlps), sharding.d_ffn if sharding else mlps[0].d_ffn)
-        share_llm_weights(predictor, model)
+        predictor = load_predictor(pdir, len(mlps), sharding.d_ffn if sharding else mlps[0].d_ffn, llm=model)
         if (pdir / "tokenizer_config.json").is_file() or (pdir / "tokenizer.json").is_file():
             selector_tokenizer = load_tokenizer(pdir)
     engine = Engine(model, tokenizer, config, selector_tokenizer, predictor,

@@ -35,3 +35,12 @@ class PromptTooLongError(IFPruneError, ValueError):
 
 class DistributedError(IFPruneError):
     """A sharded run cannot go on: a model too small to shard, a rank that failed or was lost."""
+
+
+class ResidentError(IFPruneError, ValueError):
+    """Resident mode (only the kept FFN rows in memory) cannot do what was asked: a density above
+    its capacity, the dense model, a plain model folder, or rows that could not be read."""
+
+
+class BundleChangedError(ResidentError, BundleError):
+    """A bundle read by byte range while loaded changed on disk (size, time or header)."""

@@ -32,8 +32,10 @@ def find_model(name: str | Path | None = None, *, group=None, on_progress: Stage
 
 def needs_calibration(engine: Engine, found: Resolved) -> bool:
     """The first-use rule: calibrate now if the model has no stored calibration (a plain
-    folder's is attached here), no trained predictor, and was converted or downloaded here."""
-    return not attach_stored_calibration(engine) and found.made_here and not engine.has_predictor
+    folder's is attached here), no trained predictor, and was converted or downloaded here;
+    not in resident mode, which cannot run the dense reference (`ifprune calibrate` without it)."""
+    return (not attach_stored_calibration(engine) and found.made_here and not engine.has_predictor
+            and engine.residency is None)
 
 
 def open_found(found: Resolved, *, group=None, on_progress: StageProgress | None = None, **load_options) -> Engine:

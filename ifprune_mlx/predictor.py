@@ -13,9 +13,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
-from .bundle import read_config, read_safetensors, weight_files
+from .bundle import SAFETENSORS_DTYPES, read_config, read_row_runs, read_safetensors, safetensors_header, weight_files
 from .errors import BundleError, PredictorError
 from .models import build_model, load_weights, quantize_like
 
@@ -65,13 +65,20 @@ class Predictor(nn.Module):
         return np.array(out)
 
 
-def load_predictor(folder: Path, n_layers: int, d_ffn: int) -> Predictor:
-    """Load predictor/ of a bundle and check that its head fits an LLM of this shape."""
+def load_predictor(folder: Path, n_layers: int, d_ffn: int, llm: nn.Module | None = None) -> Predictor:
+    """Load predictor/ of a bundle and check that its head fits an LLM of this shape.
+
+    llm: the loaded LLM, whose arrays the backbone uses where the files hold the same values
+    (share_llm_weights; those are never read whole).
+    """
     folder = Path(folder)
     try:
         config = read_config(folder)
         backbone = build_model(config, prunable=False)
-        weights = read_safetensors(weight_files(folder))
+        files = weight_files(folder)
+        weights = read_safetensors(files)
+        if llm is not None:
+            weights = share_llm_weights(weights, files, llm)
     except BundleError as e:
         raise PredictorError(f"predictor: {e}") from e
     if "quantization" in config:
@@ -95,22 +102,36 @@ def load_predictor(folder: Path, n_layers: int, d_ffn: int) -> Predictor:
     return predictor
 
 
-def share_llm_weights(predictor: Predictor, llm: nn.Module) -> None:
-    """Point the predictor's backbone at the LLM's own arrays wherever they are equal (same name,
-    shape, dtype and values), so that the bundle's copy is freed: an IFPruning predictor built
-    from the LLM's first layers holds its embedding table and attention again (SmolLM2: 113 MB
-    of embeddings). FFN weights are never shared: the engine moves the LLM's rows in place."""
+def share_llm_weights(weights: dict[str, mx.array], files, llm: nn.Module) -> dict[str, mx.array]:
+    """The predictor's (lazily loaded) `weights` with the LLM's own arrays in place of those the
+    files hold equal (same name, shape, dtype and values), compared a block of rows at a time
+    read from the files by byte range, so the predictor's copy is never loaded: an IFPruning
+    predictor built from the LLM's first layers holds its embedding table and attention again
+    (SmolLM2: 113 MB of embeddings). FFN weights are never shared: the engine moves the LLM's
+    rows in place."""
     ours = dict(tree_flatten(llm.parameters()))
-    shared = [(name, ours[name]) for name, value in tree_flatten(predictor.backbone.parameters())
-              if ".mlp." not in name and name in ours and ours[name].shape == value.shape
-              and ours[name].dtype == value.dtype and _equal_in_blocks(ours[name], value)]
-    if shared:
-        predictor.backbone.update(tree_unflatten(shared))
+    out = dict(weights)
+    for path in map(Path, files):
+        header = safetensors_header(path)
+        for name, info in header.items():
+            mine = ours.get(name)
+            if (mine is None or ".mlp." in name or tuple(info["shape"]) != tuple(mine.shape)
+                    or SAFETENSORS_DTYPES[info["dtype"]][0] != str(mine.dtype).split(".")[-1]):
+                continue
+            if _equal_to_file(mine, path, header, name):
+                out[name] = mine
+    return out
 
 
-def _equal_in_blocks(a: mx.array, b: mx.array, block_bytes: int = 8 << 20) -> bool:
-    """a == b everywhere, compared a block of rows at a time (no full-size temporary at load)."""
-    if a.ndim < 2:
-        return bool(mx.array_equal(a, b).item())
+def _equal_to_file(a: mx.array, path: Path, header: dict, name: str, block_bytes: int = 8 << 20) -> bool:
+    """a equals tensor `name` of the file, compared a block of rows at a time (no full-size copy)."""
+    if a.ndim == 0:
+        return False
     step = max(1, block_bytes // max(1, a[0].nbytes))
-    return all(mx.array_equal(a[i: i + step], b[i: i + step]).item() for i in range(0, a.shape[0], step))
+    for i in range(0, a.shape[0], step):
+        ours = a[i: i + step]
+        if ours.dtype == mx.bfloat16:
+            ours = ours.view(mx.uint16)
+        if not np.array_equal(np.array(ours), read_row_runs(path, header, name, [(i, min(a.shape[0], i + step))])):
+            return False
+    return True

@@ -218,6 +218,10 @@ class PrunableMLP(nn.Module):
             self.observer(h)
         return self.down_proj(h, self.k)
 
+    def channel_order(self) -> np.ndarray:
+        """Original channel ids of the activations an observer gets, in their order."""
+        return self.perm
+
     def kept_ids(self) -> np.ndarray:
         """Original ids of the channels in use, sorted."""
         return np.sort(self.perm[: self.k])
@@ -244,10 +248,14 @@ def observing(mlps: list[PrunableMLP], observer: Callable[[mx.array], None]) -> 
 
 @dataclass
 class ApplyStats:
-    """What one apply did: rows swapped per layer and in all, and its wall time."""
+    """What one apply did: rows swapped per layer and in all, and its wall time; in resident
+    mode (resident.py) also the rows read from the bundle, their bytes and the reads' time."""
 
     swaps_per_layer: list[int]
     seconds: float = 0.0
+    rows_read: int = 0
+    bytes_read: int = 0
+    read_seconds: float = 0.0
 
     @property
     def swaps(self) -> int:

@@ -266,7 +266,7 @@ class ActivationSelector:
                                                           collected[len(self.mlps):])]
         scores = np.empty((len(self.mlps), self.mlps[0].d_ffn), dtype=np.float32)
         for layer, (mlp, s) in enumerate(zip(self.mlps, collected)):
-            scores[layer, mlp.perm] = np.sqrt(np.array(s))  # back to original channel ids
+            scores[layer, mlp.channel_order()] = np.sqrt(np.array(s))  # back to original channel ids
         return scores
 
 

@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from .console import MODEL_ARGUMENT, fail, friendly_errors, load_resolved, resolve_with_progress
+from .console import (MAX_DENSITY_OPTION, MODEL_ARGUMENT, RESIDENT_OPTION, fail, friendly_errors, load_resolved,
+                      resident_options, resolve_with_progress)
 from .selectors import check_density
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -27,6 +28,8 @@ def serve(
     prompt_caches: int = typer.Option(16, "--prompt-caches", help="KV caches kept (LRU; one per conversation and mask) so a conversation's next request prefills only what is new."),
     affinity: bool = typer.Option(True, "--affinity/--no-affinity", help="Run queued requests whose mask is in place first (fewer row swaps)."),
     max_body_mb: float = typer.Option(2.0, "--max-body-mb", help="Largest request body, in MB (413 above)."),
+    resident: Optional[str] = RESIDENT_OPTION,
+    max_density: Optional[float] = MAX_DENSITY_OPTION,
 ):
     """Serve MODEL over an OpenAI-compatible HTTP API (chat/completions, completions, models)."""
     try:
@@ -41,11 +44,12 @@ def serve(
             fail(f"{name} must be at least 1, got {value}")
     if max_body_mb <= 0:
         fail(f"--max-body-mb must be positive, got {max_body_mb}")
+    load_options = resident_options(resident, max_density)
     sock = _listen(host, port)
     found = resolve_with_progress(model)
 
     def load():
-        engine = load_resolved(found)
+        engine = load_resolved(found, **load_options)
         engine.get_selector(selector)  # an unknown selector fails before serving
         return engine
 

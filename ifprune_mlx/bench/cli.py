@@ -84,11 +84,16 @@ def bench(
     decode_seconds: Optional[float] = typer.Option(None, help="Seconds of timed decode per density and model (default 20; fewer rounds when lower)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write every raw figure as JSON."),
     detail: int = typer.Option(1024, help="The synthetic width whose time to first token is measured at every prompt length."),
+    resident: Optional[str] = typer.Option(None, "--resident", help="kept: measure resident mode against the full-memory engine instead (MODEL and a synthetic >= 2 GB model; bench/resident.py, docs/RESIDENT.md)."),
 ):
     """Benchmark decode, time to first token, re-selection and memory; print the figures.
 
     docs/BENCHMARKS.md is written from such a run by examples/benchmark_report.py (`make bench`).
     """
+    if resident is not None:
+        from .resident import bench_resident
+
+        return bench_resident(model, resident, quick, json_path)
     if synthetic is None:
         synthetic = "" if model else DEFAULT_WIDTHS
     try:
