@@ -24,7 +24,7 @@ $(VENV)/.runtime: pyproject.toml
 	touch $@
 
 # torch==2.13.0 is pinned: it is the CPU build this project is developed and tested with.
-# `ifprune serve`: the runtime and the serve extra (Starlette, uvicorn, pydantic).
+# `ifprune serve`: the runtime and the serve extra (Starlette, uvicorn, pydantic, llguidance).
 $(VENV)/.serve: $(VENV)/.runtime
 	$(PY) -m pip install -q -e ".[serve]"
 	touch $@
@@ -68,15 +68,16 @@ serve: $(VENV)/.serve
 selectors: install-dev
 	@$(WITH_BLAS) $(PY) -m examples.selector_study
 
-# The plain SmolLM2 GGUF's fidelity vs density (training-free selector; the default model adds a
-# trained predictor): docs/CALIBRATION.md and docs/calibration.png.
-SMOLLM2_GGUF = $$($(PY) -c 'from ifprune_mlx.resolve import default_gguf; print(default_gguf())')
+# `ifprune convert` of the SmolLM2 GGUF (4-bit, float32, the default model), timed with its
+# calibration: the ladders, per-layer vs uniform and the chosen defaults in docs/CALIBRATION.md
+# and docs/calibration.png (5 min on this 2-core machine at load 2-4.5; 26 min at load 9-12).
 calibration: install-dev
-	$(VENV)/bin/ifprune calibrate "$(SMOLLM2_GGUF)" --out docs/CALIBRATION.md --plot docs/calibration.png
+	@$(WITH_BLAS) $(PY) -m examples.calibration_report
 
-# The server under concurrent load, mask affinity off and on: the table of docs/SERVER.md.
+# The server under load: throughput and time to first token at 1/4/8/16 streaming clients on the
+# default model, same task and mixed tasks; writes the table into docs/SERVER.md.
 serve-load: install-dev
-	@$(WITH_BLAS) $(PY) -m examples.serve_load
+	@$(WITH_BLAS) $(PY) -m examples.serve_load --out docs/SERVER.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info .cache

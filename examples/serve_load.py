@@ -1,16 +1,23 @@
-"""`ifprune serve` under load: concurrent streaming conversations, with and without mask affinity.
+"""`ifprune serve` under load: throughput and time to first token at 1/4/8/16 streaming clients.
 
-Starts the server in this process (uvicorn on 127.0.0.1, a free port) on the demo bundle
-(trained predictor: each skill gets its own mask), then CLIENTS threads each hold a
-conversation of ROUNDS streamed requests with the official openai client, all at once. One
-client in eight asks for the dense model. Each conversation is on one of the demo's skills and
-keeps the mask its first message selects (the per-task policy), so queued requests of the same
-skill can run back to back. The same workload runs with affinity off (plain FIFO) and on, and
-a markdown table gives per request: rows swapped, apply ms, prompt tokens reused from the
-per-mask caches; and latency, time to first token and throughput as the clients saw them.
+Starts the server in this process (uvicorn on 127.0.0.1, a free port) on the default model
+(or --model), then CLIENTS threads share REQUESTS streamed chat requests with the official
+openai client, each client sending its next request when the last one ended. Every request
+has a system message (the task instruction, from which the trained predictor selects the
+mask) and a user question. "same task": one system prompt, so every request has one mask and
+they decode in one batch; "mixed tasks": four system prompts, four masks, batches take turns.
+Each run gets a fresh server (no KV caches from earlier runs), warmed by one request per
+system prompt with a question of its own, so prefix caches hold the system prompts only.
 
-    python -m examples.serve_load                       # 32 clients x 2 requests, then 64 x 4
-    python -m examples.serve_load --clients 32 --rounds 2 --model path/to/bundle
+Tokens per CPU-second (the CPU time of this process: server and clients) shows what batching
+saves when the machine is shared and wall-clock throughput mostly measures the neighbours.
+The 1-client run of a workload is the sequential reference: with greedy decoding, every
+request of the other runs is checked to give the same text as there (the table says how many
+did). Writes a markdown table (stdout, and with --out into docs/SERVER.md between its
+markers), with the machine's load average before and after.
+
+    python -m examples.serve_load                     # make serve-load
+    python -m examples.serve_load --clients 1 8 --requests 16 --max-tokens 32
 
 On Linux CPU preload OpenBLAS (see the Makefile's WITH_BLAS).
 """
@@ -18,7 +25,8 @@ On Linux CPU preload OpenBLAS (see the Makefile's WITH_BLAS).
 from __future__ import annotations
 
 import argparse
-import random
+import contextlib
+import os
 import statistics
 import threading
 import time
@@ -26,106 +34,179 @@ from pathlib import Path
 
 import openai
 
-import ifprune_mlx as ifp
-from examples.train_tiny import data
 from ifprune_mlx import server
-from ifprune_mlx.resolve import checkpoint_bundle
+
+SYSTEMS = [
+    "Translate the user's sentence into French. Answer with the translation only.",
+    "Summarize the user's text in one short sentence.",
+    "Rewrite the user's sentence in a formal tone.",
+    "List three keywords of the user's text, separated by commas.",
+]
+QUESTIONS = [
+    "The weather was cold, so we stayed home and read books all afternoon.",
+    "Our team shipped the new release two days before the deadline.",
+    "The museum opens at nine and closes early on Sundays.",
+    "She learned to play the piano by practicing every evening for a year.",
+    "The train was late because of snow on the tracks near the mountains.",
+    "Fresh bread from the bakery on the corner sells out before noon.",
+    "The committee will meet next week to discuss the budget for schools.",
+    "He repaired the old bicycle and rode it to work the next morning.",
+    "Scientists observed a rare bird nesting on the cliffs this spring.",
+    "The library added a quiet room for students preparing for exams.",
+    "Heavy rain flooded the streets, and the buses stopped running.",
+    "The chef changed the menu to use vegetables from local farms.",
+    "Two friends walked along the river and talked about their plans.",
+    "The company opened a new office in a city by the sea.",
+    "A small café downstairs serves the best coffee in the neighborhood.",
+    "The children built a snowman in the park after school.",
+]
+BEGIN, END = "<!-- serve-load begin -->", "<!-- serve-load end -->"
 
 
-def run_server(model: Path, affinity: bool, max_queue: int, prompt_caches: int) -> server.BackgroundServer:
-    return server.BackgroundServer(lambda: ifp.load(model), server.ServerConfig(model_id=model.name),
-                                   affinity=affinity, max_queue=max_queue, prompt_caches=prompt_caches)
+WARM_UP = "Hello."
 
 
-def conversations(clients: int, rounds: int, seed: int = 0) -> list[tuple[list[str], dict]]:
-    """Per client: the user messages of its conversation (one skill) and its extra fields."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(clients):
-        skill = data.SKILLS[i % len(data.SKILLS)]
-        texts = [data.sample(rng, "test", skill).prompt for _ in range(rounds)]
-        out.append((texts, {"dense": True} if i % 8 == 7 else {}))
-    return out
+def request_prompt(j: int, mixed: bool, question: str | None = None) -> list[dict]:
+    system = SYSTEMS[j % len(SYSTEMS)] if mixed else SYSTEMS[0]
+    return [{"role": "system", "content": system}, {"role": "user", "content": question or QUESTIONS[j % len(QUESTIONS)]}]
 
 
-def drive(url: str, work, max_tokens: int) -> tuple[list[dict], float]:
-    """All conversations at once, one thread each; returns per-request records and wall seconds."""
-    records, errors = [], []
+def drive(url: str, clients: int, requests: int, mixed: bool, max_tokens: int) -> tuple[dict, float, float]:
+    """`requests` requests over `clients` threads; returns {j: record}, wall seconds and the
+    CPU seconds this process used (server and clients: it is one process)."""
+    records, errors, lock = {}, [], threading.Lock()
+    todo = iter(range(requests))
 
-    def client(texts, extra):
+    def client():
         api = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
-        messages = []
-        try:
-            for text in texts:
-                messages.append({"role": "user", "content": text})
-                start = time.perf_counter()
-                first, pieces, report = None, [], None
-                stream = api.chat.completions.create(model="default", messages=messages, max_tokens=max_tokens,
-                                                     temperature=0, stream=True, extra_body=extra or None,
-                                                     stream_options={"include_usage": True})
-                for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        first = first or time.perf_counter()
-                        pieces.append(chunk.choices[0].delta.content)
-                    if chunk.choices and chunk.choices[0].finish_reason:
-                        report = chunk.model_extra["ifprune"]
-                    if chunk.usage:
-                        tokens = chunk.usage.completion_tokens
-                end = time.perf_counter()
-                records.append({"latency": end - start, "ttft": (first or end) - start, "tokens": tokens, **report})
-                messages.append({"role": "assistant", "content": "".join(pieces)})
-        except Exception as e:  # reported below
-            errors.append(repr(e))
+        while True:
+            with lock:
+                j = next(todo, None)
+            if j is None:
+                return
+            try:
+                records[j] = one(api, request_prompt(j, mixed), max_tokens)
+            except Exception as e:  # reported below
+                errors.append(repr(e))
+                return
 
-    threads = [threading.Thread(target=client, args=w) for w in work]
-    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start, cpu = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     if errors:
         raise SystemExit(f"{len(errors)} clients failed, e.g. {errors[0]}")
-    return records, time.perf_counter() - start
+    return records, time.perf_counter() - start, time.process_time() - cpu
 
 
-def pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
+def one(api, messages: list[dict], max_tokens: int, **options) -> dict:
+    """One streamed request: its text, TTFT, tokens and the server's report."""
+    start = time.perf_counter()
+    first, pieces, report, tokens = None, [], None, 0
+    stream = api.chat.completions.create(model="default", messages=messages, max_tokens=max_tokens, temperature=0,
+                                         stream=True, stream_options={"include_usage": True}, **options)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.choices and chunk.choices[0].finish_reason:
+            report = chunk.model_extra["ifprune"]
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    end = time.perf_counter()
+    return {"text": "".join(pieces), "ttft": (first or end) - start, "latency": end - start, "tokens": tokens,
+            "batch": report["batch"], "reused": report["reused_tokens"]}
 
 
-def row(name: str, records: list[dict], wall: float) -> str:
+def row(name: str, clients: int, records: dict, wall: float, cpu: float, reference: dict) -> tuple[str, float, float]:
     n = len(records)
-    swaps = sum(r["swaps"] for r in records) / n
-    apply_ms = sum(r["apply_ms"] for r in records) / n
-    reused = sum(r["reused_tokens"] for r in records) / n
-    lat = [r["latency"] * 1000 for r in records]
-    ttft = [r["ttft"] * 1000 for r in records]
-    tokens = sum(r["tokens"] for r in records)
-    return (f"| {name} | {n} | {swaps:.0f} | {apply_ms:.2f} | {reused:.1f} | {pct(ttft, 50):.0f} / {pct(ttft, 95):.0f} "
-            f"| {pct(lat, 50):.0f} / {pct(lat, 95):.0f} | {n / wall:.1f} | {tokens / wall:.0f} |")
+    ttft = sorted(r["ttft"] * 1000 for r in records.values())
+    tokens = sum(r["tokens"] for r in records.values())
+    same = sum(records[j]["text"] == reference[j]["text"] for j in records)
+    p95 = statistics.quantiles(ttft, n=20)[-1] if n > 1 else ttft[0]
+    tps = tokens / wall
+    line = (f"| {name} | {clients} | {n} | {statistics.median(ttft):.0f} / {p95:.0f} | {tps:.1f} | {tokens / cpu:.1f} "
+            f"| {statistics.mean(r['batch'] for r in records.values()):.1f} "
+            f"| {statistics.mean(r['reused'] for r in records.values()):.0f} | {same}/{n} |")
+    return line, tps, statistics.median(ttft)
+
+
+def grammar_overhead(url: str, max_tokens: int, n: int = 6) -> str:
+    """Decode ms per token of one client, plain and with response_format json_object."""
+    api = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    per_token = {}
+    for name, options in (("plain", {}), ("json_object", {"response_format": {"type": "json_object"}})):
+        times = []
+        for j in range(n):
+            r = one(api, request_prompt(j, False), max_tokens, **options)
+            if r["tokens"] > 1:
+                times.append((r["latency"] - r["ttft"]) / (r["tokens"] - 1) * 1000)
+        per_token[name] = statistics.median(times)
+    return (f"Constrained decoding (1 client, {n} requests each, median decode ms per token): plain "
+            f"{per_token['plain']:.1f}, json_object {per_token['json_object']:.1f} "
+            f"({per_token['json_object'] - per_token['plain']:+.1f} ms per token).")
+
+
+@contextlib.contextmanager
+def fresh_server(model: str | None, clients: int, mixed: bool):
+    """A new server on `model` (default: the default chat model), warmed up; yields its /v1 URL."""
+    from ifprune_mlx.opener import open_model
+
+    running = server.BackgroundServer(lambda: open_model(model), server.ServerConfig(model_id="default"),
+                                      max_queue=max(64, clients))
+    try:
+        url = running.url + "/v1"
+        warm = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+        for j in range(len(SYSTEMS) if mixed else 1):
+            one(warm, request_prompt(j, mixed, WARM_UP), 4)
+        yield url
+    finally:
+        running.stop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="a bundle with a trained predictor (default: the demo bundle)")
-    parser.add_argument("--clients", type=int, nargs="*", default=[32, 64])
-    parser.add_argument("--rounds", type=int, nargs="*", default=[2, 4])
+    parser.add_argument("--model", help="a bundle or model folder (default: the default chat model)")
+    parser.add_argument("--clients", type=int, nargs="*", default=[1, 4, 8, 16])
+    parser.add_argument("--requests", type=int, default=16, help="requests per run")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--prompt-caches", type=int, default=16, help="as ifprune serve --prompt-caches")
+    parser.add_argument("--out", type=Path, help="write the table into this markdown file, between its markers")
     args = parser.parse_args()
-    model = args.model or checkpoint_bundle(Path(__file__).resolve().parents[1] / "examples" / "train_tiny" / "checkpoint")
-    print("| workload | requests | rows swapped / request | apply ms / request | prompt tokens reused "
-          "/ request | TTFT p50 / p95 ms | latency p50 / p95 ms | requests/s | tokens/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for clients, rounds in zip(args.clients, args.rounds):
-        work = conversations(clients, rounds)
-        for affinity in (False, True):
-            running = run_server(model, affinity, clients, args.prompt_caches)
-            try:
-                records, wall = drive(running.url + "/v1", work, args.max_tokens)
-            finally:
-                running.stop()
-            name = f"{clients} clients x {rounds}, affinity {'on' if affinity else 'off'}"
-            print(row(name, records, wall), flush=True)
+    load = os.getloadavg()
+    lines = ["| workload | clients | requests | TTFT median / p95 ms | tokens/s (all clients) | tokens per CPU-s "
+             "| batch size at first token (mean) | prompt tokens reused (mean) | same text as 1 client |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    summary = []
+    for mixed in (False, True):
+        name = "mixed tasks (4 masks)" if mixed else "same task (1 mask)"
+        reference, base = None, None
+        for clients in sorted(args.clients):
+            with fresh_server(args.model, clients, mixed) as url:
+                records, wall, cpu = drive(url, clients, args.requests, mixed, args.max_tokens)
+            reference = reference or records
+            line, tps, ttft = row(name, clients, records, wall, cpu, reference)
+            base = base or (tps, ttft)
+            lines.append(line)
+            print(line, flush=True)
+            summary.append(f"{name}, {clients} clients: {tps / base[0]:.2f}x the tokens/s of 1 client, "
+                           f"median TTFT {ttft / base[1]:.2f}x")
+    with fresh_server(args.model, 1, False) as url:
+        summary.append(grammar_overhead(url, args.max_tokens))
+    after = os.getloadavg()
+    notes = [f"Load average (1/5/15 min) before: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; "
+             f"after: {after[0]:.2f} / {after[1]:.2f} / {after[2]:.2f} on {os.cpu_count()} cores. "
+             f"Greedy, at most {args.max_tokens} tokens per answer, {args.requests} requests per run."]
+    notes += [f"- {s}" for s in summary]
+    print("\n" + "\n".join(notes))
+    if args.out:
+        text = args.out.read_text()
+        block = "\n".join([BEGIN, "", *lines, "", *notes, "", END])
+        head, _, rest = text.partition(BEGIN)
+        _, _, tail = rest.partition(END)
+        args.out.write_text(head + block + tail)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,44 @@
-"""Which density to trust: fidelity to the dense model at a ladder of densities.
+"""Which density to trust: fidelity to the dense model at a ladder of densities, and one
+rule that turns measured quality into the default density.
 
 For each of a set of varied instructions, the dense model's greedy answer is the reference.
-At every density the prompt's selection (one scoring pass serves all densities) is applied
-and the answer is scored teacher-forced in generation's own setting: the prompt prefilled
-dense, the answer pruned (fidelity.fidelity_after_prefill). Two measures per density:
+At every density the prompt's selection (one scoring pass serves all densities) is scored
+teacher-forced in generation's own setting: the prompt prefilled dense, the answer pruned.
+All densities of a prompt run as the rows of one batched forward pass with the channels
+masked (fidelity.batched_fidelity): what the CPU's BLAS runs fast. Two measures per density:
 
   KL         mean next-token KL(dense || pruned) in nats over the answer's positions
   agreement  share of answer tokens that are also the pruned model's top-1 choice
 
-The calibrated default is the lowest density of the ladder at which, and at every density
-above it, the mean KL stays within the budget (dense if none does). It is stored in the
-bundle (`ifpruning.default_density`, with the table under `ifpruning.calibration`).
+The rule (choose_default_density), for any measure of loss vs the dense model with a paired
+95% interval (KL here; task scores, dense minus pruned in points, where they are measured):
+the lowest density of the ladder at which, and at every density above it, the interval's
+upper end stays within the budget (non-inferiority within the budget); dense if none does.
+
+Per-layer budgets (ifprune_mlx.budgets) are set from separate prompts (BUDGET_PROMPTS), then
+measured against uniform on the ladder prompts, paired; they are turned on only if they lower
+the KL (the paired interval of the mean difference over the ladder below 0), and the default
+density is then chosen from their ladder. Everything is stored in the bundle
+(`ifpruning.default_density`, the record under `ifpruning.calibration`; docs/FORMAT.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Sequence
 
 import numpy as np
 
-from .fidelity import fidelity_after_prefill, greedy_tokens
+from .budgets import LayerBudgets, layer_errors, steps
+from .fidelity import batched_fidelity, greedy_batch
 from .stats import bootstrap_interval
 
 DENSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 KL_BUDGET = 0.25  # nats per token: about 85-90% top-1 agreement with the dense model
-ANSWER_TOKENS = 24
+ANSWER_TOKENS = 16  # answers are cut at their end token too; the intervals in docs/CALIBRATION.md show what this buys
+REFERENCE_DENSITY = 0.5  # where each layer's sensitivity (its KL pruned alone) is measured
+VERSION = 2  # 1: the rule was mean KL <= budget; 2: the interval's upper end, and layer budgets
 
 # Varied instructions: facts, code, arithmetic, translation, lists, rewriting, explanations,
 # formats, classification, creative writing. Not used for training anything.
@@ -58,12 +71,23 @@ PROMPTS = (
 )
 
 
+# Prompts that set the per-layer budgets: distinct from PROMPTS, on which budgets are judged.
+BUDGET_PROMPTS = (
+    "Name three animals that live in the Arctic.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "What is 144 divided by 12?",
+    "Explain what a black hole is to a ten-year-old.",
+    "Translate to French: Where is the train station?",
+    "Write a limerick about a cat who loves cheese.",
+)
+
+
 @dataclass
 class DensityFidelity:
     """Fidelity to the dense model at one density, over the calibration prompts."""
 
     density: float
-    kept: int
+    kept: int       # mean channels kept per layer (per-layer budgets: they differ by layer)
     kl: float
     kl_low: float   # bootstrap 95% interval of the mean KL over prompts
     kl_high: float
@@ -71,8 +95,28 @@ class DensityFidelity:
 
 
 @dataclass
+class LayerComparison:
+    """Per-layer budgets vs uniform at one density: the paired mean KL difference (layer -
+    uniform, negative: budgets help) with its bootstrap 95% interval over the ladder prompts."""
+
+    density: float
+    uniform_kl: float
+    layer_kl: float
+    diff: float
+    diff_low: float
+    diff_high: float
+
+
+@dataclass
 class Calibration:
-    """A model's fidelity ladder and the default density chosen from it."""
+    """A model's fidelity ladder, the rule's record and the default density it chose.
+
+    measure/budget: what chose the density ("kl": the upper end of the mean KL's 95% interval
+    <= budget nats); rows: the ladder the rule read (per-layer budgets' when they are on),
+    uniform_rows: uniform's ladder when it is not the one read; comparison: per-layer vs uniform;
+    layer_budgets: LayerBudgets.to_json() or None. version 1 records (older ifprune-mlx) chose
+    by mean KL <= kl_budget and have no budgets; they load as they are.
+    """
 
     selector: str
     prompts: int
@@ -80,26 +124,49 @@ class Calibration:
     kl_budget: float
     rows: list[DensityFidelity] = field(default_factory=list)
     density: float = 1.0  # the chosen default (1.0: no density within the budget)
+    version: int = 1
+    measure: str = "kl"
+    budget: float | None = None
+    uniform_rows: list[DensityFidelity] = field(default_factory=list)
+    comparison: list[LayerComparison] = field(default_factory=list)
+    layer_budgets: dict | None = None
+    budget_prompts: int = 0
+    seconds: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> "Calibration":
-        rows = [DensityFidelity(**row) for row in data.get("rows", [])]
-        return cls(**{**data, "rows": rows})
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}  # a newer writer's extra fields
+        return cls(**{**data, "rows": [DensityFidelity(**r) for r in data.get("rows", [])],
+                      "uniform_rows": [DensityFidelity(**r) for r in data.get("uniform_rows", [])],
+                      "comparison": [LayerComparison(**r) for r in data.get("comparison", [])]})
+
+    @property
+    def layer_budgets_on(self) -> bool:
+        return bool(self.layer_budgets and self.layer_budgets.get("enabled"))
 
     def summary(self) -> str:
-        """One line: what was chosen and why."""
+        """One line: what was chosen, by which measure and budget."""
+        layers = ", per-layer budgets" if self.layer_budgets_on else ""
+        where = f"{self.selector}, {self.prompts} prompts{layers}"
+        if self.version < 2:
+            row = next((r for r in self.rows if r.density == self.density), None)
+            if row is None:
+                return f"calibrated (older rule): no density within KL {self.kl_budget:g}; dense by default ({where})"
+            return (f"calibrated (older rule: mean KL {row.kl:.3f} <= {self.kl_budget:g} nats; "
+                    f"`ifprune calibrate` re-measures) ({where})")
         row = next((r for r in self.rows if r.density == self.density), None)
         if row is None:
-            return (f"calibrated: no density within the KL budget {self.kl_budget:g} "
-                    f"({self.selector}, {self.prompts} prompts); dense by default")
-        return (f"calibrated: KL {row.kl:.3f} <= {self.kl_budget:g} nats, top-1 agreement "
-                f"{row.agreement:.0%} ({self.selector}, {self.prompts} prompts)")
+            return (f"calibrated: no density keeps {self.measure.upper()} within the budget {self.budget:g} "
+                    f"(95% upper end); dense by default ({where})")
+        return (f"calibrated: lowest density with mean KL to dense <= {self.budget:g} nats at the 95% upper end "
+                f"({row.kl:.3f}, up to {row.kl_high:.3f}; top-1 agreement {row.agreement:.0%}; {where})")
 
     def table(self) -> list[str]:
-        """The ladder as Markdown table lines."""
+        """The ladder the rule read as Markdown table lines."""
         lines = ["| density | kept / layer | mean KL (nats) | 95% interval | top-1 agreement |",
                  "|---:|---:|---:|---|---:|"]
         for r in self.rows:
@@ -108,72 +175,207 @@ class Calibration:
                          f"| {r.agreement:.1%} |")
         return lines
 
+    def comparison_table(self) -> list[str]:
+        """Per-layer budgets vs uniform as Markdown table lines (empty without budgets)."""
+        if not self.comparison:
+            return []
+        lines = ["| density | uniform KL | per-layer KL | per-layer - uniform | 95% interval (paired) |",
+                 "|---:|---:|---:|---:|---|"]
+        for c in self.comparison:
+            lines.append(f"| {c.density:.2f} | {c.uniform_kl:.3f} | {c.layer_kl:.3f} | {c.diff:+.3f} "
+                         f"| {c.diff_low:+.3f} to {c.diff_high:+.3f} |")
+        return lines
 
-def choose_density(rows: Sequence[DensityFidelity], kl_budget: float) -> float:
-    """The lowest density at which, and at every density above it, mean KL <= kl_budget (else 1.0)."""
+
+@dataclass(frozen=True)
+class RulePoint:
+    """One density's measured loss vs the dense model: point estimate and paired 95% interval."""
+
+    density: float
+    loss: float
+    low: float
+    high: float
+
+
+def choose_default_density(points: Sequence[RulePoint], budget: float) -> float:
+    """The lowest density at which, and at every measured density above it, the loss's 95%
+    upper end is <= budget (non-inferiority within the budget); 1.0 (dense) if none is.
+
+    The loss is vs dense, larger is worse: mean KL in nats, or dense score - pruned score in
+    points for a task. Requiring every density above to pass too keeps one lucky low density
+    from being chosen over failing ones between it and dense.
+    """
     chosen = 1.0
-    for row in sorted(rows, key=lambda r: r.density, reverse=True):
-        if row.kl > kl_budget:
+    for point in sorted(points, key=lambda p: p.density, reverse=True):
+        if not point.high <= budget:  # NaN fails
             break
-        chosen = row.density
+        chosen = point.density
     return chosen
+
+
+def _answers(engine, prompts: Sequence[str], answer_tokens: int) -> list[list[int]]:
+    """The dense model's greedy answers, all prompts decoded together (fidelity.greedy_batch),
+    each cut after its first end-of-sequence token: what a user sees is what is scored."""
+    ids = [engine.prompt_tokens(p) for p in prompts]
+    stops = set(getattr(engine.tokenizer, "eos_token_ids", None) or [])
+    answers = []
+    for answer in greedy_batch(engine.model, ids, answer_tokens):
+        end = next((i + 1 for i, t in enumerate(answer) if t in stops), len(answer))
+        answers.append(answer[:end])
+    return answers
+
+
+def _reference(engine, chooser, prompt):
+    """Scores, token ids and a KV cache holding the prompt but its last token, from one dense
+    pass (the training-free selector's scoring pass is it)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+    from .selectors import ActivationSelector
+
+    ids = engine.prompt_tokens(prompt)
+    cache = make_prompt_cache(engine.model)
+    if isinstance(chooser, ActivationSelector):
+        scores = engine.scores(chooser, ids, kv_cache=cache)
+        trim_prompt_cache(cache, 1)
+    else:
+        scores = engine.scores(chooser, chooser.inputs(prompt))
+        engine.model(mx.array([ids[:-1]], dtype=mx.int32), cache=cache)
+    return scores, ids, cache
+
+
+def _budget_loss(engine, chooser, prompt, answer: list[int]) -> np.ndarray:
+    """[n_layers, steps] estimated KL of pruning each layer alone to each kept-count step, on
+    the dense answer of one prompt: the layer's measured KL when it alone keeps
+    kept_count(REFERENCE_DENSITY) channels, scaled along the layer's own output-error curve
+    (budgets.layer_errors). One batched pass: row 0 dense, row l + 1 layer l pruned."""
+    grid = steps(engine.d_ffn, engine.pad_multiple)
+    scores, ids, cache = _reference(engine, chooser, prompt)
+    k_ref = engine.kept_count(REFERENCE_DENSITY)
+    ks = [[k_ref if i == layer else engine.d_ffn for i in range(engine.n_layers)] for layer in range(engine.n_layers)]
+    seen: list = []
+    alone = batched_fidelity(engine, ids, answer, engine.selections(scores, ks), cache,
+                             observe=lambda h: seen.append(h[0]))
+    ref = int(np.searchsorted(grid, k_ref))
+    loss = np.zeros((engine.n_layers, len(grid)))
+    for layer, (mlp, h) in enumerate(zip(engine.mlps, seen)):
+        order = np.argsort(-scores[layer][mlp.perm], kind="stable")  # positions, best first
+        err, _ = layer_errors(h, mlp.down_proj, order, grid)
+        loss[layer] = max(alone[layer][0], 0.0) * err / max(err[ref], 1e-30)
+    return loss
 
 
 def calibrate(engine, *, densities: Sequence[float] = DENSITIES, kl_budget: float = KL_BUDGET,
               prompts: Sequence[str] = PROMPTS, answer_tokens: int = ANSWER_TOKENS,
-              selector: str | None = None,
+              selector: str | None = None, budget_prompts: Sequence[str] = BUDGET_PROMPTS,
               on_progress: Callable[[int, int], None] | None = None) -> Calibration:
-    """Measure fidelity at each density and choose the default (see the module docstring).
+    """Measure fidelity at each density, set and judge per-layer budgets (none when
+    budget_prompts is empty) and choose the default (see the module docstring).
 
-    Leaves the engine unpinned (per-prompt selection) and its default density unchanged.
+    Leaves the engine dense and unpinned (per-prompt selection), its defaults unchanged.
+    on_progress(done, total) counts prompts; the first step is all prompts' dense answers.
     """
+    start = time.perf_counter()
     densities = sorted(densities)
     chooser = engine.get_selector(selector)
-    kl = np.zeros((len(prompts), len(densities)))
-    agreement = np.zeros_like(kl)
+    if engine.sharding is not None:  # a rank holds part of each layer: no per-layer error curves
+        budget_prompts = ()
+    total = 1 + len(budget_prompts) + len(prompts)
+    engine.apply(None)
     try:
-        for i, prompt in enumerate(prompts):
-            ids = engine.prompt_tokens(prompt)
-            engine.apply(None)
-            answer = greedy_tokens(engine.model, ids, answer_tokens)
-            selections = engine.select_densities(prompt, densities, chooser)
-            for j, (k, a) in enumerate(fidelity_after_prefill(engine, ids, answer, selections)):
-                kl[i, j], agreement[i, j] = k, a
+        answers = _answers(engine, [*budget_prompts, *prompts], answer_tokens)
+        if on_progress:
+            on_progress(1, total)
+        budgets = None
+        if budget_prompts:
+            loss = sum(_budget_loss(engine, chooser, p, a) for p, a in zip(budget_prompts, answers))
+            budgets = LayerBudgets(selector=chooser.name, prompts=len(budget_prompts),
+                                   pad_multiple=engine.pad_multiple, loss=(loss / len(budget_prompts)).tolist())
             if on_progress:
-                on_progress(i + 1, len(prompts))
+                on_progress(1 + len(budget_prompts), total)
+        ks = [[engine.kept_count(d)] * engine.n_layers for d in densities]
+        if budgets is not None:
+            ks += [budgets.counts(d, engine.d_ffn) for d in densities]
+        kl = np.zeros((len(prompts), len(ks)))
+        agreement = np.zeros_like(kl)
+        for i, (prompt, answer) in enumerate(zip(prompts, answers[len(budget_prompts):])):
+            scores, ids, cache = _reference(engine, chooser, prompt)
+            selections = engine.selections(scores, ks, chooser.name)
+            kl[i], agreement[i] = np.array(batched_fidelity(engine, ids, answer, selections, cache)).T
+            if on_progress:
+                on_progress(1 + len(budget_prompts) + i + 1, total)
     finally:
         engine.apply("auto")
-    rows = []
-    for j, density in enumerate(densities):
-        low, high = bootstrap_interval(kl[:, j])
-        rows.append(DensityFidelity(density=float(density), kept=engine.kept_count(density),
-                                    kl=float(kl[:, j].mean()), kl_low=low, kl_high=high,
-                                    agreement=float(agreement[:, j].mean())))
     result = Calibration(selector=chooser.name, prompts=len(prompts), answer_tokens=answer_tokens,
-                         kl_budget=kl_budget, rows=rows)
-    result.density = choose_density(rows, kl_budget)
+                         kl_budget=kl_budget, version=VERSION, budget=kl_budget,
+                         budget_prompts=len(budget_prompts))
+    _choose(result, densities, ks, kl, agreement, budgets)
+    result.seconds = time.perf_counter() - start
     return result
 
 
+def _choose(result: Calibration, densities, ks, kl, agreement, budgets: LayerBudgets | None) -> None:
+    """Fill result's ladders and comparison, turn budgets on if they help, apply the rule."""
+    n = len(densities)
+    result.rows = _ladder(densities, ks[:n], kl[:, :n], agreement[:, :n])
+    if budgets is not None:
+        layer_rows = _ladder(densities, ks[n:], kl[:, n:], agreement[:, n:])
+        diff = kl[:, n:] - kl[:, :n]
+        result.comparison = [LayerComparison(d, float(kl[:, j].mean()), float(kl[:, n + j].mean()),
+                                             float(diff[:, j].mean()), *bootstrap_interval(diff[:, j]))
+                             for j, d in enumerate(densities)]
+        budgets.enabled = bool(bootstrap_interval(diff.mean(axis=1))[1] < 0)
+        if budgets.enabled:
+            result.uniform_rows, result.rows = result.rows, layer_rows
+        result.layer_budgets = budgets.to_json()
+    points = [RulePoint(r.density, r.kl, r.kl_low, r.kl_high) for r in result.rows]
+    result.density = choose_default_density(points, result.budget)
+
+
+def _ladder(densities, ks, kl: np.ndarray, agreement: np.ndarray) -> list[DensityFidelity]:
+    rows = []
+    for j, density in enumerate(densities):
+        low, high = bootstrap_interval(kl[:, j])
+        rows.append(DensityFidelity(density=float(density), kept=round(float(np.mean(ks[j]))),
+                                    kl=float(kl[:, j].mean()), kl_low=low, kl_high=high,
+                                    agreement=float(agreement[:, j].mean())))
+    return rows
+
+
 def report(calibration: Calibration, model_name: str, command: str, plot_name: str | None = None) -> str:
-    """A Markdown page: the command, the ladder, the choice and how it was made."""
+    """A Markdown section: the command, the ladder, per-layer vs uniform, the choice and its rule."""
     c = calibration
     lines = [
-        f"# Calibration: {model_name}",
+        f"## {model_name}",
         "",
-        f"Written by `{command}`.",
+        f"Written by `{command}` ({c.seconds:.0f} s).",
         "",
-        f"Selector: {c.selector}. {c.prompts} built-in instructions (ifprune_mlx/calibrate.py), each model's own "
-        f"dense greedy answer ({c.answer_tokens} tokens) as the reference, scored teacher-forced with the prompt "
-        "prefilled dense and the answer pruned, as generation runs. KL is the mean next-token "
-        "KL(dense || pruned) in nats with a bootstrap 95% interval over the prompts; agreement is the share "
-        "of answer tokens that are also the pruned model's top-1 choice.",
+        f"Selector: {c.selector}. {c.prompts} built-in instructions (`PROMPTS` in ifprune_mlx/calibrate.py), "
+        f"each model's own dense greedy answer (at most {c.answer_tokens} tokens, cut after its end token) as "
+        "the reference, scored teacher-forced with the prompt prefilled dense and the answer pruned, as "
+        "generation runs. KL is the mean next-token KL(dense || pruned) in nats with a bootstrap 95% "
+        "interval over the prompts; agreement is the share of answer tokens that are also the pruned "
+        "model's top-1 choice.",
         "",
         *c.table(),
         "",
-        f"Default: density {c.density:.2f}, the lowest density at which, and at every density above it, the "
-        f"mean KL stays within {c.kl_budget:g} nats ({c.summary()}).",
     ]
+    if c.comparison:
+        on = "on" if c.layer_budgets_on else "off"
+        lines += [
+            f"Per-layer budgets, set from {c.budget_prompts} other prompts (`BUDGET_PROMPTS`), vs uniform at "
+            f"the same average density (the same FFN channels in all) on the {c.prompts} prompts above; the "
+            "difference is paired per prompt (negative: per-layer budgets are closer to dense):",
+            "",
+            *c.comparison_table(),
+            "",
+            f"Per-layer budgets are **{on}** for this model: on only when the 95% interval of the per-prompt "
+            "mean difference over the ladder lies below 0."
+            + (" The ladder above is theirs." if c.layer_budgets_on else ""),
+            "",
+        ]
+    lines.append(f"Default: density {c.density:.2f}, the lowest density at which, and at every density above "
+                 f"it, the upper end of the mean KL's 95% interval stays within {c.budget:g} nats ({c.summary()}).")
     if plot_name:
         lines += ["", f"![KL and agreement vs density]({plot_name})"]
     return "\n".join(lines) + "\n"

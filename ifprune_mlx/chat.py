@@ -81,7 +81,7 @@ class TurnStats:
     read_ms: float = 0.0           # and the reads' wall time
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -118,7 +118,7 @@ class MaskCaches:
         it becomes the most recently used. A new cache when nothing is shared, or when the
         best one would lose most of what it holds (another conversation's) and the mask
         has room for one more."""
-        slots = [(slot, entry, _common_prefix(entry.tokens, tokens))
+        slots = [(slot, entry, common_prefix(entry.tokens, tokens))
                  for slot, entry in self._caches.items() if slot[0] == key]
         best = max(slots, key=lambda s: s[2], default=None)
         if best is not None and len(slots) < self.per_mask and 2 * best[2] < len(best[1].tokens):

@@ -65,7 +65,7 @@ def info(model: Optional[str] = MODEL_ARGUMENT, resident: Optional[str] = RESIDE
         ("predictor", _predictor_summary(engine)),
         ("selectors", "predictor = trained predictor (default), activations = training-free" if engine.has_predictor
          else "activations (training-free; no trained predictor)"),
-        ("default density", f"{engine.default_density:.2f} -> keeps {engine.kept_count()} of {engine.d_ffn} channels "
+        ("default density", f"{engine.default_density:.2f} -> keeps {_kept(engine)} of {engine.d_ffn} channels "
                             f"({density_origin(engine)})"),
         ("context", f"{engine.context_length} tokens" if engine.context_length else "not stated"),
         ("chat template", "yes" if getattr(engine.tokenizer, "chat_template", None) else "no"),
@@ -79,6 +79,13 @@ def info(model: Optional[str] = MODEL_ARGUMENT, resident: Optional[str] = RESIDE
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")
+
+
+def _kept(engine) -> str:
+    counts = engine.kept_counts()
+    if len(set(counts)) == 1:
+        return str(counts[0])
+    return f"{min(counts)}-{max(counts)} (per-layer budgets, mean {sum(counts) / len(counts):.0f})"
 
 
 def _predictor_summary(engine) -> str:
@@ -161,7 +168,10 @@ def calibrate_command(
                                               "KL to the dense model, in nats, that the default may cost "
                                               "[default: 0.25]."),
     selector: Optional[str] = typer.Option(None, "--selector", help="predictor or activations (default: the model's)."),
-    answer_tokens: Optional[int] = typer.Option(None, "--answer-tokens", help="Tokens of each reference answer [default: 24]."),
+    answer_tokens: Optional[int] = typer.Option(None, "--answer-tokens", help="Most tokens of each reference answer (cut after its end token) [default: 16]."),
+    layer_budgets: bool = typer.Option(True, "--layer-budgets/--no-layer-budgets", help="Also set per-layer budgets "
+                                       "from separate prompts and measure them against uniform (used only if they "
+                                       "lower the KL)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the report as Markdown to this file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw KL and agreement vs density to this PNG."),
     save: bool = typer.Option(True, "--save/--no-save", help="Store the chosen density as the model's default "
@@ -170,8 +180,9 @@ def calibrate_command(
     """Measure fidelity to the dense model at a ladder of densities and choose the default density.
 
     For built-in varied instructions, the dense model's own answer is scored with each
-    density's pruned model (KL and top-1 agreement); the default is the lowest density within
-    the KL budget.
+    density's pruned model (KL and top-1 agreement); the default is the lowest density at which
+    (and above which) the upper end of the mean KL's 95% interval stays within the KL budget.
+    Per-layer budgets are set from other prompts and kept only if they lower the KL.
     """
     from . import calibrate
     from .calibration_store import save_calibration
@@ -191,6 +202,8 @@ def calibrate_command(
     engine, found = open_model(model)
     engine.get_selector(selector)
     options = {"densities": ladder, "selector": selector}
+    if not layer_budgets:
+        options["budget_prompts"] = ()
     if kl_budget is not None:
         options["kl_budget"] = kl_budget
     if answer_tokens is not None:
@@ -198,8 +211,10 @@ def calibrate_command(
     result = calibrate_with_progress(engine, **options)
     name = {"default": f"{DEFAULT_NAME} with its trained predictor (the default model)",
             "gguf": f"{Path(str(model)).name} (converted GGUF file)"}.get(found.origin, found.path.name)
-    for line in result.table():
+    for line in result.table() + [""] + result.comparison_table():
         typer.echo(line)
+    if result.comparison:
+        typer.echo(f"per-layer budgets: {'on' if result.layer_budgets_on else 'off'} (per-layer - uniform KL, paired)")
     typer.echo(f"default density {result.density:.2f}: {result.summary()}")
     if plot is not None:
         if calibrate.plot(result, plot, f"{name}: fidelity vs density ({result.selector})"):
@@ -209,7 +224,7 @@ def calibrate_command(
     if out is not None:
         command = "ifprune calibrate" + (f" {model}" if model else "") + (f" --plot {plot}" if plot else "") + f" --out {out}"
         plot_name = None if plot is None else plot.name if plot.parent == out.parent else str(plot)
-        out.write_text(calibrate.report(result, name, command, plot_name))
+        out.write_text(f"# Calibration\n\n{calibrate.report(result, name, command, plot_name)}")
         typer.echo(f"report: {out}", err=True)
     if save:
         typer.echo(f"stored as the default: {save_calibration(engine, result)}", err=True)

@@ -4,6 +4,7 @@ through opener.py; this module only draws their progress)."""
 from __future__ import annotations
 
 import functools
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -85,9 +86,17 @@ def _progress() -> Progress:
                     TimeElapsedColumn(), console=stderr, transient=True, disable=not stderr.is_terminal)
 
 
+def stage_line(description: str) -> None:
+    """Off a terminal (piped, logged) the bars are not drawn: say what starts, one line on stderr
+    (without the bar's unit)."""
+    if not stderr.is_terminal:
+        stderr.print(f"{re.sub(r' [(](MB|prompts|layers)[)]$', '', description)} ...", highlight=False, markup=False)
+
+
 @contextmanager
 def progress_bar(description: str, total: float | None = None):
-    """A transient progress bar on stderr; yields update(done, total=None)."""
+    """A transient progress bar on stderr (off a terminal: a stage line); yields update(done, total=None)."""
+    stage_line(description)
     with _progress() as progress:
         task = progress.add_task(description, total=total)
         progress.refresh()  # drawn at least once, however quickly the work ends
@@ -115,6 +124,7 @@ def staged_progress():
             if stage.endswith("(MB)"):
                 done, total = done // 1_000_000, max(1, total // 1_000_000)
             if stage not in tasks:
+                stage_line(stage)
                 tasks[stage] = progress.add_task(stage, total=total)
                 progress.refresh()  # drawn at least once, however quickly the stage ends
             progress.update(tasks[stage], completed=done, total=total)
@@ -166,5 +176,5 @@ def density_origin(engine) -> str:
     if engine.calibration is not None:
         return engine.calibration.summary()
     if engine.has_predictor:
-        return "the trained predictor's density"
+        return "set by training, not calibrated: `ifprune calibrate MODEL` chooses it by the measured rule"
     return "not calibrated: `ifprune calibrate MODEL` measures which density to trust"

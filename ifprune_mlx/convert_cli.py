@@ -56,9 +56,9 @@ def convert(
                                 "(needs torch), with mlx-lm's own model for an mlx-lm folder, or with "
                                 "transformers' GGUF model for a GGUF file (needs torch; a trained adapter merged into it); the bundle "
                                 "is only written if it passes."),
-    calibrate_default: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Without a trained predictor and "
-                                   "--density: measure fidelity vs density once (as `ifprune calibrate`) and "
-                                   "store the chosen default density in the bundle."),
+    calibrate_default: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Without --density: measure "
+                                           "fidelity vs density once (as `ifprune calibrate`) and store the default "
+                                           "density the rule chooses, and the per-layer budgets, in the bundle."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
 ):
     """Convert a PyTorch IFPruning checkpoint (LLM + sparsity predictor), an mlx-lm folder or a GGUF file (with
@@ -73,8 +73,7 @@ def convert(
                               dequantize=dequantize, quantize=quantize)
         _convert(source, src, out, gguf=gguf, predictor=predictor, dtype=dtype, quantize=quantize,
                  group_size=group_size, density=density, pad_multiple=pad_multiple, verify=verify, force=force)
-        has_predictor = source.predictor is not None
-    if calibrate_default and density is None and not has_predictor:
+    if calibrate_default and density is None:
         from .console import calibrate_with_progress, load_with_progress
         from .calibration_store import save_calibration
 

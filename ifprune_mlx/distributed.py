@@ -151,11 +151,14 @@ class Sharding:
         with peer_errors():
             yield from items
 
-    def top_k(self, scores: np.ndarray, k: int) -> list[np.ndarray]:
-        """Per layer, the k kept channel ids (sorted) by this sharding's split rule."""
+    def top_k(self, scores: np.ndarray, k: int | Sequence[int]) -> list[np.ndarray]:
+        """Per layer, the k kept channel ids (sorted) by this sharding's split rule (k: one
+        count, or one per layer)."""
         if self.split == "global":
             return top_k(scores, k)
-        return balanced_top_k(scores, k, self.bounds)
+        if np.isscalar(k):
+            return balanced_top_k(scores, k, self.bounds)
+        return [balanced_top_k(scores[layer:layer + 1], int(c), self.bounds)[0] for layer, c in enumerate(k)]
 
     def local(self, indices: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Global channel ids per layer -> this rank's rows (ids minus start), sorted."""

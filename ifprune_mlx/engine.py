@@ -32,6 +32,7 @@ from .models import (build_model, load_weights, normalize_config, prunable_mlps,
                      quantize_like)
 from .predictor import load_predictor
 from .prune import ApplyStats, apply_selection, rows_to_swap
+from .budgets import LayerBudgets
 from .resident import MODES as RESIDENT_MODES, Residency, residency_for
 from .selectors import (ActivationSelector, PredictorSelector, Prompt, Selection, Selector,
                         check_density, check_sampling, kept_count, top_k)
@@ -77,6 +78,8 @@ class Engine:
         self.selector: Selector = next(iter(self.selectors.values()))
         self.default_density = default_density or PLAIN_DEFAULT_DENSITY
         self.calibration: Calibration | None = None  # how the default density was chosen, if it was
+        self.budgets: LayerBudgets | None = None  # per-layer kept counts, used when .enabled
+        self._counts: dict[float, tuple[int, ...]] = {}
         self.pad_multiple = pad_multiple
         self._cache: OrderedDict[tuple, Selection] = OrderedDict()
         self._cache_size = cache_size
@@ -94,12 +97,18 @@ class Engine:
         self.applied = self.residency.start(self.mlps, self.kept_count())
 
     def use_calibration(self, calibration: Calibration) -> None:
-        """Make a calibration's chosen density the default (ifprune_mlx.calibrate); in resident
+        """Make a calibration's chosen density the default, and its per-layer budgets (if it
+        has them, checked against this model) the engine's (ifprune_mlx.calibrate); in resident
         mode at most the capacity's."""
-        self.calibration = calibration
+        budgets = None
+        if calibration.layer_budgets is not None:
+            budgets = LayerBudgets.from_json(calibration.layer_budgets, self.n_layers, self.d_ffn,
+                                             f"{self.path or 'calibration'}: calibration")
+        self.calibration, self.budgets = calibration, budgets
         self.default_density = calibration.density
         if self.residency is not None:
             self.default_density = min(self.default_density, self.residency.max_density)
+        self._counts.clear()
 
     # -- selection ---------------------------------------------------------------------
 
@@ -118,12 +127,26 @@ class Engine:
         return self.selectors[selector]
 
     def kept_count(self, density: float | None = None) -> int:
-        """Channels kept per layer at `density` (default: the bundle's)."""
+        """Channels kept per layer at `density` (default: the bundle's) under uniform budgets
+        (with per-layer budgets: their mean)."""
         density = self.default_density if density is None else density
         k = kept_count(density, self.d_ffn, self.pad_multiple)
         if self.residency is not None and k > self.residency.capacity:
             self.residency.check_counts([k], f"density {check_density(density):.2f}")
         return k
+
+    def kept_counts(self, density: float | None = None) -> tuple[int, ...]:
+        """Channels kept in each layer at `density` (default: the bundle's): the per-layer
+        budgets' allocation where they are enabled (ifprune_mlx.budgets), else uniform."""
+        density = check_density(self.default_density if density is None else density)
+        if self.budgets is None or not self.budgets.enabled:
+            return (self.kept_count(density),) * self.n_layers
+        if density not in self._counts:
+            counts = tuple(self.budgets.counts(density, self.d_ffn))
+            if self.residency is not None:
+                self.residency.check_counts(counts, f"density {density:.2f} (per-layer budgets)")
+            self._counts[density] = counts
+        return self._counts[density]
 
     def select(self, prompt: Prompt, density: float | None = None,
                selector: str | Selector | None = None) -> Selection:
@@ -134,29 +157,41 @@ class Engine:
         its input tokens, kept count): a task prompt selected once is free the next time.
         """
         selector = self.get_selector(selector)
-        k = self.kept_count(density)
-        return self._select(selector, selector.inputs(prompt), k)
+        return self._select(selector, selector.inputs(prompt), self.kept_counts(density))
 
     def select_densities(self, prompt: Prompt, densities: Sequence[float],
                          selector: str | Selector | None = None) -> list[Selection]:
         """select() at several densities from one scoring pass (calibration, studies)."""
         selector = self.get_selector(selector)
-        return self._select_many(selector, selector.inputs(prompt), [self.kept_count(d) for d in densities])
+        return self._select_many(selector, selector.inputs(prompt), [self.kept_counts(d) for d in densities])
 
-    def _select(self, selector: Selector, tokens: list[int], k: int, kv_cache: list | None = None) -> Selection:
+    def _select(self, selector: Selector, tokens: list[int], k, kv_cache: list | None = None) -> Selection:
         """Select by `selector` on `tokens` (cached). With kv_cache (activations only) the
         scoring pass always runs, filling the cache: GRIFFIN's dense prefill."""
         return self._select_many(selector, tokens, [k], kv_cache)[0]
 
-    def _select_many(self, selector: Selector, tokens: list[int], ks: list[int],
+    def _select_many(self, selector: Selector, tokens: list[int], ks: list,
                      kv_cache: list | None = None) -> list[Selection]:
+        """Selections at several kept counts (each an int for every layer, or one per layer)
+        from one scoring pass, cached."""
+        ks = [(int(k),) * self.n_layers if np.isscalar(k) else tuple(int(c) for c in k) for k in ks]
         keys = [(selector, tuple(tokens), k) for k in ks]
         if kv_cache is None and all(key in self._cache for key in keys):
             for key in keys:
                 self._cache.move_to_end(key)
             return [self._cache[key] for key in keys]
         start = time.perf_counter()
+        scores = self.scores(selector, tokens, kv_cache)
+        selections = self.selections(scores, ks, selector.name, time.perf_counter() - start)
+        for key, selection in zip(keys, selections):
+            self._cache[key] = selection
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return selections
 
+    def scores(self, selector: Selector, tokens: list[int], kv_cache: list | None = None) -> np.ndarray:
+        """[n_layers, d_ffn] channel scores of `selector` on its input `tokens` (not cached);
+        with kv_cache (activations only) its dense pass fills the cache (GRIFFIN's prefill)."""
         def score():
             return selector.scores(tokens) if kv_cache is None else selector.scores(tokens, kv_cache)
 
@@ -167,15 +202,14 @@ class Engine:
         if scores.shape != (self.n_layers, self.d_ffn):
             raise SelectionError(f"selector {selector.name!r} returned scores of shape {scores.shape}, "
                                  f"expected ({self.n_layers}, {self.d_ffn})")
-        seconds = time.perf_counter() - start
+        return scores
+
+    def selections(self, scores: np.ndarray, ks: Sequence[Sequence[int]], source: str = "explicit",
+                   seconds: float = 0.0) -> list[Selection]:
+        """The top ks[i][layer] channels of every layer by `scores`, for each kept-count vector in ks."""
         rule = top_k if self.sharding is None else self.sharding.top_k
-        selections = [Selection(indices=tuple(rule(scores, k)), d_ffn=self.d_ffn, seconds=seconds,
-                                source=selector.name) for k in ks]
-        for key, selection in zip(keys, selections):
-            self._cache[key] = selection
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return selections
+        return [Selection(indices=tuple(rule(scores, list(k))), d_ffn=self.d_ffn, seconds=seconds,
+                          source=source) for k in ks]
 
     def apply(self, selection: Selection | Sequence[Sequence[int]] | None | str) -> ApplyStats:
         """Pin a selection (a Selection, per-layer index arrays, or None for dense).
@@ -325,7 +359,7 @@ class Engine:
         cache = make_prompt_cache(self.model)
         if len(ids) < 2 or not can_trim_prompt_cache(cache):
             return None
-        selection = self._select(chosen, ids, self.kept_count(density), kv_cache=cache)
+        selection = self._select(chosen, ids, self.kept_counts(density), kv_cache=cache)
         trim_prompt_cache(cache, 1)
         self._apply(selection)
         return cache, selection.seconds

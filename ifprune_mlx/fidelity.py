@@ -9,6 +9,7 @@ the benchmark, the selector study and the tests.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Sequence
 
 import mlx.core as mx
@@ -39,6 +40,26 @@ def greedy_tokens(model, ids: Sequence[int], n: int, prompt_cache: list | None =
 
     steps = generate_step(mx.array(list(ids)), model, max_tokens=n, prompt_cache=prompt_cache)
     return [int(token) for token, _ in steps]
+
+
+def greedy_batch(model, prompts: Sequence[Sequence[int]], n: int, batch_size: int = 32) -> list[list[int]]:
+    """greedy_tokens for many prompts at once (mlx-lm's BatchGenerator, no stop token: n tokens
+    each): one decode step serves every prompt, which on a CPU costs about what one prompt's
+    does (decode reads all the weights per step). Equal to greedy_tokens up to float rounding."""
+    from mlx_lm.generate import BatchGenerator
+
+    results: dict[int, list[int]] = {}
+    generator = BatchGenerator(model, max_tokens=n, stop_tokens=[], completion_batch_size=batch_size,
+                               prefill_batch_size=batch_size)
+    try:
+        uids = generator.insert([list(p) for p in prompts], [n] * len(prompts))
+        results = {uid: [] for uid in uids}
+        while responses := generator.next_generated():
+            for r in responses:
+                results[r.uid].append(int(r.token))
+    finally:
+        generator.close()
+    return [results[uid][:n] for uid in uids]
 
 
 def prefill_dense(engine, prompt: Sequence[int]) -> list:
@@ -140,3 +161,75 @@ def compact_model(engine, k: int | None = None, *, rows: bool = False) -> nn.Mod
 
 def _log_softmax(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def masks_for(engine, selections: Sequence[Selection | None]) -> list[mx.array]:
+    """Per layer, a [len(selections), 1, d_ffn] 0/1 mask in the layer's position order: row b
+    keeps the channels selections[b] keeps (None: all). prune.masking's input."""
+    local = [None if s is None else s.indices if engine.sharding is None else engine.sharding.local(s.indices)
+             for s in selections]  # under mlx.distributed, this rank's rows
+    masks = []
+    for layer, mlp in enumerate(engine.mlps):
+        rows = np.ones((len(selections), 1, mlp.d_ffn), dtype=np.float32)
+        for b, indices in enumerate(local):
+            if indices is not None:
+                kept = np.zeros(mlp.d_ffn, dtype=np.float32)
+                kept[indices[layer]] = 1.0
+                rows[b, 0] = kept[mlp.perm]
+        masks.append(mx.array(rows))
+    return masks
+
+
+def tile_cache(cache: list, batch: int) -> bool:
+    """Repeat a one-sequence KV cache `batch` times in place (every row then extends the same
+    prefix); False if a cache layer is not mlx-lm's plain KVCache (nothing is changed then)."""
+    from mlx_lm.models.cache import KVCache
+
+    if not all(type(c) is KVCache for c in cache):
+        return False
+    for c in cache:
+        keys, values = c.keys[..., :c.offset, :], c.values[..., :c.offset, :]
+        c.keys, c.values = mx.repeat(keys, batch, axis=0), mx.repeat(values, batch, axis=0)
+    return True
+
+
+def batched_fidelity(engine, prompt: Sequence[int], continuation: Sequence[int],
+                     selections: Sequence[Selection], cache: list | None = None,
+                     observe=None) -> list[tuple[float, float]]:
+    """For every selection: (mean KL(dense || pruned) in nats over the positions that predict
+    the continuation's tokens, share of them that are the pruned model's top-1 choice), the
+    prompt[:-1] prefilled dense, all from ONE batched forward pass.
+
+    Row 0 of the batch runs dense, row b + 1 with selections[b]'s channels masked in
+    (prune.masking: the pruned model up to float rounding; no row moves), all extending the
+    same dense prefill of prompt[:-1] (`cache`, filled here when None; it is consumed).
+    observe(h), if given, sees every layer's [batch, T, d_ffn] activations before masking.
+    The engine must be dense (engine.apply(None)). Many rows per product is what CPU BLAS
+    (and the dequantize-then-BLAS path of quantized rows) runs fast.
+    """
+    from .prune import masking, observing
+
+    prompt, continuation = list(prompt), list(continuation)
+    if len(prompt) < 2:
+        raise ValueError("the prompt needs at least 2 tokens (all but the last are prefilled dense)")
+    batch = 1 + len(selections)
+    fed = prompt[-1:] + continuation[:-1]  # position i predicts continuation[i]
+    if cache is None:
+        cache = prefill_dense(engine, prompt)
+    if not tile_cache(cache, batch):  # another cache type: prefill every row
+        cache = make_prompt_cache(engine.model)
+        engine.model(mx.array([prompt[:-1]] * batch, dtype=mx.int32), cache=cache)
+    with masking(engine.mlps, masks_for(engine, [None, *selections])), \
+            (observing(engine.mlps, observe) if observe else nullcontext()):
+        logits = engine.model(mx.array([fed] * batch, dtype=mx.int32), cache=cache)
+    if not selections:  # the dense pass alone (what observe sees)
+        mx.eval(logits)
+        return []
+    dense, pruned = logits[:1], logits[1:]
+    kl = mx.mean(next_token_kl(dense, pruned), axis=-1)
+    targets = mx.array(continuation, dtype=mx.int32)
+    agree = mx.mean(mx.argmax(pruned, axis=-1) == targets, axis=-1) if continuation else mx.ones(len(selections))
+    mx.eval(kl, agree)
+    agreement = agree.tolist()
+    return list(zip(kl.tolist(), agreement))
+

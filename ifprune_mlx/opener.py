@@ -4,8 +4,8 @@
     engine = ifprune_mlx.open_model("model.Q4_0.gguf")     # converted once into the disk cache
 
 open_model = resolve (name -> folder, resolve.py) + load (engine.py) + the first-use rule,
-written here once: a model without a trained predictor that was converted or downloaded here
-is calibrated on first use and the result stored (calibration_store.py); a plain folder gets
+written here once: a model that was converted or downloaded here (the default model too) is
+calibrated on first use and the result stored (calibration_store.py); a plain folder gets
 the calibration `ifprune calibrate` stored for it. No terminal I/O: progress goes to
 on_progress(stage, done, total) (console.py draws it).
 """
@@ -31,11 +31,14 @@ def find_model(name: str | Path | None = None, *, group=None, on_progress: Stage
 
 
 def needs_calibration(engine: Engine, found: Resolved) -> bool:
-    """The first-use rule: calibrate now if the model has no stored calibration (a plain
-    folder's is attached here), no trained predictor, and was converted or downloaded here;
-    not in resident mode, which cannot run the dense reference (`ifprune calibrate` without it)."""
-    return (not attach_stored_calibration(engine) and found.made_here and not engine.has_predictor
-            and engine.residency is None)
+    """The first-use rule: calibrate now if the model was converted or downloaded here (trained
+    or not: one rule chooses every default) and has no stored calibration by the current rule
+    (a plain folder's is attached here); not in resident mode, which cannot run the dense
+    reference (`ifprune calibrate` without it)."""
+    from .calibrate import VERSION
+
+    stored = attach_stored_calibration(engine) and engine.calibration.version >= VERSION
+    return found.made_here and not stored and engine.residency is None
 
 
 def open_found(found: Resolved, *, group=None, on_progress: StageProgress | None = None, **load_options) -> Engine:

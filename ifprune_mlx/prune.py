@@ -211,11 +211,14 @@ class PrunableMLP(nn.Module):
         self.k = d_ffn
         self.perm = np.arange(d_ffn)  # position -> original channel id
         self.observer = None  # called with the [.., k] activations (training-free selector)
+        self.mask = None  # [batch, 1, d_ffn] 0/1 per position: several selections in one batch
 
     def __call__(self, x: mx.array) -> mx.array:
         h = swiglu(self.gate_proj(x, self.k), self.up_proj(x, self.k))
         if self.observer is not None:
             self.observer(h)
+        if self.mask is not None:
+            h = h * self.mask
         return self.down_proj(h, self.k)
 
     def channel_order(self) -> np.ndarray:
@@ -244,6 +247,22 @@ def observing(mlps: list[PrunableMLP], observer: Callable[[mx.array], None]) -> 
     finally:
         for mlp, k in zip(mlps, widths):
             mlp.k, mlp.observer = k, None
+
+
+@contextmanager
+def masking(mlps: list[PrunableMLP], masks: list[mx.array]) -> Iterator[None]:
+    """Inside the block every layer computes on all its channels times masks[layer]
+    ([batch, 1, d_ffn], position order): batch row b computes the model pruned to the channels
+    its mask keeps, equal to that selection applied up to float rounding, with no row moved.
+    Calibration measures many selections in one batched pass with it."""
+    widths = [mlp.k for mlp in mlps]
+    try:
+        for mlp, mask in zip(mlps, masks, strict=True):
+            mlp.k, mlp.mask = mlp.d_ffn, mask
+        yield
+    finally:
+        for mlp, k in zip(mlps, widths):
+            mlp.k, mlp.mask = k, None
 
 
 @dataclass

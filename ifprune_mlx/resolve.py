@@ -14,7 +14,7 @@ package ships (pretrained/smollm2_135m_instruct); naming that GGUF file (`ifprun
 its path) opens the plain model, with the training-free selector. Converted models live
 in the cache folder ($IFPRUNE_CACHE, else $XDG_CACHE_HOME/ifprune-mlx, else
 ~/.cache/ifprune-mlx) and are converted again when their file changes. Models that are
-converted or downloaded here without a trained predictor are calibrated on first use
+converted or downloaded here (the default model too) are calibrated on first use
 (opener.py, the front door over this module); the conversions themselves are disk_cache.py's.
 
 This module sits above the runtime and the converters (they import neither it nor the disk

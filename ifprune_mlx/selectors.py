@@ -34,9 +34,14 @@ def check_density(density: float) -> float:
 
 
 def check_sampling(*, max_tokens: int | None = None, temp: float | None = None, top_p: float | None = None,
-                   seed: int | None = None) -> None:
+                   seed: int | None = None, top_k: int | None = None, min_p: float | None = None,
+                   repetition_penalty: float | None = None, presence_penalty: float | None = None,
+                   frequency_penalty: float | None = None, logit_bias: dict | None = None) -> None:
     """Raise SamplingError unless the generation options given are usable: max_tokens a whole
-    number >= 1, temp a number >= 0, top_p in (0, 1], seed a whole number in [0, 2**64).
+    number >= 1, temp a number >= 0, top_p in (0, 1], seed a whole number in [0, 2**64); and
+    for mlx-lm's other samplers and logits processors (the server takes them): top_k a whole
+    number >= 0 (0: off), min_p in [0, 1], repetition_penalty > 0, presence and frequency
+    penalties in [-2, 2], logit_bias token id -> a bias in [-100, 100].
     Every front end (Python, CLI, chat, server) goes through the engine, which calls this."""
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer))
                                    or max_tokens < 1):
@@ -47,6 +52,20 @@ def check_sampling(*, max_tokens: int | None = None, temp: float | None = None, 
         raise SamplingError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64):
         raise SamplingError(f"seed must be a whole number in [0, 2**64), got {seed!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0):
+        raise SamplingError(f"top_k must be a whole number >= 0 (0 keeps every token), got {top_k!r}")
+    if min_p is not None and not _number_in(min_p, 0.0, 1.0, low_open=False):
+        raise SamplingError(f"min_p must be in [0, 1] (0 keeps every token), got {min_p!r}")
+    if repetition_penalty is not None and not _number_in(repetition_penalty, 0.0, math.inf, low_open=True):
+        raise SamplingError(f"repetition_penalty must be a number > 0 (1 is none), got {repetition_penalty!r}")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if value is not None and not _number_in(value, -2.0, 2.0, low_open=False):
+            raise SamplingError(f"{name} must be in [-2, 2] (0 is none), got {value!r}")
+    for token, bias in (logit_bias or {}).items():
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0:
+            raise SamplingError(f"logit_bias: {token!r} is not a token id (a whole number >= 0)")
+        if not _number_in(bias, -100.0, 100.0, low_open=False):
+            raise SamplingError(f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias!r}")
 
 
 def _number_in(value, low: float, high: float, *, low_open: bool) -> bool:
@@ -68,14 +87,17 @@ def kept_count(density: float, d_ffn: int, pad_multiple: int = PAD_MULTIPLE) -> 
     return max(1, min(d_ffn, k))
 
 
-def top_k(scores: np.ndarray, k: int) -> list[np.ndarray]:
+def top_k(scores: np.ndarray, k: int | Sequence[int]) -> list[np.ndarray]:
     """Per layer, the ids of the k highest scores (ties broken by lower id), sorted ascending.
 
-    scores: [n_layers, d_ffn]
+    scores: [n_layers, d_ffn]; k: one count for every layer, or one per layer (layer budgets).
     """
     scores = np.asarray(scores, dtype=np.float32)
-    order = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
-    return [np.sort(row).astype(np.int64) for row in order]
+    counts = [int(k)] * len(scores) if np.isscalar(k) else [int(c) for c in k]
+    if len(counts) != len(scores):
+        raise SelectionError(f"{len(counts)} kept counts for {len(scores)} layers")
+    order = np.argsort(-scores, axis=-1, kind="stable")
+    return [np.sort(row[:c]).astype(np.int64) for row, c in zip(order, counts)]
 
 
 def overlap(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> list[float]:

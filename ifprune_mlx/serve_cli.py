@@ -25,9 +25,14 @@ def serve(
     selector: Optional[str] = typer.Option(None, "--selector", help="Default selector: predictor (trained; default where the model has one) or activations (training-free)."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait; more get 503 with Retry-After."),
     max_tokens: int = typer.Option(4096, "--max-tokens", help="Largest max_tokens a request may ask for."),
-    prompt_caches: int = typer.Option(16, "--prompt-caches", help="KV caches kept (LRU; one per conversation and mask) so a conversation's next request prefills only what is new."),
-    affinity: bool = typer.Option(True, "--affinity/--no-affinity", help="Run queued requests whose mask is in place first (fewer row swaps)."),
+    prompt_caches: int = typer.Option(16, "--prompt-caches", help="KV caches of finished requests kept (LRU, per mask), so a request prefills only what no cache holds (a shared system prompt, a conversation's earlier turns)."),
+    affinity: bool = typer.Option(True, "--affinity/--no-affinity", help="Let queued requests of the running mask join its batch ahead of others, and start the batch that swaps the fewest rows next (--no-affinity: plain FIFO)."),
     max_body_mb: float = typer.Option(2.0, "--max-body-mb", help="Largest request body, in MB (413 above)."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Requests of one mask decoded together (continuous batching)."),
+    cors: Optional[list[str]] = typer.Option(None, "--cors", help="Allow browsers of this origin to call (repeatable; \"*\": any)."),
+    max_connections: Optional[int] = typer.Option(None, "--max-connections", help="Connections served at once; more get 503 (default: no cap)."),
+    read_timeout: float = typer.Option(30.0, "--read-timeout", help="Seconds a request body may pause while it arrives (408 after)."),
+    keepalive: float = typer.Option(10.0, "--keepalive", help="Seconds between SSE keep-alive comments while a stream waits for its first token."),
     resident: Optional[str] = RESIDENT_OPTION,
     max_density: Optional[float] = MAX_DENSITY_OPTION,
 ):
@@ -39,11 +44,13 @@ def serve(
         fail(f"ifprune serve needs {missing}: pip install 'ifprune-mlx[serve]'")
     if density is not None:
         check_density(density)
-    for name, value in (("--max-queue", max_queue), ("--max-tokens", max_tokens), ("--prompt-caches", prompt_caches)):
+    for name, value in (("--max-queue", max_queue), ("--max-tokens", max_tokens), ("--prompt-caches", prompt_caches),
+                        ("--max-batch", max_batch), ("--max-connections", 1 if max_connections is None else max_connections)):
         if value < 1:
             fail(f"{name} must be at least 1, got {value}")
-    if max_body_mb <= 0:
-        fail(f"--max-body-mb must be positive, got {max_body_mb}")
+    for name, value in (("--max-body-mb", max_body_mb), ("--read-timeout", read_timeout), ("--keepalive", keepalive)):
+        if value <= 0:
+            fail(f"{name} must be positive, got {value}")
     load_options = resident_options(resident, max_density)
     sock = _listen(host, port)
     found = resolve_with_progress(model)
@@ -54,8 +61,10 @@ def serve(
         return engine
 
     config = server.ServerConfig(model_id=found.path.resolve().name, api_key=api_key, density=density,
-                                 selector=selector, max_tokens=max_tokens, max_body=int(max_body_mb * 1e6))
-    app = server.start(load, config, max_queue=max_queue, affinity=affinity, prompt_caches=prompt_caches)
+                                 selector=selector, max_tokens=max_tokens, max_body=int(max_body_mb * 1e6),
+                                 read_timeout=read_timeout, keepalive=keepalive, cors=list(cors or []))
+    app = server.start(load, config, max_queue=max_queue, affinity=affinity, prompt_caches=prompt_caches,
+                       max_batch=max_batch)
     bound_host, bound_port = sock.getsockname()[:2]
     typer.echo(f"serving {config.model_id} at http://{bound_host}:{bound_port}/v1 (OpenAI API; Ctrl-C stops)",
                err=True)
@@ -63,7 +72,7 @@ def serve(
         typer.secho(f"warning: listening on {host} without --api-key: anyone who reaches it can use it",
                     fg=typer.colors.YELLOW, err=True)
     try:
-        server.uvicorn_server(app, sock).run(sockets=[sock])
+        server.uvicorn_server(app, sock, max_connections=max_connections).run(sockets=[sock])
     finally:
         app.scheduler.stop()
 

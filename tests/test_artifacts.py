@@ -231,9 +231,12 @@ def test_torch_route_and_torch_free_route_give_the_same_bundle_and_picks(tiny, t
     model, tokenizer = _hf_gguf_model(path)
     model = _plain_copy(model)  # transformers saves no model it loaded from a GGUF file
     llm_dir, pred_dir = export_folders(model, tokenizer, trained, tmp_path / "folders")
-    torch_route = runner.invoke(app, ["convert", str(llm_dir), str(tmp_path / "a"), "--predictor", str(pred_dir)])
+    # --no-calibrate: the bundles themselves are compared (a trained bundle is calibrated too otherwise)
+    torch_route = runner.invoke(app, ["convert", str(llm_dir), str(tmp_path / "a"), "--predictor", str(pred_dir),
+                                      "--no-calibrate"])
     assert torch_route.exit_code == 0, torch_route.output
-    ours = runner.invoke(app, ["convert", str(path), str(tmp_path / "b"), "--predictor", str(trained), "--dequantize"])
+    ours = runner.invoke(app, ["convert", str(path), str(tmp_path / "b"), "--predictor", str(trained), "--dequantize",
+                               "--no-calibrate"])
     assert ours.exit_code == 0, ours.output
     assert "predictor: yes; default density 0.5" in ours.output and "calibrat" not in ours.output
     for name in ("model.safetensors", "predictor/model.safetensors", "predictor/head.safetensors"):
@@ -264,7 +267,8 @@ def test_the_artifacts_route_needs_no_torch(tiny, tmp_path):
         from typer.testing import CliRunner
         import ifprune_mlx
         from ifprune_mlx.cli import app
-        result = CliRunner().invoke(app, ["convert", {str(path)!r}, {str(tmp_path / "b")!r}, "--predictor", {str(trained)!r}])
+        result = CliRunner().invoke(app, ["convert", {str(path)!r}, {str(tmp_path / "b")!r}, "--predictor", {str(trained)!r},
+                                          "--no-calibrate"])
         assert result.exit_code == 0, result.output
         engine = ifprune_mlx.load({str(tmp_path / "b")!r})
         print(engine.select("hello").kept_counts, repr(engine.generate("hello", max_tokens=3)))
@@ -272,7 +276,7 @@ def test_the_artifacts_route_needs_no_torch(tiny, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("[128, 128]")  # density 0.5 of 256 channels, from ifpruning.json
+    assert result.stdout.startswith("[128, 128]")  # density 0.5 of 256 channels, from ifpruning.json (not calibrated)
 
 
 @pytest.mark.parametrize("options, tolerance", [(["--dtype", "float16"], 2e-2), (["--quantize", "8", "--group-size", "32"], 5e-2)],
@@ -282,7 +286,8 @@ def test_dtype_and_quantize_options_apply_after_the_merge(tiny, tmp_path, option
     every weight re-quantized by rows from the merged floats."""
     path, trained = tiny
     reference = convert_gguf(path, tmp_path / "float32", dequantize=True, artifacts=trained).out
-    result = runner.invoke(app, ["convert", str(path), str(tmp_path / "b"), "--predictor", str(trained), *options])
+    result = runner.invoke(app, ["convert", str(path), str(tmp_path / "b"), "--predictor", str(trained), *options,
+                                 "--no-calibrate"])
     assert result.exit_code == 0, result.output
     want, got = read_safetensors([reference / "model.safetensors"]), read_safetensors([tmp_path / "b" / "model.safetensors"])
     for layer in range(LAYERS):
@@ -402,12 +407,18 @@ def test_default_model_is_the_shipped_ifpruning_bundle(tmp_path, monkeypatch):
     found = resolve.resolve(None)
     assert found.origin == "default" and disk_cache.cache_dir() in found.path.parents
     meta = json.loads((resolve.PRETRAINED / "ifpruning.json").read_text())
-    engine = ifp.load(found.path)
+    from ifprune_mlx import calibrate as calibration
+
+    real = calibration.calibrate  # the same rule as a user's first use, on fewer prompts (time)
+    monkeypatch.setattr(calibration, "calibrate", lambda engine, **k: real(
+        engine, prompts=calibration.PROMPTS[:4], budget_prompts=calibration.BUDGET_PROMPTS[:2], **k))
     info = runner.invoke(app, ["info"])
     assert info.exit_code == 0, info.output
     assert f"trained: {meta['predictor_layers']}-layer backbone + head" in info.output
-    assert f"{meta['default_density']:.2f} -> keeps {engine.kept_count()} of 1536" in info.output
-    assert str(gguf) in info.output and "first use" not in info.output  # a trained predictor: no calibration
+    engine = ifp.load(found.path)  # the first use calibrated it (trained or not: one rule) and stored it
+    assert engine.calibration.selector == "predictor" and "calibrating" in info.output
+    assert f"{engine.default_density:.2f} -> keeps" in info.output and "calibrated:" in info.output
+    assert str(gguf) in info.output
 
     from converters.reference import select_channels
     from examples.smollm2 import data
@@ -417,7 +428,9 @@ def test_default_model_is_the_shipped_ifpruning_bundle(tmp_path, monkeypatch):
     original, tokenizer = data.load_teacher()
     want = select_channels(build_predictor(original, resolve.PRETRAINED), tokenizer, prompt,
                            meta["default_density"], meta["pad_multiple"])
-    got = engine.select(prompt).indices
+    if engine.budgets is not None:
+        engine.budgets.enabled = False  # the reference keeps the same count in every layer
+    got = engine.select(prompt, meta["default_density"]).indices
     assert len(got) == 30 and all(np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(want, got))
     answer = engine.generate(prompt, max_tokens=16)
     assert answer.strip() and engine.generate(prompt, max_tokens=16) == answer

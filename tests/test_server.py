@@ -27,6 +27,7 @@ pytest.importorskip("uvicorn")
 
 import ifprune_mlx as ifp  # noqa: E402
 from ifprune_mlx import server  # noqa: E402
+from ifprune_mlx.scheduler import MAX_OVERTAKES, Job, Scheduler  # noqa: E402
 from ifprune_mlx.chat import mask_key  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,11 +173,13 @@ def test_chat_matches_engine_generate(api, engine, stream):
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": TASK}]
     text, finish, report, usage = chat(api, messages, stream, max_tokens=12,
                                        stream_options={"include_usage": True} if stream else None)
-    assert text == reference(engine, messages, max_tokens=12)
+    # per task: the system message (the task instruction) selects the mask
+    assert text == reference(engine, messages, task="Answer briefly.", max_tokens=12)
     assert finish == "length"
     assert usage.prompt_tokens == len(engine.prompt_tokens(messages)) and usage.completion_tokens == 12
     assert usage.total_tokens == usage.prompt_tokens + 12
-    sel = engine.select(messages)
+    sel = engine.select("Answer briefly.")
+    assert report["mask"] == mask_key(sel)
     assert report["selector"] == "predictor" and report["kept"] == sel.kept_counts
     assert report["density"] == pytest.approx(sel.density)
     assert report["reused_tokens"] + report["prefill_tokens"] == usage.prompt_tokens
@@ -227,7 +230,9 @@ def test_sse_stream_ends_with_done_and_usage(api):
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", api.url + "/v1/chat/completions", json=body, headers=api.headers(), timeout=30) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = [line[len("data: "):] for line in r.iter_lines() if line]
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith(("data: ", ": keepalive")) for line in lines)  # SSE comments while waiting
+    events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
@@ -277,7 +282,11 @@ BAD = [
     ("dense and density", "/v1/chat/completions", {"messages": MESSAGES, "dense": True, "density": 0.5}, "", 400, "dense"),
     ("unknown selector", "/v1/chat/completions", {"messages": MESSAGES, "selector": "oracle"}, "", 400, "selector"),
     ("n 2", "/v1/chat/completions", {"messages": MESSAGES, "n": 2}, "", 400, "unsupported"),
-    ("logprobs", "/v1/chat/completions", {"messages": MESSAGES, "logprobs": True}, "", 400, "unsupported"),
+    ("tools", "/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, "", 400, "tools"),
+    ("unknown field", "/v1/chat/completions", {"messages": MESSAGES, "temprature": 0}, "", 400, "unknown_field"),
+    ("top_logprobs alone", "/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, "", 400, "top_logprobs"),
+    ("logit_bias not a token", "/v1/chat/completions", {"messages": MESSAGES, "logit_bias": {"x": 1}}, "", 400,
+     "logit_bias"),
     ("unknown model", "/v1/chat/completions", {"model": "gpt-4o", "messages": MESSAGES}, "", 404, "model_not_found"),
     ("prompt too long", "/v1/completions", {"prompt": "x " * 3000}, "", 400, "context_length_exceeded"),
     ("prompt missing", "/v1/completions", {"max_tokens": 3}, "", 422, "missing"),
@@ -431,8 +440,9 @@ def in_process(endless_bundle):
 def test_a_full_queue_answers_503_with_retry_after(in_process):
     served, app = in_process(max_queue=1)
     gate = threading.Event()  # holds the engine busy until the queue has been seen full
-    run = app.scheduler._run
-    app.scheduler._run = lambda job: (gate.wait(30), run(job))
+    entered = threading.Event()  # the worker took the first request and waits at the gate
+    begin = app.scheduler._begin
+    app.scheduler._begin = lambda job: (entered.set(), gate.wait(30), begin(job))
     statuses = []
 
     def post():
@@ -447,7 +457,7 @@ def test_a_full_queue_answers_503_with_retry_after(in_process):
 
     first, second = threading.Thread(target=post), threading.Thread(target=post)
     first.start()
-    wait_for("busy", True)
+    assert entered.wait(10)
     second.start()
     wait_for("queued", 1)
     with pytest.raises(openai.InternalServerError) as e:
@@ -479,13 +489,13 @@ def mixed_workload(rounds: int) -> list[tuple]:
     return work
 
 
-async def _run_queued(scheduler, engine, work, max_tokens=4):
+async def _run_queued(scheduler, engine, work, max_tokens=4, task_of=lambda messages: messages[0]["content"]):
     """Queue every job of `work` before the worker starts, run them all, return their outputs."""
     loop = asyncio.get_running_loop()
     jobs = []
     for messages, options in work:
         dense = options.get("dense", False)
-        job = server.Job(prompt=messages, ids=engine.prompt_tokens(messages), task=messages[0]["content"],
+        job = Job(prompt=messages, ids=engine.prompt_tokens(messages), task=task_of(messages),
                          sampling={"max_tokens": max_tokens, "temp": 0.0, "top_p": 1.0, "seed": None},
                          density=None, selector="" if dense else "predictor", dense=dense, stop=[], loop=loop)
         scheduler.submit(job)
@@ -499,10 +509,10 @@ async def _run_queued(scheduler, engine, work, max_tokens=4):
             if kind == "start":
                 report = payload
             elif kind == "text":
-                text.append(payload)
+                text.append(payload[0])
             elif kind == "error":
                 raise payload
-            else:
+            elif kind == "done":
                 return "".join(text), report
 
     return await asyncio.gather(*(drain(j) for j in jobs))
@@ -512,7 +522,7 @@ def test_mask_affinity_swaps_fewer_rows_and_changes_no_answer(endless_bundle, en
     work = mixed_workload(rounds=4)
     swaps, texts = {}, {}
     for affinity in (False, True):
-        scheduler = server.Scheduler(lambda: ifp.load(endless_bundle), affinity=affinity, max_queue=len(work))
+        scheduler = Scheduler(lambda: ifp.load(endless_bundle), affinity=affinity, max_queue=len(work))
         try:
             outputs = asyncio.run(_run_queued(scheduler, engine, work))
         finally:
@@ -525,18 +535,18 @@ def test_mask_affinity_swaps_fewer_rows_and_changes_no_answer(endless_bundle, en
 
 def test_affinity_passes_a_request_over_a_bounded_number_of_times(endless_bundle, engine):
     # One request for mask B behind many for mask A: it still runs before all of A's are done.
-    many = [([{"role": "user", "content": TASK}], {})] * (server.MAX_OVERTAKES + 8)
+    many = [([{"role": "user", "content": TASK}], {})] * (MAX_OVERTAKES + 8)
     work = [many[0], ([{"role": "user", "content": "Sort these numbers: 5 3 9 1."}], {}), *many[1:]]
-    scheduler = server.Scheduler(lambda: ifp.load(endless_bundle), max_queue=len(work))
+    scheduler = Scheduler(lambda: ifp.load(endless_bundle), max_queue=len(work))
     order = []
-    original = scheduler._run
-    scheduler._run = lambda job: (order.append(job.prompt[0]["content"]), original(job))
+    original = scheduler._begin
+    scheduler._begin = lambda job: (order.append(job.prompt[0]["content"]), original(job))
     try:
         asyncio.run(_run_queued(scheduler, engine, work, max_tokens=1))
     finally:
         scheduler.stop()
     position = order.index("Sort these numbers: 5 3 9 1.")
-    assert 1 < position <= server.MAX_OVERTAKES + 1
+    assert 1 < position <= MAX_OVERTAKES + 1
 
 
 # -- the command -----------------------------------------------------------------------------
@@ -556,6 +566,9 @@ def test_serve_command_fails_in_one_line(bundle_dir, monkeypatch):
             (["--selector", "oracle", "--port", str(free_port())], "unknown selector 'oracle'"),
             (["--port", str(busy.getsockname()[1])], "cannot listen on 127.0.0.1"),
             (["--max-queue", "0"], "--max-queue must be at least 1"),
+            (["--max-batch", "0"], "--max-batch must be at least 1"),
+            (["--max-connections", "0"], "--max-connections must be at least 1"),
+            (["--read-timeout", "0"], "--read-timeout must be positive"),
         ]
         for args, message in cases:
             result = runner.invoke(app, ["serve", str(bundle_dir), *args])
@@ -582,3 +595,19 @@ def test_interleaved_conversations_under_one_mask_keep_their_own_caches(api, eng
         first_prompt = len(engine.prompt_tokens(messages[:1]))
         assert report["reused_tokens"] > first_prompt, (name, report)
         assert text == reference(engine, messages, max_tokens=5, dense=True)
+
+
+def test_requests_sharing_a_system_prompt_decode_in_one_batch_as_they_would_alone(endless_bundle, engine):
+    # Eight requests of one task (one system prompt: one mask) queued at once decode together;
+    # each greedy answer equals the one it gets alone (float32 model: exactly equal, measured).
+    system = {"role": "system", "content": "Answer in French."}
+    work = [([system, {"role": "user", "content": f"Question {i}: {TASK[: 10 + 3 * i]}"}], {}) for i in range(8)]
+    scheduler = Scheduler(lambda: ifp.load(endless_bundle), max_queue=len(work))
+    try:
+        together = asyncio.run(_run_queued(scheduler, engine, work, max_tokens=12, task_of=lambda m: m[0]["content"]))
+    finally:
+        scheduler.stop()
+    assert max(report["batch"] for _, report in together) == len(work)
+    assert len({report["mask"] for _, report in together}) == 1
+    for (messages, _), (text, _) in zip(work, together):
+        assert text == reference(engine, messages, task=system["content"], max_tokens=12)

@@ -159,7 +159,8 @@ def test_converter_accepts_the_exported_folders_and_selects_the_same_channels(ti
     from ifprune_mlx.cli import app
 
     run, artifacts, llm_dir, pred_dir = exported
-    result = CliRunner().invoke(app, ["convert", str(llm_dir), str(tmp_path / "bundle"), "--predictor", str(pred_dir)])
+    result = CliRunner().invoke(app, ["convert", str(llm_dir), str(tmp_path / "bundle"), "--predictor", str(pred_dir),
+                                      "--no-calibrate"])
     assert result.exit_code == 0, result.output
     engine = ifp.load(tmp_path / "bundle")
     pred = build_predictor(data.load_teacher(str(tiny[0]))[0], artifacts)  # the backbone is the ORIGINAL LLM's
@@ -232,7 +233,8 @@ def test_a_few_steps_on_a_gguf_give_artifacts_that_convert_assembles(tmp_path):
     run = Run(cfg, tmp_path / "run", log=lambda *a: None)
     run.train()
     artifacts = run.export(tmp_path / "artifacts")
-    result = CliRunner().invoke(app, ["convert", str(gguf), str(tmp_path / "bundle"), "--predictor", str(artifacts)])
+    result = CliRunner().invoke(app, ["convert", str(gguf), str(tmp_path / "bundle"), "--predictor", str(artifacts),
+                                      "--no-calibrate"])
     assert result.exit_code == 0, result.output
     engine = ifp.load(tmp_path / "bundle")
     assert engine.has_predictor and engine.default_density == 0.5
