@@ -32,6 +32,7 @@ import numpy as np
 
 from .budgets import LayerBudgets, layer_errors, steps
 from .fidelity import batched_fidelity, greedy_batch
+from .stats import bootstrap_interval
 
 DENSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 KL_BUDGET = 0.25  # nats per token: about 85-90% top-1 agreement with the dense model
@@ -210,14 +211,6 @@ def choose_default_density(points: Sequence[RulePoint], budget: float) -> float:
             break
         chosen = point.density
     return chosen
-
-
-def bootstrap_interval(values: Sequence[float], seed: int = 0, draws: int = 2000) -> tuple[float, float]:
-    """95% bootstrap interval of the mean of `values`."""
-    values = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(draws, len(values)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def _answers(engine, prompts: Sequence[str], answer_tokens: int) -> list[list[int]]:

@@ -240,6 +240,8 @@ from .chat_cli import chat  # noqa: E402
 app.command()(chat)
 from .serve_cli import serve  # noqa: E402
 app.command()(serve)
+from .eval_cli import eval_command  # noqa: E402
+app.command(name="eval")(eval_command)
 
 
 def main() -> None:

@@ -1,0 +1,223 @@
+"""An lm-eval model over the Engine: one density and selector, generations cached on disk.
+
+EngineLM answers lm-eval's requests as `ifprune generate` would: each request's context is
+the user message (the model's chat template applied, as the engine applies it; raw text
+without), channels are selected per prompt at the condition's density by its selector
+(the trained predictor reads the prompt; the training-free one scores a dense prefill),
+decoding is greedy. Density 1.0 runs the full model, with no selection.
+
+Answers are kept in a GenerationCache: one JSON-lines file per (model fingerprint, density,
+selector), one line per request, appended as each is answered; a re-run only computes what
+is new, and an interrupted run loses nothing it finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+from lm_eval.api.model import LM
+
+from .errors import IFPruneError
+
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default when a task does not say
+
+
+class EvalError(IFPruneError):
+    """An evaluation cannot run: a task, its data, or an option is wrong."""
+
+
+def model_fingerprint(folder: Path) -> str:
+    """Changes when any file of the model folder changes; not when only its stored default
+    density or calibration does (those do not change what a given density computes)."""
+    folder = Path(folder)
+    h = hashlib.sha1()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = file.relative_to(folder).as_posix()
+        if name == "config.json":
+            config = json.loads(file.read_text())
+            block = dict(config.get("ifpruning") or {})
+            for key in ("default_density", "calibration"):
+                block.pop(key, None)
+            config["ifpruning"] = block
+            h.update(f"{name}:{json.dumps(config, sort_keys=True)}\n".encode())
+        else:
+            st = file.stat()
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def condition_name(density: float | None, selector: str | None) -> str:
+    """"dense" for the full model, else e.g. "0.70-predictor"."""
+    return "dense" if density is None else f"{density:.2f}-{selector}"
+
+
+class GenerationCache:
+    """Answers to requests of one condition, on disk as JSON lines (appended as they come)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.entries: dict[str, dict] = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.entries[entry["key"]] = entry
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by an interrupted run: computed again
+        self.added = 0
+
+    @staticmethod
+    def key(*parts) -> str:
+        return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def get(self, key: str) -> dict | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, entry: dict) -> dict:
+        entry = {"key": key, **entry}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        self.entries[key] = entry
+        self.added += 1
+        return entry
+
+
+def _truncate(text: str, until: list[str]) -> tuple[str, bool]:
+    """text up to the first stop string, and whether one was found."""
+    cuts = [i for i in (text.find(u) for u in until if u) if i >= 0]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+class EngineLM(LM):
+    """lm-eval's LM over an Engine at one density (None: dense) and selector.
+
+    Args:
+        engine: the loaded model.
+        density: fraction of FFN channels kept; None runs the full model.
+        selector: "predictor" or "activations" (ignored when dense).
+        cache: where answers are kept (a GenerationCache of this condition).
+        chat_template: send each context as a user message through the model's chat
+            template (False: the raw text, e.g. for a base model).
+        max_gen_toks: a cap on the tokens generated per request (None: each task's own).
+        on_progress: called as on_progress(kind, done, total) while requests are answered.
+    """
+
+    def __init__(self, engine, density: float | None, selector: str | None, cache: GenerationCache, *,
+                 chat_template: bool = True, max_gen_toks: int | None = None,
+                 on_progress: Callable[[str, int, int], None] | None = None):
+        super().__init__()
+        self.engine, self.cache, self.on_progress = engine, cache, on_progress
+        self.density = None if density is None or density >= 1.0 else float(density)
+        self.selector = None if self.density is None else engine.get_selector(selector).name
+        self.chat_template = bool(chat_template and getattr(engine.tokenizer, "chat_template", None))
+        self.max_gen_toks = max_gen_toks
+        self.answered: dict[str, list[dict]] = {}  # kind -> the entries this LM returned
+
+    # -- what every request shares ---------------------------------------------------
+
+    def _prompt_ids(self, context: str) -> list[int]:
+        if self.chat_template:
+            return self.engine.prompt_tokens(context)
+        return list(self.engine.tokenizer.encode(context))
+
+    def _each(self, kind: str, requests, answer: Callable[[tuple], dict]) -> list[dict]:
+        """answer(args) for every request not in the cache; the cached entries in order."""
+        out = []
+        try:
+            for i, request in enumerate(requests):
+                key = self.cache.key(kind, request.args, self.chat_template,
+                                     self.max_gen_toks if kind == "generate_until" else None)
+                entry = self.cache.get(key)
+                if entry is None:
+                    entry = self.cache.put(key, answer(request.args))
+                out.append(entry)
+                self.answered.setdefault(kind, []).append(entry)
+                if self.on_progress:
+                    self.on_progress(kind, i + 1, len(requests))
+        finally:
+            self.engine.apply("auto")
+        return out
+
+    # -- generation ------------------------------------------------------------------
+
+    def generate_until(self, requests) -> list[str]:
+        return [entry["text"] for entry in self._each("generate_until", requests, self._generate)]
+
+    def _generate(self, args: tuple) -> dict:
+        context, gen_kwargs = args[0], dict(args[1] or {})
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_tokens = int(gen_kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+        if self.max_gen_toks is not None:
+            max_tokens = min(max_tokens, self.max_gen_toks)
+        if self.density is None:
+            self.engine.apply(None)
+        options = {} if self.density is None else {"density": self.density, "selector": self.selector}
+        tokens = None if self.chat_template else self._prompt_ids(context)
+        text, last, stopped = "", None, False
+        for last in self.engine.stream_responses(context, max_tokens=max_tokens, tokens=tokens, **options):
+            text += last.text
+            if until:
+                text, stopped = _truncate(text, until)
+                if stopped:
+                    break
+        generated = last.generation_tokens if last is not None else 0
+        seconds = generated / last.generation_tps if last is not None and last.generation_tps > 0 else 0.0
+        return {"text": text, "tokens": generated, "decode_seconds": seconds,
+                "prompt_tokens": last.prompt_tokens if last is not None else 0}
+
+    # -- scoring ---------------------------------------------------------------------
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        entries = self._each("loglikelihood", requests, self._score)
+        return [(entry["logprob"], entry["greedy"]) for entry in entries]
+
+    def _score(self, args: tuple) -> dict:
+        """log P(continuation | context) and whether it is the greedy continuation, in the
+        condition's setting: the training-free selector prefills the context dense."""
+        context, continuation = args[0], args[1]
+        ids = self._prompt_ids(context)
+        if self.chat_template:
+            cont = list(self.engine.tokenizer.encode(continuation, add_special_tokens=False))
+        else:
+            whole = list(self.engine.tokenizer.encode(context + continuation))
+            cont = whole[len(ids):]
+        if not cont:
+            return {"logprob": 0.0, "greedy": True}
+        model, cache = self.engine.model, None
+        fed = ids + cont[:-1]
+        if self.density is None:
+            self.engine.apply(None)
+        else:
+            prefilled = None
+            if self.selector == "activations":  # as generation runs it (engine.stream_responses)
+                prefilled = self.engine.prefill_activations(ids, self.density)
+            if prefilled is None:
+                self.engine.prepare(context, self.density, self.selector)
+            else:
+                cache, fed = prefilled[0], fed[len(ids) - 1:]
+        logits = model(mx.array([fed], dtype=mx.int32), cache=cache)[0, -len(cont):].astype(mx.float32)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        targets = mx.array(cont, dtype=mx.int32)
+        total = mx.sum(mx.take_along_axis(logprobs, targets[:, None], axis=-1))
+        greedy = mx.all(mx.argmax(logits, axis=-1) == targets)
+        return {"logprob": float(total.item()), "greedy": bool(greedy.item())}
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        raise EvalError("perplexity tasks (lm-eval's loglikelihood_rolling) are not supported: a pruned model "
+                        "selects its channels from a prompt, and these tasks have none; use generation or "
+                        "multiple-choice tasks")
+
+
+def decode_rate(entries: list[dict]) -> tuple[int, float]:
+    """(tokens generated, decode seconds) over cached generation entries."""
+    tokens = sum(int(e.get("tokens", 0)) for e in entries if e.get("decode_seconds"))
+    seconds = float(np.sum([e["decode_seconds"] for e in entries if e.get("decode_seconds")]))
+    return tokens, seconds

@@ -1,0 +1,170 @@
+"""Run lm-eval tasks on a model at several densities and compare each with a dense reference.
+
+A condition is one model at one density (None: dense) and selector. Each is run with
+lm-eval's simple_evaluate over an EngineLM (eval_lm.py); its per-document metric values are
+kept so that every score gets a bootstrap 95% interval over the documents and every pruned
+condition a paired difference with the reference (the same documents, resampled together;
+ifprune_mlx.stats).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import stats
+from .eval_lm import EngineLM, EvalError, GenerationCache, condition_name, decode_rate, model_fingerprint
+from .tasks import TASK_DIR  # the offline task files shipped with the package
+
+SEED = 1234
+
+
+@dataclass
+class Condition:
+    """One model at one density (None: dense) and selector."""
+
+    model: str     # a short name for tables
+    density: float | None
+    selector: str | None = None
+    reference: bool = False  # the dense reference every other condition is compared with
+
+    @property
+    def name(self) -> str:
+        return condition_name(self.density, self.selector)
+
+
+@dataclass
+class MetricResult:
+    """One task metric of one condition; values in [0, 1] for accuracies."""
+
+    score: float
+    low: float | None = None   # bootstrap 95% interval over the documents
+    high: float | None = None
+    docs: int = 0
+    diff: float | None = None  # score - the reference's, on the same documents
+    diff_low: float | None = None
+    diff_high: float | None = None
+    values: dict | None = None  # doc_id -> [numerator, count], for the paired difference
+
+
+@dataclass
+class ConditionResult:
+    condition: Condition
+    metrics: dict[str, dict[str, MetricResult]] = field(default_factory=dict)  # task -> "metric,filter" -> result
+    tokens: int = 0            # generated tokens, and the decode seconds they took (when measured)
+    decode_seconds: float = 0.0
+    requests: int = 0
+    computed: int = 0          # requests answered now (the rest came from the cache)
+    seconds: float = 0.0       # wall time of the condition in this run
+
+    @property
+    def decode_tps(self) -> float | None:
+        return self.tokens / self.decode_seconds if self.decode_seconds > 0 else None
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["decode_tps"] = self.decode_tps
+        return data
+
+
+def task_manager(include_paths: Sequence[Path] = ()):
+    """lm-eval's TaskManager with the shipped offline tasks and `include_paths` added."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(p) for p in [TASK_DIR, *include_paths] if Path(p).is_dir()]
+    return TaskManager(include_path=paths or None)
+
+
+def check_tasks(names: Sequence[str], manager) -> list[str]:
+    """The task names, each known to lm-eval (else EvalError naming the closest ones)."""
+    known = set(manager.all_tasks)
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise EvalError(f"unknown task {name!r}{hint} (lm-eval lists its tasks with `lm-eval ls tasks`; "
+                            f"task files of your own: --include-path DIR)")
+    return list(names)
+
+
+def load_tasks(names: Sequence[str], manager) -> None:
+    """Build the tasks once (reading their data), so a task that cannot load fails before any model runs."""
+    try:
+        manager.load(list(names))
+    except Exception as e:  # datasets and lm-eval raise many types for a task whose data is unavailable
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EvalError(f"cannot load the data of {', '.join(names)} ({type(e).__name__}: {first}); tasks "
+                        "from the Hub need a network connection once, the shipped tasks run offline") from None
+
+
+def per_document(samples: list[dict], lm_results: dict) -> dict[str, MetricResult]:
+    """Each metric's score, with per-document values where lm-eval's score is their mean."""
+    values: dict[str, dict] = {}
+    for sample in samples:
+        for metric in sample.get("metrics", []):
+            label = f"{metric},{sample.get('filter', 'none')}"
+            v = sample.get(metric)
+            if isinstance(v, (bool, int, float)):
+                entry = [float(v), 1.0]
+            elif isinstance(v, list) and v and all(isinstance(x, (bool, int, float)) for x in v):
+                entry = [float(sum(v)), float(len(v))]  # e.g. IFEval's instruction-level accuracy
+            else:
+                entry = None
+            values.setdefault(label, {})[int(sample["doc_id"])] = entry
+    out = {}
+    for label, score in lm_results.items():
+        if not isinstance(score, (int, float)) or "," not in label or "_stderr" in label:
+            continue  # lm-eval's bookkeeping (sample_len, alias, stderr): "metric,filter" are the scores
+        docs = values.get(label, {})
+        result = MetricResult(score=float(score), docs=len(docs))
+        if docs and all(e is not None for e in docs.values()):
+            nums, counts = zip(*docs.values())
+            if math.isclose(stats.ratio(nums, counts), score, rel_tol=1e-6, abs_tol=1e-9):
+                result.low, result.high = stats.ratio_interval(nums, counts, seed=SEED)
+                result.values = {str(k): v for k, v in docs.items()}
+        out[label] = result
+    return out
+
+
+def compare(result: ConditionResult, reference: ConditionResult) -> None:
+    """Fill the paired differences of `result` with `reference` (same tasks, same documents)."""
+    for task, metrics in result.metrics.items():
+        for label, m in metrics.items():
+            ref = reference.metrics.get(task, {}).get(label)
+            if m.values is None or ref is None or ref.values is None or set(m.values) != set(ref.values):
+                continue
+            docs = sorted(m.values)
+            a = ([m.values[d][0] for d in docs], [m.values[d][1] for d in docs])
+            b = ([ref.values[d][0] for d in docs], [ref.values[d][1] for d in docs])
+            m.diff, m.diff_low, m.diff_high = stats.paired_difference(a, b, seed=SEED)
+
+
+def run_condition(engine, condition: Condition, tasks: Sequence[str], manager, cache_root: Path, *,
+                  limit: int | None = None, chat_template: bool = True, max_gen_toks: int | None = None,
+                  on_progress: Callable[[str, int, int], None] | None = None) -> ConditionResult:
+    """Evaluate `tasks` on `engine` in one condition; answers come from / go to the cache."""
+    import lm_eval
+
+    start = time.perf_counter()
+    cache = GenerationCache(cache_root / model_fingerprint(engine.path) / f"{condition.name}.jsonl")
+    lm = EngineLM(engine, condition.density, condition.selector, cache, chat_template=chat_template,
+                  max_gen_toks=max_gen_toks, on_progress=on_progress)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    output = lm_eval.simple_evaluate(
+        model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=True, bootstrap_iters=0,
+        apply_chat_template=False, random_seed=SEED, numpy_random_seed=SEED, fewshot_random_seed=SEED,
+        torch_random_seed=None)  # a seed for torch would import it: nothing here needs it
+    result = ConditionResult(condition)
+    for task, samples in output["samples"].items():
+        result.metrics[task] = per_document(samples, output["results"].get(task, {}))
+    generated = lm.answered.get("generate_until", [])
+    result.tokens, result.decode_seconds = decode_rate(generated)
+    result.requests = sum(len(v) for v in lm.answered.values())
+    result.computed = cache.added
+    result.seconds = time.perf_counter() - start
+    return result
