@@ -28,8 +28,8 @@ from .bundle import PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY
 from .calibrate import Calibration
 from .distributed import DEFAULT_SPLIT, Sharding, all_ranks_ok
 from .errors import BundleError, PromptTooLongError, ResidentError, SelectionError
-from .models import (build_model, load_weights, normalize_config, prunable_mlps, to_row_layout,
-                     quantize_like)
+from .models import prunable_mlps
+from .reading import read_model
 from .predictor import load_predictor
 from .prune import ApplyStats, apply_selection, rows_to_swap
 from .budgets import LayerBudgets
@@ -413,38 +413,6 @@ class Engine:
                                    pad_multiple=self.pad_multiple, force=force)
 
 
-def _read_model(folder: Path, config: dict, is_bundle: bool, on_progress=None,
-                sharding: Sharding | None = None, residency: Residency | None = None) -> nn.Module:
-    """The LLM of a bundle (row layout) or of a plain model folder (converted here); with
-    `sharding`, only this rank's FFN rows (read from the files alone, for a bundle); with
-    `residency` (bundles only), the first `capacity` rows of every layer's FFN."""
-    files = bundle.weight_files(folder)
-    weights = bundle.read_safetensors(files)
-    config = normalize_config(config, weights)
-    model = build_model(config)
-    if sharding is not None:
-        sharding.shard_model(model, bool(config.get("mlp_bias", False)))
-    if residency is not None:
-        residency.shape_model(model, bool(config.get("mlp_bias", False)))
-    if hasattr(model, "sanitize"):
-        weights = model.sanitize(weights)
-    quantization = config.get("quantization")
-    if quantization and quantization.get("mode", "affine") != "affine":
-        raise BundleError(f"{folder}: {quantization['mode']} quantization is not supported; use affine 4- or 8-bit")
-    if not is_bundle:
-        weights = to_row_layout(weights, quantization)
-    if sharding is not None:
-        weights = sharding.local_weights(weights, files if is_bundle else None)
-    if residency is not None:
-        weights = residency.local_weights(weights)
-    if quantization:
-        quantize_like(model, quantization, weights)
-    load_weights(model, weights, str(folder), on_progress)
-    if residency is not None:
-        residency.attach(model)
-    return model
-
-
 def load(path: str | Path, *, cache_size: int = 64, deterministic: bool = True,
          on_progress: Callable[[int, int], None] | None = None,
          group: mx.distributed.Group | None = None, split: str = DEFAULT_SPLIT,
@@ -480,7 +448,7 @@ def load(path: str | Path, *, cache_size: int = 64, deterministic: bool = True,
     config = bundle.read_config(folder)
     block = bundle.ifpruning_block(config, folder)
     residency = None if resident is None else residency_for(folder, config, block, max_density)
-    model = _read_model(folder, config, block is not None, on_progress, residency=residency)
+    model = read_model(folder, config, block is not None, on_progress, residency=residency)
     return _engine(folder, config, block, model, cache_size=cache_size, deterministic=deterministic,
                    residency=residency)
 
@@ -494,7 +462,7 @@ def _load_sharded(path: str | Path, group: mx.distributed.Group, split: str, **o
         block = bundle.ifpruning_block(config, folder)
         sharding = Sharding(group, int(config["intermediate_size"]), split,
                             (block or {}).get("pad_multiple", PAD_MULTIPLE))
-        model = _read_model(folder, config, block is not None, options.pop("on_progress"), sharding)
+        model = read_model(folder, config, block is not None, options.pop("on_progress"), sharding)
         engine = _engine(folder, config, block, model, sharding=sharding, **options)
     except Exception as e:  # every rank must hear of it before any raises
         error = e
