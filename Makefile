@@ -1,6 +1,6 @@
 # One-command set-up: every target installs what it needs into .venv.
 #   make chat   the runtime only (mlx, mlx-lm, the default model's package); no PyTorch
-#   make test   + PyTorch 2.13 CPU, transformers' torch parts and the test tools
+#   make test   + PyTorch 2.13 CPU, transformers' torch parts, lm-eval (ifprune eval) and the test tools
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -31,7 +31,7 @@ $(VENV)/.serve: $(VENV)/.runtime
 
 $(VENV)/.dev: $(VENV)/.runtime
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,torch]"
+	$(PY) -m pip install -q -e ".[dev,torch,eval]"
 	touch $@
 
 install: $(VENV)/.runtime
