@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import os
+import queue
 import statistics
 import threading
 import time
 from pathlib import Path
 
 import openai
-
-from ifprune_mlx import server
 
 SYSTEMS = [
     "Translate the user's sentence into French. Answer with the translation only.",
@@ -71,9 +71,80 @@ def request_prompt(j: int, mixed: bool, question: str | None = None) -> list[dic
     return [{"role": "system", "content": system}, {"role": "user", "content": question or QUESTIONS[j % len(QUESTIONS)]}]
 
 
-def drive(url: str, clients: int, requests: int, mixed: bool, max_tokens: int) -> tuple[dict, float, float]:
-    """`requests` requests over `clients` threads; returns {j: record}, wall seconds and the
-    CPU seconds this process used (server and clients: it is one process)."""
+def drive(url: str, clients: int, requests: int, mixed: bool, max_tokens: int,
+          in_process: bool = False) -> tuple[dict, float, float]:
+    """`requests` requests over `clients` clients; returns {j: record}, wall seconds and the CPU
+    seconds used by the server and the clients. Each client is a process of its own (as real
+    clients are), or with `in_process` a thread of this one (sharing the server's GIL)."""
+    if in_process:
+        return _drive_threads(url, clients, requests, mixed, max_tokens)
+    context = multiprocessing.get_context("spawn")  # no fork of a process running MLX and uvicorn threads
+    todo, results, go = context.Queue(), context.Queue(), context.Event()
+    for j in range(requests):
+        todo.put(j)
+    for _ in range(clients):
+        todo.put(None)
+    workers = [context.Process(target=client_process, args=(url, mixed, max_tokens, todo, results, go), daemon=True)
+               for _ in range(clients)]
+    for w in workers:
+        w.start()
+    try:
+        for _ in workers:  # every client has imported openai and built its connection pool
+            _receive(results, workers, "ready")
+        start, cpu = time.perf_counter(), time.process_time()
+        go.set()
+        records, clients_cpu, errors = {}, 0.0, []
+        done = 0
+        while done < clients:
+            kind, j, payload = _receive(results, workers)
+            if kind == "record":
+                records[j] = payload
+            elif kind == "error":
+                errors.append(payload)
+            else:  # "cpu": this client has ended
+                done, clients_cpu = done + 1, clients_cpu + payload
+        wall, server_cpu = time.perf_counter() - start, time.process_time() - cpu
+    finally:
+        for w in workers:
+            w.join(10)
+            if w.is_alive():
+                w.kill()
+    if errors:
+        raise SystemExit(f"{len(errors)} clients failed, e.g. {errors[0]}")
+    return records, wall, server_cpu + clients_cpu
+
+
+def _receive(results, workers, expected: str | None = None, timeout: float = 600) -> tuple:
+    """The next message of a client process (bounded wait; a client that died is an error)."""
+    try:
+        message = results.get(timeout=timeout)
+    except queue.Empty:
+        alive = sum(w.is_alive() for w in workers)
+        raise SystemExit(f"no word from the clients for {timeout:.0f} s ({alive} of {len(workers)} alive)") from None
+    if expected and message[0] != expected:
+        raise SystemExit(f"a client said {message[0]!r} before it was ready: {message[2]}")
+    return message
+
+
+def client_process(url: str, mixed: bool, max_tokens: int, todo, results, go) -> None:
+    """One client (a process of its own): takes request numbers from `todo` until None, sends
+    each and reports its record; at the end, the CPU seconds it used."""
+    api = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    api.models.list()  # connect before the clock starts
+    results.put(("ready", None, None))
+    go.wait()
+    cpu = time.process_time()
+    while (j := todo.get()) is not None:
+        try:
+            results.put(("record", j, one(api, request_prompt(j, mixed), max_tokens)))
+        except Exception as e:  # reported by the parent
+            results.put(("error", j, repr(e)))
+            break
+    results.put(("cpu", None, time.process_time() - cpu))
+
+
+def _drive_threads(url: str, clients: int, requests: int, mixed: bool, max_tokens: int) -> tuple[dict, float, float]:
+    """drive() with the clients as threads of this process (the server's): CPU time is the process's."""
     records, errors, lock = {}, [], threading.Lock()
     todo = iter(range(requests))
 
@@ -117,6 +188,7 @@ def one(api, messages: list[dict], max_tokens: int, **options) -> dict:
             tokens = chunk.usage.completion_tokens
     end = time.perf_counter()
     return {"text": "".join(pieces), "ttft": (first or end) - start, "latency": end - start, "tokens": tokens,
+            "sent": start, "first": first or end,  # perf_counter: one clock for every process on Linux and macOS
             "batch": report["batch"], "reused": report["reused_tokens"]}
 
 
@@ -152,6 +224,7 @@ def grammar_overhead(url: str, max_tokens: int, n: int = 6) -> str:
 @contextlib.contextmanager
 def fresh_server(model: str | None, clients: int, mixed: bool):
     """A new server on `model` (default: the default chat model), warmed up; yields its /v1 URL."""
+    from ifprune_mlx import server  # not in the client processes
     from ifprune_mlx.opener import open_model
 
     running = server.BackgroundServer(lambda: open_model(model), server.ServerConfig(model_id="default"),
@@ -172,6 +245,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="*", default=[1, 4, 8, 16])
     parser.add_argument("--requests", type=int, default=16, help="requests per run")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--in-process", action="store_true",
+                        help="clients as threads of the server's process (sharing its GIL), not processes of their own")
     parser.add_argument("--out", type=Path, help="write the table into this markdown file, between its markers")
     args = parser.parse_args()
     load = os.getloadavg()
@@ -185,7 +260,7 @@ def main() -> None:
         reference, base = None, None
         for clients in sorted(args.clients):
             with fresh_server(args.model, clients, mixed) as url:
-                records, wall, cpu = drive(url, clients, args.requests, mixed, args.max_tokens)
+                records, wall, cpu = drive(url, clients, args.requests, mixed, args.max_tokens, args.in_process)
             reference = reference or records
             line, tps, ttft = row(name, clients, records, wall, cpu, reference)
             base = base or (tps, ttft)

@@ -39,6 +39,8 @@ log = logging.getLogger("ifprune.serve")
 AFFINITY_WINDOW = 16   # queued requests the scheduler looks at for a matching mask
 MAX_OVERTAKES = 16     # how often a queued request may be passed over for a matching one
 MAX_BATCH = 16         # sequences decoded together
+LET_IN_ROUNDS = 4      # event-loop iterations a batch starting from idle lets pass first (see _let_in)
+LET_IN_SECONDS = 0.05  # ... waiting at most this long
 
 @dataclass
 class Job:
@@ -284,6 +286,10 @@ class Scheduler:
                 if self.batch.active:
                     return True
                 self._cond.wait()
+            starting = None if self.batch.active else self._pending[0].loop
+        if starting is not None:
+            self._let_in(starting)
+        with self._cond:
             fresh = [j for j in self._pending if j.ids is None]
             window = list(self._pending)[:AFFINITY_WINDOW]
         for job in fresh:  # tokenize every arrival at once: a bad prompt is answered without waiting
@@ -306,6 +312,25 @@ class Scheduler:
         for job in joiners:
             self._begin(job)
         return True
+
+    def _let_in(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Before a batch starts from idle, let the HTTP event loop run a few iterations (at
+        most LET_IN_SECONDS): requests it has already received but not yet queued (clients
+        that all got their answers in one step send their next ones together) queue now, and
+        their prompts prefill in one batch with the first, not after its prefill. Costs one
+        round trip to an idle loop."""
+        passed = threading.Event()
+
+        def hop(rounds: int) -> None:
+            if rounds:
+                loop.call_soon(hop, rounds - 1)
+            else:
+                passed.set()
+        try:
+            loop.call_soon_threadsafe(hop, LET_IN_ROUNDS)
+        except RuntimeError:  # the loop is closed: the server is going down
+            return
+        passed.wait(LET_IN_SECONDS)
 
     def _dequeue(self, job: Job) -> None:
         """Take a job out of the queue to run it; those it passes over count it."""
