@@ -132,9 +132,10 @@ def client_process(url: str, mixed: bool, max_tokens: int, todo, results, go) ->
     api = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
     api.models.list()  # connect before the clock starts
     results.put(("ready", None, None))
-    go.wait()
+    if not go.wait(600):  # the parent is gone
+        return
     cpu = time.process_time()
-    while (j := todo.get()) is not None:
+    while (j := todo.get(timeout=600)) is not None:
         try:
             results.put(("record", j, one(api, request_prompt(j, mixed), max_tokens)))
         except Exception as e:  # reported by the parent

@@ -27,7 +27,7 @@ pytest.importorskip("uvicorn")
 
 import ifprune_mlx as ifp  # noqa: E402
 from ifprune_mlx import server  # noqa: E402
-from ifprune_mlx.scheduler import MAX_OVERTAKES, Job, Scheduler  # noqa: E402
+from ifprune_mlx.scheduler import LET_IN_ROUNDS, MAX_OVERTAKES, Job, Scheduler  # noqa: E402
 from ifprune_mlx.chat import mask_key  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -611,3 +611,67 @@ def test_requests_sharing_a_system_prompt_decode_in_one_batch_as_they_would_alon
     assert len({report["mask"] for _, report in together}) == 1
     for (messages, _), (text, _) in zip(work, together):
         assert text == reference(engine, messages, task=system["content"], max_tokens=12)
+
+
+def test_a_batch_starting_from_idle_takes_the_requests_the_event_loop_has_received(endless_bundle, engine):
+    # A round of clients that got their answers in one step sends the next requests together: the
+    # first wakes the idle worker, the others are still in the event loop (uvicorn hands a request
+    # to its handler an iteration or two after its bytes arrive). They must prefill in one batch
+    # with the first, not after it. Here B is submitted three loop iterations after A.
+    system = {"role": "system", "content": "Answer in French."}
+    prompts = [[system, {"role": "user", "content": f"Question {i}: {TASK}"}] for i in range(2)]
+    scheduler = Scheduler(lambda: ifp.load(endless_bundle))
+    scheduler.start()
+    first_step = []
+    step = scheduler._step
+    scheduler._step = lambda: (first_step or first_step.append(len(scheduler.batch.active)), step())
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        jobs = [Job(prompt=p, ids=None, task=system["content"], sampling={"max_tokens": 6, "temp": 0.0, "top_p": 1.0,
+                    "seed": None}, density=None, selector="predictor", dense=False, stop=[], loop=loop) for p in prompts]
+        scheduler.submit(jobs[0])
+        after_iterations(loop, 3, scheduler.submit, jobs[1])
+
+        async def text(job):
+            pieces = []
+            while (event := await asyncio.wait_for(job.events.get(), 60))[0] != "done":
+                assert event[0] != "error", event
+                pieces += [event[1][0]] if event[0] == "text" else []
+            return "".join(pieces)
+        return await asyncio.gather(*(text(j) for j in jobs))
+
+    try:
+        texts = asyncio.run(run())
+    finally:
+        scheduler.stop()
+    assert first_step == [2]
+    assert texts == [reference(engine, p, task=system["content"], max_tokens=6) for p in prompts]
+
+
+def after_iterations(loop, n: int, f, *args) -> None:
+    """Call f(*args) on `loop` n iterations from now (from its thread)."""
+    if n:
+        loop.call_soon(after_iterations, loop, n - 1, f, *args)
+    else:
+        f(*args)
+
+
+def test_let_in_returns_after_the_event_loop_has_run_what_was_due(engine):
+    # What a request needs to reach the queue once its bytes have arrived (uvicorn: an iteration
+    # to parse it, one to run its handler), with a margin, has run when _let_in returns.
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    scheduler = Scheduler(lambda: engine)  # not started: _let_in needs no worker
+    try:
+        for rounds in range(LET_IN_ROUNDS):
+            arrived = threading.Event()
+            loop.call_soon_threadsafe(after_iterations, loop, rounds, arrived.set)
+            scheduler._let_in(loop)
+            assert arrived.is_set(), rounds
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+    scheduler._let_in(loop)  # a closed loop: the server is going down; no error, no wait
