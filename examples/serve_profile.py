@@ -36,6 +36,7 @@ import threading
 import time
 from collections import defaultdict
 
+import mlx.core as mx
 from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
 
 from examples import serve_load
@@ -145,6 +146,90 @@ def profile(records: dict, mixed: bool) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in rows.items()}
 
 
+class _Arrival:
+    """What MaskBatch needs of a scheduler.Job, for the worker-only measurement."""
+
+    def __init__(self, ids: list[int], max_tokens: int):
+        self.ids, self.stop, self.constraint = ids, [], None
+        self.sampling = {"max_tokens": max_tokens, "temp": 0.0, "top_p": 1.0, "seed": None}
+        self.cancelled, self.first = threading.Event(), None
+
+    def emit(self, kind: str, payload=None) -> None:
+        if kind == "start":
+            self.first = time.perf_counter()
+
+
+def _first_tokens(eng, prompts: list[list[int]], warm: list[int]) -> tuple[float, object]:
+    """The server's path without HTTP: `prompts` arrive at once in an empty batch whose prefix
+    caches hold `warm` only (serve_load's warm-up); seconds until every one has its first
+    token, and the generator's counters (prompt tokens, prompt and decode time)."""
+    caches = batching.PrefixCaches(4)
+    batch = batching.MaskBatch(eng, caches, len(prompts), stream=mx.default_stream(mx.default_device()))
+    batch.add(_Arrival(warm, 2), "task", {})
+    while batch.active:
+        batch.step()
+    arrivals = [_Arrival(ids, 2) for ids in prompts]
+    start = time.perf_counter()
+    with batch.generator.stats() as stats:
+        for a in arrivals:
+            batch.add(a, "task", {})
+        while any(a.first is None for a in arrivals):
+            batch.step()
+    seconds = time.perf_counter() - start
+    while batch.active:
+        batch.step()
+    batch.close()
+    return seconds, stats
+
+
+def _sgemm_gflops(rows: int, d_model: int, d_ffn: int, repeats: int = 5) -> float:
+    """The machine's float32 matrix product at the FFN's shapes: GFLOP/s, the best of `repeats`."""
+    x, w = mx.random.normal((rows, d_model)), mx.random.normal((d_ffn, d_model))
+    mx.eval(x, w)
+    best = min(_timed_once(lambda: mx.eval(x @ w.T)) for _ in range(repeats))
+    return 2 * rows * d_model * d_ffn / best / 1e9
+
+
+def _timed_once(f) -> float:
+    start = time.perf_counter()
+    f()
+    return time.perf_counter() - start
+
+
+def compute_floor(model: str | None, clients: list[int], repeats: int = 5) -> list[str]:
+    """Worker-only time to first tokens of 1 and of 8 arrivals at once (the ideal gather: one
+    prefill batch), the FLOPs they need and the machine's measured GFLOP/s at these shapes."""
+    from ifprune_mlx.opener import open_model
+
+    eng = open_model(model)
+    eng.apply(eng.select(serve_load.SYSTEMS[0]))  # the per-task mask: the system message
+    warm = eng.prompt_tokens(serve_load.request_prompt(0, False, serve_load.WARM_UP))
+    prompts = [eng.prompt_tokens(serve_load.request_prompt(j, False)) for j in range(max(clients))]
+    d_model, kept = eng.config["hidden_size"], eng.applied.kept_counts
+    per_token = sum(2 * p.size for _, p in _attention_parameters(eng)) + sum(2 * 3 * d_model * k for k in kept)
+    lines = []
+    for n in clients:
+        runs = [_first_tokens(eng, prompts[:n], warm) for _ in range(repeats)]
+        seconds = statistics.median(r[0] for r in runs)
+        prompt_tokens = runs[0][1].prompt_tokens
+        prompt_ms = statistics.median(r[1].prompt_time for r in runs) * 1000
+        gflop = prompt_tokens * per_token / 1e9
+        lines.append(f"{n} arrival{'s' * (n > 1)} at once: first tokens after {seconds * 1000:.0f} ms (median of {repeats}); "
+                     f"prefill {prompt_tokens} new tokens, {gflop:.1f} GFLOP in {prompt_ms:.0f} ms "
+                     f"({gflop / prompt_ms * 1000:.0f} GFLOP/s)")
+    gflops = _sgemm_gflops(max(clients) * 16, d_model, max(kept))
+    lines.append(f"the machine's float32 matrix product at the FFN's shape ({max(clients) * 16} x {d_model} x {max(kept)}): "
+                 f"{gflops:.0f} GFLOP/s (best of 5)")
+    return lines
+
+
+def _attention_parameters(eng):
+    """(name, array) of the attention projections of every layer (their FLOPs per token: 2 x size)."""
+    from mlx.utils import tree_flatten
+
+    return [(n, p) for n, p in tree_flatten(eng.model.parameters()) if ".self_attn." in n and n.endswith("weight")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a bundle or model folder (default: the default chat model)")
@@ -152,7 +237,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--in-process", action="store_true", help="clients as threads of the server's process")
+    parser.add_argument("--floor", action="store_true",
+                        help="also: the worker alone (no HTTP) with the clients' prompts arriving at once")
     args = parser.parse_args()
+    floor = compute_floor(args.model, args.clients) if args.floor else []
     instrument()
     load = os.getloadavg()
     columns, prefills = {}, {}
@@ -174,6 +262,8 @@ def main() -> None:
         print(f"\n{c} clients: {len(chunks)} prefill chunks; prompts per chunk: "
               + ", ".join(f"{n}: {sizes[n]}x" for n in sorted(sizes))
               + f"; tokens of the longest prompt (median) {statistics.median(t for _, t in chunks) if chunks else 0}")
+    if floor:
+        print("\nThe worker alone, no HTTP (examples.serve_profile.compute_floor):\n" + "\n".join(f"- {f}" for f in floor))
     print(f"\nclients {'threads of the server process' if args.in_process else 'in processes of their own'}; "
           f"load average before {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}, after {after[0]:.2f} / {after[1]:.2f} / {after[2]:.2f}")
 
