@@ -24,6 +24,7 @@ was doing while this request waited for its first token). Medians over the reque
 
     python -m examples.serve_profile                   # 1 and 8 clients, processes
     python -m examples.serve_profile --in-process      # the clients as threads of the server
+    python -m examples.serve_profile --floor           # the worker alone: 1 and 8 prompts at once, no HTTP
 """
 
 from __future__ import annotations
@@ -238,9 +239,15 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--in-process", action="store_true", help="clients as threads of the server's process")
     parser.add_argument("--floor", action="store_true",
-                        help="also: the worker alone (no HTTP) with the clients' prompts arriving at once")
+                        help="instead: the worker alone (no HTTP) with the clients' prompts arriving at once")
     args = parser.parse_args()
-    floor = compute_floor(args.model, args.clients) if args.floor else []
+    if args.floor:
+        load = os.getloadavg()
+        print("The worker alone, no HTTP (examples.serve_profile --floor):")
+        print("\n".join(f"- {line}" for line in compute_floor(args.model, args.clients)))
+        after = os.getloadavg()
+        print(f"load average before {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}, after {after[0]:.2f} / {after[1]:.2f} / {after[2]:.2f}")
+        return
     instrument()
     load = os.getloadavg()
     columns, prefills = {}, {}
@@ -262,8 +269,6 @@ def main() -> None:
         print(f"\n{c} clients: {len(chunks)} prefill chunks; prompts per chunk: "
               + ", ".join(f"{n}: {sizes[n]}x" for n in sorted(sizes))
               + f"; tokens of the longest prompt (median) {statistics.median(t for _, t in chunks) if chunks else 0}")
-    if floor:
-        print("\nThe worker alone, no HTTP (examples.serve_profile.compute_floor):\n" + "\n".join(f"- {f}" for f in floor))
     print(f"\nclients {'threads of the server process' if args.in_process else 'in processes of their own'}; "
           f"load average before {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}, after {after[0]:.2f} / {after[1]:.2f} / {after[2]:.2f}")
 
