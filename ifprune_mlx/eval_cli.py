@@ -43,7 +43,7 @@ def parse_densities(text: str) -> list[float | None]:
 
 
 @contextmanager
-def _progress_lines():
+def progress_lines():
     """on_progress(stage, done, total): a bar per stage on a terminal, else a plain line every
     10% (and at least once a minute) on stderr."""
     from .console import staged_progress
@@ -153,7 +153,7 @@ def run(model, names, densities, selectors, reference, *, limit, out, include_pa
     meta = {"tasks": names, "limit": limit, "max_gen_toks": max_gen_toks, "chat_template": chat_template,
             "command": "ifprune eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "ifprune eval"}
     results = []
-    with _progress_lines() as on_progress:
+    with progress_lines() as on_progress:
         engine, name = _open(model, densities is None)
         meta["model"] = name
         if densities is None:

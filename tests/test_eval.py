@@ -237,7 +237,8 @@ def test_a_reference_model_is_run_dense_and_compared(bundle_dir, plain_dir, task
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     ref, pruned = data["conditions"]
-    assert ref["condition"] == {"model": "plain", "density": None, "selector": None, "reference": True}
+    assert ref["condition"] == {"model": "plain", "density": None, "selector": None, "reference": True,
+                                "budgets": None}
     assert pruned["condition"]["density"] == 0.5 and pruned["metrics"]["tiny_mc"]["acc,none"]["docs"] == 4
     assert pruned["metrics"]["tiny_mc"]["acc,none"]["diff"] is not None
 
