@@ -18,6 +18,11 @@ Conditions (issue 14):
   d   random masks (one per prompt, seeded) on the original LLM
   e   the adapted LLM dense (no mask)
   ref the original dense model itself: KL 0; match16 measures batched-generation noise
+  ap, bp   a and b with per-layer budgets: kept counts per layer given by the caller
+      (measure(layer_counts=...); examples/smollm2/results.py passes each model's calibrated ones)
+Values are cached per prompt and condition in --cache (a condition is measured again when the
+artifacts or its per-layer counts change, a prompt when its data changes): a re-run, a
+--limit run or a new condition computes only what the cache lacks.
 Intervals: 95% bootstrap over prompts (2000 resamples, seeded); the ratio a/b and the
 differences a-c are paired (the same resampled prompts).
 
