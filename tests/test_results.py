@@ -11,7 +11,8 @@ from hypothesis import given, settings, strategies as st
 pytest.importorskip("lm_eval")
 pytest.importorskip("torch")
 
-from ifprune_mlx import load, testing  # noqa: E402
+import checkpoints  # noqa: E402
+from ifprune_mlx import load  # noqa: E402
 from ifprune_mlx.budgets import LayerBudgets, steps  # noqa: E402
 from ifprune_mlx.eval_run import Condition, MetricResult, layer_budgets  # noqa: E402
 from ifprune_mlx.selectors import StaticSelector, static_scores, static_top_k, top_k  # noqa: E402
@@ -38,24 +39,16 @@ def tiny(tmp_path_factory):
     (convert --predictor) and the plain one, both calibrated with per-layer budgets."""
     from typer.testing import CliRunner
 
-    from examples.smollm2 import data
-    from examples.smollm2.train import Config, Run
     from ifprune_mlx.cli import app
 
     root = tmp_path_factory.mktemp("results")
-    gguf = testing.make_gguf(root / "tiny.gguf", "llama", "Q4_1", tied=True)
-    data.build(root / "data.jsonl", seed=0, batch=16, threads=1, limit=2, model=str(gguf))
-    cfg = Config(model=str(gguf), data=str(root / "data.jsonl"), pred_layers=1, batch=4, steps=2, warmup=1,
-                 threads=1, ckpt_every=2, eval_every=0, lora_rank=4)
-    run = Run(cfg, root / "run", log=lambda *a: None)
-    run.train()
-    artifacts = run.export(root / "artifacts")
+    gguf, data_file, _, artifacts = checkpoints.smollm2_artifacts(root)
     for out, extra in (("adapted", ["--predictor", str(artifacts)]), ("original", [])):
         result = CliRunner().invoke(app, ["convert", str(gguf), str(root / out), *extra, "--no-calibrate"])
         assert result.exit_code == 0, result.output
     _calibrated(root / "adapted", "predictor")
     _calibrated(root / "original", "activations")
-    return {"root": root, "gguf": gguf, "artifacts": artifacts, "data": root / "data.jsonl",
+    return {"root": root, "gguf": gguf, "artifacts": artifacts, "data": data_file,
             "adapted": root / "adapted", "original": root / "original"}
 
 

@@ -32,6 +32,11 @@ def _kl(entry: dict | None) -> str:
     return f"{entry['kl']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}]"
 
 
+def _measured(cells: list[dict], figures: dict):
+    """(cell, its figures) for the cells that have some, in the report's order."""
+    return [(cell, figures[cell["id"]]) for cell in cells if cell["id"] in figures]
+
+
 def _density(cell: dict) -> str:
     return "1.0" if cell["density"] is None else f"{cell['density']:g}"
 
@@ -50,10 +55,7 @@ def task_lines(figures: dict) -> list[str]:
              "not a speed figure (`ifprune bench` is).", "",
              "| density | condition | IF prompt-level strict | vs original | IF instruction-level strict | vs original "
              "| exact answers | vs original | decode tok/s |", "|---|---|---|---|---|---|---|---|---|"]
-    for cell in figures["cells"]:
-        t = tasks["cells"].get(cell["id"])
-        if t is None:
-            continue
+    for cell, t in _measured(figures["cells"], tasks["cells"]):
         p, i, e = (t["metrics"].get(k) for k in ("prompt", "inst", "exact"))
         tps = "-" if t["decode_tps"] is None else f"{t['decode_tps']:.1f}"
         lines.append(f"| {_density(cell)} | {cell['label']} | {_pct(p)} | {_pct(p, 'diff')} {verdict(p)} | {_pct(i)} "
@@ -72,10 +74,7 @@ def kinds_lines(figures: dict) -> list[str]:
              "model on the same prompts.", "",
              "| density | condition | kinds | prompts | prompt-level strict | vs original | instruction-level strict "
              "| vs original |", "|---|---|---|---|---|---|---|---|"]
-    for cell in figures["cells"]:
-        t = tasks["cells"].get(cell["id"])
-        if t is None:
-            continue
+    for cell, t in _measured(figures["cells"], tasks["cells"]):
         for group, g in t["kinds"].items():
             p, i = g.get("prompt_level_strict_acc"), g.get("inst_level_strict_acc")
             if p is None and i is None:
@@ -95,10 +94,7 @@ def kl_lines(figures: dict) -> list[str]:
              f"({', '.join(kl['held_out_families'])}). 95% bootstrap intervals over prompts.", "",
              "| density | condition | KL, all | KL, never-trained families | KL, trained families | first 16 tokens match |",
              "|---|---|---|---|---|---|"]
-    for cell in figures["cells"]:
-        k = kl["conditions"].get(cell["id"])
-        if k is None:
-            continue
+    for cell, k in _measured(figures["cells"], kl["conditions"]):
         match = "-" if "match16" not in k else f"{k['match16']:.2f} [{k['match16_ci'][0]:.2f}, {k['match16_ci'][1]:.2f}]"
         lines.append(f"| {_density(cell)} | {cell['label']} | {_kl(k.get('all'))} | "
                      f"{_kl(k.get('never-trained families'))} | {_kl(k.get('trained families'))} | {match} |")
