@@ -278,6 +278,7 @@ def _measure_rows(artifacts, todo_rows, rows, conditions, lacking, layer_counts,
     rng = np.random.default_rng(seed)  # drawn over the whole held-out list: a prompt's mask is its own
     random_ids = {d: dict(zip(order, [[np.sort(rng.permutation(Fn)[: kept_count(d, Fn)]) for _ in range(L)]
                                       for _ in order])) for d in DENSITIES}
+    t_rows = time.time()
     for start in range(0, len(todo_rows), batch):
         t_batch = time.time()
         part = todo_rows[start: start + batch]
@@ -325,7 +326,9 @@ def _measure_rows(artifacts, todo_rows, rows, conditions, lacking, layer_counts,
         for name, _ in active:
             stored["seconds"][name] = round(stored["seconds"].get(name, 0) + (time.time() - t_batch) / len(active), 1)
         _save(stored, cache)
-        log(f"  {start + len(part)}/{len(todo_rows)} prompts  {time.time() - t0:.0f}s")
+        done = start + len(part)
+        left = (time.time() - t_rows) / done * (len(todo_rows) - done)
+        log(f"  {done}/{len(todo_rows)} prompts  {time.time() - t0:.0f}s" + (f", ~{left / 60:.0f} min left" if left else ""))
 
 
 def per_prompt(stored: dict, name: str, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
