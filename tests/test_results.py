@@ -85,7 +85,8 @@ def test_every_condition_appears_with_scores_kl_and_intervals(first_run):
                 assert m["diff"] is not None and m["diff_ci"][0] <= m["diff"] <= m["diff_ci"][1]
         assert set(t["kinds"]) == {"never trained", "trained"}
         assert t["kinds"]["trained"]["prompts"] == 0  # the tiny data's header trains no instruction kind
-        assert t["kinds"]["never trained"]["prompt_level_strict_acc"]["docs"] == 2
+        unseen = t["kinds"]["never trained"]["prompt_level_strict_acc"]
+        assert unseen["docs"] == 2 and (unseen["diff"] is None) == (cell_id == "original")
     for cell_id, k in figures["kl"]["conditions"].items():
         assert k["all"]["prompts"] == 2 and k["all"]["ci"][0] <= k["all"]["kl"] + 1e-9 <= k["all"]["ci"][1] + 1e-9
     assert figures["kl"]["conditions"]["original"]["all"]["kl"] < 1e-5
@@ -211,6 +212,11 @@ def test_instruction_kinds_never_trained_and_trained_are_scored_apart():
     assert unseen["prompts"] == 2 and unseen["prompt_level_strict_acc"]["score"] == 0.5  # docs 1, 3
     assert unseen["inst_level_strict_acc"]["score"] == pytest.approx(2 / 4)  # the b's of docs 1, 2, 3 (two)
     assert unseen["inst_level_strict_acc"]["diff"] == pytest.approx(2 / 4 - 3 / 4)
+    reference = metrics(ref)
+    itself = kind_groups(reference, reference, records, trained={"a"})["never trained"]
+    assert itself["prompt_level_strict_acc"]["diff"] is None and itself["inst_level_strict_acc"]["diff"] is None
+    same = kind_groups(metrics(ref), reference, records, trained={"a"})["never trained"]  # equal values, another run
+    assert same["prompt_level_strict_acc"]["diff"] == 0.0 and same["inst_level_strict_acc"]["diff"] == 0.0
 
 
 def test_trained_kinds_come_from_the_training_data_headers(tmp_path):

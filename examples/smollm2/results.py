@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ifprune_mlx import stats
+from ifprune_mlx.eval_run import SEED
 from ifprune_mlx.resolve import PRETRAINED
 
 from . import data
@@ -187,15 +188,18 @@ def metric_entry(m) -> dict:
 
 def kind_groups(result, reference, records: list[dict], trained: set[str]) -> dict:
     """The IF task's prompt- and instruction-level strict accuracy on instruction kinds never
-    trained and trained, each with its interval and paired difference with the reference."""
+    trained and trained, each with its interval and paired difference with the reference (none
+    where `result` is the reference)."""
     prompt_label, inst_label = IF_METRICS
+    own = result is reference
     out = {}
     for group, member in (("never trained", lambda k: k not in trained), ("trained", lambda k: k in trained)):
         entry = {}
         docs = [d for d in sorted(result[prompt_label].values, key=int)
                 if all(member(k) for k in records[int(d)]["instruction_id_list"])]
         if docs:
-            entry["prompt_level_strict_acc"] = _paired(result[prompt_label].values, reference[prompt_label].values, docs)
+            entry["prompt_level_strict_acc"] = _paired(result[prompt_label].values, reference[prompt_label].values, docs,
+                                                       own)
         items, ref_items = result[inst_label].items or {}, reference[inst_label].items or {}
         per_doc = {}
         for d, values in items.items():
@@ -205,18 +209,20 @@ def kind_groups(result, reference, records: list[dict], trained: set[str]) -> di
                               [sum(ref_items[d][i] for i in picked), len(picked)])
         if per_doc:
             entry["inst_level_strict_acc"] = _paired({d: a for d, (a, _) in per_doc.items()},
-                                                     {d: b for d, (_, b) in per_doc.items()}, sorted(per_doc, key=int))
+                                                     {d: b for d, (_, b) in per_doc.items()}, sorted(per_doc, key=int),
+                                                     own)
         entry["prompts"] = len(docs)
         out[group] = entry
     return out
 
 
-def _paired(values: dict, ref_values: dict, docs: list[str]) -> dict:
-    """Score of [numerator, count] values over docs, its interval, and the paired difference with ref_values."""
+def _paired(values: dict, ref_values: dict, docs: list[str], own: bool = False) -> dict:
+    """Score of [numerator, count] values over docs, its interval, and the paired difference with
+    ref_values (none when `own`: these are the reference's values)."""
     a = ([values[d][0] for d in docs], [values[d][1] for d in docs])
     b = ([ref_values[d][0] for d in docs], [ref_values[d][1] for d in docs])
-    low, high = stats.ratio_interval(*a, seed=1234)
-    diff, dlow, dhigh = stats.paired_difference(a, b, seed=1234)
+    low, high = stats.ratio_interval(*a, seed=SEED)
+    diff, dlow, dhigh = (None, None, None) if own else stats.paired_difference(a, b, seed=SEED)
     return {"score": stats.ratio(*a), "ci": [low, high], "docs": len(docs), "diff": diff, "diff_ci": [dlow, dhigh]}
 
 

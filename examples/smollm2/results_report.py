@@ -90,8 +90,8 @@ def kl_lines(figures: dict) -> list[str]:
     lines = ["## KL to the original dense model", "",
              f"`examples/smollm2/evaluate.py`'s measure (cached per prompt in eval_cache.json): mean next-token KL "
              f"(nats, teacher-forced on the original's own answer) on {kl['prompts']} held-out prompts of data.jsonl; "
-             f"*never-trained families*: the {kl['unseen_prompts']} of the families held out whole from training "
-             f"({', '.join(kl['held_out_families'])}). 95% bootstrap intervals over prompts.", "",
+             f"*never-trained families*: those held out whole from training ({', '.join(kl['held_out_families'])}; "
+             f"{kl['unseen_prompts']} of the prompts). 95% bootstrap intervals over prompts.", "",
              "| density | condition | KL, all | KL, never-trained families | KL, trained families | first 16 tokens match |",
              "|---|---|---|---|---|---|"]
     for cell, k in _measured(figures["cells"], kl["conditions"]):
