@@ -82,8 +82,8 @@ serve-load: install-dev
 
 # examples/smollm2/RESULTS.md, results.json and results.png: task scores (offline IF and exact tasks, dev
 # split) and KL per density for the original dense, adapted dense, IFPruning and training-free (uniform and
-# per-layer budgets) and static-mask conditions; cached, so a re-run computes only what is new. Hours from an
-# empty cache on 2 cores. ARGS passes options, e.g. make results ARGS="--densities 1.0,0.7 --split test".
+# per-layer budgets) and static-mask conditions; cached, so a re-run computes only what is new. ~7-8 h from an
+# empty cache on 2 cores at load 2-5 (examples/smollm2/README.md). ARGS passes options, e.g. make results ARGS="--densities 1.0,0.7 --split test".
 results: install-dev
 	@$(WITH_BLAS) $(PY) -m examples.smollm2.results $(ARGS)
 
