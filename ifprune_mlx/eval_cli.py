@@ -43,7 +43,7 @@ def parse_densities(text: str) -> list[float | None]:
 
 
 @contextmanager
-def _progress_lines():
+def progress_lines():
     """on_progress(stage, done, total): a bar per stage on a terminal, else a plain line every
     10% (and at least once a minute) on stderr."""
     from .console import staged_progress
@@ -79,18 +79,37 @@ def _open(model: Optional[str], default_density_needed: bool):
     return engine, name
 
 
-def _conditions(engine, name: str, densities, selectors: list[str], reference: bool):
+BUDGETS = {"uniform": False, "per-layer": True}
+
+
+def parse_budgets(text: str | None) -> list[bool | None]:
+    """"uniform,per-layer" -> [False, True]; None -> [None] (the model's own setting)."""
+    if text is None:
+        return [None]
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part not in BUDGETS:
+            fail(f"--budgets takes uniform and/or per-layer, comma-separated; got {part!r}")
+        if BUDGETS[part] not in out:
+            out.append(BUDGETS[part])
+    return out or [None]
+
+
+def _conditions(engine, name: str, densities, selectors: list[str], reference: bool,
+                budgets: list[bool | None] = (None,)):
     from .eval_run import Condition
 
     selectors = selectors or [engine.selector.name]
     for s in selectors:
         engine.get_selector(s)  # an unknown selector, or "predictor" without one, fails here
+    if True in budgets and engine.budgets is None:
+        fail(f"--budgets per-layer: {name} has no per-layer budgets; `ifprune calibrate MODEL` measures them")
     out = []
     for d in densities:
         if d is None:
             out.append(Condition(name, None, reference=reference))
         else:
-            out += [Condition(name, d, s) for s in selectors]
+            out += [Condition(name, d, s, budgets=b) for s in selectors for b in budgets]
     return out
 
 
@@ -117,6 +136,9 @@ def eval_command(
                                        "the model has one) or as raw text."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Where answers are cached (default: the "
                                          "ifprune-mlx cache folder's eval/)."),
+    budgets: Optional[str] = typer.Option(None, "--budgets", help="uniform and/or per-layer, comma-separated: "
+                                          "run each pruned condition with the model's calibrated per-layer budgets "
+                                          "off and/or on (default: as the model has them)."),
 ):
     if importlib.util.find_spec("lm_eval") is None:
         fail("ifprune eval runs on lm-eval, which is not installed: pip install 'ifprune-mlx[eval]' (or pip install lm-eval)")
@@ -133,14 +155,14 @@ def eval_command(
     densities = parse_densities(density) if density else None
     selectors = [s.strip() for s in (selector or "").split(",") if s.strip()]
     run(model, names, densities, selectors, reference, limit=limit, out=out, include_paths=include_path or [],
-        max_gen_toks=max_gen_toks, chat_template=chat_template, cache=cache)
+        max_gen_toks=max_gen_toks, chat_template=chat_template, cache=cache, budgets=parse_budgets(budgets))
 
 
 eval_command.__doc__ = EVAL_HELP
 
 
 def run(model, names, densities, selectors, reference, *, limit, out, include_paths, max_gen_toks,
-        chat_template, cache) -> None:
+        chat_template, cache, budgets=(None,)) -> None:
     """Check the tasks, open the models, run every condition; the results are written after each."""
     from .eval_run import check_tasks, load_tasks, run_condition, task_manager
     from .disk_cache import cache_dir
@@ -153,14 +175,14 @@ def run(model, names, densities, selectors, reference, *, limit, out, include_pa
     meta = {"tasks": names, "limit": limit, "max_gen_toks": max_gen_toks, "chat_template": chat_template,
             "command": "ifprune eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "ifprune eval"}
     results = []
-    with _progress_lines() as on_progress:
+    with progress_lines() as on_progress:
         engine, name = _open(model, densities is None)
         meta["model"] = name
         if densities is None:
             densities = [None] + ([engine.default_density] if engine.default_density < 1.0 else [])
         if reference is None and None not in densities:
             densities = [None, *densities]  # the reference: the same model at density 1.0
-        conditions = _conditions(engine, name, densities, selectors, reference is None)
+        conditions = _conditions(engine, name, densities, selectors, reference is None, budgets)
         runs = []
         if reference is not None:
             ref_engine, ref_name = _open(reference, False)

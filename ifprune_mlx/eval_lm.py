@@ -52,9 +52,17 @@ def model_fingerprint(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def condition_name(density: float | None, selector: str | None) -> str:
-    """"dense" for the full model, else e.g. "0.70-predictor"."""
-    return "dense" if density is None else f"{density:.2f}-{selector}"
+def condition_name(density: float | None, selector: str | None, budgets: bool | None = None) -> str:
+    """"dense" for the full model, else e.g. "0.70-predictor"; with per-layer budgets set on or
+    off, "0.70-predictor-layers" or "0.70-predictor-uniform"."""
+    if density is None:
+        return "dense"
+    return f"{density:.2f}-{selector}" + {None: "", True: "-layers", False: "-uniform"}[budgets]
+
+
+def request_key(kind: str, args: tuple, chat_template: bool, max_gen_toks: int | None) -> str:
+    """The answer cache's key of one lm-eval request (the generation cap counts for generations only)."""
+    return GenerationCache.key(kind, args, chat_template, max_gen_toks if kind == "generate_until" else None)
 
 
 class GenerationCache:
@@ -132,8 +140,7 @@ class EngineLM(LM):
         out = []
         try:
             for i, request in enumerate(requests):
-                key = self.cache.key(kind, request.args, self.chat_template,
-                                     self.max_gen_toks if kind == "generate_until" else None)
+                key = request_key(kind, request.args, self.chat_template, self.max_gen_toks)
                 entry = self.cache.get(key)
                 if entry is None:
                     entry = self.cache.put(key, answer(request.args))

@@ -13,12 +13,14 @@ import difflib
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from . import stats
-from .eval_lm import EngineLM, EvalError, GenerationCache, condition_name, decode_rate, model_fingerprint
+from .eval_lm import (EngineLM, EvalError, GenerationCache, condition_name, decode_rate, model_fingerprint,
+                      request_key)
 from .tasks import TASK_DIR  # the offline task files shipped with the package
 
 SEED = 1234
@@ -32,10 +34,11 @@ class Condition:
     density: float | None
     selector: str | None = None
     reference: bool = False  # the dense reference every other condition is compared with
+    budgets: bool | None = None  # per-layer budgets on / off (uniform); None: as the model has them
 
     @property
     def name(self) -> str:
-        return condition_name(self.density, self.selector)
+        return condition_name(self.density, self.selector, self.budgets)
 
 
 @dataclass
@@ -50,6 +53,8 @@ class MetricResult:
     diff_low: float | None = None
     diff_high: float | None = None
     values: dict | None = None  # doc_id -> [numerator, count], for the paired difference
+    items: dict | None = None   # doc_id -> the per-item values of a metric scored per item (IFEval's
+                                # instruction-level accuracy: one per instruction), else None
 
 
 @dataclass
@@ -105,6 +110,7 @@ def load_tasks(names: Sequence[str], manager) -> None:
 def per_document(samples: list[dict], lm_results: dict) -> dict[str, MetricResult]:
     """Each metric's score, with per-document values where lm-eval's score is their mean."""
     values: dict[str, dict] = {}
+    items: dict[str, dict] = {}
     for sample in samples:
         for metric in sample.get("metrics", []):
             label = f"{metric},{sample.get('filter', 'none')}"
@@ -113,6 +119,7 @@ def per_document(samples: list[dict], lm_results: dict) -> dict[str, MetricResul
                 entry = [float(v), 1.0]
             elif isinstance(v, list) and v and all(isinstance(x, (bool, int, float)) for x in v):
                 entry = [float(sum(v)), float(len(v))]  # e.g. IFEval's instruction-level accuracy
+                items.setdefault(label, {})[str(sample["doc_id"])] = [float(x) for x in v]
             else:
                 entry = None
             values.setdefault(label, {})[int(sample["doc_id"])] = entry
@@ -127,6 +134,7 @@ def per_document(samples: list[dict], lm_results: dict) -> dict[str, MetricResul
             if math.isclose(stats.ratio(nums, counts), score, rel_tol=1e-6, abs_tol=1e-9):
                 result.low, result.high = stats.ratio_interval(nums, counts, seed=SEED)
                 result.values = {str(k): v for k, v in docs.items()}
+                result.items = items.get(label)
         out[label] = result
     return out
 
@@ -144,21 +152,34 @@ def compare(result: ConditionResult, reference: ConditionResult) -> None:
             m.diff, m.diff_low, m.diff_high = stats.paired_difference(a, b, seed=SEED)
 
 
+@contextmanager
+def layer_budgets(engine, on: bool | None):
+    """Per-layer budgets on (True) or off (False, uniform) while in the block; None: as they are."""
+    budgets = engine.budgets
+    if on and budgets is None:
+        raise EvalError(f"{engine.path or 'this model'} has no per-layer budgets to turn on; `ifprune calibrate "
+                        "MODEL` measures them (where they lower the KL it also turns them on)")
+    if on is None or budgets is None:
+        yield
+        return
+    before = budgets.enabled
+    budgets.enabled = bool(on)
+    try:
+        yield
+    finally:
+        budgets.enabled = before
+
+
 def run_condition(engine, condition: Condition, tasks: Sequence[str], manager, cache_root: Path, *,
                   limit: int | None = None, chat_template: bool = True, max_gen_toks: int | None = None,
                   on_progress: Callable[[str, int, int], None] | None = None) -> ConditionResult:
     """Evaluate `tasks` on `engine` in one condition; answers come from / go to the cache."""
-    import lm_eval
-
     start = time.perf_counter()
     cache = GenerationCache(cache_root / model_fingerprint(engine.path) / f"{condition.name}.jsonl")
     lm = EngineLM(engine, condition.density, condition.selector, cache, chat_template=chat_template,
                   max_gen_toks=max_gen_toks, on_progress=on_progress)
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    output = lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=True, bootstrap_iters=0,
-        apply_chat_template=False, random_seed=SEED, numpy_random_seed=SEED, fewshot_random_seed=SEED,
-        torch_random_seed=None)  # a seed for torch would import it: nothing here needs it
+    with layer_budgets(engine, condition.budgets):
+        output = _evaluate(lm, tasks, manager, limit)
     result = ConditionResult(condition)
     for task, samples in output["samples"].items():
         result.metrics[task] = per_document(samples, output["results"].get(task, {}))
@@ -168,3 +189,50 @@ def run_condition(engine, condition: Condition, tasks: Sequence[str], manager, c
     result.computed = cache.added
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _evaluate(lm, tasks: Sequence[str], manager, limit: int | None) -> dict:
+    """lm-eval's simple_evaluate of `lm` on `tasks`, seeded, with the per-sample records."""
+    import lm_eval
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    return lm_eval.simple_evaluate(
+        model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=True, bootstrap_iters=0,
+        apply_chat_template=False, random_seed=SEED, numpy_random_seed=SEED, fewshot_random_seed=SEED,
+        torch_random_seed=None)  # a seed for torch would import it: nothing here needs it
+
+
+def task_requests(tasks: Sequence[str], manager, limit: int | None = None) -> list[tuple[str, tuple]]:
+    """The (kind, args) of every request the tasks make (what a condition answers), found by
+    running them on a model that answers nothing: to count what a cache still lacks."""
+    from lm_eval.api.model import LM
+
+    class Recorder(LM):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[tuple[str, tuple]] = []
+
+        def _note(self, kind, requests, blank):
+            self.seen += [(kind, r.args) for r in requests]
+            return [blank] * len(requests)
+
+        def generate_until(self, requests):
+            return self._note("generate_until", requests, "")
+
+        def loglikelihood(self, requests):
+            return self._note("loglikelihood", requests, (0.0, False))
+
+        def loglikelihood_rolling(self, requests):
+            return self._note("loglikelihood_rolling", requests, 0.0)
+
+    recorder = Recorder()
+    _evaluate(recorder, tasks, manager, limit)
+    return recorder.seen
+
+
+def pending_requests(engine, condition: Condition, requests: Sequence[tuple[str, tuple]], cache_root: Path, *,
+                     chat_template: bool = True, max_gen_toks: int | None = None) -> int:
+    """How many of `requests` (task_requests) the condition's answer cache lacks."""
+    cache = GenerationCache(cache_root / model_fingerprint(engine.path) / f"{condition.name}.jsonl")
+    chat = bool(chat_template and getattr(engine.tokenizer, "chat_template", None))
+    return sum(cache.get(request_key(kind, args, chat, max_gen_toks)) is None for kind, args in requests)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence, Union
+from typing import Callable, Iterable, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -105,18 +105,40 @@ def overlap(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> list[float]:
     return [len(np.intersect1d(x, y)) / max(1, len(np.union1d(x, y))) for x, y in zip(a, b)]
 
 
-def static_top_k(scores: np.ndarray, k: int) -> list[np.ndarray]:
+def static_scores(scores: Iterable[np.ndarray], ks: Sequence[int]) -> list[np.ndarray]:
+    """Fixed channel scores for one mask shared by every prompt, from many prompts' scores
+    (each [n_layers, d_ffn], read once, in one pass): for each kept count k of `ks`, per layer,
+    the share of prompts whose top k holds the channel, ties broken by the mean standardized
+    score. top_k(static_scores(scores, [k])[0], k) is static_top_k(scores, k)."""
+    ks = [int(k) for k in ks]
+    frequency = total = None
+    n, grand, squares = 0, 0.0, 0.0
+    for one in scores:
+        one = np.asarray(one, dtype=np.float32)
+        if frequency is None:
+            frequency = [np.zeros(one.shape, dtype=np.float64) for _ in ks]
+            total = np.zeros(one.shape, dtype=np.float64)
+        for freq, k in zip(frequency, ks):
+            for layer, ids in enumerate(top_k(one, k)):
+                freq[layer, ids] += 1
+        total += one
+        grand += float(one.sum(dtype=np.float64))
+        squares += float(np.square(one, dtype=np.float64).sum())
+        n += 1
+    if not n:
+        raise SelectionError("a static mask needs the scores of at least one prompt")
+    size = n * total.size
+    mean = grand / size
+    std = np.sqrt(max(squares / size - mean * mean, 0.0))
+    tie_break = 1e-3 * (total / n - mean) / (std + 1e-9)
+    return [(freq / n + tie_break).astype(np.float32) for freq in frequency]
+
+
+def static_top_k(scores: Iterable[np.ndarray], k: int) -> list[np.ndarray]:
     """One mask for every prompt, from many prompts' scores [n_prompts, n_layers, d_ffn]: per
     layer, the k channels most often in a prompt's top k (ties by the mean standardized score).
     """
-    scores = np.asarray(scores, dtype=np.float32)
-    frequency = np.zeros(scores.shape[1:], dtype=np.float64)
-    for one in scores:
-        for layer, ids in enumerate(top_k(one, k)):
-            frequency[layer, ids] += 1
-    frequency /= len(scores)
-    frequency += 1e-3 * (scores.mean(0) - scores.mean()) / (scores.std() + 1e-9)
-    return top_k(frequency, k)
+    return top_k(static_scores(scores, [k])[0], k)
 
 
 @dataclass(frozen=True)
@@ -232,6 +254,29 @@ class PredictorSelector:
     def scores(self, tokens: Sequence[int]) -> np.ndarray:
         self.calls += 1
         return self.predictor.scores(list(tokens))
+
+
+class StaticSelector:
+    """One selection for every prompt: fixed scores, whatever the prompt reads (the static-mask
+    baseline; static_scores makes them from a predictor's scores on training prompts).
+
+    fixed: [n_layers, d_ffn] scores, or a function returning them, called on first use.
+    """
+
+    name = "static"
+
+    def __init__(self, fixed: np.ndarray | Callable[[], np.ndarray]):
+        self._fixed = fixed
+        self.calls = 0
+
+    def inputs(self, prompt: Prompt) -> list[int]:
+        return []  # nothing of the prompt: every prompt shares one selection (and its cache entry)
+
+    def scores(self, tokens: Sequence[int]) -> np.ndarray:
+        self.calls += 1
+        if callable(self._fixed):
+            self._fixed = np.asarray(self._fixed(), dtype=np.float32)
+        return np.asarray(self._fixed, dtype=np.float32)
 
 
 class ActivationSelector:

@@ -142,3 +142,18 @@ def _save_one(state: dict, path: Path, fmt: str) -> Path:
     else:
         torch.save(state, path)
     return path
+
+
+def smollm2_artifacts(root: Path, steps: int = 2):
+    """examples/smollm2 at tiny size: a Q4_1 GGUF, its data (2 prompts a family), `steps` training
+    steps and the exported artifacts; returns (gguf, data file, the Run, artifacts folder)."""
+    from examples.smollm2 import data
+    from examples.smollm2.train import Config, Run
+
+    gguf = testing.make_gguf(root / "tiny.gguf", "llama", "Q4_1", tied=True)
+    data.build(root / "data.jsonl", seed=0, batch=16, threads=1, limit=2, model=str(gguf))
+    cfg = Config(model=str(gguf), data=str(root / "data.jsonl"), pred_layers=1, batch=4, steps=steps, warmup=1,
+                 threads=1, ckpt_every=2, eval_every=0, lora_rank=4)
+    run = Run(cfg, root / "run", log=lambda *a: None)
+    run.train()
+    return gguf, root / "data.jsonl", run, run.export(root / "artifacts")

@@ -237,9 +237,35 @@ def test_a_reference_model_is_run_dense_and_compared(bundle_dir, plain_dir, task
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     ref, pruned = data["conditions"]
-    assert ref["condition"] == {"model": "plain", "density": None, "selector": None, "reference": True}
+    assert ref["condition"] == {"model": "plain", "density": None, "selector": None, "reference": True,
+                                "budgets": None}
     assert pruned["condition"]["density"] == 0.5 and pruned["metrics"]["tiny_mc"]["acc,none"]["docs"] == 4
     assert pruned["metrics"]["tiny_mc"]["acc,none"]["diff"] is not None
+
+
+def test_budgets_uniform_and_per_layer_are_conditions_of_their_own(bundle_dir, tasks_dir, tmp_path):
+    import shutil
+
+    from ifprune_mlx.budgets import LayerBudgets, steps
+    from ifprune_mlx.calibrate import Calibration
+    from ifprune_mlx.calibration_store import save_calibration
+
+    folder = Path(shutil.copytree(bundle_dir, tmp_path / "calibrated"))
+    engine = load(folder)
+    grid = steps(engine.d_ffn, engine.pad_multiple)
+    loss = [[(5.0 if layer == 0 else 1.0) * (1 - k / engine.d_ffn) for k in grid] for layer in range(engine.n_layers)]
+    budgets = LayerBudgets(selector="predictor", prompts=1, pad_multiple=engine.pad_multiple, loss=loss)
+    save_calibration(engine, Calibration(selector="predictor", prompts=1, answer_tokens=1, kl_budget=0.25,
+                                         rows=[], density=0.5, layer_budgets=budgets.to_json()))
+    result = runner.invoke(app, ["eval", str(folder), "--tasks", "tiny_mc", "--include-path", str(tasks_dir),
+                                 "--density", "0.5", "--budgets", "uniform,per-layer", "--limit", "2",
+                                 "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [c["condition"]["budgets"] for c in data["conditions"]] == [None, False, True]
+    assert {p.name for p in (tmp_path / "cache").rglob("*.jsonl")} == \
+        {"dense.jsonl", "0.50-predictor-uniform.jsonl", "0.50-predictor-layers.jsonl"}
+    assert "0.50 predictor per-layer" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_help_explains_the_command():
@@ -258,6 +284,8 @@ def test_user_mistakes_are_one_line(bundle_dir, tasks_dir, tmp_path, monkeypatch
         (base + ["--tasks", "tiny_gen", "--selector", "magic"], "unknown selector 'magic'"),
         (base + ["--tasks", "tiny_gen", "--limit", "0"], "--limit must be at least 1"),
         (base + ["--tasks", " , "], "--tasks is empty"),
+        (base + ["--tasks", "tiny_gen", "--budgets", "magic"], "--budgets takes uniform and/or per-layer"),
+        (base + ["--tasks", "tiny_gen", "--density", "0.5", "--budgets", "per-layer"], "has no per-layer budgets"),
         (["eval", str(bundle_dir), "--tasks", "x", "--include-path", str(tmp_path / "none")], "no such folder"),
     ]
     for args, message in cases:

@@ -256,13 +256,7 @@ def test_a_few_steps_on_a_gguf_give_artifacts_that_convert_assembles(tmp_path):
 
     from ifprune_mlx.cli import app
 
-    gguf = testing.make_gguf(tmp_path / "tiny.gguf", "llama", "Q4_1", tied=True)
-    data.build(tmp_path / "data.jsonl", seed=0, batch=16, threads=1, limit=2, model=str(gguf))
-    cfg = Config(model=str(gguf), data=str(tmp_path / "data.jsonl"), pred_layers=1, batch=4, steps=2, warmup=1,
-                 threads=1, ckpt_every=2, eval_every=0, lora_rank=4)
-    run = Run(cfg, tmp_path / "run", log=lambda *a: None)
-    run.train()
-    artifacts = run.export(tmp_path / "artifacts")
+    gguf, _, run, artifacts = checkpoints.smollm2_artifacts(tmp_path)
     result = CliRunner().invoke(app, ["convert", str(gguf), str(tmp_path / "bundle"), "--predictor", str(artifacts),
                                       "--no-calibrate"])
     assert result.exit_code == 0, result.output

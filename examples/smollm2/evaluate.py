@@ -18,6 +18,11 @@ Conditions (issue 14):
   d   random masks (one per prompt, seeded) on the original LLM
   e   the adapted LLM dense (no mask)
   ref the original dense model itself: KL 0; match16 measures batched-generation noise
+  ap, bp   a and b with per-layer budgets: kept counts per layer given by the caller
+      (measure(layer_counts=...); examples/smollm2/results.py passes each model's calibrated ones)
+Values are cached per prompt and condition in --cache (a condition is measured again when the
+artifacts or its per-layer counts change, a prompt when its data changes): a re-run, a
+--limit run or a new condition computes only what the cache lacks.
 Intervals: 95% bootstrap over prompts (2000 resamples, seeded); the ratio a/b and the
 differences a-c are paired (the same resampled prompts).
 
@@ -28,6 +33,7 @@ in MLX), run in a child process; its JSON is kept in --speed-json, which --repor
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -124,10 +130,10 @@ def matches(answer: list[int], reference: list[int]) -> bool:
     return answer[: len(ref)] == ref
 
 
-def condition_names(optional: bool = True) -> list[str]:
+def condition_names(optional: bool = True, densities=DENSITIES) -> list[str]:
     """The report's conditions: ref, e, then a/a0/b/c/d at each density ("b@0.5"); a0 (the
     predictor without the adapter, an ablation) only with `optional`."""
-    return ["ref", "e"] + [f"{c}@{d}" for d in DENSITIES for c in MASKED if optional or c != "a0"]
+    return ["ref", "e"] + [f"{c}@{d}" for d in densities for c in MASKED if optional or c != "a0"]
 
 
 def _parse(name: str) -> tuple[str, float | None]:
@@ -135,73 +141,171 @@ def _parse(name: str) -> tuple[str, float | None]:
     return cond, float(d) if d else None
 
 
+TRAINED = {"a", "ap", "a0", "c", "e"}  # conditions that read the artifacts
+PER_LAYER = {"ap": "a", "bp": "b"}     # per-layer budgets' variants: kept counts given per layer (layer_counts)
+
+
+def artifacts_fingerprint(artifacts: Path) -> str:
+    """sha1 of the artifacts' files (names and bytes): trained conditions are measured again when it changes."""
+    h = hashlib.sha1()
+    for file in sorted(p for p in Path(artifacts).rglob("*") if p.is_file() and p.suffix != ".jsonl"):
+        h.update(file.relative_to(artifacts).as_posix().encode() + b"\0" + file.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _row_key(row: dict) -> str:
+    """What a prompt's values depend on in the data: its text and the original's answer."""
+    return hashlib.sha1(json.dumps([row["prompt"], row["answer_ids"]]).encode()).hexdigest()[:12]
+
+
+def load_cache(path: Path) -> dict:
+    """The per-prompt values of eval_cache.json: {"values": {condition: {prompt id: [kl, match16]}},
+    "keys": {condition: what its values depend on}, "rows": {id: row key}, "families": {id: family},
+    "order": the held-out ids in order, ...}; a file of the first format (lists over "ids") is
+    converted, its trained conditions keyed "legacy" (kept while the artifacts' meta is unchanged)."""
+    if not Path(path).exists():
+        return {"version": 2, "values": {}, "keys": {}, "rows": {}, "families": {}, "order": [], "seconds": {}}
+    stored = json.loads(Path(path).read_text())
+    if stored.get("version") == 2:
+        return stored
+    ids = [str(i) for i in stored["ids"]]
+    return {"version": 2, "order": ids, "families": dict(zip(ids, stored["families"])), "rows": {},
+            "values": {n: {i: [k, m] for i, k, m in zip(ids, v["kl"], v["match"])} for n, v in stored["values"].items()},
+            "keys": {n: "legacy" if _parse(n)[0] in TRAINED else "" for n in stored["values"]},
+            "seconds": stored.get("seconds", {}), "per_family_cap": stored.get("per_family_cap"),
+            "artifacts_meta": stored.get("artifacts_meta")}
+
+
+def condition_key(name: str, fingerprint: str | None, layer_counts: dict) -> str:
+    """What a condition's values depend on besides the prompt: the artifacts, per-layer counts."""
+    cond, _ = _parse(name)
+    parts = {}
+    if cond in TRAINED:
+        parts["artifacts"] = fingerprint
+    if cond in PER_LAYER:
+        parts["counts"] = [int(k) for k in layer_counts[name]]
+    return json.dumps(parts, sort_keys=True) if parts else ""
+
+
+def missing(stored: dict, names: list[str], rows: list[dict], keys: dict[str, str]) -> dict[str, set[str]]:
+    """Per condition, the ids of `rows` it has no current value for (its key changed, the prompt
+    changed, or never measured)."""
+    out = {}
+    for name in names:
+        have = stored["values"].get(name, {}) if stored["keys"].get(name) == keys[name] else {}
+        out[name] = {str(r["id"]) for r in rows if str(r["id"]) not in have}
+    return out
+
+
+def _save(stored: dict, cache: Path) -> None:
+    tmp = Path(cache).with_suffix(".tmp")
+    tmp.write_text(json.dumps(stored) + "\n")
+    tmp.replace(cache)
+
+
 def measure(artifacts: Path | None, data_path: Path, per_family: int, batch: int, threads: int,
-            conditions: list[str], cache: Path, seed: int = 0, model: str | None = None, log=print) -> dict:
-    """Per-prompt KL and match16 of `conditions` on the held-out rows, merged into the JSON
-    `cache` (so conditions that need no training can be measured while it runs). Conditions
-    a, a0, c, e need `artifacts`."""
+            conditions: list[str], cache: Path, seed: int = 0, model: str | None = None, log=print,
+            limit: int | None = None, layer_counts: dict[str, list[int]] | None = None) -> dict:
+    """Per-prompt KL and match16 of `conditions` on the held-out rows (the first `limit`), merged
+    into the JSON `cache` after every batch; only what the cache lacks is computed. Conditions
+    a, ap, a0, c, e need `artifacts`; ap and bp (a and b with per-layer budgets) their kept
+    counts per layer in `layer_counts` (condition name -> one count per layer)."""
     torch.set_num_threads(threads)
     t0 = time.time()
+    layer_counts = layer_counts or {}
     _, rows = data.load(data_path)
-    held = pick_rows(rows, per_family)
-    ids_key = [r["id"] for r in held]
-    stored = json.loads(Path(cache).read_text()) if Path(cache).exists() else {}
-    if stored.get("ids") != ids_key:
-        stored = {"ids": ids_key, "values": {}, "seconds": {}}
+    all_held = pick_rows(rows, per_family)
+    held = all_held[:limit]
+    stored = load_cache(cache)
+    trained = {"a", "ap", "a0", "c", "e"} & {_parse(n)[0] for n in conditions}
+    if trained and artifacts is None:
+        raise SystemExit(f"conditions {sorted(trained)} need --artifacts")
+    fingerprint, meta = None, None
+    if artifacts is not None:
+        fingerprint, meta = artifacts_fingerprint(artifacts), read_artifacts(artifacts)[2]
+        legacy_ok = stored.get("artifacts_meta") == meta
+        stored["keys"] = {n: ((json.dumps({"artifacts": fingerprint}) if legacy_ok else "stale") if k == "legacy" else k)
+                          for n, k in stored["keys"].items()}
+        stored["artifacts_meta"] = meta
+    keys = {n: condition_key(n, fingerprint, layer_counts) for n in conditions}
+    for r in held:  # a prompt or answer changed in the data: its values are measured again, every condition's
+        if stored["rows"].get(str(r["id"]), _row_key(r)) != _row_key(r):
+            for values in stored["values"].values():
+                values.pop(str(r["id"]), None)
+    lacking = missing(stored, conditions, held, keys)
+    for name in conditions:  # values made under another key are dropped, the rest kept
+        if stored["keys"].get(name) != keys[name]:
+            stored["values"][name], stored["keys"][name] = {}, keys[name]
+    stored.update(per_family_cap=per_family, order=[str(r["id"]) for r in all_held])
+    stored["families"].update({str(r["id"]): r["family"] for r in all_held})
+    todo_rows = [r for r in held if any(str(r["id"]) in ids for ids in lacking.values())]
+    pairs = sum(len(ids) for ids in lacking.values())
+    if not todo_rows:
+        log(f"{len(held)} held-out prompts x {len(conditions)} conditions: all in {cache}")
+        return stored
+    log(f"{pairs} (condition, prompt) values to measure on {len(todo_rows)} of {len(held)} held-out prompts")
+    _measure_rows(artifacts, todo_rows, rows, conditions, lacking, layer_counts, stored, cache, batch, seed, model,
+                  [str(r["id"]) for r in all_held], log, t0)
+    return stored
+
+
+def _measure_rows(artifacts, todo_rows, rows, conditions, lacking, layer_counts, stored, cache, batch, seed, model,
+                  order, log, t0) -> None:
+    """measure()'s work: the conditions' values on todo_rows, saved to `cache` after each batch."""
     todo = [_parse(n) for n in conditions]
     original, tokenizer = data.load_teacher(model)
     L, Fn = original.config.num_hidden_layers, original.config.intermediate_size
-    trained = {"a", "a0", "c", "e"} & {c for c, _ in todo}
+    trained = {c for c, _ in todo} & TRAINED
     if trained:
-        if artifacts is None:
-            raise SystemExit(f"conditions {sorted(trained)} need --artifacts")
         from converters.reference import predict_scores
 
         adapted, _ = data.load_teacher(model)
-        adapter, _, meta = read_artifacts(artifacts)
+        adapter, _, _ = read_artifacts(artifacts)
         apply_adapter(adapted, adapter)
-        stored["artifacts_meta"] = meta
         pred = build_predictor(original, artifacts)
 
         def scores_of(prompts):
             return np.concatenate([predict_scores(pred, tokenizer, prompts[i: i + 64])
                                    for i in range(0, len(prompts), 64)])
 
-        held_scores = scores_of([r["prompt"] for r in held])
+        held_scores = dict(zip([str(r["id"]) for r in todo_rows], scores_of([r["prompt"] for r in todo_rows])))
         if "c" in trained:
             train_scores = scores_of([r["prompt"] for r in rows if r["split"] == "train"])
-            static = {d: indices_to_mask(static_top_k(train_scores, kept_count(d, Fn)), Fn) for d in DENSITIES}
-    log(f"{len(held)} held-out prompts, setup: {time.time() - t0:.0f}s")
+            static = {d: indices_to_mask(static_top_k(train_scores, kept_count(d, Fn)), Fn)
+                      for c, d in todo if c == "c"}
+    log(f"setup: {time.time() - t0:.0f}s")
     decode_only = DecodeOnlyMask(original)
-    rng = np.random.default_rng(seed)
-    random_ids = {d: [[np.sort(rng.permutation(Fn)[: kept_count(d, Fn)]) for _ in range(L)] for _ in held]
-                  for d in DENSITIES}
-    kls = {key: np.zeros(len(held)) for key in todo}
-    match = {key: np.zeros(len(held)) for key in todo}
-    for start in range(0, len(held), batch):
-        part = held[start: start + batch]
-        idx = list(range(start, start + len(part)))
+    rng = np.random.default_rng(seed)  # drawn over the whole held-out list: a prompt's mask is its own
+    random_ids = {d: dict(zip(order, [[np.sort(rng.permutation(Fn)[: kept_count(d, Fn)]) for _ in range(L)]
+                                      for _ in order])) for d in DENSITIES}
+    t_rows = time.time()
+    for start in range(0, len(todo_rows), batch):
+        t_batch = time.time()
+        part = todo_rows[start: start + batch]
+        ids_of = [str(r["id"]) for r in part]
         prompts = [r["prompt"] for r in part]
         ids, attn, where = sequences(tokenizer, part)
         row_of = where[:, 0]
         set_ffn_mask(original, None)
         t_logp = answer_logprobs(original, ids, attn, where)
-        griffin = griffin_scores(original, tokenizer, prompts).numpy() if any(c == "b" for c, _ in todo) else None
-        for key in todo:
-            cond, d = key
-            llm = adapted if cond in ("a", "c", "e") else original
+        active = [(name, key) for name, key in zip(conditions, todo) if lacking[name] & set(ids_of)]
+        griffin = (griffin_scores(original, tokenizer, prompts).numpy()
+                   if any(c in ("b", "bp") for _, (c, _) in active) else None)
+        for name, (cond, d) in active:
+            base = PER_LAYER.get(cond, cond)
+            llm = adapted if base in ("a", "c", "e") else original
             masks, prompt_dense = None, False
             if d is not None:
-                k = kept_count(d, Fn)
-                if cond in ("a", "a0"):
-                    masks = torch.stack([indices_to_mask(top_k(held_scores[i], k), Fn) for i in idx])
-                elif cond == "b":
+                k = layer_counts[name] if cond in PER_LAYER else kept_count(d, Fn)
+                if base in ("a", "a0"):
+                    masks = torch.stack([indices_to_mask(top_k(held_scores[i], k), Fn) for i in ids_of])
+                elif base == "b":
                     masks = torch.stack([indices_to_mask(top_k(g, k), Fn) for g in griffin])
                     prompt_dense = True
-                elif cond == "c":
+                elif base == "c":
                     masks = static[d][None].expand(len(part), -1, -1)
-                elif cond == "d":
-                    masks = torch.stack([indices_to_mask(random_ids[d][i], Fn) for i in idx])
+                elif base == "d":
+                    masks = torch.stack([indices_to_mask(random_ids[d][i], Fn) for i in ids_of])
             if masks is not None and prompt_dense:  # per position: prompt dense, answer pruned
                 per_pos = torch.ones(len(part), L, ids.shape[1], Fn)
                 for row, r in enumerate(part):
@@ -214,35 +318,44 @@ def measure(artifacts: Path | None, data_path: Path, per_family: int, batch: int
                 s_logp = answer_logprobs(llm, ids, attn, where)
             set_ffn_mask(llm, None)
             per_token = kl(t_logp, s_logp)
-            for row, i in enumerate(idx):
-                kls[key][i] = per_token[row_of == row].mean().item()
             answers = greedy(llm, tokenizer, prompts, masks, decode_only if prompt_dense else None)
-            for row, i in enumerate(idx):
-                match[key][i] = matches(answers[row], held[i]["answer_ids"])
-        log(f"  {start + len(part)}/{len(held)} prompts  {time.time() - t0:.0f}s")
-    for (cond, d), name in zip(todo, conditions):
-        stored["values"][name] = {"kl": kls[(cond, d)].tolist(), "match": match[(cond, d)].tolist()}
-        stored["seconds"][name] = round((time.time() - t0) / len(todo))
-    stored.update(per_family_cap=per_family, families=[r["family"] for r in held])
-    tmp = Path(cache).with_suffix(".tmp")
-    tmp.write_text(json.dumps(stored) + "\n")
-    tmp.replace(cache)
-    return stored
+            values = stored["values"].setdefault(name, {})
+            for row, i in enumerate(ids_of):
+                values[i] = [per_token[row_of == row].mean().item(), float(matches(answers[row], part[row]["answer_ids"]))]
+        stored["rows"].update({str(r["id"]): _row_key(r) for r in part})
+        for name, _ in active:
+            stored["seconds"][name] = round(stored["seconds"].get(name, 0) + (time.time() - t_batch) / len(active), 1)
+        _save(stored, cache)
+        done = start + len(part)
+        left = (time.time() - t_rows) / done * (len(todo_rows) - done)
+        log(f"  {done}/{len(todo_rows)} prompts  {time.time() - t0:.0f}s" + (f", ~{left / 60:.0f} min left" if left else ""))
 
 
-def summarize(stored: dict) -> dict:
-    """The report's figures from the per-prompt values of every condition."""
-    missing = [n for n in condition_names(optional=False) if n not in stored["values"]]
-    if missing:
-        raise SystemExit(f"not measured yet: {', '.join(missing)} (run with --conditions {','.join(missing)})")
-    fam_of = np.array(stored["families"])
-    families = sorted(set(stored["families"]))
-    kls = {n: np.array(v["kl"]) for n, v in stored["values"].items()}
-    match = {n: np.array(v["match"]) for n, v in stored["values"].items()}
-    results = {"prompts": len(fam_of), "families": families, "per_family_cap": stored["per_family_cap"],
-               "artifacts_meta": stored.get("artifacts_meta"), "seconds": sum(stored["seconds"].values()),
+def per_prompt(stored: dict, name: str, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(KL, match16) of condition `name` on the prompts `ids`, in that order."""
+    values = stored["values"][name]
+    return np.array([values[i][0] for i in ids]), np.array([values[i][1] for i in ids])
+
+
+def summarize(stored: dict, densities=DENSITIES, ids: list[str] | None = None) -> dict:
+    """The report's figures from the per-prompt values of every condition (on `ids`, default the
+    whole held-out list)."""
+    ids = stored["order"] if ids is None else ids
+    measured = {n for n, v in stored["values"].items() if all(i in v for i in ids)}
+    missing_names = [n for n in condition_names(optional=False, densities=densities) if n not in measured]
+    if missing_names:
+        raise SystemExit(f"not measured yet: {', '.join(missing_names)} (run with --conditions {','.join(missing_names)})")
+    fam_of = np.array([stored["families"][i] for i in ids])
+    families = sorted(set(fam_of.tolist()))
+    names = [n for n in condition_names(densities=densities) if n in measured]
+    kls, match = {}, {}
+    for n in names:
+        kls[n], match[n] = per_prompt(stored, n, ids)
+    results = {"prompts": len(ids), "families": families, "per_family_cap": stored["per_family_cap"],
+               "artifacts_meta": stored.get("artifacts_meta"),
+               "seconds": sum(v for k, v in stored["seconds"].items() if k in names),
                "conditions": {}, "held_out_family_names": list(data.HELD_OUT_FAMILIES)}
-    for name in [n for n in condition_names() if n in stored["values"]]:
+    for name in names:
         results["conditions"][name] = {
             "kl": float(kls[name].mean()), "kl_ci": bootstrap(kls[name]),
             "match16": float(match[name].mean()), "match16_ci": bootstrap(match[name]),
@@ -250,15 +363,19 @@ def summarize(stored: dict) -> dict:
                                "match16": float(match[name][fam_of == f].mean()), "n": int((fam_of == f).sum())}
                            for f in families}}
     paired = {}
-    for d in DENSITIES:
+    for d in densities:
         a, b, c = kls[f"a@{d}"], kls[f"b@{d}"], kls[f"c@{d}"]
-        paired[f"kl_ratio_a_over_b@{d}"] = {"value": float(a.mean() / b.mean()),
-                                            "ci": bootstrap(np.stack([a, b], 1), lambda x: x[:, 0].mean() / x[:, 1].mean())}
+        paired[f"kl_ratio_a_over_b@{d}"] = {"value": float(a.mean() / b.mean()), "ci": ratio_ci(a, b)}
         paired[f"kl_diff_a_minus_c@{d}"] = {"value": float((a - c).mean()), "ci": bootstrap(a - c)}
         ma, mc = match[f"a@{d}"], match[f"c@{d}"]
         paired[f"match16_diff_a_minus_c@{d}"] = {"value": float((ma - mc).mean()), "ci": bootstrap(ma - mc)}
     results["paired"] = paired
     return results
+
+
+def ratio_ci(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """95% paired bootstrap interval of mean(a) / mean(b) over the same resampled prompts."""
+    return bootstrap(np.stack([a, b], 1), lambda x: x[:, 0].mean() / x[:, 1].mean())
 
 
 def measure_speed(out_json: Path, decode_seconds: float = 10.0) -> dict:
@@ -368,10 +485,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     names = condition_names() if args.conditions == "all" else args.conditions.split(",")
     if args.report_only:
-        stored = json.loads(args.cache.read_text())
+        stored = load_cache(args.cache)
     else:
         stored = measure(args.artifacts, args.data, args.per_family, args.batch, args.threads, names, args.cache)
-    if any(n not in stored["values"] for n in condition_names(optional=False)):
+    if any(len(stored["values"].get(n, {})) < len(stored["order"]) for n in condition_names(optional=False)):
         print(f"measured {', '.join(names)}; the report needs every condition")
         return
     results = summarize(stored)

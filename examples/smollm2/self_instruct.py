@@ -38,7 +38,7 @@ from examples.smollm2.data import load as load_data
 MAX_ANSWER = 64
 MAX_INSTRUCTION = 48  # tokens the model may spend writing one instruction
 TARGET = 6000
-ROUND = 1536
+ROUND = 256  # progress is saved after every round
 BATCH = 128
 FAMILY = "self_instruct_v2"
 CONSTRAINED_SHARE = 0.35
@@ -81,7 +81,9 @@ KINDS = [
     "asks for a summary", "asks for a joke", "asks for a short speech", "asks for tips for beginners",
     "asks for a Python function", "asks for a quiz question",
 ]
-META = re.compile(r"^(sure|here is|here's|certainly|as an ai|i am|i'm|request|the request|dear )", re.I)
+META = re.compile(r"^(sure|here is|here's|certainly|as an ai|i am here|i'm here|i am a |i'm a |i'm designed|"
+                  r"request|the request|dear )", re.I)  # the model answering as the assistant, or a letter head
+QUOTED = re.compile(r'"([^"]{12,})"?')
 FRAME = re.compile(r"^(an?|the|as an?) [\w\s,-]{1,40}?(might|could|would|can|may|wants? to) (ask|request|send|say|write|want)\b[^:]*:?", re.I)
 
 # One format constraint per kind, in this project's words (IFEval checks other phrasings of some
@@ -113,11 +115,12 @@ def clean(text: str) -> str | None:
     """The instruction the model wrote, or None when it is unusable."""
     text = text.strip().splitlines()[0].strip() if text.strip() else ""
     frame = FRAME.match(text)
-    if frame:  # "A student might ask: "How ...?"": the request after the colon, else nothing
-        text = text[frame.end():] if frame.group(0).endswith(":") else ""
+    if frame:  # 'A student might ask: "How ...?"': the quoted request, or what follows the colon
+        quoted = QUOTED.search(text, frame.start())
+        text = quoted.group(1) if quoted else text[frame.end():] if frame.group(0).endswith(":") else ""
     text = text.strip().strip('"').strip()
-    if not 4 <= len(text.split()) <= 60 or META.match(text) or "{" in text:
-        return None
+    if not 4 <= len(text.split()) <= 60 or META.match(text) or "{" in text or not text.endswith((".", "?", "!")):
+        return None  # too short or long, the assistant talking, a template left over, or cut off
     return text
 
 
@@ -194,16 +197,17 @@ def main(argv=None) -> None:
         fresh = [(s, t) for s, t in zip(batch, texts) if t]
         near_eval = {c.i for c in clashes([t for _, t in fresh], far_from)}
         fresh = [f for n, f in enumerate(fresh) if n not in near_eval]
-        everything = [k["prompt_plain"] for k in kept] + [t for _, t in fresh]
-        drop = set()
-        for c in clashes(everything):  # (i, j) with i < j: the later one goes
+        texts = [t for _, t in fresh]
+        drop = {c.i for c in clashes(texts, [k["prompt_plain"] for k in kept])} if kept else set()
+        for c in clashes(texts):  # (i, j) with i < j: the later one goes
             if c.i not in drop:
                 drop.add(c.j)
         with open(kept_file, "a") as fh:
-            for n, (s, t) in enumerate(fresh, start=len(kept)):
+            for n, (s, t) in enumerate(fresh):
                 if n in drop:
                     continue
-                kind, sentence = constraint(rng) if rng.random() < CONSTRAINED_SHARE else (None, None)
+                own = random.Random(f"{args.seed}:{s}")  # per instruction: the same after a resume
+                kind, sentence = constraint(own) if own.random() < CONSTRAINED_SHARE else (None, None)
                 row = {"seed_prompt": s, "prompt_plain": t, "constraint": kind,
                        "prompt": f"{t} {sentence}" if sentence else t}
                 kept.append(row)
