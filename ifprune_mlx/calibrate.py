@@ -32,6 +32,7 @@ import numpy as np
 
 from .budgets import LayerBudgets, layer_errors, steps
 from .fidelity import batched_fidelity, greedy_batch
+from .quantized import float_copies
 from .stats import bootstrap_interval
 
 DENSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -283,27 +284,28 @@ def calibrate(engine, *, densities: Sequence[float] = DENSITIES, kl_budget: floa
     total = 1 + len(budget_prompts) + len(prompts)
     engine.apply(None)
     try:
-        answers = _answers(engine, [*budget_prompts, *prompts], answer_tokens)
-        if on_progress:
-            on_progress(1, total)
-        budgets = None
-        if budget_prompts:
-            loss = sum(_budget_loss(engine, chooser, p, a) for p, a in zip(budget_prompts, answers))
-            budgets = LayerBudgets(selector=chooser.name, prompts=len(budget_prompts),
-                                   pad_multiple=engine.pad_multiple, loss=(loss / len(budget_prompts)).tolist())
+        with float_copies(engine.model):  # 4-bit on the CPU: dequantized once, not at every pass
+            answers = _answers(engine, [*budget_prompts, *prompts], answer_tokens)
             if on_progress:
-                on_progress(1 + len(budget_prompts), total)
-        ks = [[engine.kept_count(d)] * engine.n_layers for d in densities]
-        if budgets is not None:
-            ks += [budgets.counts(d, engine.d_ffn) for d in densities]
-        kl = np.zeros((len(prompts), len(ks)))
-        agreement = np.zeros_like(kl)
-        for i, (prompt, answer) in enumerate(zip(prompts, answers[len(budget_prompts):])):
-            scores, ids, cache = _reference(engine, chooser, prompt)
-            selections = engine.selections(scores, ks, chooser.name)
-            kl[i], agreement[i] = np.array(batched_fidelity(engine, ids, answer, selections, cache)).T
-            if on_progress:
-                on_progress(1 + len(budget_prompts) + i + 1, total)
+                on_progress(1, total)
+            budgets = None
+            if budget_prompts:
+                loss = sum(_budget_loss(engine, chooser, p, a) for p, a in zip(budget_prompts, answers))
+                budgets = LayerBudgets(selector=chooser.name, prompts=len(budget_prompts),
+                                       pad_multiple=engine.pad_multiple, loss=(loss / len(budget_prompts)).tolist())
+                if on_progress:
+                    on_progress(1 + len(budget_prompts), total)
+            ks = [[engine.kept_count(d)] * engine.n_layers for d in densities]
+            if budgets is not None:
+                ks += [budgets.counts(d, engine.d_ffn) for d in densities]
+            kl = np.zeros((len(prompts), len(ks)))
+            agreement = np.zeros_like(kl)
+            for i, (prompt, answer) in enumerate(zip(prompts, answers[len(budget_prompts):])):
+                scores, ids, cache = _reference(engine, chooser, prompt)
+                selections = engine.selections(scores, ks, chooser.name)
+                kl[i], agreement[i] = np.array(batched_fidelity(engine, ids, answer, selections, cache)).T
+                if on_progress:
+                    on_progress(1 + len(budget_prompts) + i + 1, total)
     finally:
         engine.apply("auto")
     result = Calibration(selector=chooser.name, prompts=len(prompts), answer_tokens=answer_tokens,
