@@ -7,8 +7,9 @@ without), channels are selected per prompt at the condition's density by its sel
 decoding is greedy. Density 1.0 runs the full model, with no selection.
 
 Answers are kept in a GenerationCache: one JSON-lines file per (model fingerprint, density,
-selector), one line per request, appended as each is answered; a re-run only computes what
-is new, and an interrupted run loses nothing it finished.
+selector, per-layer kept counts where per-layer budgets make them non-uniform: cache_name),
+one line per request, appended as each is answered; a re-run only computes what is new, and
+an interrupted run loses nothing it finished.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ class EvalError(IFPruneError):
 
 def model_fingerprint(folder: Path) -> str:
     """Changes when any file of the model folder changes; not when only its stored default
-    density or calibration does (those do not change what a given density computes)."""
+    density or calibration record does (a re-calibration): what a given density computes
+    follows from the files, except the per-layer budgets a calibration may set, which
+    cache_name covers."""
     folder = Path(folder)
     h = hashlib.sha1()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -55,6 +58,21 @@ def model_fingerprint(folder: Path) -> str:
 def condition_name(density: float | None, selector: str | None) -> str:
     """"dense" for the full model, else e.g. "0.70-predictor"."""
     return "dense" if density is None else f"{density:.2f}-{selector}"
+
+
+def cache_name(engine, density: float | None, selector: str | None) -> str:
+    """The condition's name, plus a digest of the kept counts per layer when the engine's
+    per-layer budgets (from its calibration) make them non-uniform, e.g.
+    "0.70-activations-layers-1a2b3c4d": uniform counts follow from the density and the
+    bundle's pad multiple, which the fingerprint covers; budgets come with a calibration,
+    which it leaves out."""
+    name = condition_name(density, selector)
+    if density is None:
+        return name
+    counts = engine.kept_counts(density)
+    if len(set(counts)) == 1 and counts[0] == engine.kept_count(density):
+        return name
+    return f"{name}-layers-{hashlib.sha1(json.dumps(list(counts)).encode()).hexdigest()[:8]}"
 
 
 class GenerationCache:

@@ -159,18 +159,62 @@ def test_answers_are_cached_and_a_cut_line_is_recomputed(engine, tmp_path):
     assert again.generate_until([request]) == [first] and again.cache.added == 0
 
 
-def test_the_fingerprint_ignores_the_stored_default_density_only(bundle_dir, tmp_path):
+def _calibration(engine, loss_of_layer) -> "Calibration":
+    """A calibration record whose per-layer budgets (on) have loss_of_layer(l) at every step."""
+    from ifprune_mlx.budgets import LayerBudgets, steps
+    from ifprune_mlx.calibrate import Calibration
+
+    width = len(steps(engine.d_ffn, engine.pad_multiple))
+    loss = [[loss_of_layer(layer) * (width - s) / width for s in range(width)] for layer in range(engine.n_layers)]
+    budgets = LayerBudgets("activations", 3, engine.pad_multiple, loss, enabled=True)
+    return Calibration("activations", 5, 16, 0.25, density=0.7, version=2, budget=0.25,
+                       layer_budgets=budgets.to_json())
+
+
+def test_the_fingerprint_ignores_what_a_calibration_stores_only(bundle_dir, tmp_path):
+    """A re-calibration rewrites config.json's default density and calibration record: the
+    fingerprint stays (the cached answers of the model are kept); anything else in the
+    config, or another file, changes it."""
+    import os
     import shutil
+
+    from ifprune_mlx.bundle import update_ifpruning
 
     copy = Path(shutil.copytree(bundle_dir, tmp_path / "copy"))
     before = model_fingerprint(copy)
+    engine = load(copy)
+    for weight in (1.0, 3.0):  # two calibrations with different records and budgets
+        record = _calibration(engine, lambda layer: weight * (layer + 1))
+        update_ifpruning(copy, {"default_density": 0.9 - weight / 10, "calibration": record.to_json()})
+        assert model_fingerprint(copy) == before
     config = json.loads((copy / "config.json").read_text())
-    config["ifpruning"]["default_density"] = 0.9
+    (copy / "config.json").write_text(json.dumps(dict(config, hidden_act="gelu")))
+    assert model_fingerprint(copy) != before
     (copy / "config.json").write_text(json.dumps(config))
     assert model_fingerprint(copy) == before
-    config["hidden_act"] = "gelu"
-    (copy / "config.json").write_text(json.dumps(config))
+    weights = next(copy.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert model_fingerprint(copy) != before
+
+
+def test_answers_are_cached_per_kept_counts_when_layer_budgets_set_them(bundle_dir):
+    """Per-layer budgets change what a density computes but live in the calibration, which the
+    fingerprint leaves out: the cache file of a pruned condition then names its counts."""
+    from ifprune_mlx.eval_lm import cache_name
+
+    engine = load(bundle_dir)
+    assert cache_name(engine, None, None) == "dense"
+    assert cache_name(engine, 0.5, "activations") == "0.50-activations"  # uniform counts
+    engine.use_calibration(_calibration(engine, lambda layer: float(layer + 1)))
+    counts = engine.kept_counts(0.5)
+    assert len(set(counts)) > 1  # the budgets are not uniform here
+    first = cache_name(engine, 0.5, "activations")
+    assert first.startswith("0.50-activations-layers-") and cache_name(engine, None, None) == "dense"
+    engine.use_calibration(_calibration(engine, lambda layer: float(engine.n_layers - layer)))
+    assert engine.kept_counts(0.5) != counts
+    assert cache_name(engine, 0.5, "activations") not in (first, "0.50-activations")
+    engine.use_calibration(_calibration(engine, lambda layer: float(layer + 1)))
+    assert cache_name(engine, 0.5, "activations") == first
 
 
 def test_perplexity_tasks_say_why_they_are_not_supported(engine, tmp_path):
