@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,22 +34,45 @@ class EvalError(IFPruneError):
     """An evaluation cannot run: a task, its data, or an option is wrong."""
 
 
-def model_fingerprint(folder: Path) -> str:
-    """Changes when any file of the model folder changes; not when only its stored default
-    density or calibration record does (a re-calibration): what a given density computes
-    follows from the files, except the per-layer budgets a calibration may set, which
-    cache_name covers."""
+_DIGESTS: dict[tuple, str] = {}  # (file, size, mtime_ns) -> digest of its bytes, for this process
+
+
+def _file_digest(file: Path) -> str:
+    st = file.stat()
+    key = (str(file.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha1()
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def _config_text(file: Path) -> str:
+    """config.json without what a calibration stores (the default density, the record)."""
+    config = json.loads(file.read_text())
+    block = dict(config.get("ifpruning") or {})
+    for key in ("default_density", "calibration"):
+        block.pop(key, None)
+    config["ifpruning"] = block
+    return json.dumps(config, sort_keys=True)
+
+
+def model_fingerprint(folder: Path, *, by_content: bool = True) -> str:
+    """Changes when what the model folder holds changes: every file's bytes (not its times: a
+    re-conversion that writes the same weights keeps it) and its config.json, except what a
+    calibration stores there (the default density, the record): what a given density
+    computes follows from the files, but for per-layer budgets, which cache_name covers.
+    by_content=False: the older key, by file sizes and times (answers_file adopts its files)."""
     folder = Path(folder)
     h = hashlib.sha1()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = file.relative_to(folder).as_posix()
         if name == "config.json":
-            config = json.loads(file.read_text())
-            block = dict(config.get("ifpruning") or {})
-            for key in ("default_density", "calibration"):
-                block.pop(key, None)
-            config["ifpruning"] = block
-            h.update(f"{name}:{json.dumps(config, sort_keys=True)}\n".encode())
+            h.update(f"{name}:{_config_text(file)}\n".encode())
+        elif by_content:
+            h.update(f"{name}:{_file_digest(file)}\n".encode())
         else:
             st = file.stat()
             h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
@@ -73,6 +97,18 @@ def cache_name(engine, density: float | None, selector: str | None) -> str:
     if len(set(counts)) == 1 and counts[0] == engine.kept_count(density):
         return name
     return f"{name}-layers-{hashlib.sha1(json.dumps(list(counts)).encode()).hexdigest()[:8]}"
+
+
+def answers_file(cache_root: Path, engine, density: float | None, selector: str | None) -> Path:
+    """Where a condition's answers are cached: cache_root/FINGERPRINT/cache_name.jsonl. The
+    first time, a file kept under the older key (by file times, model_fingerprint's
+    by_content=False) is copied in; the older file stays."""
+    path = Path(cache_root) / model_fingerprint(engine.path) / f"{cache_name(engine, density, selector)}.jsonl"
+    older = Path(cache_root) / model_fingerprint(engine.path, by_content=False) / path.name
+    if not path.exists() and older.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(older, path)
+    return path
 
 
 class GenerationCache:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import stats
-from .eval_lm import EngineLM, EvalError, GenerationCache, cache_name, condition_name, decode_rate, model_fingerprint
+from .eval_lm import EngineLM, EvalError, GenerationCache, answers_file, condition_name, decode_rate
 from .tasks import TASK_DIR  # the offline task files shipped with the package
 
 SEED = 1234
@@ -151,8 +151,7 @@ def run_condition(engine, condition: Condition, tasks: Sequence[str], manager, c
     import lm_eval
 
     start = time.perf_counter()
-    name = cache_name(engine, condition.density, condition.selector)
-    cache = GenerationCache(cache_root / model_fingerprint(engine.path) / f"{name}.jsonl")
+    cache = GenerationCache(answers_file(cache_root, engine, condition.density, condition.selector))
     lm = EngineLM(engine, condition.density, condition.selector, cache, chat_template=chat_template,
                   max_gen_toks=max_gen_toks, on_progress=on_progress)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)

@@ -175,7 +175,6 @@ def test_the_fingerprint_ignores_what_a_calibration_stores_only(bundle_dir, tmp_
     """A re-calibration rewrites config.json's default density and calibration record: the
     fingerprint stays (the cached answers of the model are kept); anything else in the
     config, or another file, changes it."""
-    import os
     import shutil
 
     from ifprune_mlx.bundle import update_ifpruning
@@ -193,8 +192,31 @@ def test_the_fingerprint_ignores_what_a_calibration_stores_only(bundle_dir, tmp_
     (copy / "config.json").write_text(json.dumps(config))
     assert model_fingerprint(copy) == before
     weights = next(copy.glob("*.safetensors"))
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    older = model_fingerprint(copy, by_content=False)
+    weights.write_bytes(weights.read_bytes())  # a re-conversion writing the same bytes: new times
+    assert model_fingerprint(copy) == before and model_fingerprint(copy, by_content=False) != older
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the same size, one bit of a weight changed
+    weights.write_bytes(bytes(data))
     assert model_fingerprint(copy) != before
+
+
+def test_answers_kept_under_the_older_key_are_copied_in_once(bundle_dir, tmp_path):
+    """Caches written under the older key (file times) are found: copied to the new key the
+    first time, the older file left as it was; a file already under the new key is kept."""
+    from ifprune_mlx.eval_lm import answers_file
+
+    engine = load(bundle_dir)
+    older = tmp_path / model_fingerprint(bundle_dir, by_content=False) / "0.50-predictor.jsonl"
+    older.parent.mkdir(parents=True)
+    older.write_text('{"key": "k", "text": "kept"}\n')
+    path = answers_file(tmp_path, engine, 0.5, "predictor")
+    assert path.parent.name == model_fingerprint(bundle_dir) != older.parent.name
+    assert GenerationCache(path).get("k")["text"] == "kept" and older.is_file()
+    path.write_text('{"key": "k", "text": "newer"}\n')
+    older.write_text('{"key": "k", "text": "changed"}\n')
+    assert GenerationCache(answers_file(tmp_path, engine, 0.5, "predictor")).get("k")["text"] == "newer"
+    assert not answers_file(tmp_path, engine, 0.7, "predictor").exists()
 
 
 def test_answers_are_cached_per_kept_counts_when_layer_budgets_set_them(bundle_dir):
