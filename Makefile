@@ -71,7 +71,7 @@ selectors: install-dev
 
 # `ifprune convert` of the SmolLM2 GGUF (4-bit, float32, the default model), timed with its
 # calibration: the ladders, per-layer vs uniform and the chosen defaults in docs/CALIBRATION.md
-# and docs/calibration.png (5 min on this 2-core machine at load 2-4.5; 26 min at load 9-12).
+# and docs/calibration.png (10 min on this 2-core machine at load 12-15, 2026-12-05).
 calibration: install-dev
 	@$(WITH_BLAS) $(PY) -m examples.calibration_report
 

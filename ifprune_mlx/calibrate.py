@@ -4,8 +4,11 @@ rule that turns measured quality into the default density.
 For each of a set of varied instructions, the dense model's greedy answer is the reference.
 At every density the prompt's selection (one scoring pass serves all densities) is scored
 teacher-forced in generation's own setting: the prompt prefilled dense, the answer pruned.
-All densities of a prompt run as the rows of one batched forward pass with the channels
-masked (fidelity.batched_fidelity): what the CPU's BLAS runs fast. Two measures per density:
+One batched dense pass over all the prompts gives each its selector scores, its dense prefill
+and, decoded on together, its answer (_dense_pass). All densities of a prompt run as the rows
+of one batched forward pass with the channels masked (fidelity.batched_fidelity): what the
+CPU's BLAS runs fast. A 4-bit model on the CPU multiplies by float copies of its weights made
+once for the whole run (quantized.float_copies). Two measures per density:
 
   KL         mean next-token KL(dense || pruned) in nats over the answer's positions
   agreement  share of answer tokens that are also the pruned model's top-1 choice
@@ -25,13 +28,15 @@ density is then chosen from their ladder. Everything is stored in the bundle
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Sequence
 
 import numpy as np
 
 from .budgets import LayerBudgets, layer_errors, steps
-from .fidelity import batched_fidelity, greedy_batch
+from .fidelity import batched_fidelity
+from .quantized import float_copies
 from .stats import bootstrap_interval
 
 DENSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -213,44 +218,67 @@ def choose_default_density(points: Sequence[RulePoint], budget: float) -> float:
     return chosen
 
 
-def _answers(engine, prompts: Sequence[str], answer_tokens: int) -> list[list[int]]:
-    """The dense model's greedy answers, all prompts decoded together (fidelity.greedy_batch),
-    each cut after its first end-of-sequence token: what a user sees is what is scored."""
-    ids = [engine.prompt_tokens(p) for p in prompts]
-    stops = set(getattr(engine.tokenizer, "eos_token_ids", None) or [])
-    answers = []
-    for answer in greedy_batch(engine.model, ids, answer_tokens):
-        end = next((i + 1 for i, t in enumerate(answer) if t in stops), len(answer))
-        answers.append(answer[:end])
-    return answers
-
-
-def _reference(engine, chooser, prompt):
-    """Scores, token ids and a KV cache holding the prompt but its last token, from one dense
-    pass (the training-free selector's scoring pass is it)."""
+def _dense_pass(engine, chooser, prompts: Sequence[str], answer_tokens: int) -> list[tuple]:
+    """For every prompt: (selector scores, token ids, KV cache of all its tokens but the last,
+    the dense model's greedy answer), from ONE batched dense pass over all the prompts
+    (right-padded) and a batched greedy decode from it, instead of a scoring pass per prompt
+    and another prefill for the answers. Answers are cut after their first end token (what a
+    user sees is what is scored). The training-free selector's energies are taken in the same
+    pass (each prompt's own tokens); other selectors (or a sharded model, whose ranks must
+    agree) score each prompt on their own (engine.scores)."""
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+    from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
+    from .prune import observing
     from .selectors import ActivationSelector
 
-    ids = engine.prompt_tokens(prompt)
+    ids = [engine.prompt_tokens(p) for p in prompts]
+    lengths = [len(i) for i in ids]
     cache = make_prompt_cache(engine.model)
-    if isinstance(chooser, ActivationSelector):
-        scores = engine.scores(chooser, ids, kv_cache=cache)
-        trim_prompt_cache(cache, 1)
-    else:
-        scores = engine.scores(chooser, chooser.inputs(prompt))
-        engine.model(mx.array([ids[:-1]], dtype=mx.int32), cache=cache)
-    return scores, ids, cache
+    energies: list = []
+    in_pass = isinstance(chooser, ActivationSelector) and engine.sharding is None
+    energy = chooser.energy() if in_pass else None
+
+    def observe(h):  # [B, T, d_ffn] -> each prompt's (d_ffn,) energy over its own tokens
+        energies.append([energy(h[b, :n]) for b, n in enumerate(lengths)])
+        mx.async_eval(energies[-1])
+
+    batch = mx.array([i + [0] * (max(lengths) - len(i)) for i in ids], dtype=mx.int32)
+    with observing(engine.mlps, observe) if in_pass else nullcontext():
+        logits = engine.model(batch, cache=cache)
+    first = mx.argmax(logits[mx.arange(len(ids)), mx.array(lengths) - 1], axis=-1)
+    mx.eval(first, energies, [c.state for c in cache])
+
+    def rows(b: int, n: int) -> list:  # prompt b's first n positions of the batched cache
+        out = [KVCache() for _ in cache]
+        for one, c in zip(out, cache):
+            one.keys, one.values = mx.contiguous(c.keys[b:b + 1, :, :n]), mx.contiguous(c.values[b:b + 1, :, :n])
+            one.offset = n
+        return out
+
+    decode = [BatchKVCache.merge(layer) for layer in zip(*(rows(b, n) for b, n in enumerate(lengths)))]
+    tokens = [first]
+    for _ in range(answer_tokens - 1):
+        tokens.append(mx.argmax(engine.model(tokens[-1][:, None], cache=decode)[:, -1], axis=-1))
+        mx.async_eval(tokens[-1])
+    answers = mx.stack(tokens, axis=1).tolist()
+    stops = set(getattr(engine.tokenizer, "eos_token_ids", None) or [])
+    out = []
+    for b, (prompt, answer) in enumerate(zip(prompts, answers)):
+        end = next((i + 1 for i, t in enumerate(answer) if t in stops), len(answer))
+        scores = (chooser.scores_from([e[b] for e in energies]) if in_pass
+                  else engine.scores(chooser, chooser.inputs(prompt)))
+        out.append((scores, ids[b], rows(b, lengths[b] - 1), answer[:end]))
+    return out
 
 
-def _budget_loss(engine, chooser, prompt, answer: list[int]) -> np.ndarray:
+def _budget_loss(engine, reference: tuple) -> np.ndarray:
     """[n_layers, steps] estimated KL of pruning each layer alone to each kept-count step, on
     the dense answer of one prompt: the layer's measured KL when it alone keeps
     kept_count(REFERENCE_DENSITY) channels, scaled along the layer's own output-error curve
     (budgets.layer_errors). One batched pass: row 0 dense, row l + 1 layer l pruned."""
     grid = steps(engine.d_ffn, engine.pad_multiple)
-    scores, ids, cache = _reference(engine, chooser, prompt)
+    scores, ids, cache, answer = reference
     k_ref = engine.kept_count(REFERENCE_DENSITY)
     ks = [[k_ref if i == layer else engine.d_ffn for i in range(engine.n_layers)] for layer in range(engine.n_layers)]
     seen: list = []
@@ -283,27 +311,27 @@ def calibrate(engine, *, densities: Sequence[float] = DENSITIES, kl_budget: floa
     total = 1 + len(budget_prompts) + len(prompts)
     engine.apply(None)
     try:
-        answers = _answers(engine, [*budget_prompts, *prompts], answer_tokens)
-        if on_progress:
-            on_progress(1, total)
-        budgets = None
-        if budget_prompts:
-            loss = sum(_budget_loss(engine, chooser, p, a) for p, a in zip(budget_prompts, answers))
-            budgets = LayerBudgets(selector=chooser.name, prompts=len(budget_prompts),
-                                   pad_multiple=engine.pad_multiple, loss=(loss / len(budget_prompts)).tolist())
+        with float_copies(engine.model):  # 4-bit on the CPU: dequantized once, not at every pass
+            references = _dense_pass(engine, chooser, [*budget_prompts, *prompts], answer_tokens)
             if on_progress:
-                on_progress(1 + len(budget_prompts), total)
-        ks = [[engine.kept_count(d)] * engine.n_layers for d in densities]
-        if budgets is not None:
-            ks += [budgets.counts(d, engine.d_ffn) for d in densities]
-        kl = np.zeros((len(prompts), len(ks)))
-        agreement = np.zeros_like(kl)
-        for i, (prompt, answer) in enumerate(zip(prompts, answers[len(budget_prompts):])):
-            scores, ids, cache = _reference(engine, chooser, prompt)
-            selections = engine.selections(scores, ks, chooser.name)
-            kl[i], agreement[i] = np.array(batched_fidelity(engine, ids, answer, selections, cache)).T
-            if on_progress:
-                on_progress(1 + len(budget_prompts) + i + 1, total)
+                on_progress(1, total)
+            budgets = None
+            if budget_prompts:
+                loss = sum(_budget_loss(engine, r) for r in references[:len(budget_prompts)])
+                budgets = LayerBudgets(selector=chooser.name, prompts=len(budget_prompts),
+                                       pad_multiple=engine.pad_multiple, loss=(loss / len(budget_prompts)).tolist())
+                if on_progress:
+                    on_progress(1 + len(budget_prompts), total)
+            ks = [[engine.kept_count(d)] * engine.n_layers for d in densities]
+            if budgets is not None:
+                ks += [budgets.counts(d, engine.d_ffn) for d in densities]
+            kl = np.zeros((len(prompts), len(ks)))
+            agreement = np.zeros_like(kl)
+            for i, (scores, ids, cache, answer) in enumerate(references[len(budget_prompts):]):
+                selections = engine.selections(scores, ks, chooser.name)
+                kl[i], agreement[i] = np.array(batched_fidelity(engine, ids, answer, selections, cache)).T
+                if on_progress:
+                    on_progress(1 + len(budget_prompts) + i + 1, total)
     finally:
         engine.apply("auto")
     result = Calibration(selector=chooser.name, prompts=len(prompts), answer_tokens=answer_tokens,

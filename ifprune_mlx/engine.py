@@ -76,7 +76,7 @@ class Engine:
             self.selectors["predictor"] = PredictorSelector(predictor, selector_tokenizer or tokenizer)
         self.selectors["activations"] = ActivationSelector(model, self.mlps, self.prompt_tokens)
         self.selector: Selector = next(iter(self.selectors.values()))
-        self.default_density = default_density or PLAIN_DEFAULT_DENSITY
+        self._set_default_density(default_density or PLAIN_DEFAULT_DENSITY)
         self.calibration: Calibration | None = None  # how the default density was chosen, if it was
         self.budgets: LayerBudgets | None = None  # per-layer kept counts, used when .enabled
         self._counts: dict[float, tuple[int, ...]] = {}
@@ -90,10 +90,14 @@ class Engine:
         if residency is not None:
             self._start_resident()
 
+    def _set_default_density(self, density: float) -> None:
+        """The one rule for the default density: as given; in resident mode at most what the
+        capacity holds."""
+        self.default_density = density if self.residency is None else min(density, self.residency.max_density)
+
     def _start_resident(self) -> None:
-        """Resident mode: the default density is capped at the capacity's, and the model computes
-        on the first kept_count() channels (load read the first `capacity`) until an apply."""
-        self.default_density = min(self.default_density, self.residency.max_density)
+        """Resident mode: the model computes on the first kept_count() channels (load read the
+        first `capacity`) until an apply."""
         self.applied = self.residency.start(self.mlps, self.kept_count())
 
     def use_calibration(self, calibration: Calibration) -> None:
@@ -105,9 +109,7 @@ class Engine:
             budgets = LayerBudgets.from_json(calibration.layer_budgets, self.n_layers, self.d_ffn,
                                              f"{self.path or 'calibration'}: calibration")
         self.calibration, self.budgets = calibration, budgets
-        self.default_density = calibration.density
-        if self.residency is not None:
-            self.default_density = min(self.default_density, self.residency.max_density)
+        self._set_default_density(calibration.density)
         self._counts.clear()
 
     # -- selection ---------------------------------------------------------------------

@@ -7,14 +7,16 @@ without), channels are selected per prompt at the condition's density by its sel
 decoding is greedy. Density 1.0 runs the full model, with no selection.
 
 Answers are kept in a GenerationCache: one JSON-lines file per (model fingerprint, density,
-selector), one line per request, appended as each is answered; a re-run only computes what
-is new, and an interrupted run loses nothing it finished.
+selector, per-layer kept counts where per-layer budgets make them non-uniform: cache_name),
+one line per request, appended as each is answered; a re-run only computes what is new, and
+an interrupted run loses nothing it finished.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,20 +34,45 @@ class EvalError(IFPruneError):
     """An evaluation cannot run: a task, its data, or an option is wrong."""
 
 
-def model_fingerprint(folder: Path) -> str:
-    """Changes when any file of the model folder changes; not when only its stored default
-    density or calibration does (those do not change what a given density computes)."""
+_DIGESTS: dict[tuple, str] = {}  # (file, size, mtime_ns) -> digest of its bytes, for this process
+
+
+def _file_digest(file: Path) -> str:
+    st = file.stat()
+    key = (str(file.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha1()
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def _config_text(file: Path) -> str:
+    """config.json without what a calibration stores (the default density, the record)."""
+    config = json.loads(file.read_text())
+    block = dict(config.get("ifpruning") or {})
+    for key in ("default_density", "calibration"):
+        block.pop(key, None)
+    config["ifpruning"] = block
+    return json.dumps(config, sort_keys=True)
+
+
+def model_fingerprint(folder: Path, *, by_content: bool = True) -> str:
+    """Changes when what the model folder holds changes: every file's bytes (not its times: a
+    re-conversion that writes the same weights keeps it) and its config.json, except what a
+    calibration stores there (the default density, the record): what a given density
+    computes follows from the files, but for per-layer budgets, which cache_name covers.
+    by_content=False: the older key, by file sizes and times (answers_file adopts its files)."""
     folder = Path(folder)
     h = hashlib.sha1()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = file.relative_to(folder).as_posix()
         if name == "config.json":
-            config = json.loads(file.read_text())
-            block = dict(config.get("ifpruning") or {})
-            for key in ("default_density", "calibration"):
-                block.pop(key, None)
-            config["ifpruning"] = block
-            h.update(f"{name}:{json.dumps(config, sort_keys=True)}\n".encode())
+            h.update(f"{name}:{_config_text(file)}\n".encode())
+        elif by_content:
+            h.update(f"{name}:{_file_digest(file)}\n".encode())
         else:
             st = file.stat()
             h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
@@ -63,6 +90,33 @@ def condition_name(density: float | None, selector: str | None, budgets: bool | 
 def request_key(kind: str, args: tuple, chat_template: bool, max_gen_toks: int | None) -> str:
     """The answer cache's key of one lm-eval request (the generation cap counts for generations only)."""
     return GenerationCache.key(kind, args, chat_template, max_gen_toks if kind == "generate_until" else None)
+
+
+def cache_name(engine, density: float | None, selector: str | None) -> str:
+    """The condition's name, plus a digest of the kept counts per layer when the engine's
+    per-layer budgets (from its calibration) make them non-uniform, e.g.
+    "0.70-activations-layers-1a2b3c4d": uniform counts follow from the density and the
+    bundle's pad multiple, which the fingerprint covers; budgets come with a calibration,
+    which it leaves out."""
+    name = condition_name(density, selector)
+    if density is None:
+        return name
+    counts = engine.kept_counts(density)
+    if len(set(counts)) == 1 and counts[0] == engine.kept_count(density):
+        return name
+    return f"{name}-layers-{hashlib.sha1(json.dumps(list(counts)).encode()).hexdigest()[:8]}"
+
+
+def answers_file(cache_root: Path, engine, density: float | None, selector: str | None) -> Path:
+    """Where a condition's answers are cached: cache_root/FINGERPRINT/cache_name.jsonl. The
+    first time, a file kept under the older key (by file times, model_fingerprint's
+    by_content=False) is copied in; the older file stays."""
+    path = Path(cache_root) / model_fingerprint(engine.path) / f"{cache_name(engine, density, selector)}.jsonl"
+    older = Path(cache_root) / model_fingerprint(engine.path, by_content=False) / path.name
+    if not path.exists() and older.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(older, path)
+    return path
 
 
 class GenerationCache:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import stats
-from .eval_lm import (EngineLM, EvalError, GenerationCache, condition_name, decode_rate, model_fingerprint,
+from .eval_lm import (EngineLM, EvalError, GenerationCache, answers_file, condition_name, decode_rate,
                       request_key)
 from .tasks import TASK_DIR  # the offline task files shipped with the package
 
@@ -175,10 +175,10 @@ def run_condition(engine, condition: Condition, tasks: Sequence[str], manager, c
                   on_progress: Callable[[str, int, int], None] | None = None) -> ConditionResult:
     """Evaluate `tasks` on `engine` in one condition; answers come from / go to the cache."""
     start = time.perf_counter()
-    cache = GenerationCache(cache_root / model_fingerprint(engine.path) / f"{condition.name}.jsonl")
-    lm = EngineLM(engine, condition.density, condition.selector, cache, chat_template=chat_template,
-                  max_gen_toks=max_gen_toks, on_progress=on_progress)
-    with layer_budgets(engine, condition.budgets):
+    with layer_budgets(engine, condition.budgets):  # the cache file names the kept counts they give
+        cache = GenerationCache(answers_file(cache_root, engine, condition.density, condition.selector))
+        lm = EngineLM(engine, condition.density, condition.selector, cache, chat_template=chat_template,
+                      max_gen_toks=max_gen_toks, on_progress=on_progress)
         output = _evaluate(lm, tasks, manager, limit)
     result = ConditionResult(condition)
     for task, samples in output["samples"].items():
@@ -233,6 +233,7 @@ def task_requests(tasks: Sequence[str], manager, limit: int | None = None) -> li
 def pending_requests(engine, condition: Condition, requests: Sequence[tuple[str, tuple]], cache_root: Path, *,
                      chat_template: bool = True, max_gen_toks: int | None = None) -> int:
     """How many of `requests` (task_requests) the condition's answer cache lacks."""
-    cache = GenerationCache(cache_root / model_fingerprint(engine.path) / f"{condition.name}.jsonl")
+    with layer_budgets(engine, condition.budgets):
+        cache = GenerationCache(answers_file(cache_root, engine, condition.density, condition.selector))
     chat = bool(chat_template and getattr(engine.tokenizer, "chat_template", None))
     return sum(cache.get(request_key(kind, args, chat, max_gen_toks)) is None for kind, args in requests)

@@ -42,26 +42,6 @@ def greedy_tokens(model, ids: Sequence[int], n: int, prompt_cache: list | None =
     return [int(token) for token, _ in steps]
 
 
-def greedy_batch(model, prompts: Sequence[Sequence[int]], n: int, batch_size: int = 32) -> list[list[int]]:
-    """greedy_tokens for many prompts at once (mlx-lm's BatchGenerator, no stop token: n tokens
-    each): one decode step serves every prompt, which on a CPU costs about what one prompt's
-    does (decode reads all the weights per step). Equal to greedy_tokens up to float rounding."""
-    from mlx_lm.generate import BatchGenerator
-
-    results: dict[int, list[int]] = {}
-    generator = BatchGenerator(model, max_tokens=n, stop_tokens=[], completion_batch_size=batch_size,
-                               prefill_batch_size=batch_size)
-    try:
-        uids = generator.insert([list(p) for p in prompts], [n] * len(prompts))
-        results = {uid: [] for uid in uids}
-        while responses := generator.next_generated():
-            for r in responses:
-                results[r.uid].append(int(r.token))
-    finally:
-        generator.close()
-    return [results[uid][:n] for uid in uids]
-
-
 def prefill_dense(engine, prompt: Sequence[int]) -> list:
     """GRIFFIN's setting: all but the last token of `prompt` prefilled by the dense model.
 

@@ -10,7 +10,8 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 from .errors import BundleError, UnsupportedArchitectureError
-from .prune import PrunableMLP, QuantizedRowLinear, RowLinear, blas_quantized
+from .prune import PrunableMLP, QuantizedRowLinear, RowLinear
+from .quantized import blas_quantized
 
 # model_type -> mlx-lm module. Each has a SwiGLU MLP with gate/up/down projections; phi3's
 # gate and up are one fused gate_up_proj, split at load (split_gate_up).
@@ -91,7 +92,7 @@ def quantize_like(model: nn.Module, quantization: dict, weights: dict, *, blas_p
 
     Bits and group size are read off each module's tensors, so mixed-precision checkpoints
     (e.g. 8-bit down_proj in a 4-bit model) load as written. blas_prefill: the quantized
-    linears and embeddings outside the FFN become their BLAS-prefill twins (prune.blas_quantized:
+    linears and embeddings outside the FFN become their BLAS-prefill twins (quantized.blas_quantized:
     many-token products through BLAS on the CPU, as the FFN's rows); False keeps mlx-lm's own
     (a plain mlx-lm model).
     """

@@ -23,9 +23,8 @@ disjoint swaps (every permutation is a product of two involutions).
 
 A failed apply (error or Ctrl-C) swaps back what it had swapped: swaps are involutions.
 
-Quantized products over a prompt (32 tokens or more) on the CPU dequantize the rows a block at
-a time and multiply through BLAS (dequantized_matmul): MLX's CPU quantized_matmul has no BLAS
-path. BlasQuantizedLinear / BlasQuantizedEmbedding do the same for the layers outside the FFN.
+Quantized rows multiply by quantized.quantized_product (on the CPU through BLAS over more than a
+few rows: MLX's CPU quantized_matmul has no BLAS path).
 """
 
 from __future__ import annotations
@@ -42,41 +41,7 @@ import numpy as np
 from mlx_lm.models.activations import swiglu
 
 from .errors import SelectionError
-
-
-# Quantized products on the CPU: inputs of at least this many rows (tokens) are multiplied by
-# dequantized weights through BLAS (crossover measured on MLX 0.32 with OpenBLAS: 4-16 rows),
-# in blocks of at most this many bytes of float weights.
-DEQUANTIZE_ROWS = 32
-DEQUANTIZE_BLOCK_BYTES = 8 * 2**20
-
-
-def many_rows_on_cpu(x: mx.array) -> bool:
-    """Whether x [..., d] has enough rows that, on the CPU, dequantizing the weights and
-    multiplying through BLAS beats quantized_matmul (MLX's CPU kernel has no BLAS path)."""
-    return x.size >= DEQUANTIZE_ROWS * x.shape[-1] and mx.default_device().type == mx.DeviceType.cpu
-
-
-def dequantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, k: int, *,
-                       group_size: int, bits: int, channel_in: bool) -> mx.array:
-    """What quantized_matmul computes with the first k rows of affine-quantized [rows, d]
-    weights (channel_in=False: x @ W[:k].T; True: x @ W[:k]), from float rows dequantized a
-    block at a time, so the float copy stays below DEQUANTIZE_BLOCK_BYTES.
-
-    An order of magnitude faster than MLX's CPU quantized_matmul over prompts of tens of
-    tokens (prefill, the training-free selector's scoring pass); slower for one token (decode).
-    """
-    d = weight.shape[1] * 32 // bits
-    block = max(group_size, DEQUANTIZE_BLOCK_BYTES // (4 * d))
-    parts = []
-    for start in range(0, k, block):
-        end = min(k, start + block)
-        w = mx.dequantize(weight[start:end], scales[start:end], biases[start:end],
-                          group_size=group_size, bits=bits).astype(x.dtype)
-        parts.append(x[..., start:end] @ w if channel_in else x @ w.T)
-    if channel_in:  # the rows are the product's inputs: the blocks' products add up
-        return functools.reduce(mx.add, parts)
-    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+from .quantized import forget_float_copy, quantized_product
 
 
 def _add_bias(layer: nn.Module, y: mx.array, k: int) -> mx.array:
@@ -120,6 +85,7 @@ class QuantizedRowLinear(nn.Module):
     """
 
     BITS = (2, 3, 4, 5, 6, 8)  # MLX's affine widths; quantized_matmul takes each either way round
+    uses_float_copies = True  # quantized.float_copies() applies
 
     def __init__(self, d_ffn: int, d_model: int, bias: bool = False, channel_in: bool = False,
                  group_size: int = 64, bits: int = 4, mode: str = "affine"):
@@ -145,58 +111,13 @@ class QuantizedRowLinear(nn.Module):
         return q
 
     def __call__(self, x: mx.array, k: int) -> mx.array:
-        if many_rows_on_cpu(x):
-            y = dequantized_matmul(x, self.weight, self.scales, self.biases, k, group_size=self.group_size,
-                                   bits=self.bits, channel_in=self.channel_in)
-            return _add_bias(self, y, k)
-        y = mx.quantized_matmul(
-            x, self.weight[:k], self.scales[:k], self.biases[:k],
-            transpose=not self.channel_in, group_size=self.group_size, bits=self.bits,
-        )
+        y = quantized_product(x, self.weight, self.scales, self.biases, k, group_size=self.group_size,
+                              bits=self.bits, channel_in=self.channel_in)
         return _add_bias(self, y, k)
 
     def row_arrays(self) -> list[str]:
         rows = ["weight", "scales", "biases"]
         return rows if self.channel_in or "bias" not in self else rows + ["bias"]
-
-
-class BlasQuantizedLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear (affine) whose products over many tokens run through BLAS on the CPU
-    (dequantized_matmul); one token (decode) keeps quantized_matmul."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if not many_rows_on_cpu(x):
-            return super().__call__(x)
-        y = dequantized_matmul(x, self.weight, self.scales, self.biases, self.weight.shape[0],
-                               group_size=self.group_size, bits=self.bits, channel_in=False)
-        return y + self.bias if "bias" in self else y
-
-
-class BlasQuantizedEmbedding(nn.QuantizedEmbedding):
-    """nn.QuantizedEmbedding (affine) whose output projection (tied embeddings: as_linear) over
-    many tokens runs through BLAS on the CPU (dequantized_matmul), as BlasQuantizedLinear."""
-
-    def as_linear(self, x: mx.array) -> mx.array:
-        if not many_rows_on_cpu(x):
-            return super().as_linear(x)
-        return dequantized_matmul(x, self.weight, self.scales, self.biases, self.weight.shape[0],
-                                  group_size=self.group_size, bits=self.bits, channel_in=False)
-
-
-def blas_quantized(module: nn.Module) -> nn.Module:
-    """mlx-lm's affine QuantizedLinear / QuantizedEmbedding as their BLAS-prefill twins (the
-    same parameters); any other module as it is."""
-    if type(module) not in (nn.QuantizedLinear, nn.QuantizedEmbedding) or module.mode != "affine":
-        return module
-    rows, packed = module.weight.shape
-    options = (module.group_size, module.bits, module.mode)
-    if type(module) is nn.QuantizedLinear:
-        twin = BlasQuantizedLinear(packed * 32 // module.bits, rows, "bias" in module, *options)
-    else:
-        twin = BlasQuantizedEmbedding(rows, packed * 32 // module.bits, *options)
-    twin.update(module.parameters())
-    twin.freeze()
-    return twin
 
 
 class PrunableMLP(nn.Module):
@@ -404,6 +325,7 @@ def _swap_rows(module: nn.Module, name: str, a: mx.array, b: mx.array) -> None:
     rows, so the gathered rows in flight stay below 1/32 of one matrix.
     """
     w = module[name]
+    forget_float_copy(w)
     mx.eval(w)
     mx.synchronize()  # nothing in flight still reads the rows we overwrite
     host = _host_view(w)

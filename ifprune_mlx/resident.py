@@ -44,8 +44,8 @@ from mlx_lm.models.activations import swiglu
 from .bundle import DEFAULT_DENSITY, PAD_MULTIPLE, SAFETENSORS_DTYPES, file_stamp, read_row_runs, safetensors_header, weight_files
 from .distributed import is_ffn_rows
 from .errors import BundleChangedError, BundleError, ResidentError, SelectionError
-from .prune import (ApplyStats, PrunableMLP, QuantizedRowLinear, _host_view, _move_layer, _swap_layer,
-                    dequantized_matmul, many_rows_on_cpu, plan_canonical)
+from .prune import ApplyStats, PrunableMLP, QuantizedRowLinear, _host_view, _move_layer, _swap_layer, plan_canonical
+from .quantized import quantized_product
 from .selectors import Selection, check_density, kept_count
 
 MODES = ("kept",)
@@ -163,13 +163,8 @@ def _row_product(module: nn.Module, x: mx.array, rows: dict[str, mx.array]) -> m
     the resident part adds it once)."""
     n = rows["weight"].shape[0]
     if isinstance(module, QuantizedRowLinear):
-        options = dict(group_size=module.group_size, bits=module.bits)
-        if many_rows_on_cpu(x):
-            y = dequantized_matmul(x, rows["weight"], rows["scales"], rows["biases"], n,
-                                   channel_in=module.channel_in, **options)
-        else:
-            y = mx.quantized_matmul(x, rows["weight"], rows["scales"], rows["biases"],
-                                    transpose=not module.channel_in, **options)
+        y = quantized_product(x, rows["weight"], rows["scales"], rows["biases"], n, group_size=module.group_size,
+                              bits=module.bits, channel_in=module.channel_in)
     else:
         y = x @ rows["weight"] if module.channel_in else x @ rows["weight"].T
     return y + rows["bias"] if "bias" in rows else y

@@ -314,7 +314,7 @@ class ActivationSelector:
         self.calls += 1
         collected: list = []
 
-        energy = _channel_energy(self.normalize)
+        energy = self.energy()
 
         def observe(h):
             # (T, d_ffn) -> (d_ffn,), channels in position order. Evaluated as the pass goes:
@@ -331,10 +331,18 @@ class ActivationSelector:
                 if len(collected) > len(self.mlps):  # fold this chunk into the totals
                     collected[:] = [a + b for a, b in zip(collected[: len(self.mlps)],
                                                           collected[len(self.mlps):])]
+        return self.scores_from(collected)
+
+    def scores_from(self, energies: Sequence) -> np.ndarray:
+        """[n_layers, d_ffn] scores from each layer's channel energies (position order)."""
         scores = np.empty((len(self.mlps), self.mlps[0].d_ffn), dtype=np.float32)
-        for layer, (mlp, s) in enumerate(zip(self.mlps, collected)):
+        for layer, (mlp, s) in enumerate(zip(self.mlps, energies)):
             scores[layer, mlp.channel_order()] = np.sqrt(np.array(s))  # back to original channel ids
         return scores
+
+    def energy(self):
+        """The compiled map (T, d_ffn) activations -> (d_ffn,) channel energies scores() sums."""
+        return _channel_energy(self.normalize)
 
 
 PREFILL_CHUNK = 2048  # tokens per forward pass of the scoring prefill (bounds activation memory)

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from ifprune_mlx.calibrate import (Calibration, RulePoint, VERSION, bootstrap_interval, calibrate,
                                    choose_default_density)
 from ifprune_mlx.cli import app
-from ifprune_mlx.fidelity import (batched_fidelity, fidelity_after_prefill, greedy_batch, greedy_tokens,
+from ifprune_mlx.fidelity import (batched_fidelity, fidelity_after_prefill, greedy_tokens,
                                   kl_after_prefill)
 
 runner = CliRunner()
@@ -97,10 +97,30 @@ def test_batched_masks_give_the_figures_of_applied_selections(bundle_dir, q4_bun
         assert batched[0][0] > batched[1][0] > 1e-4
 
 
-def test_greedy_batch_equals_one_prompt_at_a_time(bundle_dir):
-    engine = ifp.load(bundle_dir)
-    ids = [engine.prompt_tokens(p) for p in PROMPTS]
-    assert greedy_batch(engine.model, ids, 5) == [greedy_tokens(engine.model, i, 5) for i in ids]
+@pytest.mark.parametrize("selector", ["activations", "predictor"])
+def test_one_dense_pass_gives_what_a_pass_per_prompt_gives(bundle_dir, q4_bundle_dir, selector):
+    """calibrate's batched dense pass (prompts of different lengths, padded) gives every prompt
+    the answer, the selector's scores and the dense prefill a pass of its own gives."""
+    from ifprune_mlx.calibrate import _dense_pass
+    from ifprune_mlx.fidelity import prefill_dense
+
+    prompts = (*PROMPTS, "Write one long sentence about the sea, the wind, the boats and the gulls above them.")
+    for folder in (bundle_dir, q4_bundle_dir):
+        engine = ifp.load(folder)
+        chooser = engine.get_selector(selector)
+        stops = set(engine.tokenizer.eos_token_ids or [])
+        references = _dense_pass(engine, chooser, prompts, 6)
+        assert len({len(ids) for _, ids, _, _ in references}) > 1
+        for prompt, (scores, ids, cache, answer) in zip(prompts, references):
+            assert ids == engine.prompt_tokens(prompt)
+            alone = greedy_tokens(engine.model, ids, 6)
+            assert answer == alone[:len(answer)] and (len(answer) == 6 or answer[-1] in stops)
+            np.testing.assert_allclose(scores, engine.scores(chooser, chooser.inputs(prompt)), rtol=1e-4, atol=1e-6)
+            for mine, own in zip(cache, prefill_dense(engine, ids)):
+                assert mine.offset == own.offset == len(ids) - 1
+                for a, b in ((mine.keys, own.keys), (mine.values, own.values)):
+                    assert np.allclose(np.array(a[..., :mine.offset, :]), np.array(b[..., :own.offset, :]),
+                                       rtol=1e-4, atol=1e-5)
 
 
 def test_calibrate_measures_every_density_and_leaves_the_engine_unpinned(bundle_dir):

@@ -159,18 +159,84 @@ def test_answers_are_cached_and_a_cut_line_is_recomputed(engine, tmp_path):
     assert again.generate_until([request]) == [first] and again.cache.added == 0
 
 
-def test_the_fingerprint_ignores_the_stored_default_density_only(bundle_dir, tmp_path):
+def _calibration(engine, loss_of_layer) -> "Calibration":
+    """A calibration record whose per-layer budgets (on) have loss_of_layer(l) at every step."""
+    from ifprune_mlx.budgets import LayerBudgets, steps
+    from ifprune_mlx.calibrate import Calibration
+
+    width = len(steps(engine.d_ffn, engine.pad_multiple))
+    loss = [[loss_of_layer(layer) * (width - s) / width for s in range(width)] for layer in range(engine.n_layers)]
+    budgets = LayerBudgets("activations", 3, engine.pad_multiple, loss, enabled=True)
+    return Calibration("activations", 5, 16, 0.25, density=0.7, version=2, budget=0.25,
+                       layer_budgets=budgets.to_json())
+
+
+def test_the_fingerprint_ignores_what_a_calibration_stores_only(bundle_dir, tmp_path):
+    """A re-calibration rewrites config.json's default density and calibration record: the
+    fingerprint stays (the cached answers of the model are kept); anything else in the
+    config, or another file, changes it."""
     import shutil
+
+    from ifprune_mlx.bundle import update_ifpruning
 
     copy = Path(shutil.copytree(bundle_dir, tmp_path / "copy"))
     before = model_fingerprint(copy)
+    engine = load(copy)
+    for weight in (1.0, 3.0):  # two calibrations with different records and budgets
+        record = _calibration(engine, lambda layer: weight * (layer + 1))
+        update_ifpruning(copy, {"default_density": 0.9 - weight / 10, "calibration": record.to_json()})
+        assert model_fingerprint(copy) == before
     config = json.loads((copy / "config.json").read_text())
-    config["ifpruning"]["default_density"] = 0.9
+    (copy / "config.json").write_text(json.dumps(dict(config, hidden_act="gelu")))
+    assert model_fingerprint(copy) != before
     (copy / "config.json").write_text(json.dumps(config))
     assert model_fingerprint(copy) == before
-    config["hidden_act"] = "gelu"
-    (copy / "config.json").write_text(json.dumps(config))
+    weights = next(copy.glob("*.safetensors"))
+    older = model_fingerprint(copy, by_content=False)
+    weights.write_bytes(weights.read_bytes())  # a re-conversion writing the same bytes: new times
+    assert model_fingerprint(copy) == before and model_fingerprint(copy, by_content=False) != older
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the same size, one bit of a weight changed
+    weights.write_bytes(bytes(data))
     assert model_fingerprint(copy) != before
+
+
+def test_answers_kept_under_the_older_key_are_copied_in_once(bundle_dir, tmp_path):
+    """Caches written under the older key (file times) are found: copied to the new key the
+    first time, the older file left as it was; a file already under the new key is kept."""
+    from ifprune_mlx.eval_lm import answers_file
+
+    engine = load(bundle_dir)
+    older = tmp_path / model_fingerprint(bundle_dir, by_content=False) / "0.50-predictor.jsonl"
+    older.parent.mkdir(parents=True)
+    older.write_text('{"key": "k", "text": "kept"}\n')
+    path = answers_file(tmp_path, engine, 0.5, "predictor")
+    assert path.parent.name == model_fingerprint(bundle_dir) != older.parent.name
+    assert GenerationCache(path).get("k")["text"] == "kept" and older.is_file()
+    path.write_text('{"key": "k", "text": "newer"}\n')
+    older.write_text('{"key": "k", "text": "changed"}\n')
+    assert GenerationCache(answers_file(tmp_path, engine, 0.5, "predictor")).get("k")["text"] == "newer"
+    assert not answers_file(tmp_path, engine, 0.7, "predictor").exists()
+
+
+def test_answers_are_cached_per_kept_counts_when_layer_budgets_set_them(bundle_dir):
+    """Per-layer budgets change what a density computes but live in the calibration, which the
+    fingerprint leaves out: the cache file of a pruned condition then names its counts."""
+    from ifprune_mlx.eval_lm import cache_name
+
+    engine = load(bundle_dir)
+    assert cache_name(engine, None, None) == "dense"
+    assert cache_name(engine, 0.5, "activations") == "0.50-activations"  # uniform counts
+    engine.use_calibration(_calibration(engine, lambda layer: float(layer + 1)))
+    counts = engine.kept_counts(0.5)
+    assert len(set(counts)) > 1  # the budgets are not uniform here
+    first = cache_name(engine, 0.5, "activations")
+    assert first.startswith("0.50-activations-layers-") and cache_name(engine, None, None) == "dense"
+    engine.use_calibration(_calibration(engine, lambda layer: float(engine.n_layers - layer)))
+    assert engine.kept_counts(0.5) != counts
+    assert cache_name(engine, 0.5, "activations") not in (first, "0.50-activations")
+    engine.use_calibration(_calibration(engine, lambda layer: float(layer + 1)))
+    assert cache_name(engine, 0.5, "activations") == first
 
 
 def test_perplexity_tasks_say_why_they_are_not_supported(engine, tmp_path):
@@ -263,8 +329,9 @@ def test_budgets_uniform_and_per_layer_are_conditions_of_their_own(bundle_dir, t
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [c["condition"]["budgets"] for c in data["conditions"]] == [None, False, True]
-    assert {p.name for p in (tmp_path / "cache").rglob("*.jsonl")} == \
-        {"dense.jsonl", "0.50-predictor-uniform.jsonl", "0.50-predictor-layers.jsonl"}
+    names = {p.name for p in (tmp_path / "cache").rglob("*.jsonl")}  # cached apart: named by their kept counts
+    assert {n for n in names if not n.startswith("0.50-predictor-layers-")} == {"dense.jsonl", "0.50-predictor.jsonl"}
+    assert len(names) == 3
     assert "0.50 predictor per-layer" in (tmp_path / "out" / "results.md").read_text()
 
 

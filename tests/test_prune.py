@@ -14,7 +14,7 @@ from ifprune_mlx.prune import QuantizedRowLinear, RowLinear, apply_selection, pl
 from ifprune_mlx.testing import make_bundle, model_config
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 64]])
-# Over prune.DEQUANTIZE_ROWS: quantized products take the dequantize-then-BLAS path on the CPU.
+# Over quantized.DEQUANTIZE_ROWS: quantized products take the dequantize-then-BLAS path on the CPU.
 LONG_TOKENS = mx.array([[(37 * i + 5) % 251 for i in range(40)]])
 
 
@@ -195,7 +195,7 @@ def test_quantized_rows_match_quantizing_sliced_rows():
 @pytest.mark.parametrize("bits", [3, 4, 8])
 @pytest.mark.parametrize("channel_in", [False, True])
 def test_dequantized_matmul_equals_quantized_matmul(bits, channel_in, monkeypatch):
-    import ifprune_mlx.prune as prune
+    import ifprune_mlx.quantized as prune
 
     monkeypatch.setattr(prune, "DEQUANTIZE_BLOCK_BYTES", 4 * 64 * 40)  # blocks of 40 rows
     w, s, b = mx.quantize(mx.random.normal((160, 64), key=mx.random.key(bits)), group_size=32, bits=bits)
@@ -215,7 +215,7 @@ def test_quantized_model_prefills_through_blas_and_agrees_with_mlx_lm(tmp_path):
     from mlx.utils import tree_map_with_path
 
     from ifprune_mlx.fidelity import compact_model
-    from ifprune_mlx.prune import BlasQuantizedEmbedding, BlasQuantizedLinear, many_rows_on_cpu
+    from ifprune_mlx.quantized import BlasQuantizedEmbedding, BlasQuantizedLinear, many_rows_on_cpu
 
     config = dict(model_config("llama"), tie_word_embeddings=True)  # as_linear is the output layer
     engine = ifp.load(make_bundle(tmp_path / "q4-tied", config, quantize_bits=4))
@@ -236,7 +236,9 @@ def test_quantized_model_prefills_through_blas_and_agrees_with_mlx_lm(tmp_path):
 
     plain.update_modules(tree_map_with_path(mlx_lm_layer, plain.leaf_modules(), is_leaf=nn.Module.is_module))
     assert type(plain.model.embed_tokens) is nn.QuantizedEmbedding
-    for tokens, tolerance in ((LONG_TOKENS, 1e-3), (TOKENS, 0.0)):
+    few = TOKENS[:, :4]  # below quantized.DEQUANTIZE_ROWS
+    assert not many_rows_on_cpu(mx.zeros((1, few.shape[1], 8)))
+    for tokens, tolerance in ((LONG_TOKENS, 1e-3), (few, 0.0)):
         assert mx.abs(engine.model(tokens) - plain(tokens)).max().item() <= tolerance
 
 
@@ -348,3 +350,33 @@ def test_bfloat16_bundle_prunes_exactly(tmp_path):
     engine.apply(keep)
     fresh.apply(keep)
     assert mx.array_equal(engine.model(TOKENS), fresh.model(TOKENS))
+
+
+def test_float_copies_compute_what_the_quantized_weights_do_and_go_away(tmp_path):
+    """Inside quantized.float_copies the model's quantized layers multiply by float copies
+    (CPU): the logits stay those outside, for a prompt and for a few tokens; rows that move
+    inside (a selection applied) drop their layer's copy, so the pruned model is still right;
+    after the block no copy is left. A zero allowance copies nothing."""
+    from ifprune_mlx import quantized
+
+    config = dict(model_config("llama"), tie_word_embeddings=True)
+    engine = ifp.load(make_bundle(tmp_path / "q4", config, quantize_bits=4))
+    few = TOKENS[:, :4]
+    keep = [np.arange(0, engine.d_ffn, 2) for _ in engine.mlps]
+    dense_long, dense_few = engine.model(LONG_TOKENS), engine.model(few)
+    engine.apply(keep)
+    pruned = engine.model(LONG_TOKENS)
+    engine.apply(None)
+    with quantized.float_copies(engine.model, max_bytes=0) as copied:
+        assert copied == 0 and not quantized._float_copies
+    with quantized.float_copies(engine.model) as copied:
+        on_cpu = mx.default_device() == mx.cpu
+        assert (copied > 0) == on_cpu and (len(quantized._float_copies) > 0) == on_cpu
+        for got, want in ((engine.model(LONG_TOKENS), dense_long), (engine.model(few), dense_few)):
+            assert mx.abs(got - want).max().item() <= 1e-4 * mx.abs(want).max().item()
+        engine.apply(keep)
+        assert all(id(m.gate_proj.weight) not in quantized._float_copies for m in engine.mlps)
+        got = engine.model(LONG_TOKENS)
+        assert mx.abs(got - pruned).max().item() <= 1e-4 * mx.abs(pruned).max().item()
+        engine.apply(None)
+    assert not quantized._float_copies

@@ -321,3 +321,22 @@ def test_chat_stats_show_the_last_apply_read(bundle_dir, capsys):
     out = capsys.readouterr().out
     assert f"row swaps, read {session.last.read_bytes / 1e6:.1f} MB ({session.last.rows_read} rows) in" in out
     assert "kept: 128 of 256 FFN rows per layer in memory" in out
+
+
+@pytest.mark.parametrize("stored", [0.3, 0.9])
+def test_the_default_density_is_capped_at_the_capacity_however_it_is_set(bundle_dir, tmp_path, stored):
+    """One rule for the resident engine's default density, whether it comes from the bundle
+    at load or from a calibration afterwards: at most max_density; a full engine keeps it."""
+    from ifprune_mlx.bundle import update_ifpruning
+    from ifprune_mlx.calibrate import Calibration
+
+    folder = shutil.copytree(bundle_dir, tmp_path / "b")
+    update_ifpruning(folder, {"default_density": stored})
+    full, res = load(folder), load(folder, resident="kept", max_density=MAX_DENSITY)
+    assert full.default_density == stored and res.default_density == min(stored, MAX_DENSITY)
+    for density in (0.2, 0.8):
+        calibration = Calibration("activations", 3, 16, 0.25, density=density, version=2, budget=0.25)
+        full.use_calibration(calibration)
+        res.use_calibration(calibration)
+        assert full.default_density == density and res.default_density == min(density, MAX_DENSITY)
+        assert res.kept_count() <= res.residency.capacity
