@@ -26,7 +26,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from ifprune_mlx import eval_run
-from ifprune_mlx.eval_lm import EngineLM, _truncate
+from ifprune_mlx.eval_lm import EngineLM
 
 DENSE_PREFILL = "predictor-dense-prefill"
 
@@ -35,13 +35,9 @@ class DensePrefillLM(EngineLM):
     """EngineLM whose generation prefills the prompt dense, then decodes with the predictor's
     selection (the KV cache of the prompt is the dense model's)."""
 
-    def _generate(self, args: tuple) -> dict:
+    def _responses(self, context: str, max_tokens: int):
         if self.selector != DENSE_PREFILL:
-            return super()._generate(args)
-        context, gen_kwargs = args[0], dict(args[1] or {})
-        until = gen_kwargs.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
-        max_tokens = min(int(gen_kwargs.get("max_gen_toks", 256)), self.max_gen_toks or 10**9)
+            return super()._responses(context, max_tokens)
         engine = self.engine
         selection = engine.select(context, self.density, "predictor")
         ids = engine.prompt_tokens(context)
@@ -49,17 +45,8 @@ class DensePrefillLM(EngineLM):
         cache = make_prompt_cache(engine.model)
         mx.eval(engine.model(mx.array(ids[:-1])[None], cache=cache))
         engine.apply(selection)
-        text, last = "", None
-        for last in stream_generate(engine.model, engine.tokenizer, mx.array(ids[-1:]), max_tokens=max_tokens,
-                                    sampler=make_sampler(temp=0.0), prompt_cache=cache):
-            text += last.text
-            if until:
-                text, stopped = _truncate(text, until)
-                if stopped:
-                    break
-        generated = last.generation_tokens if last is not None else 0
-        seconds = generated / last.generation_tps if last is not None and last.generation_tps > 0 else 0.0
-        return {"text": text, "tokens": generated, "decode_seconds": seconds, "prompt_tokens": len(ids)}
+        return stream_generate(engine.model, engine.tokenizer, mx.array(ids[-1:]), max_tokens=max_tokens,
+                               sampler=make_sampler(temp=0.0), prompt_cache=cache)
 
 
 def main(argv=None) -> None:

@@ -218,12 +218,8 @@ class EngineLM(LM):
         max_tokens = int(gen_kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
         if self.max_gen_toks is not None:
             max_tokens = min(max_tokens, self.max_gen_toks)
-        if self.density is None:
-            self.engine.apply(None)
-        options = {} if self.density is None else {"density": self.density, "selector": self.selector}
-        tokens = None if self.chat_template else self._prompt_ids(context)
         text, last, stopped = "", None, False
-        for last in self.engine.stream_responses(context, max_tokens=max_tokens, tokens=tokens, **options):
+        for last in self._responses(context, max_tokens):
             text += last.text
             if until:
                 text, stopped = _truncate(text, until)
@@ -233,6 +229,14 @@ class EngineLM(LM):
         seconds = generated / last.generation_tps if last is not None and last.generation_tps > 0 else 0.0
         return {"text": text, "tokens": generated, "decode_seconds": seconds,
                 "prompt_tokens": last.prompt_tokens if last is not None else 0}
+
+    def _responses(self, context: str, max_tokens: int):
+        """The engine's GenerationResponses for one request, as `ifprune generate` makes them."""
+        if self.density is None:
+            self.engine.apply(None)
+        options = {} if self.density is None else {"density": self.density, "selector": self.selector}
+        tokens = None if self.chat_template else self._prompt_ids(context)
+        return self.engine.stream_responses(context, max_tokens=max_tokens, tokens=tokens, **options)
 
     # -- scoring ---------------------------------------------------------------------
 
