@@ -193,17 +193,31 @@ def one(api, messages: list[dict], max_tokens: int, **options) -> dict:
             "batch": report["batch"], "reused": report["reused_tokens"]}
 
 
-def row(name: str, clients: int, records: dict, wall: float, cpu: float, reference: dict) -> tuple[str, float, float]:
+def decode_rate(records: dict) -> float:
+    """Aggregate decode tokens/s: the tokens after each request's first, over the time in which
+    at least one request was decoding (the union of the spans first token -> last token), so
+    prefill and queueing between them do not count (the issue's "aggregate decode tokens/s")."""
+    spans = sorted((r["first"], r["sent"] + r["latency"]) for r in records.values() if r["tokens"] > 1)
+    covered, reach = 0.0, float("-inf")
+    for start, end in spans:
+        covered += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return sum(r["tokens"] - 1 for r in records.values() if r["tokens"] > 1) / covered if covered else 0.0
+
+
+def row(name: str, clients: int, records: dict, wall: float, cpu: float,
+        reference: dict) -> tuple[str, float, float, float]:
     n = len(records)
     ttft = sorted(r["ttft"] * 1000 for r in records.values())
     tokens = sum(r["tokens"] for r in records.values())
     same = sum(records[j]["text"] == reference[j]["text"] for j in records)
     p95 = statistics.quantiles(ttft, n=20)[-1] if n > 1 else ttft[0]
-    tps = tokens / wall
-    line = (f"| {name} | {clients} | {n} | {statistics.median(ttft):.0f} / {p95:.0f} | {tps:.1f} | {tokens / cpu:.1f} "
+    tps, decode = tokens / wall, decode_rate(records)
+    line = (f"| {name} | {clients} | {n} | {statistics.median(ttft):.0f} / {p95:.0f} | {tps:.1f} | {decode:.1f} "
+            f"| {tokens / cpu:.1f} "
             f"| {statistics.mean(r['batch'] for r in records.values()):.1f} "
             f"| {statistics.mean(r['reused'] for r in records.values()):.0f} | {same}/{n} |")
-    return line, tps, statistics.median(ttft)
+    return line, tps, statistics.median(ttft), decode
 
 
 def grammar_overhead(url: str, max_tokens: int, n: int = 6) -> str:
@@ -251,9 +265,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the table into this markdown file, between its markers")
     args = parser.parse_args()
     load = os.getloadavg()
-    lines = ["| workload | clients | requests | TTFT median / p95 ms | tokens/s (all clients) | tokens per CPU-s "
+    lines = ["| workload | clients | requests | TTFT median / p95 ms | tokens/s (all clients) "
+             "| decode tokens/s (all clients) | tokens per CPU-s "
              "| batch size at first token (mean) | prompt tokens reused (mean) | same text as 1 client |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     summary = []
     for mixed in (False, True):
@@ -263,12 +278,12 @@ def main() -> None:
             with fresh_server(args.model, clients, mixed) as url:
                 records, wall, cpu = drive(url, clients, args.requests, mixed, args.max_tokens, args.in_process)
             reference = reference or records
-            line, tps, ttft = row(name, clients, records, wall, cpu, reference)
-            base = base or (tps, ttft)
+            line, tps, ttft, decode = row(name, clients, records, wall, cpu, reference)
+            base = base or (tps, ttft, decode)
             lines.append(line)
             print(line, flush=True)
             summary.append(f"{name}, {clients} clients: {tps / base[0]:.2f}x the tokens/s of 1 client, "
-                           f"median TTFT {ttft / base[1]:.2f}x")
+                           f"{decode / base[2]:.2f}x its decode tokens/s, median TTFT {ttft / base[1]:.2f}x")
     with fresh_server(args.model, 1, False) as url:
         summary.append(grammar_overhead(url, args.max_tokens))
     after = os.getloadavg()
