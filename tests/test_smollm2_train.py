@@ -287,3 +287,18 @@ def test_trainer_defaults_are_the_shipped_run():
                           / "train_config.json").read_text())
     assert asdict(Config()) == shipped
     assert Config().data_paths() == [SHIPPED_DATA]
+
+
+def test_self_instruct_keeps_the_request_and_drops_the_assistant_talking():
+    from examples.smollm2.self_instruct import clean
+
+    assert clean('A nurse might ask, "What\'s the best way to prepare for a jazz performance?"') == \
+        "What's the best way to prepare for a jazz performance?"
+    assert clean('As a student, I might ask: Can you explain how black holes form?') == \
+        "Can you explain how black holes form?"
+    assert clean("I'm looking for a title to my resume. Can you please help me with that?\nMore.") == \
+        "I'm looking for a title to my resume. Can you please help me with that?"
+    for bad in ("A small business owner might request:", "I'm here to help you with your favorite recipe.",
+                "A coach might send a request to a football coach to discuss tactics.",
+                'A scientist might ask: "Can you provide a recipe for a curry made with coconut milk and', "Hi?", ""):
+        assert clean(bad) is None, bad

@@ -382,19 +382,24 @@ def build(out: Path, seed: int = 0, batch: int = 48, threads: int = 2, limit: in
             "per_family": {f: sum(r["family"] == f for r in rows) for f in families},
             "finished_answers": sum(r["finished"] for r in rows),
             "seconds": {"total": round(time.time() - t0), "answers": round(time.time() - t_gen)}}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    save(out, meta, rows)
+    return meta
+
+
+def save(path: Path, meta: dict, rows: list[dict]) -> None:
+    """A data JSONL: the header line {"meta": ...}, then one row a line (written whole, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as fh:
         fh.write(json.dumps({"meta": meta}) + "\n")
         for r in rows:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(out)
-    return meta
+    tmp.replace(path)
 
 
 def load(path: Path) -> tuple[dict, list[dict]]:
-    """(header meta, rows) of a data JSONL written by build()."""
+    """(header meta, rows) of a data JSONL written by save()."""
     lines = Path(path).read_text().splitlines()
     return json.loads(lines[0])["meta"], [json.loads(line) for line in lines[1:]]
 

@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from examples.smollm2.data import load as load_data
+from examples.smollm2 import data
 
 MAX_ANSWER = 64
 MAX_INSTRUCTION = 48  # tokens the model may spend writing one instruction
@@ -143,13 +143,18 @@ def seeds(rng: random.Random) -> list[str]:
     return out
 
 
-def generate(model, tokenizer, prompts: list[str], max_tokens: int, stop_newline: bool) -> list[list[int]]:
-    """Greedy token ids per chat-formatted prompt (eos kept when reached), batched."""
+def stop_tokens(tokenizer, newline: bool) -> set[int]:
+    """The end-of-sequence ids, and with newline=True every token whose text holds a line break."""
+    stops = set(tokenizer.eos_token_ids)
+    if newline:
+        stops |= {i for i in tokenizer.get_vocab().values() if "\n" in tokenizer.decode([i])}
+    return stops
+
+
+def generate(model, tokenizer, prompts: list[str], max_tokens: int, stops: set[int]) -> list[list[int]]:
+    """Greedy token ids per chat-formatted prompt (the stop token kept when reached), batched."""
     from mlx_lm.generate import BatchGenerator
 
-    eos = set(tokenizer.eos_token_ids) if hasattr(tokenizer, "eos_token_ids") else {tokenizer.eos_token_id}
-    stops = set(eos) | ({i for t, i in tokenizer.get_vocab().items() if "\n" in tokenizer.decode([i])}
-                        if stop_newline else set())
     encoded = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                for p in prompts]
     gen = BatchGenerator(model, stop_tokens=[[s] for s in stops], completion_batch_size=BATCH,
@@ -182,18 +187,19 @@ def main(argv=None) -> None:
     work = args.out.with_suffix(".partial")
     work.mkdir(exist_ok=True)
     kept_file, answers_file = work / "instructions.jsonl", work / "answers.jsonl"
-    kept = [json.loads(x) for x in kept_file.read_text().splitlines()] if kept_file.exists() else []
-    _, data_rows = load_data(Path(__file__).parent / "data.jsonl")
+    tried_file = work / "tried.json"
+    kept = _read_lines(kept_file)
+    tried = set(json.loads(tried_file.read_text())) if tried_file.exists() else set()
+    _, data_rows = data.load(Path(__file__).parent / "data.jsonl")
     far_from = eval_prompts() + [r["prompt"] for r in data_rows if r["split"] == "heldout"]
-    pool = seeds(rng)
-    done_seeds = {k["seed_prompt"] for k in kept} | set(json.loads((work / "tried.json").read_text())
-                                                       if (work / "tried.json").exists() else [])
-    pool = [p for p in pool if p not in done_seeds]
+    done = tried | {k["seed_prompt"] for k in kept}  # a kept one's seed too, if a stop came between the writes
+    pool = [p for p in seeds(rng) if p not in done]
+    line_ends = stop_tokens(tokenizer, newline=True)
     t0 = time.time()
     while len(kept) < args.target and pool:
         batch, pool = pool[:args.round], pool[args.round:]
         texts = [clean(tokenizer.decode(ids, skip_special_tokens=True))
-                 for ids in generate(model, tokenizer, batch, MAX_INSTRUCTION, stop_newline=True)]
+                 for ids in generate(model, tokenizer, batch, MAX_INSTRUCTION, line_ends)]
         fresh = [(s, t) for s, t in zip(batch, texts) if t]
         near_eval = {c.i for c in clashes([t for _, t in fresh], far_from)}
         fresh = [f for n, f in enumerate(fresh) if n not in near_eval]
@@ -212,15 +218,15 @@ def main(argv=None) -> None:
                        "prompt": f"{t} {sentence}" if sentence else t}
                 kept.append(row)
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tried = set(json.loads((work / "tried.json").read_text())) if (work / "tried.json").exists() else set()
-        (work / "tried.json").write_text(json.dumps(sorted(tried | set(batch))))
-        print(f"instructions: {len(kept)} kept of {len(tried | set(batch))} seeds "
+        tried |= set(batch)
+        tried_file.write_text(json.dumps(sorted(tried)))
+        print(f"instructions: {len(kept)} kept of {len(tried)} seeds "
               f"({len(near_eval)} near an eval prompt this round), {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     kept = kept[: args.target]
-    answered = [json.loads(x) for x in answers_file.read_text().splitlines()] if answers_file.exists() else []
+    answered, eos = _read_lines(answers_file), stop_tokens(tokenizer, newline=False)
     for start in range(len(answered), len(kept), args.round):
         chunk = kept[start: start + args.round]
-        ids = generate(model, tokenizer, [k["prompt"] for k in chunk], MAX_ANSWER, stop_newline=False)
+        ids = generate(model, tokenizer, [k["prompt"] for k in chunk], MAX_ANSWER, eos)
         with open(answers_file, "a") as fh:
             for k, a in zip(chunk, ids):
                 fh.write(json.dumps({"prompt": k["prompt"], "answer_ids": a}) + "\n")
@@ -229,8 +235,13 @@ def main(argv=None) -> None:
     write(args, kept, answered, tokenizer, time.time() - t0)
 
 
+def _read_lines(path: Path) -> list[dict]:
+    """The JSON lines a stage appended so far (none before it started)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def write(args, kept: list[dict], answered: list[dict], tokenizer, seconds: float) -> None:
-    eos = set(getattr(tokenizer, "eos_token_ids", [tokenizer.eos_token_id]))
+    eos = stop_tokens(tokenizer, newline=False)
     rows = []
     for i, (k, a) in enumerate(zip(kept, answered)):
         assert k["prompt"] == a["prompt"]
@@ -244,12 +255,7 @@ def write(args, kept: list[dict], answered: list[dict], tokenizer, seconds: floa
             "constraint_kinds_trained": TRAINED_KINDS,
             "constrained": sum(r["constraint"] is not None for r in rows),
             "finished_answers": sum(r["finished"] for r in rows), "seconds": round(seconds)}
-    tmp = args.out.with_suffix(".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps({"meta": meta}) + "\n")
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(args.out)
+    data.save(args.out, meta, rows)
     print(json.dumps(meta), flush=True)
 
 
