@@ -32,11 +32,16 @@ DENSE_PREFILL = "predictor-dense-prefill"
 
 
 class DensePrefillLM(EngineLM):
-    """EngineLM whose generation prefills the prompt dense, then decodes with the predictor's
-    selection (the KV cache of the prompt is the dense model's)."""
+    """EngineLM whose generation, for the DENSE_PREFILL selector, prefills the prompt dense,
+    then decodes with the trained predictor's selection (the prompt's KV cache is the dense
+    model's); other selectors run as in `ifprune eval`."""
+
+    def __init__(self, engine, density, selector, cache, **options):
+        self.dense_prefill = selector == DENSE_PREFILL
+        super().__init__(engine, density, "predictor" if self.dense_prefill else selector, cache, **options)
 
     def _responses(self, context: str, max_tokens: int):
-        if self.selector != DENSE_PREFILL:
+        if not self.dense_prefill or self.density is None:
             return super()._responses(context, max_tokens)
         engine = self.engine
         selection = engine.select(context, self.density, "predictor")
@@ -64,7 +69,6 @@ def main(argv=None) -> None:
 
     eval_run.EngineLM = DensePrefillLM  # run_condition builds its LM from this name
     engine = open_model()
-    engine.selectors[DENSE_PREFILL] = engine.selectors["predictor"]
     reference = open_model(default_gguf())
     manager = eval_run.task_manager()
     tasks = args.tasks.split(",")
