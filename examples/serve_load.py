@@ -72,10 +72,11 @@ def request_prompt(j: int, mixed: bool, question: str | None = None) -> list[dic
 
 
 def drive(url: str, clients: int, requests: int, mixed: bool, max_tokens: int,
-          in_process: bool = False) -> tuple[dict, float, float]:
+          in_process: bool = False, cpu_split: dict | None = None) -> tuple[dict, float, float]:
     """`requests` requests over `clients` clients; returns {j: record}, wall seconds and the CPU
     seconds used by the server and the clients. Each client is a process of its own (as real
-    clients are), or with `in_process` a thread of this one (sharing the server's GIL)."""
+    clients are), or with `in_process` a thread of this one (sharing the server's GIL).
+    `cpu_split`, if given, gets the client processes' CPU seconds ("clients")."""
     if in_process:
         return _drive_threads(url, clients, requests, mixed, max_tokens)
     context = multiprocessing.get_context("spawn")  # no fork of a process running MLX and uvicorn threads
@@ -104,6 +105,8 @@ def drive(url: str, clients: int, requests: int, mixed: bool, max_tokens: int,
             else:  # "cpu": this client has ended
                 done, clients_cpu = done + 1, clients_cpu + payload
         wall, server_cpu = time.perf_counter() - start, time.process_time() - cpu
+        if cpu_split is not None:
+            cpu_split["clients"] = clients_cpu
     finally:
         for w in workers:
             w.join(10)

@@ -25,6 +25,12 @@ was doing while this request waited for its first token). Medians over the reque
     python -m examples.serve_profile                   # 1 and 8 clients, processes
     python -m examples.serve_profile --in-process      # the clients as threads of the server
     python -m examples.serve_profile --floor           # the worker alone: 1 and 8 prompts at once, no HTTP
+    python -m examples.serve_profile --cpu             # where the CPU goes per decode step (Linux)
+
+--cpu runs the same workload and reads each thread's CPU time (/proc) before and after: the
+worker thread (Python: building each step's graph, handing tokens out), the HTTP event loop,
+the other threads of the server's process (MLX's and OpenBLAS's compute), and the client
+processes; each divided by the decode steps the worker ran, beside the wall time per step.
 """
 
 from __future__ import annotations
@@ -54,15 +60,18 @@ class Timeline:
         self.segments: list[tuple[str, float, float]] = []
         self.marks: dict[tuple[int, str], float] = {}
         self.prefills: list[tuple[int, int]] = []   # (prompts, tokens of the longest) per prefill chunk
+        self.calls: dict[str, int] = defaultdict(int)
         self._stack: list[list] = []
 
     def reset(self) -> None:
         self.segments.clear()
         self.marks.clear()
         self.prefills.clear()
+        self.calls.clear()
 
     def enter(self, kind: str) -> None:
         now = time.perf_counter()
+        self.calls[kind] += 1
         if self._stack:
             top = self._stack[-1]
             self.segments.append((top[0], top[1], now))
@@ -231,6 +240,46 @@ def _attention_parameters(eng):
     return [(n, p) for n, p in tree_flatten(eng.model.parameters()) if ".self_attn." in n and n.endswith("weight")]
 
 
+def thread_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of this process, by native thread id (Linux)."""
+    ticks, out = os.sysconf("SC_CLK_TCK"), {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def cpu_per_step(clients: int, requests: int, max_tokens: int, model: str | None) -> dict[str, float]:
+    """One same-task run: ms per decode step of wall time, of the worker's segments, and of CPU
+    time by thread group (worker, HTTP loop and other Python threads, MLX/BLAS threads, clients)."""
+    with serve_load.fresh_server(model, clients, False) as url:
+        TIMELINE.reset()
+        split, before = {}, thread_cpu()
+        records, wall, _ = serve_load.drive(url, clients, requests, False, max_tokens, cpu_split=split)
+        after = thread_cpu()
+        python = {t.native_id: t.name for t in threading.enumerate()}
+    groups = defaultdict(float)
+    for tid, seconds in after.items():
+        name = python.get(tid)
+        group = ("worker thread" if name == WORKER else "benchmark's main thread" if tid == threading.main_thread().native_id
+                 else "HTTP event loop (and other Python threads)" if name else "MLX and OpenBLAS threads")
+        groups[group] += seconds - before.get(tid, 0.0)
+    groups["client processes"] = split["clients"]
+    steps = TIMELINE.calls["decode"]
+    out = {"decode steps": steps, "tokens": sum(r["tokens"] for r in records.values()),
+           "wall ms per step": wall * 1000 / steps}
+    totals = defaultdict(float)
+    for kind, a, b in TIMELINE.segments:
+        totals[kind] += b - a
+    out.update({f"worker {k} (wall)": totals[k] * 1000 / steps for k in KINDS})
+    out.update({f"CPU: {g}": v * 1000 / steps for g, v in sorted(groups.items())})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a bundle or model folder (default: the default chat model)")
@@ -240,7 +289,19 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true", help="clients as threads of the server's process")
     parser.add_argument("--floor", action="store_true",
                         help="instead: the worker alone (no HTTP) with the clients' prompts arriving at once")
+    parser.add_argument("--cpu", action="store_true", help="instead: CPU time per decode step, by thread (Linux)")
     args = parser.parse_args()
+    if args.cpu:
+        instrument()
+        load = os.getloadavg()
+        columns = {c: cpu_per_step(c, args.requests, args.max_tokens, args.model) for c in args.clients}
+        after = os.getloadavg()
+        print("| ms per decode step | " + " | ".join(f"{c} client{'s' * (c > 1)}" for c in columns) + " |")
+        print("|---|" + "---|" * len(columns))
+        for k in next(iter(columns.values())):
+            print(f"| {k} | " + " | ".join(f"{col[k]:.1f}" if isinstance(col[k], float) else str(col[k]) for col in columns.values()) + " |")
+        print(f"\nload average before {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}, after {after[0]:.2f} / {after[1]:.2f} / {after[2]:.2f}")
+        return
     if args.floor:
         load = os.getloadavg()
         print("The worker alone, no HTTP (examples.serve_profile --floor):")
