@@ -118,19 +118,19 @@ def instrument() -> None:
         return prompt(self, tokens)
     PromptProcessingBatch.prompt = counted_prompt
 
-    begin, emit = scheduler.Scheduler._begin, scheduler.Job.emit
+    begin, emit = scheduler.Scheduler._begin, batching.MaskBatch._emit
 
     def marked_begin(self, job):
         TIMELINE.marks[(id(job), "begin")] = time.perf_counter()
         return begin(self, job)
 
-    def marked_emit(self, kind, payload=None):
+    def marked_emit(self, job, kind, payload=None):
         if kind == "start":
-            TIMELINE.marks[(id(self), "start")] = time.perf_counter()
-            TIMELINE.marks[(id(self), "enqueued")] = self.enqueued
-            TIMELINE.marks[("question", self.prompt[-1]["content"])] = id(self)
-        return emit(self, kind, payload)
-    scheduler.Scheduler._begin, scheduler.Job.emit = marked_begin, marked_emit
+            TIMELINE.marks[(id(job), "start")] = time.perf_counter()
+            TIMELINE.marks[(id(job), "enqueued")] = job.enqueued
+            TIMELINE.marks[("question", job.prompt[-1]["content"])] = id(job)
+        return emit(self, job, kind, payload)
+    scheduler.Scheduler._begin, batching.MaskBatch._emit = marked_begin, marked_emit
 
 
 def overlap(segments, start: float, end: float) -> dict[str, float]:
@@ -169,12 +169,19 @@ class _Arrival:
             self.first = time.perf_counter()
 
 
+class _LocalBatch(batching.MaskBatch):
+    """A MaskBatch whose events go straight to its _Arrival jobs (no event loop)."""
+
+    def _emit(self, job, kind: str, payload=None) -> None:
+        job.emit(kind, payload)
+
+
 def _first_tokens(eng, prompts: list[list[int]], warm: list[int]) -> tuple[float, object]:
     """The server's path without HTTP: `prompts` arrive at once in an empty batch whose prefix
     caches hold `warm` only (serve_load's warm-up); seconds until every one has its first
     token, and the generator's counters (prompt tokens, prompt and decode time)."""
     caches = batching.PrefixCaches(4)
-    batch = batching.MaskBatch(eng, caches, len(prompts), stream=mx.default_stream(mx.default_device()))
+    batch = _LocalBatch(eng, caches, len(prompts), stream=mx.default_stream(mx.default_device()))
     batch.add(_Arrival(warm, 2), "task", {})
     while batch.active:
         batch.step()

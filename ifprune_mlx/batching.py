@@ -25,6 +25,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .chat import common_prefix
+from .jobs import post
 from .selectors import check_sampling
 
 PREFILL_STEP = 512      # prompt tokens per prefill chunk: a decode step waits for one chunk at most
@@ -154,14 +155,15 @@ class MaskBatch:
     """The requests decoding together under the applied mask, over one BatchGenerator.
 
     add() a request (its mask applied), step() once per decode step: it hands each request's
-    events to it ("start", "progress", "text") and returns those that finished, with their
-    finish reason. Cancelled requests leave at the next step.
+    events to it ("start", "progress", "text"; all of a step at once, jobs.post) and returns
+    those that finished, with their finish reason. Cancelled requests leave at the next step.
     """
 
     def __init__(self, engine, prefixes: PrefixCaches, max_batch: int, stream=None):
         self.engine, self.prefixes, self.max_batch = engine, prefixes, max_batch
         self.active: dict[int, Decoding] = {}
         self.closed = False  # a solo request runs: nothing joins
+        self.outbox: list[tuple[object, str, object]] = []  # this step's events, posted at its end
         self._stops = StopSequences([[t] for t in engine.tokenizer.eos_token_ids])
         self.generator = BatchGenerator(engine.model, completion_batch_size=max_batch,
                                         prefill_batch_size=min(PREFILL_TOGETHER, max_batch),
@@ -201,17 +203,24 @@ class MaskBatch:
                 finished.append((d, "cancelled"))
         if not self.active:
             return finished
-        prompts, responses = self.generator.next()
-        for p in prompts:
-            if p.uid in self.active and not p.end_of_prompt:
-                self.active[p.uid].job.emit("progress", p.progress)
-        for r in responses:
-            d = self.active.get(r.uid)
-            if d is not None and (finish := self._token(d, r)) is not None:
-                finished.append((d, finish))
+        try:
+            prompts, responses = self.generator.next()
+            for p in prompts:
+                if p.uid in self.active and not p.end_of_prompt:
+                    self._emit(self.active[p.uid].job, "progress", p.progress)
+            for r in responses:
+                d = self.active.get(r.uid)
+                if d is not None and (finish := self._token(d, r)) is not None:
+                    finished.append((d, finish))
+        finally:
+            events, self.outbox = self.outbox, []
+            post(events)
         if not self.active:
             self.closed = False
         return finished
+
+    def _emit(self, job, kind: str, payload=None) -> None:
+        self.outbox.append((job, kind, payload))
 
     def _token(self, d: Decoding, r) -> str | None:
         """Hand one generated token to its request; its finish reason if it ended."""
@@ -219,7 +228,7 @@ class MaskBatch:
         job = d.job
         if d.tokens == 1:
             d.report["batch"] = len(self.active)
-            job.emit("start", d.report)
+            self._emit(job, "start", d.report)
         eos = r.finish_reason == "stop"
         if not eos:
             d.detokenizer.add_token(r.token)
@@ -230,7 +239,7 @@ class MaskBatch:
             text += d.stopper.flush()
         logprobs = self._logprobs(job, r) if job.sampling.get("logprobs") and not eos else None
         if text or logprobs:
-            job.emit("text", (text, logprobs))
+            self._emit(job, "text", (text, logprobs))
         if r.finish_reason:  # the generator let it go already
             del self.active[r.uid]
             self.prefixes.store(d.key, r.all_tokens, r.prompt_cache)

@@ -18,12 +18,12 @@ the batch at the next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
 
 import mlx.core as mx
@@ -32,7 +32,10 @@ from .batching import Decoding, MaskBatch, PrefixCaches
 from .chat import mask_key
 from .errors import IFPruneError
 from .grammar import GrammarError, Grammars
+from .jobs import Job, RequestError, prompt_ids
 from .selectors import Selection
+
+__all__ = ["Job", "QueueFull", "RequestError", "Scheduler", "WorkerStopped", "prompt_ids"]
 
 log = logging.getLogger("ifprune.serve")
 
@@ -41,89 +44,15 @@ MAX_OVERTAKES = 16     # how often a queued request may be passed over for a mat
 MAX_BATCH = 16         # sequences decoded together
 LET_IN_ROUNDS = 4      # event-loop iterations a batch starting from idle lets pass first (see _let_in)
 LET_IN_SECONDS = 0.05  # ... waiting at most this long
-
-@dataclass
-class Job:
-    """One request: what to run, and how its events reach the event loop."""
-
-    prompt: object                   # chat messages (list of dicts) or the completion's text
-    ids: list[int] | None            # the whole prompt's token ids (None: tokenized by the worker)
-    task: object                     # what the trained predictor selects from
-    sampling: dict                   # max_tokens, temp, top_p, top_k, min_p, seed, penalties, logprobs
-    density: float | None
-    selector: str                    # effective selector name ("" when dense)
-    dense: bool
-    stop: list[str]
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    enqueued: float = field(default_factory=time.perf_counter)
-    selection: Selection | None = None
-    selected: bool = False           # selection known (computed, or dense)
-    select_ms: float = 0.0
-    error: Exception | None = None
-    overtaken: int = 0
-    constraint: object = None        # grammar.JsonConstraint of a response_format, made by the worker
-    tools: list | None = None        # OpenAI tools the chat template renders
-
-    @property
-    def griffin(self) -> bool:
-        """Selected by the training-free selector: the mask comes out of the dense prefill."""
-        return not self.dense and self.selector == "activations"
-
-    @property
-    def solo(self) -> bool:
-        """Runs alone: a mask known only after its own prefill, or a seeded draw (MLX's seed is global)."""
-        return self.griffin or (self.sampling.get("seed") is not None and self.sampling["temp"] > 0)
-
-    @property
-    def key(self) -> str:
-        """mask_key of its selection (known once selected)."""
-        return mask_key(self.selection)
-
-    def emit(self, kind: str, payload=None) -> None:
-        """Hand an event to the request's handler (from the worker thread)."""
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
-        except RuntimeError:  # the loop is closed: the server is going down
-            pass
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-
-class RequestError(IFPruneError, ValueError):
-    """A request the worker refuses (found when tokenizing): `param` names the field at fault."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.param, self.code = param, code
-
-
-def prompt_ids(engine, prompt, tools: list | None = None) -> list[int]:
-    """A job's token ids: chat messages through the chat template (with `tools`, if any), a
-    completion's text as is.
-
-    Raises RequestError for what the model cannot take (a template refusing the messages, an
-    empty prompt, a prompt as long as the context)."""
-    try:
-        if tools:
-            ids = engine.tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True)
-        else:
-            ids = engine.prompt_tokens(prompt) if isinstance(prompt, list) else engine.tokenizer.encode(prompt)
-    except Exception as e:  # the chat template refuses these messages (jinja raises many types)
-        raise RequestError(f"the chat template refuses these messages: {e}", "messages") from None
-    if not ids:
-        raise RequestError("the prompt is empty", "prompt")
-    context = engine.context_length
-    if context and len(ids) >= context:
-        raise RequestError(f"the prompt has {len(ids)} tokens; the model's context is {context}",
-                           "messages" if isinstance(prompt, list) else "prompt", "context_length_exceeded")
-    return list(ids)
-
+GATHER_SECONDS = 0.1   # most a batch starting from idle waits for requests still arriving (see _gather)
+JOIN_HOLD_SECONDS = 0.1  # most a joiner waits for requests still arriving, to prefill with them
 
 class WorkerStopped(RuntimeError):
     """The worker thread has ended (stopped, or died of a bug): nothing more will run."""
+
+
+class _Arrival:
+    over = False
 
 
 class QueueFull(Exception):
@@ -154,6 +83,7 @@ class Scheduler:
         self.grammars: Grammars | None = None  # made on first use of response_format
         self._load = load
         self._pending: deque[Job] = deque()
+        self._arriving = 0                 # HTTP requests being read and checked, not yet submitted
         self._cond = threading.Condition()
         self._stopping = False
         self._ready = threading.Event()
@@ -200,9 +130,37 @@ class Scheduler:
             return "dead"
         return "busy" if self.running else "idle"
 
-    def submit(self, job: Job) -> None:
-        """Queue a job; raises QueueFull (with a Retry-After in seconds) when the queue is full."""
+    @contextlib.contextmanager
+    def arriving(self):
+        """Around the HTTP side's reading and checking of a request, up to its submit(job,
+        arrival): a batch about to start, or a request about to join one, waits a little for
+        the requests still arriving, so that prompts sent together prefill together.
+
+            with scheduler.arriving() as arrival:
+                job = ...                        # read and check the request
+                scheduler.submit(job, arrival)
+        """
+        arrival = _Arrival()
         with self._cond:
+            self._arriving += 1
+        try:
+            yield arrival
+        finally:
+            with self._cond:
+                self._arrived(arrival)
+
+    def _arrived(self, arrival: "_Arrival | None") -> None:
+        """(with the lock) The request is queued or refused: it is no more arriving."""
+        if arrival is not None and not arrival.over:
+            arrival.over = True
+            self._arriving -= 1
+            self._cond.notify_all()
+
+    def submit(self, job: Job, arrival: "_Arrival | None" = None) -> None:
+        """Queue a job; raises QueueFull (with a Retry-After in seconds) when the queue is full.
+        `arrival` (from arriving()) ends with it."""
+        with self._cond:
+            self._arrived(arrival)
             if self._ready.is_set() and not self._thread.is_alive():
                 raise WorkerStopped("the engine's worker has stopped; the server must be restarted")
             if len(self._pending) >= self.max_queue or self._stopping or self._load_error is not None:
@@ -289,6 +247,7 @@ class Scheduler:
             starting = None if self.batch.active else self._pending[0].loop
         if starting is not None:
             self._let_in(starting)
+            self._gather(GATHER_SECONDS)
         with self._cond:
             fresh = [j for j in self._pending if j.ids is None]
             window = list(self._pending)[:AFFINITY_WINDOW]
@@ -307,6 +266,8 @@ class Scheduler:
             self._begin(first)
         with self._cond:
             joiners = self._joiners(window)
+            if joiners and self._arriving and time.perf_counter() - joiners[0].enqueued < JOIN_HOLD_SECONDS:
+                joiners = []  # hold them a step or two for those arriving: one prefill for all
             for job in joiners:
                 self._dequeue(job)
         for job in joiners:
@@ -331,6 +292,15 @@ class Scheduler:
         except RuntimeError:  # the loop is closed: the server is going down
             return
         passed.wait(LET_IN_SECONDS)
+
+    def _gather(self, seconds: float) -> None:
+        """Wait (at most `seconds`) while requests are still being read by the HTTP side: they
+        queue before the batch starts and prefill with the first (a lone client waits not at
+        all: nothing else is arriving)."""
+        deadline = time.perf_counter() + seconds
+        with self._cond:
+            while self._arriving and not self._stopping and (left := deadline - time.perf_counter()) > 0:
+                self._cond.wait(left)
 
     def _dequeue(self, job: Job) -> None:
         """Take a job out of the queue to run it; those it passes over count it."""

@@ -161,10 +161,12 @@ class Server:
                             status_code=503 if state == "dead" else 200)
 
     async def chat_completions(self, request: Request) -> Response:
-        body = parse_request(ChatRequest, await _read_json(request, self.config.max_body, self.config.read_timeout))
-        messages = [_message(m) for m in body.messages]
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        return await self._serve(request, body, messages, max_tokens, chat=True, tools=self._tools(body))
+        with self.scheduler.arriving() as arrival:
+            body = parse_request(ChatRequest, await _read_json(request, self.config.max_body, self.config.read_timeout))
+            messages = [_message(m) for m in body.messages]
+            max_tokens = body.max_completion_tokens or body.max_tokens
+            job = self._submit(body, messages, max_tokens, arrival, tools=self._tools(body))
+        return await self._serve(request, body, job, chat=True)
 
     def _tools(self, body: ChatRequest) -> list[dict] | None:
         """The tools the chat template renders (None: none); APIError for what cannot be honoured."""
@@ -183,16 +185,18 @@ class Server:
         return body.tools
 
     async def completions(self, request: Request) -> Response:
-        body = parse_request(CompletionRequest, await _read_json(request, self.config.max_body, self.config.read_timeout))
-        prompt = body.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise APIError(400, "prompt: give one prompt (batches are not supported)", param="prompt")
-            prompt = prompt[0]
-        prompt = _valid_text(prompt)
-        if body.echo:
-            raise APIError(400, "echo is not supported by this server", param="echo", code="unsupported")
-        return await self._serve(request, body, prompt, body.max_tokens, chat=False)
+        with self.scheduler.arriving() as arrival:
+            body = parse_request(CompletionRequest, await _read_json(request, self.config.max_body, self.config.read_timeout))
+            prompt = body.prompt
+            if isinstance(prompt, list):
+                if len(prompt) != 1:
+                    raise APIError(400, "prompt: give one prompt (batches are not supported)", param="prompt")
+                prompt = prompt[0]
+            prompt = _valid_text(prompt)
+            if body.echo:
+                raise APIError(400, "echo is not supported by this server", param="echo", code="unsupported")
+            job = self._submit(body, prompt, body.max_tokens, arrival)
+        return await self._serve(request, body, job, chat=False)
 
     # -- one request -------------------------------------------------------------------
 
@@ -236,18 +240,22 @@ class Server:
         return Job(prompt=prompt, ids=None, task=task, sampling=options, density=density, selector=selector,
                    dense=body.dense, stop=stop, loop=asyncio.get_running_loop())
 
-    async def _serve(self, request: Request, body: _Request, prompt, max_tokens, chat: bool,
-                     tools: list[dict] | None = None) -> Response:
+    def _submit(self, body: _Request, prompt, max_tokens, arrival, tools: list[dict] | None = None) -> Job:
+        """Queue the request's job (APIError 503 when the queue is full or the worker has stopped)."""
         job = self._job(body, prompt, max_tokens)
         job.tools = tools
         try:
-            self.scheduler.submit(job)
+            self.scheduler.submit(job, arrival)
         except QueueFull as e:
             raise APIError(503, f"the server is busy ({self.scheduler.max_queue} requests queued); retry later",
                            type="server_error", code="queue_full",
                            headers={"Retry-After": str(e.retry_after)}) from None
         except WorkerStopped as e:
             raise APIError(503, str(e), type="server_error", code="worker_stopped") from None
+        return job
+
+    async def _serve(self, request: Request, body: _Request, job: Job, chat: bool) -> Response:
+        tools = job.tools
         gone = asyncio.ensure_future(_wait_disconnect(request))
         try:
             kind, payload = await _next_event(job, gone, skip=("progress",))  # "queued" once tokenized
@@ -378,6 +386,11 @@ async def _next_event(job: Job, gone: asyncio.Future, skip: tuple = (),
     """The job's next event not of the kinds in `skip`, or ("keepalive", None) after `timeout`
     seconds without one; raises _Disconnected (and cancels the job) if the client leaves first."""
     while True:
+        if not job.events.empty():  # already there (the worker hands a step's events at once): no waiting
+            kind, payload = job.events.get_nowait()
+            if kind in skip:
+                continue
+            return kind, payload
         get = asyncio.ensure_future(job.events.get())
         await asyncio.wait({get, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if get.done():
