@@ -17,15 +17,16 @@ from __future__ import annotations
 import functools
 import itertools
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.generate import StopSequences
 from mlx_lm.models.cache import KVCache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .chat import common_prefix
 from .jobs import post
+from .primed import primed_generator
 from .selectors import check_sampling
 
 PREFILL_STEP = 512      # prompt tokens per prefill chunk: a decode step waits for one chunk at most
@@ -165,9 +166,9 @@ class MaskBatch:
         self.closed = False  # a solo request runs: nothing joins
         self.outbox: list[tuple[object, str, object]] = []  # this step's events, posted at its end
         self._stops = StopSequences([[t] for t in engine.tokenizer.eos_token_ids])
-        self.generator = BatchGenerator(engine.model, completion_batch_size=max_batch,
-                                        prefill_batch_size=min(PREFILL_TOGETHER, max_batch),
-                                        prefill_step_size=PREFILL_STEP, stream=stream)
+        self.generator = primed_generator(engine.model, completion_batch_size=max_batch,
+                                          prefill_batch_size=min(PREFILL_TOGETHER, max_batch),
+                                          prefill_step_size=PREFILL_STEP, stream=stream)
 
     def __len__(self) -> int:
         return len(self.active)
