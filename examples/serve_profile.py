@@ -11,8 +11,10 @@ worker thread instrumented: each of its calls below is timed as a segment of a t
     apply      putting a mask in place (row swaps)
     insert     MaskBatch.add: the prefix cache's lookup and copy, BatchGenerator.insert
     prefill    PromptProcessingBatch.prompt: a chunk of prompt tokens (all prompts of the chunk)
-    decode     GenerationBatch.next: a decode step (its eval waits for work queued before it)
-    first step PromptProcessingBatch.generate: the new prompts' last token, queued (async)
+    decode     PrimedGeneration.next: a decode step (its eval waits for work queued before it)
+    first step PrimingPrompts.generate: the new prompts become rows of the batch (primed.py);
+               with --plain-join, mlx-lm's PromptProcessingBatch.generate: a forward pass of
+               the new prompts' last token, queued (async)
     deliver    MaskBatch._token: detokenize, stop strings, hand the event to the HTTP loop
     step       the rest of MaskBatch.step
 
@@ -26,6 +28,7 @@ was doing while this request waited for its first token). Medians over the reque
     python -m examples.serve_profile --in-process      # the clients as threads of the server
     python -m examples.serve_profile --floor           # the worker alone: 1 and 8 prompts at once, no HTTP
     python -m examples.serve_profile --cpu             # where the CPU goes per decode step (Linux)
+    python -m examples.serve_profile --cpu --plain-join   # ... with mlx-lm's own first step per join
 
 --cpu runs the same workload and reads each thread's CPU time (/proc) before and after: the
 worker thread (Python: building each step's graph, handing tokens out), the HTTP event loop,
@@ -44,10 +47,10 @@ import time
 from collections import defaultdict
 
 import mlx.core as mx
-from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
+from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
 
 from examples import serve_load
-from ifprune_mlx import batching, engine, scheduler
+from ifprune_mlx import batching, engine, primed, scheduler
 
 KINDS = ["wait", "tokenize", "select", "apply", "insert", "prefill", "first step", "decode", "deliver", "step"]
 WORKER = "ifprune-engine"
@@ -106,17 +109,22 @@ def instrument() -> None:
     for owner, name, kind in [(scheduler.Scheduler, "_schedule", "wait"), (scheduler.Scheduler, "_tokenize", "tokenize"),
                               (scheduler.Scheduler, "_select", "select"), (engine.Engine, "apply", "apply"),
                               (batching.MaskBatch, "add", "insert"), (PromptProcessingBatch, "prompt", "prefill"),
+                              (primed.PrimingPrompts, "generate", "first step"), (primed.PrimedGeneration, "next", "decode"),
                               (PromptProcessingBatch, "generate", "first step"), (GenerationBatch, "next", "decode"),
                               (batching.MaskBatch, "_token", "deliver"), (batching.MaskBatch, "step", "step")]:
         setattr(owner, name, _timed(kind, getattr(owner, name)))
 
-    prompt = PromptProcessingBatch.prompt
+    prompt, step = PromptProcessingBatch.prompt, GenerationBatch._step
 
     def counted_prompt(self, tokens):
         if tokens and threading.current_thread().name == WORKER:
             TIMELINE.prefills.append((len(tokens), max(len(t) for t in tokens)))
         return prompt(self, tokens)
-    PromptProcessingBatch.prompt = counted_prompt
+
+    def counted_step(self):  # every forward pass of one token per sequence (decode, and mlx-lm's first step)
+        TIMELINE.calls["forward pass (decode)"] += 1
+        return step(self)
+    PromptProcessingBatch.prompt, GenerationBatch._step = counted_prompt, counted_step
 
     begin, emit = scheduler.Scheduler._begin, batching.MaskBatch._emit
 
@@ -278,10 +286,10 @@ def cpu_per_step(clients: int, requests: int, max_tokens: int, model: str | None
     groups["client processes"] = split["clients"]
     steps = TIMELINE.calls["decode"]
     out = {"decode steps": steps, "tokens": sum(r["tokens"] for r in records.values()),
-           "wall ms per step": wall * 1000 / steps}
-    totals = defaultdict(float)
-    for kind, a, b in TIMELINE.segments:
-        totals[kind] += b - a
+           "forward passes: one token per sequence": TIMELINE.calls["forward pass (decode)"],
+           "forward passes: prefill": len(TIMELINE.prefills), "wall ms per step": wall * 1000 / steps}
+    totals = overlap(TIMELINE.segments, min(r["sent"] for r in records.values()),
+                     max(r["sent"] + r["latency"] for r in records.values()))  # the run's window only
     out.update({f"worker {k} (wall)": totals[k] * 1000 / steps for k in KINDS})
     out.update({f"CPU: {g}": v * 1000 / steps for g, v in sorted(groups.items())})
     return out
@@ -297,7 +305,11 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true",
                         help="instead: the worker alone (no HTTP) with the clients' prompts arriving at once")
     parser.add_argument("--cpu", action="store_true", help="instead: CPU time per decode step, by thread (Linux)")
+    parser.add_argument("--plain-join", action="store_true",
+                        help="joining requests get mlx-lm's forward pass of their own (no primed.py), for comparison")
     args = parser.parse_args()
+    if args.plain_join:
+        batching.primed_generator = BatchGenerator
     if args.cpu:
         instrument()
         load = os.getloadavg()
