@@ -102,59 +102,55 @@ def test_gather_waits_for_requests_still_arriving_and_no_longer(engine):
         loop.close()
 
 
+def served(endless_bundle, scenario):
+    """Run the coroutine function scenario(scheduler) with a started worker; its result."""
+    scheduler = Scheduler(lambda: ifp.load(endless_bundle))
+    scheduler.start()
+    try:
+        return asyncio.run(scenario(scheduler))
+    finally:
+        scheduler.stop()
+
+
 def test_a_batch_starting_from_idle_waits_for_a_request_still_being_read(endless_bundle, engine, monkeypatch):
     # A arrives at an idle worker while B is still being read (its arrival open): they prefill
     # in one batch, and each answer is the one it gets alone.
     monkeypatch.setattr(scheduler_module, "GATHER_SECONDS", WAIT)
-    scheduler = Scheduler(lambda: ifp.load(endless_bundle))
-    scheduler.start()
 
-    async def run():
+    async def scenario(scheduler):
         loop = asyncio.get_running_loop()
         a, b = job_of(engine, "Question A", loop), job_of(engine, "Question B, a longer one", loop)
-        arrival = scheduler.arriving()
-        token = arrival.__enter__()
-        scheduler.submit(a)
-        await asyncio.sleep(0.2)  # the worker is gathering: B is still arriving
-        scheduler.submit(b, token)
-        arrival.__exit__(None, None, None)
-        return a, b, await asyncio.gather(answer(a), answer(b))
+        with scheduler.arriving() as arrival:
+            scheduler.submit(a)
+            await asyncio.sleep(0.2)  # the worker is gathering: B is still arriving
+            scheduler.submit(b, arrival)
+        return [a, b], await asyncio.gather(answer(a), answer(b))
 
-    try:
-        a, b, answers = asyncio.run(run())
-    finally:
-        scheduler.stop()
+    jobs, answers = served(endless_bundle, scenario)
     assert [report["batch"] for _, report in answers] == [2, 2]  # both first tokens in one step
-    assert [text for text, _ in answers] == [reference(engine, a), reference(engine, b)]
+    assert [text for text, _ in answers] == [reference(engine, job) for job in jobs]
 
 
 def test_a_joiner_waits_for_a_request_still_being_read_and_they_join_together(endless_bundle, engine, monkeypatch):
     # A decodes; B queues to join while C is still being read: B is held until C is queued,
     # then both join in one step (one prefill), and every answer is the one it gets alone.
     monkeypatch.setattr(scheduler_module, "JOIN_HOLD_SECONDS", WAIT)
-    scheduler = Scheduler(lambda: ifp.load(endless_bundle))
-    scheduler.start()
 
-    async def run():
+    async def scenario(scheduler):
         loop = asyncio.get_running_loop()
         a = job_of(engine, "Question A", loop, max_tokens=100_000)  # as long as the context: cancelled below
         b, c = job_of(engine, "Question B", loop), job_of(engine, "Question C, longer", loop)
         scheduler.submit(a)
         while (await asyncio.wait_for(a.events.get(), WAIT))[0] != "start":
             pass  # A decodes
-        arrival = scheduler.arriving()
-        token = arrival.__enter__()
-        scheduler.submit(b)
-        await asyncio.sleep(0.2)  # steps pass: B waits for C
-        scheduler.submit(c, token)
-        arrival.__exit__(None, None, None)
+        with scheduler.arriving() as arrival:
+            scheduler.submit(b)
+            await asyncio.sleep(0.2)  # steps pass: B waits for C
+            scheduler.submit(c, arrival)
         answers = await asyncio.gather(answer(b), answer(c))
         a.cancel()
-        return b, c, answers
+        return [b, c], answers
 
-    try:
-        b, c, answers = asyncio.run(run())
-    finally:
-        scheduler.stop()
+    jobs, answers = served(endless_bundle, scenario)
     assert [report["batch"] for _, report in answers] == [3, 3]  # B and C got their first tokens together
-    assert [text for text, _ in answers] == [reference(engine, b), reference(engine, c)]
+    assert [text for text, _ in answers] == [reference(engine, job) for job in jobs]
