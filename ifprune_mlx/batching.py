@@ -4,8 +4,9 @@ A selection is applied to the model in place, so a batch runs under one mask: th
 applies it, and requests whose mask is equal join the batch between decode steps and leave
 it when they finish. mlx-lm's BatchGenerator does the batching: it prefills new arrivals in
 chunks of `prefill_step` tokens (several prompts together) between decode steps and steps
-every sequence in one forward pass. Each request keeps its own sampler and logits processors
-(mlx-lm's sample_utils), stop strings, detokenizer and token count.
+every sequence in one forward pass (primed.py: a joining sequence's first token comes out
+of the batch's next step, not a pass of its own). Each request keeps its own sampler and
+logits processors (mlx-lm's sample_utils), stop strings, detokenizer and token count.
 
 PrefixCaches keeps the KV caches of finished requests per mask (LRU): a new request starts
 from a copy of the longest prefix it shares with one (a shared system prompt, or its

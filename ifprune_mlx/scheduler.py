@@ -11,8 +11,12 @@ MAX_OVERTAKES times: once the oldest has been, nothing joins the batch and it ru
 Only masks known before running take part (the trained predictor's, dense); the
 training-free selector's mask comes out of the prompt's own dense prefill, so such a request
 keeps its FIFO place and runs alone, as does a seeded sampled one (the seed is global to MLX).
-Events reach the caller's event loop through an asyncio queue per job; a cancelled job leaves
-the batch at the next step.
+Requests sent together prefill together: the HTTP side counts the requests it is still
+reading (arriving()); a batch starting from idle waits for them (at most GATHER_SECONDS), a
+request about to join a running batch is held for them (at most JOIN_HOLD_SECONDS, the batch
+decoding meanwhile). Events reach the caller's event loop through an asyncio queue per job
+(jobs.post: a step's events in one call per loop); a cancelled job leaves the batch at the
+next step.
 """
 
 from __future__ import annotations
