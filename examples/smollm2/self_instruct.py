@@ -3,9 +3,10 @@ model writes itself, far more varied than data.py's templates (issue 22, item 4)
 
     python -m examples.smollm2.self_instruct            # -> examples/smollm2/self_instruct.jsonl
 
-1. Instructions. The dense model (MLX, batched, greedy) is asked for one request a given
-   person might send an assistant about a given topic, of a given kind (SEED_PROMPT, ASKERS x
-   TOPICS x KINDS, sampled without repeats). Rounds of ROUND candidates run until TARGET
+1. Instructions. The dense model (MLX, batched, sampled at --temp) is asked for one request a
+   given person might send an assistant about a given topic, of a given kind (SEED_PROMPT,
+   ASKERS x TOPICS x KINDS, drawn without repeats). Greedy requests barely depend on the asker,
+   so most were near duplicates; the first GREEDY_ROWS were written greedily before sampling. Rounds of ROUND candidates run until TARGET
    instructions survive the filters or the candidates run out.
 2. Filters: 4-60 words, one line, no meta talk ("Sure", "Here is"); not within the held-out
    distance rule (ifprune_mlx/tasks/distance.py: <= 2 word edits or word-Jaccard >= 0.5) of any
@@ -42,6 +43,8 @@ ROUND = 256  # progress is saved after every round
 BATCH = 128
 FAMILY = "self_instruct_v2"
 CONSTRAINED_SHARE = 0.35
+TEMP = 0.8  # greedy instructions repeat each other across askers and kinds: most were dropped as near duplicates
+GREEDY_ROWS = 1327  # the first rows kept were written greedily, before --temp existed
 
 SEED_PROMPT = ("Write one request that {asker} might send to an AI assistant about {topic}. "
                "The request {kind}. Write only the request.")
@@ -151,14 +154,17 @@ def stop_tokens(tokenizer, newline: bool) -> set[int]:
     return stops
 
 
-def generate(model, tokenizer, prompts: list[str], max_tokens: int, stops: set[int]) -> list[list[int]]:
-    """Greedy token ids per chat-formatted prompt (the stop token kept when reached), batched."""
+def generate(model, tokenizer, prompts: list[str], max_tokens: int, stops: set[int],
+             temp: float = 0.0) -> list[list[int]]:
+    """Token ids per chat-formatted prompt (the stop token kept when reached), batched; greedy
+    at temp 0, else sampled (seed mx.random first for a repeatable draw)."""
     from mlx_lm.generate import BatchGenerator
+    from mlx_lm.sample_utils import make_sampler
 
     encoded = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                for p in prompts]
     gen = BatchGenerator(model, stop_tokens=[[s] for s in stops], completion_batch_size=BATCH,
-                         prefill_batch_size=BATCH)
+                         prefill_batch_size=BATCH, sampler=make_sampler(temp) if temp else None)
     uids = gen.insert(encoded, [max_tokens] * len(encoded))
     out = {u: [] for u in uids}
     while responses := gen.next_generated():
@@ -175,7 +181,11 @@ def main(argv=None) -> None:
     ap.add_argument("--target", type=int, default=TARGET, help="instructions to keep")
     ap.add_argument("--round", type=int, default=ROUND, help="candidate instructions per round")
     ap.add_argument("--model", default=None, help="a model folder or GGUF (default: the SmolLM2 GGUF, float32)")
+    ap.add_argument("--temp", type=float, default=TEMP,
+                    help="sampling temperature for the instructions (0: greedy; answers are always greedy)")
     args = ap.parse_args(argv)
+
+    import mlx.core as mx
 
     from ifprune_mlx.engine import load
     from ifprune_mlx.resolve import default_gguf, resolve
@@ -198,8 +208,9 @@ def main(argv=None) -> None:
     t0 = time.time()
     while len(kept) < args.target and pool:
         batch, pool = pool[:args.round], pool[args.round:]
+        mx.random.seed(args.seed * 1_000_003 + len(tried))  # the same draw after a resume
         texts = [clean(tokenizer.decode(ids, skip_special_tokens=True))
-                 for ids in generate(model, tokenizer, batch, MAX_INSTRUCTION, line_ends)]
+                 for ids in generate(model, tokenizer, batch, MAX_INSTRUCTION, line_ends, args.temp)]
         fresh = [(s, t) for s, t in zip(batch, texts) if t]
         near_eval = {c.i for c in clashes([t for _, t in fresh], far_from)}
         fresh = [f for n, f in enumerate(fresh) if n not in near_eval]
@@ -249,6 +260,7 @@ def write(args, kept: list[dict], answered: list[dict], tokenizer, seconds: floa
                      "constraint": k["constraint"], "answer": tokenizer.decode(a["answer_ids"], skip_special_tokens=True),
                      "answer_ids": a["answer_ids"], "finished": bool(a["answer_ids"]) and a["answer_ids"][-1] in eos})
     meta = {"seed": args.seed, "model": "SmolLM2-135M-Instruct.Q4_1.gguf (float32, MLX, greedy)",
+            "instruction_sampling": f"rows 0-{GREEDY_ROWS - 1} greedy, later rows temperature {args.temp}",
             "max_answer_tokens": MAX_ANSWER, "instructions": len(rows), "families": 1, "held_out_families": [],
             "split_rule": "all train; far from every eval task prompt and data.jsonl's held-out prompts (distance rule)",
             "train": len(rows), "heldout": 0, "per_family": {FAMILY: len(rows)},
