@@ -29,6 +29,7 @@ was doing while this request waited for its first token). Medians over the reque
     python -m examples.serve_profile --floor           # the worker alone: 1 and 8 prompts at once, no HTTP
     python -m examples.serve_profile --cpu             # where the CPU goes per decode step (Linux)
     python -m examples.serve_profile --cpu --plain-join   # ... with mlx-lm's own first step per join
+    python -m examples.serve_profile --no-gather       # ... without waiting for requests still arriving
 
 --cpu runs the same workload and reads each thread's CPU time (/proc) before and after: the
 worker thread (Python: building each step's graph, handing tokens out), the HTTP event loop,
@@ -307,9 +308,13 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="instead: CPU time per decode step, by thread (Linux)")
     parser.add_argument("--plain-join", action="store_true",
                         help="joining requests get mlx-lm's forward pass of their own (no primed.py), for comparison")
+    parser.add_argument("--no-gather", action="store_true",
+                        help="a batch from idle and joiners do not wait for requests still arriving, for comparison")
     args = parser.parse_args()
     if args.plain_join:
         batching.primed_generator = BatchGenerator
+    if args.no_gather:
+        scheduler.GATHER_SECONDS = scheduler.JOIN_HOLD_SECONDS = 0.0
     if args.cpu:
         instrument()
         load = os.getloadavg()
