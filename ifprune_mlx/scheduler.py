@@ -51,11 +51,14 @@ LET_IN_SECONDS = 0.05  # ... waiting at most this long
 GATHER_SECONDS = 0.1   # most a batch starting from idle waits for requests still arriving (see _gather)
 JOIN_HOLD_SECONDS = 0.1  # most a joiner waits for requests still arriving, to prefill with them
 
+
 class WorkerStopped(RuntimeError):
     """The worker thread has ended (stopped, or died of a bug): nothing more will run."""
 
 
 class _Arrival:
+    """A request the HTTP side is reading (Scheduler.arriving); over once queued or refused."""
+
     over = False
 
 
