@@ -343,6 +343,9 @@ class Run:
 
     def __init__(self, cfg: Config, run: Path, log=print):
         torch.set_num_threads(cfg.threads)
+        # Subnormal floats (SoftTopK's sigmoids) are slow on x86: flushed to zero. With --threads 2
+        # on the 2-core machine most steps took ~50 s, with 1 thread (and this) 4-5 s.
+        torch.set_flush_denormal(True)
         torch.manual_seed(cfg.seed)
         self.cfg, self.dir, self.log = cfg, Path(run), log
         self.dir.mkdir(parents=True, exist_ok=True)
