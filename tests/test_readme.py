@@ -28,7 +28,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     # what the example prints, computed here another way on a fresh engine of the same model
     engine = ifp.load(tiny)
     question = "What is the capital of France?"
-    selection = engine.select(question)
+    selection = engine.select(question, density=0.7)  # as the example selects
     swaps = engine.apply(selection).swaps
     answer = engine.generate(question, max_tokens=20)
     colors = engine.generate("Name three primary colors.", max_tokens=30, density=1.0)

@@ -343,9 +343,6 @@ class Run:
 
     def __init__(self, cfg: Config, run: Path, log=print):
         torch.set_num_threads(cfg.threads)
-        # Subnormal floats (SoftTopK's sigmoids) are slow on x86: flushed to zero. With --threads 2
-        # on the 2-core machine most steps took ~50 s, with 1 thread (and this) 4-5 s.
-        torch.set_flush_denormal(True)
         torch.manual_seed(cfg.seed)
         self.cfg, self.dir, self.log = cfg, Path(run), log
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -465,11 +462,20 @@ class Run:
         """Train to cfg.steps (or step `until`), checkpointing; stop early after `minutes`."""
         from tqdm import tqdm
 
-        cfg, densities = self.cfg, self.cfg.density_list()
-        log_path = self.dir / "loss.jsonl"
-        t0 = time.time()
         self.student.train(False)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", dynamic_ncols=True)
+        # Subnormal floats (SoftTopK's sigmoids) are slow on x86: flushed to zero while training
+        # (process-wide, so undone after). With --threads 2 on the 2-core machine most steps took
+        # ~50 s, with 1 thread (and this) 4-5 s.
+        torch.set_flush_denormal(True)
+        try:
+            self._steps(minutes, until, bar)
+        finally:
+            torch.set_flush_denormal(False)
+
+    def _steps(self, minutes: float, until: int | None, bar) -> None:
+        cfg, densities = self.cfg, self.cfg.density_list()
+        log_path, t0 = self.dir / "loss.jsonl", time.time()
         while self.step < min(cfg.steps, until or cfg.steps):
             if minutes and time.time() - t0 > minutes * 60:
                 self.log(f"time budget of {minutes} min reached at step {self.step}")
