@@ -31,7 +31,7 @@ VARIANTS = (  # name, extra convert arguments, what it is
     ("4-bit", [], "plain model, 4-bit rows kept (`ifprune convert X.gguf OUT`), training-free selector"),
     ("float32", ["--dequantize"], "plain model, float32 (what first use makes on a CPU), training-free selector"),
     ("default model", ["--dequantize", "--predictor", str(PRETRAINED)],
-     "float32 + the shipped trained predictor and adapter (the default model), trained predictor"),
+     "float32 + the shipped trained predictor (the default model)"),
 )
 
 
