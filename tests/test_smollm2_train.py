@@ -32,10 +32,8 @@ def tiny(tmp_path_factory):
 
 def tiny_config(tiny, **extra):
     folder, path, _ = tiny
-    # the adapter (norms, gains, LoRA) on, and low densities: every part of the trainer runs
     options = dict(model=str(folder), data=str(path), pred_layers=1, batch=4, steps=4, warmup=2, threads=1,
-                   ckpt_every=2, eval_every=2, eval_prompts=4, ridge=1.0, densities="0.3,0.5,0.7",
-                   default_density=0.5, dense_frac=0.125, lr_adapter=1e-3, lora_rank=16, gate_gain=1)
+                   ckpt_every=2, eval_every=2, eval_prompts=4, ridge=1.0, **checkpoints.WITH_ADAPTER)
     return Config(**{**options, **extra})
 
 
