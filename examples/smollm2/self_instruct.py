@@ -6,8 +6,9 @@ model writes itself, far more varied than data.py's templates (issue 22, item 4)
 1. Instructions. The dense model (MLX, batched, sampled at --temp) is asked for one request a
    given person might send an assistant about a given topic, of a given kind (SEED_PROMPT,
    ASKERS x TOPICS x KINDS, drawn without repeats). Greedy requests barely depend on the asker,
-   so most were near duplicates; the first GREEDY_ROWS were written greedily before sampling. Rounds of ROUND candidates run until TARGET
-   instructions survive the filters or the candidates run out.
+   so most were near duplicates. Each kept row records its temperature ("temp"); the shipped
+   file's first 1,327 were written greedily, before --temp existed. Rounds of ROUND candidates
+   run until TARGET instructions survive the filters or the candidates run out.
 2. Filters: 4-60 words, one line, no meta talk ("Sure", "Here is"); not within the held-out
    distance rule (ifprune_mlx/tasks/distance.py: <= 2 word edits or word-Jaccard >= 0.5) of any
    prompt of the evaluation tasks (ifprune_mlx/tasks, dev and test) nor of the held-out
@@ -32,6 +33,7 @@ import random
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from examples.smollm2 import data
@@ -44,7 +46,6 @@ BATCH = 128
 FAMILY = "self_instruct_v2"
 CONSTRAINED_SHARE = 0.35
 TEMP = 0.8  # greedy instructions repeat each other across askers and kinds: most were dropped as near duplicates
-GREEDY_ROWS = 1327  # the first rows kept were written greedily, before --temp existed
 
 SEED_PROMPT = ("Write one request that {asker} might send to an AI assistant about {topic}. "
                "The request {kind}. Write only the request.")
@@ -226,7 +227,7 @@ def main(argv=None) -> None:
                 own = random.Random(f"{args.seed}:{s}")  # per instruction: the same after a resume
                 kind, sentence = constraint(own) if own.random() < CONSTRAINED_SHARE else (None, None)
                 row = {"seed_prompt": s, "prompt_plain": t, "constraint": kind,
-                       "prompt": f"{t} {sentence}" if sentence else t}
+                       "prompt": f"{t} {sentence}" if sentence else t, "temp": args.temp}
                 kept.append(row)
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         tried |= set(batch)
@@ -260,7 +261,7 @@ def write(args, kept: list[dict], answered: list[dict], tokenizer, seconds: floa
                      "constraint": k["constraint"], "answer": tokenizer.decode(a["answer_ids"], skip_special_tokens=True),
                      "answer_ids": a["answer_ids"], "finished": bool(a["answer_ids"]) and a["answer_ids"][-1] in eos})
     meta = {"seed": args.seed, "model": "SmolLM2-135M-Instruct.Q4_1.gguf (float32, MLX, greedy)",
-            "instruction_sampling": f"rows 0-{GREEDY_ROWS - 1} greedy, later rows temperature {args.temp}",
+            "instructions_per_temperature": dict(Counter(str(k["temp"]) for k in kept)),
             "max_answer_tokens": MAX_ANSWER, "instructions": len(rows), "families": 1, "held_out_families": [],
             "split_rule": "all train; far from every eval task prompt and data.jsonl's held-out prompts (distance rule)",
             "train": len(rows), "heldout": 0, "per_family": {FAMILY: len(rows)},
