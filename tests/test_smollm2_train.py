@@ -221,6 +221,9 @@ def test_evaluation_covers_every_condition_with_intervals(tiny, exported, tmp_pa
         assert v["kl_ci"][0] <= v["kl"] + 1e-9 <= v["kl_ci"][1] + 2e-9, name
         assert set(v["per_family"]) == set(results["families"])
     assert all(conds[f"d@{d}"]["kl"] > 0 for d in DENSITIES)
+    unseen = [i for i in stored["order"] if stored["families"][i] in data.HELD_OUT_FAMILIES]
+    assert unseen  # the never-trained families get a paired ratio of their own
+    assert results["paired"]["kl_ratio_a_over_b_never_trained@0.5"]["n"] == len(unseen)
     write_report(results, tmp_path / "R.md", tmp_path / "r.png", "cmd")
     text = (tmp_path / "R.md").read_text()
     assert "kl_ratio_a_over_b@0.5" in text and (tmp_path / "r.png").stat().st_size > 0

@@ -362,10 +362,14 @@ def summarize(stored: dict, densities=DENSITIES, ids: list[str] | None = None) -
             "per_family": {f: {"kl": float(kls[name][fam_of == f].mean()),
                                "match16": float(match[name][fam_of == f].mean()), "n": int((fam_of == f).sum())}
                            for f in families}}
-    paired = {}
+    paired, unseen = {}, np.isin(fam_of, list(data.HELD_OUT_FAMILIES))
     for d in densities:
         a, b, c = kls[f"a@{d}"], kls[f"b@{d}"], kls[f"c@{d}"]
         paired[f"kl_ratio_a_over_b@{d}"] = {"value": float(a.mean() / b.mean()), "ci": ratio_ci(a, b)}
+        if unseen.any():  # the measure of generalisation: families never trained
+            au, bu = a[unseen], b[unseen]
+            paired[f"kl_ratio_a_over_b_never_trained@{d}"] = {"value": float(au.mean() / bu.mean()),
+                                                              "ci": ratio_ci(au, bu), "n": int(unseen.sum())}
         paired[f"kl_diff_a_minus_c@{d}"] = {"value": float((a - c).mean()), "ci": bootstrap(a - c)}
         ma, mc = match[f"a@{d}"], match[f"c@{d}"]
         paired[f"match16_diff_a_minus_c@{d}"] = {"value": float((ma - mc).mean()), "ci": bootstrap(ma - mc)}
