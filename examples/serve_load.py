@@ -1,8 +1,12 @@
 """`ifprune serve` under load: throughput and time to first token at 1/4/8/16 streaming clients.
 
 Starts the server in this process (uvicorn on 127.0.0.1, a free port) on the default model
-(or --model), then CLIENTS threads share REQUESTS streamed chat requests with the official
-openai client, each client sending its next request when the last one ended. Every request
+(or --model) with a default density of DENSITY (0.7: the default model's own default is
+1.0, dense, where every request has the one dense mask and "mixed tasks" would mean nothing),
+then CLIENTS clients share REQUESTS streamed chat requests with the official openai client,
+each client sending its next request when the last one ended. With 64 requests, 8 clients
+send 8 each: the run is mostly the steady state of 8 clients, not the start (every client
+sending at once) and the drain (the last answers finishing alone) of a run of 2 each. Every request
 has a system message (the task instruction, from which the trained predictor selects the
 mask) and a user question. "same task": one system prompt, so every request has one mask and
 they decode in one batch; "mixed tasks": four system prompts, four masks, batches take turns.
@@ -17,7 +21,7 @@ did). Writes a markdown table (stdout, and with --out into docs/SERVER.md betwee
 markers), with the machine's load average before and after.
 
     python -m examples.serve_load                     # make serve-load
-    python -m examples.serve_load --clients 1 8 --requests 16 --max-tokens 32
+    python -m examples.serve_load --clients 1 8 --requests 16 --max-tokens 32 --density 0.9
 
 On Linux CPU preload OpenBLAS (see the Makefile's WITH_BLAS).
 """
@@ -35,6 +39,8 @@ import time
 from pathlib import Path
 
 import openai
+
+from ifprune_mlx.blas import serving_threads
 
 SYSTEMS = [
     "Translate the user's sentence into French. Answer with the translation only.",
@@ -64,6 +70,8 @@ BEGIN, END = "<!-- serve-load begin -->", "<!-- serve-load end -->"
 
 
 WARM_UP = "Hello."
+DENSITY = 0.7  # where the default model's decode is >= 1.2x dense (docs/BENCHMARKS.md); its default is 1.0
+REQUESTS = 64
 
 
 def request_prompt(j: int, mixed: bool, question: str | None = None) -> list[dict]:
@@ -240,12 +248,16 @@ def grammar_overhead(url: str, max_tokens: int, n: int = 6) -> str:
 
 
 @contextlib.contextmanager
-def fresh_server(model: str | None, clients: int, mixed: bool):
-    """A new server on `model` (default: the default chat model), warmed up; yields its /v1 URL."""
-    from ifprune_mlx import server  # not in the client processes
+def fresh_server(model: str | None, clients: int, mixed: bool, density: float | None = DENSITY,
+                 blas_threads: int | None = None):
+    """A new server on `model` (default: the default chat model) whose requests run at `density`
+    (None: the model's default), with `ifprune serve`'s default OpenBLAS threads (or
+    `blas_threads`), warmed up; yields its /v1 URL."""
+    from ifprune_mlx import blas, server  # not in the client processes
     from ifprune_mlx.opener import open_model
 
-    running = server.BackgroundServer(lambda: open_model(model), server.ServerConfig(model_id="default"),
+    blas.set_threads(blas_threads or blas.serving_threads())  # as `ifprune serve` does
+    running = server.BackgroundServer(lambda: open_model(model), server.ServerConfig(model_id="default", density=density),
                                       max_queue=max(64, clients))
     try:
         url = running.url + "/v1"
@@ -261,7 +273,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a bundle or model folder (default: the default chat model)")
     parser.add_argument("--clients", type=int, nargs="*", default=[1, 4, 8, 16])
-    parser.add_argument("--requests", type=int, default=16, help="requests per run")
+    parser.add_argument("--requests", type=int, default=REQUESTS, help="requests per run")
+    parser.add_argument("--density", type=float, default=DENSITY,
+                        help="the server's default density (every request's; 1.0: dense)")
+    parser.add_argument("--blas-threads", type=int, help="OpenBLAS threads (default: `ifprune serve`'s, the cores but one)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--in-process", action="store_true",
                         help="clients as threads of the server's process (sharing its GIL), not processes of their own")
@@ -278,7 +293,7 @@ def main() -> None:
         name = "mixed tasks (4 masks)" if mixed else "same task (1 mask)"
         reference, base = None, None
         for clients in sorted(args.clients):
-            with fresh_server(args.model, clients, mixed) as url:
+            with fresh_server(args.model, clients, mixed, args.density, args.blas_threads) as url:
                 records, wall, cpu = drive(url, clients, args.requests, mixed, args.max_tokens, args.in_process)
             reference = reference or records
             line, tps, ttft, decode = row(name, clients, records, wall, cpu, reference)
@@ -287,12 +302,13 @@ def main() -> None:
             print(line, flush=True)
             summary.append(f"{name}, {clients} clients: {tps / base[0]:.2f}x the tokens/s of 1 client, "
                            f"{decode / base[2]:.2f}x its decode tokens/s, median TTFT {ttft / base[1]:.2f}x")
-    with fresh_server(args.model, 1, False) as url:
+    with fresh_server(args.model, 1, False, args.density, args.blas_threads) as url:
         summary.append(grammar_overhead(url, args.max_tokens))
     after = os.getloadavg()
     notes = [f"Load average (1/5/15 min) before: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; "
              f"after: {after[0]:.2f} / {after[1]:.2f} / {after[2]:.2f} on {os.cpu_count()} cores. "
-             f"Greedy, at most {args.max_tokens} tokens per answer, {args.requests} requests per run."]
+             f"Greedy, at most {args.max_tokens} tokens per answer, {args.requests} requests per run, density {args.density}, "
+             f"{args.blas_threads or serving_threads()} OpenBLAS thread(s)."]
     notes += [f"- {s}" for s in summary]
     print("\n" + "\n".join(notes))
     if args.out:

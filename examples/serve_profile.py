@@ -1,7 +1,8 @@
 """Where the time to first token of `ifprune serve` goes, at 1 and 8 streaming clients.
 
-Runs `make serve-load`'s same-task workload (examples/serve_load.py: one system prompt, 16
-greedy streamed requests, clients in processes of their own unless --in-process) with the
+Runs `make serve-load`'s same-task workload (examples/serve_load.py: one system prompt, its
+density and BLAS threads; 16 greedy streamed requests here unless --requests, clients in
+processes of their own unless --in-process) with the
 worker thread instrumented: each of its calls below is timed as a segment of a timeline
 (nested calls split their parent's segment, so the segments never overlap):
 
@@ -228,7 +229,7 @@ def compute_floor(model: str | None, clients: list[int], repeats: int = 5) -> li
     from ifprune_mlx.opener import open_model
 
     eng = open_model(model)
-    eng.apply(eng.select(serve_load.SYSTEMS[0]))  # the per-task mask: the system message
+    eng.apply(eng.select(serve_load.SYSTEMS[0], serve_load.DENSITY))  # the per-task mask: the system message
     warm = eng.prompt_tokens(serve_load.request_prompt(0, False, serve_load.WARM_UP))
     prompts = [eng.prompt_tokens(serve_load.request_prompt(j, False)) for j in range(max(clients))]
     d_model, kept = eng.config["hidden_size"], eng.applied.kept_counts

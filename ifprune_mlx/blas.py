@@ -6,10 +6,15 @@ library can only be preloaded before the process starts, so the `ifprune` entry 
 re-executes itself once with LD_PRELOAD naming OpenBLAS's BLAS. Without OpenBLAS, one note
 (once per cache folder) says how to get it. IFPRUNE_BLAS=0 turns this off. macOS uses
 Accelerate and Metal: nothing to do.
+
+A server computes and serves on the same cores: set_threads(serving_threads()) leaves one
+core to the HTTP loop and the worker's Python (OpenBLAS's idle threads spin, and on a small
+machine they take the core those need; docs/SERVER.md measures it).
 """
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import sys
@@ -33,9 +38,9 @@ def active_blas() -> str:
     """Which BLAS this process's MLX uses, in a few words (for `ifprune info`)."""
     if sys.platform != "linux":
         return "the platform's (Accelerate / Metal)"
-    preloaded = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if "blas" in p]
-    if preloaded:
-        return f"OpenBLAS ({preloaded[0]})"
+    library = _preloaded()
+    if library:
+        return f"OpenBLAS ({library})"
     return f"the mlx[cpu] wheel's reference BLAS (slow prefill; {INSTALL_HINT})"
 
 
@@ -70,3 +75,32 @@ def _note_once() -> None:
         stamp.touch()
     except OSError:
         pass
+
+
+def _preloaded() -> str | None:
+    """The OpenBLAS library this process's MLX uses (preloaded), if any."""
+    if sys.platform != "linux":
+        return None
+    return next((p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and "blas" in p), None)
+
+
+def set_threads(n: int) -> int | None:
+    """Let OpenBLAS use `n` threads from now on; returns how many it used before (None: no
+    OpenBLAS in this process, nothing changed)."""
+    if n < 1:
+        raise ValueError(f"BLAS threads must be at least 1, got {n}")
+    library = _preloaded()
+    if library is None:
+        return None
+    try:
+        blas = ctypes.CDLL(library)  # the loaded library: dlopen returns the preloaded instance
+        before = blas.openblas_get_num_threads()
+        blas.openblas_set_num_threads(n)
+    except (OSError, AttributeError):  # a BLAS without OpenBLAS's thread control
+        return None
+    return before
+
+
+def serving_threads() -> int:
+    """BLAS threads for a server: one core fewer than the machine has (at least one)."""
+    return max(1, (os.cpu_count() or 1) - 1)

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from .blas import serving_threads
+from .blas import set_threads as set_blas_threads
 from .console import (MAX_DENSITY_OPTION, MODEL_ARGUMENT, RESIDENT_OPTION, fail, friendly_errors, load_resolved,
                       resident_options, resolve_with_progress)
 from .selectors import check_density
@@ -33,6 +35,7 @@ def serve(
     max_connections: Optional[int] = typer.Option(None, "--max-connections", help="Connections served at once; more get 503 (default: no cap)."),
     read_timeout: float = typer.Option(30.0, "--read-timeout", help="Seconds a request body may pause while it arrives (408 after)."),
     keepalive: float = typer.Option(10.0, "--keepalive", help="Seconds between SSE keep-alive comments while a stream waits for its first token."),
+    blas_threads: Optional[int] = typer.Option(None, "--blas-threads", help="OpenBLAS threads (Linux CPU; nothing elsewhere). Default: one core fewer than the machine has, left to the HTTP loop and the worker's Python (on 2 cores: 8 clients got ~10% more tokens/s, one client ~10% fewer; docs/SERVER.md)."),
     resident: Optional[str] = RESIDENT_OPTION,
     max_density: Optional[float] = MAX_DENSITY_OPTION,
 ):
@@ -45,7 +48,8 @@ def serve(
     if density is not None:
         check_density(density)
     for name, value in (("--max-queue", max_queue), ("--max-tokens", max_tokens), ("--prompt-caches", prompt_caches),
-                        ("--max-batch", max_batch), ("--max-connections", 1 if max_connections is None else max_connections)):
+                        ("--max-batch", max_batch), ("--max-connections", 1 if max_connections is None else max_connections),
+                        ("--blas-threads", 1 if blas_threads is None else blas_threads)):
         if value < 1:
             fail(f"{name} must be at least 1, got {value}")
     for name, value in (("--max-body-mb", max_body_mb), ("--read-timeout", read_timeout), ("--keepalive", keepalive)):
@@ -53,6 +57,7 @@ def serve(
             fail(f"{name} must be positive, got {value}")
     load_options = resident_options(resident, max_density)
     sock = _listen(host, port)
+    set_blas_threads(blas_threads or serving_threads())
     found = resolve_with_progress(model)
 
     def load():

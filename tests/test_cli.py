@@ -135,3 +135,27 @@ def test_info_names_the_blas_in_use(bundle_dir):
         assert blas == f"OpenBLAS ({openblas_path()})"
     else:
         assert blas == f"the mlx[cpu] wheel's reference BLAS (slow prefill; {INSTALL_HINT})"
+
+
+def test_blas_threads_are_set_where_openblas_runs():
+    """set_threads changes OpenBLAS's thread count in this process (returning the old one) when
+    OpenBLAS is preloaded, and changes nothing (None) without it; a count below 1 is refused."""
+    import pytest
+
+    from ifprune_mlx.blas import openblas_path, serving_threads, set_threads
+
+    assert serving_threads() == max(1, (os.cpu_count() or 1) - 1)
+    with pytest.raises(ValueError):
+        set_threads(0)
+    code = ("import mlx.core as mx; from ifprune_mlx.blas import set_threads; a = mx.ones((64, 64)); "
+            "mx.eval(a @ a); print(set_threads(1), set_threads(3), set_threads(1))")
+    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "IFPRUNE_BLAS", "OPENBLAS_NUM_THREADS")}
+    base["PYTHONPATH"] = str(ROOT)
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=base, timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.split() == ["None"] * 3
+    if sys.platform == "linux" and openblas_path():
+        env = dict(base, LD_PRELOAD=openblas_path(), OPENBLAS_NUM_THREADS="2")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == ["2", "1", "3"]

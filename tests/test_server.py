@@ -554,8 +554,12 @@ def test_affinity_passes_a_request_over_a_bounded_number_of_times(endless_bundle
 def test_serve_command_fails_in_one_line(bundle_dir, monkeypatch):
     from typer.testing import CliRunner
 
+    from ifprune_mlx import serve_cli
+    from ifprune_mlx.blas import serving_threads
     from ifprune_mlx.cli import app
 
+    blas_threads = []  # process-wide: recorded, not set, in the test process
+    monkeypatch.setattr(serve_cli, "set_blas_threads", blas_threads.append)
     runner = CliRunner()
     assert "--api-key" in runner.invoke(app, ["serve", "--help"]).output
     with socket.socket() as busy:
@@ -568,12 +572,14 @@ def test_serve_command_fails_in_one_line(bundle_dir, monkeypatch):
             (["--max-queue", "0"], "--max-queue must be at least 1"),
             (["--max-batch", "0"], "--max-batch must be at least 1"),
             (["--max-connections", "0"], "--max-connections must be at least 1"),
+            (["--blas-threads", "0"], "--blas-threads must be at least 1"),
             (["--read-timeout", "0"], "--read-timeout must be positive"),
         ]
         for args, message in cases:
             result = runner.invoke(app, ["serve", str(bundle_dir), *args])
             assert result.exit_code == 1 and message in result.output, (args, result.output)
             assert "Traceback" not in result.output
+    assert blas_threads == [serving_threads()]  # set before loading: the unknown selector got that far
     # without the optional extra
     monkeypatch.delitem(sys.modules, "ifprune_mlx.server")
     monkeypatch.delattr(ifp, "server", raising=False)
