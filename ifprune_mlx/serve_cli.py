@@ -57,7 +57,8 @@ def serve(
             fail(f"{name} must be positive, got {value}")
     load_options = resident_options(resident, max_density)
     sock = _listen(host, port)
-    set_blas_threads(blas_threads or serving_threads())
+    threads = blas_threads or serving_threads()
+    blas_note = "" if set_blas_threads(threads) is None else f"; OpenBLAS threads: {threads}"
     found = resolve_with_progress(model)
 
     def load():
@@ -71,7 +72,7 @@ def serve(
     app = server.start(load, config, max_queue=max_queue, affinity=affinity, prompt_caches=prompt_caches,
                        max_batch=max_batch)
     bound_host, bound_port = sock.getsockname()[:2]
-    typer.echo(f"serving {config.model_id} at http://{bound_host}:{bound_port}/v1 (OpenAI API; Ctrl-C stops)",
+    typer.echo(f"serving {config.model_id} at http://{bound_host}:{bound_port}/v1 (OpenAI API{blas_note}; Ctrl-C stops)",
                err=True)
     if host not in LOOPBACK and not api_key:
         typer.secho(f"warning: listening on {host} without --api-key: anyone who reaches it can use it",

@@ -559,7 +559,7 @@ def test_serve_command_fails_in_one_line(bundle_dir, monkeypatch):
     from ifprune_mlx.cli import app
 
     blas_threads = []  # process-wide: recorded, not set, in the test process
-    monkeypatch.setattr(serve_cli, "set_blas_threads", blas_threads.append)
+    monkeypatch.setattr(serve_cli, "set_blas_threads", lambda n: blas_threads.append(n))
     runner = CliRunner()
     assert "--api-key" in runner.invoke(app, ["serve", "--help"]).output
     with socket.socket() as busy:
