@@ -74,8 +74,8 @@ def info(model: Optional[str] = MODEL_ARGUMENT, resident: Optional[str] = RESIDE
     if found.origin == "default":
         from .resolve import PRETRAINED, default_gguf
 
-        rows.insert(1, ("made from", f"{default_gguf()} (the plain model: name this file) + the trained "
-                                     f"predictor and adapter in {PRETRAINED}"))
+        rows.insert(1, ("made from", f"{default_gguf()} (the plain model: name this file) + the IFPruning "
+                                     f"artifacts trained for it in {PRETRAINED}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")

