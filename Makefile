@@ -76,7 +76,8 @@ calibration: install-dev
 	@$(WITH_BLAS) $(PY) -m examples.calibration_report
 
 # The server under load: throughput and time to first token at 1/4/8/16 streaming clients on the
-# default model, same task and mixed tasks; writes the table into docs/SERVER.md.
+# default model at density 0.7, 64 requests a run, same task and mixed tasks (~10 min); writes the
+# table into docs/SERVER.md.
 serve-load: install-dev
 	@$(WITH_BLAS) $(PY) -m examples.serve_load --out docs/SERVER.md
 
