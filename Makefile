@@ -76,7 +76,7 @@ calibration: install-dev
 	@$(WITH_BLAS) $(PY) -m examples.calibration_report
 
 # The server under load: throughput and time to first token at 1/4/8/16 streaming clients on the
-# default model at density 0.7, 64 requests a run, same task and mixed tasks (~10 min); writes the
+# default model at density 0.7, 64 requests a run, same task and mixed tasks (5-10 min here); writes the
 # table into docs/SERVER.md.
 serve-load: install-dev
 	@$(WITH_BLAS) $(PY) -m examples.serve_load --out docs/SERVER.md
