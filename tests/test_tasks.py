@@ -17,9 +17,15 @@ IFEVAL_SIZES = {"ifprune_ifeval_dev": 120, "ifprune_ifeval_test": 300}  # the le
 
 
 def training_prompts() -> list[str]:
-    lines = (ROOT / "examples" / "smollm2" / "data.jsonl").read_text().splitlines()
-    assert "meta" in json.loads(lines[0])
-    return [json.loads(line)["prompt"] for line in lines[1:]]
+    """Every prompt of the SmolLM2 training data: the templates (data.jsonl) and the
+    self-instruct files."""
+    folder = ROOT / "examples" / "smollm2"
+    prompts = []
+    for file in [folder / "data.jsonl", *sorted(folder.glob("self_instruct*.jsonl"))]:
+        lines = file.read_text().splitlines()
+        assert "meta" in json.loads(lines[0])
+        prompts += [json.loads(line)["prompt"] for line in lines[1:]]
+    return prompts
 
 
 def all_task_prompts() -> list[str]:

@@ -20,9 +20,11 @@ model writes itself, far more varied than data.py's templates (issue 22, item 4)
 4. Targets: the dense model's own greedy answer to the chat-formatted instruction, at most
    MAX_ANSWER tokens (eos included when it comes first), token ids stored as generated.
 
-Resumable: every stage appends to OUT.partial/ as it goes; run the same command again after a
-stop and it goes on. The JSONL has data.py's line format (family "self_instruct_v2", split
-"train"; its header line says how it was made), so train.py reads it with --data.
+Resumable: every stage appends to OUT.partial/ (or --work) as it goes; run the same command
+again after a stop and it goes on. A larger --target continues the same state: its first rows
+are those of a smaller one (self_instruct_5200.jsonl continues self_instruct.jsonl). The JSONL
+has data.py's line format (family "self_instruct_v2", split "train"; its header line says how
+it was made), so train.py reads it with --data.
 """
 
 from __future__ import annotations
@@ -184,6 +186,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="a model folder or GGUF (default: the SmolLM2 GGUF, float32)")
     ap.add_argument("--temp", type=float, default=TEMP,
                     help="sampling temperature for the instructions (0: greedy; answers are always greedy)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="the resumable state (default: OUT with the suffix .partial); files of other --target share it")
     args = ap.parse_args(argv)
 
     import mlx.core as mx
@@ -195,7 +199,7 @@ def main(argv=None) -> None:
     engine = load(resolve(args.model or default_gguf()).path)
     model, tokenizer = engine.model, engine.tokenizer
     rng = random.Random(args.seed)
-    work = args.out.with_suffix(".partial")
+    work = args.work or args.out.with_suffix(".partial")
     work.mkdir(exist_ok=True)
     kept_file, answers_file = work / "instructions.jsonl", work / "answers.jsonl"
     tried_file = work / "tried.json"
