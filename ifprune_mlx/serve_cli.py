@@ -35,7 +35,7 @@ def serve(
     max_connections: Optional[int] = typer.Option(None, "--max-connections", help="Connections served at once; more get 503 (default: no cap)."),
     read_timeout: float = typer.Option(30.0, "--read-timeout", help="Seconds a request body may pause while it arrives (408 after)."),
     keepalive: float = typer.Option(10.0, "--keepalive", help="Seconds between SSE keep-alive comments while a stream waits for its first token."),
-    blas_threads: Optional[int] = typer.Option(None, "--blas-threads", help="OpenBLAS threads (Linux CPU; nothing elsewhere). Default: one core fewer than the machine has, left to the HTTP loop and the worker's Python (on 2 cores: 8 clients got ~10% more tokens/s, one client ~10% fewer; docs/SERVER.md)."),
+    blas_threads: Optional[int] = typer.Option(None, "--blas-threads", help="OpenBLAS threads (Linux CPU; nothing elsewhere). Default: one core fewer than the machine has, left to the HTTP loop and the worker's Python (on 2 cores: 8 clients about as fast on far less CPU, one client ~10% slower; docs/SERVER.md)."),
     resident: Optional[str] = RESIDENT_OPTION,
     max_density: Optional[float] = MAX_DENSITY_OPTION,
 ):

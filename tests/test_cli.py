@@ -140,8 +140,6 @@ def test_info_names_the_blas_in_use(bundle_dir):
 def test_blas_threads_are_set_where_openblas_runs():
     """set_threads changes OpenBLAS's thread count in this process (returning the old one) when
     OpenBLAS is preloaded, and changes nothing (None) without it; a count below 1 is refused."""
-    import pytest
-
     from ifprune_mlx.blas import openblas_path, serving_threads, set_threads
 
     assert serving_threads() == max(1, (os.cpu_count() or 1) - 1)
