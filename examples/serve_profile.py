@@ -312,6 +312,8 @@ def main() -> None:
     parser.add_argument("--no-gather", action="store_true",
                         help="a batch from idle and joiners do not wait for requests still arriving, for comparison")
     args = parser.parse_args()
+    if args.requests > len(serve_load.QUESTIONS):  # requests are told apart by their question
+        parser.error(f"--requests is at most {len(serve_load.QUESTIONS)} here (one per distinct question)")
     if args.plain_join:
         batching.primed_generator = BatchGenerator
     if args.no_gather:
