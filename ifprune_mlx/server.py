@@ -388,21 +388,18 @@ async def _next_event(job: Job, gone: asyncio.Future, skip: tuple = (),
     while True:
         if not job.events.empty():  # already there (the worker hands a step's events at once): no waiting
             kind, payload = job.events.get_nowait()
-            if kind in skip:
-                continue
-            return kind, payload
-        get = asyncio.ensure_future(job.events.get())
-        await asyncio.wait({get, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if get.done():
+        else:
+            get = asyncio.ensure_future(job.events.get())
+            await asyncio.wait({get, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                get.cancel()
+                if not gone.done():
+                    return "keepalive", None
+                job.cancel()
+                raise _Disconnected
             kind, payload = get.result()
-            if kind in skip:
-                continue
+        if kind not in skip:
             return kind, payload
-        get.cancel()
-        if not gone.done():
-            return "keepalive", None
-        job.cancel()
-        raise _Disconnected
 
 
 def _sse(data: dict) -> str:
