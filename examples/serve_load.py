@@ -40,7 +40,7 @@ from pathlib import Path
 
 import openai
 
-from ifprune_mlx.blas import serving_threads
+from ifprune_mlx.blas import serving_threads, set_threads
 
 SYSTEMS = [
     "Translate the user's sentence into French. Answer with the translation only.",
@@ -253,10 +253,10 @@ def fresh_server(model: str | None, clients: int, mixed: bool, density: float | 
     """A new server on `model` (default: the default chat model) whose requests run at `density`
     (None: the model's default), with `ifprune serve`'s default OpenBLAS threads (or
     `blas_threads`), warmed up; yields its /v1 URL."""
-    from ifprune_mlx import blas, server  # not in the client processes
+    from ifprune_mlx import server  # not in the client processes
     from ifprune_mlx.opener import open_model
 
-    blas.set_threads(blas_threads or blas.serving_threads())  # as `ifprune serve` does
+    set_threads(blas_threads or serving_threads())  # as `ifprune serve` does
     running = server.BackgroundServer(lambda: open_model(model), server.ServerConfig(model_id="default", density=density),
                                       max_queue=max(64, clients))
     try:
