@@ -15,7 +15,8 @@ from the original LLM (a GGUF file):
                                     float down_proj (the GGUF converter keeps it float by default).
   head.safetensors      prediction_head1/2.{weight,bias} and feature_extractor.model.norm.weight:
                         the predictor's head and the final norm of its backbone.
-  ifpruning.json        default_density, pad_multiple, pooling ("last"), predictor_layers.
+  ifpruning.json        default_density, pad_multiple, pooling ("last"), predictor_layers, and
+                        optionally prefill ("pruned" or "dense"; docs/FORMAT.md).
 
 The predictor is the ORIGINAL LLM's embeddings and first `predictor_layers` decoder layers
 (tied embeddings), that final norm, then the head; it reads the raw prompt
@@ -40,7 +41,7 @@ import numpy as np
 
 from ifprune_mlx.errors import ConversionError
 
-from .layouts import HEAD_KEYS, Source, _check_head, _check_model, to_mlx_config
+from .layouts import HEAD_KEYS, Source, _check_head, _check_model, bundle_defaults, to_mlx_config
 from .readers import TensorRef
 
 ADAPTER_FILE, HEAD_FILE, META_FILE = "adapter.safetensors", "head.safetensors", "ifpruning.json"
@@ -73,8 +74,8 @@ class Artifacts:
 
     @property
     def defaults(self) -> dict:
-        """The bundle defaults it sets: default_density, pad_multiple."""
-        return {k: self.meta[k] for k in ("default_density", "pad_multiple") if k in self.meta}
+        """The bundle defaults it sets: default_density, pad_multiple, prefill."""
+        return bundle_defaults(self.meta, self.folder / META_FILE)
 
 
 def is_artifacts(folder: Path) -> bool:
@@ -124,6 +125,7 @@ def _read_meta(path: Path) -> dict:
     pad = meta.get("pad_multiple", 1)
     if not isinstance(pad, int) or isinstance(pad, bool) or pad < 1:
         raise ConversionError(f"{path}: \"pad_multiple\" must be a positive integer, got {pad!r}")
+    bundle_defaults(meta, path)  # checks prefill
     return meta
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import mlx.nn as nn
 
-from ifprune_mlx.bundle import TOKENIZER_FILES, read_config_file, safetensors_header
+from ifprune_mlx.bundle import DEFAULT_PREFILL, PREFILLS, TOKENIZER_FILES, read_config_file, safetensors_header
 from ifprune_mlx.errors import ConversionError
 from ifprune_mlx.models import (build_model, is_down_proj, is_gate_up_proj, module_quantization,
                                 name_mismatch, normalize_config, split_gate_up)
@@ -281,7 +281,15 @@ def _ifpruning_json(folder: Path) -> dict:
     pooling = values.get("pooling", "last")
     if pooling != "last":
         raise ConversionError(f"{path}: pooling {pooling!r} is not supported (only \"last\": the last prompt token)")
-    return {k: values[k] for k in ("default_density", "pad_multiple") if k in values}
+    return bundle_defaults(values, path)
+
+
+def bundle_defaults(values: dict, path: Path) -> dict:
+    """The bundle settings an ifpruning.json sets (default_density, pad_multiple, prefill),
+    prefill checked to be one of bundle.PREFILLS."""
+    if values.get("prefill", DEFAULT_PREFILL) not in PREFILLS:
+        raise ConversionError(f"{path}: \"prefill\" must be one of {', '.join(PREFILLS)}, got {values['prefill']!r}")
+    return {k: values[k] for k in ("default_density", "pad_multiple", "prefill") if k in values}
 
 
 # -- checks --------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from typing import Callable
 
 import mlx.core as mx
 
-from ifprune_mlx.bundle import (DEFAULT_DENSITY, PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY, SAFETENSORS_CODES,
-                                copy_tokenizer, new_ifpruning_block, refuse_overwrite,
+from ifprune_mlx.bundle import (DEFAULT_DENSITY, DEFAULT_PREFILL, PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY,
+                                SAFETENSORS_CODES, copy_tokenizer, new_ifpruning_block, refuse_overwrite,
                                 write_atomic)
 from ifprune_mlx.errors import ConversionError
 from ifprune_mlx.models import is_quantizable, quantize_rows, to_row_layout
@@ -146,7 +146,8 @@ def convert(source: Source, out: Path, *, dtype: str | None = None, bits: int | 
     config = dict(source.config)
     if bits:
         config["quantization"] = {"group_size": group_size, "bits": bits}
-    config["ifpruning"] = new_ifpruning_block(density, pad, source.predictor is not None)
+    config["ifpruning"] = new_ifpruning_block(density, pad, source.predictor is not None,
+                                              source.defaults.get("prefill", DEFAULT_PREFILL))
     if source.quantization:
         llm_jobs = _requantize_jobs(source.llm, source.quantization)
     else:

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import mlx.core as mx
 import numpy as np
 
-from .errors import BundleError
+from .errors import BundleError, SelectionError
 
 FORMAT_VERSION = 1
 # The format's defaults (docs/FORMAT.md): a bundle with a trained predictor keeps a third of the
@@ -28,6 +28,11 @@ FORMAT_VERSION = 1
 DEFAULT_DENSITY = 0.33
 PLAIN_DEFAULT_DENSITY = 0.5
 PAD_MULTIPLE = 32  # kept channel counts are rounded up to a multiple of this
+# What the trained predictor's requests prefill the prompt with: "pruned" (the paper's setting:
+# prompt and answer both run on the kept channels) or "dense" (the prompt on all of them, the
+# answer pruned). The training-free selector always prefills dense: its pass scores the channels.
+PREFILLS = ("pruned", "dense")
+DEFAULT_PREFILL = "pruned"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
@@ -77,6 +82,9 @@ def ifpruning_block(config: dict, where: Path) -> dict | None:
         )
     if block.get("ffn_layout") != "rows":
         raise BundleError(f"{where}/config.json: ffn_layout must be \"rows\", got {block.get('ffn_layout')!r}")
+    if block.get("prefill", DEFAULT_PREFILL) not in PREFILLS:
+        raise BundleError(f"{where}/config.json: ifpruning prefill must be one of {', '.join(PREFILLS)}, "
+                          f"got {block.get('prefill')!r}")
     return block
 
 
@@ -277,9 +285,10 @@ def write_json_atomic(path: Path, data) -> Path:
 
 
 def new_ifpruning_block(default_density: float = DEFAULT_DENSITY, pad_multiple: int = PAD_MULTIPLE,
-                        has_predictor: bool = True) -> dict:
-    """The "ifpruning" block of a new bundle's config.json (also used by the converter)."""
-    return {
+                        has_predictor: bool = True, prefill: str = DEFAULT_PREFILL) -> dict:
+    """The "ifpruning" block of a new bundle's config.json (also used by the converter);
+    "prefill" is written for a bundle with a predictor (the only one it concerns)."""
+    block = {
         "format_version": FORMAT_VERSION,
         "ffn_layout": "rows",
         "default_density": default_density,
@@ -287,6 +296,16 @@ def new_ifpruning_block(default_density: float = DEFAULT_DENSITY, pad_multiple: 
         "predictor": "predictor" if has_predictor else None,
         "pooling": "last",
     }
+    if has_predictor:
+        block["prefill"] = check_prefill(prefill)
+    return block
+
+
+def check_prefill(prefill: str) -> str:
+    """`prefill` if it is one of PREFILLS, else a SelectionError naming them."""
+    if prefill not in PREFILLS:
+        raise SelectionError(f"prefill must be one of {', '.join(PREFILLS)}, got {prefill!r}")
+    return prefill
 
 
 def write_bundle(
@@ -298,6 +317,7 @@ def write_bundle(
     predictor: dict | None = None,
     default_density: float = DEFAULT_DENSITY,
     pad_multiple: int = PAD_MULTIPLE,
+    prefill: str = DEFAULT_PREFILL,
     force: bool = False,
 ) -> Path:
     """Write a bundle atomically.
@@ -312,9 +332,10 @@ def write_bundle(
             "tokenizer_dir": optional folder of the predictor's own tokenizer}.
         default_density: the density generate() uses when none is given.
         pad_multiple: kept channel counts are rounded up to a multiple of this.
+        prefill: what the trained predictor's requests prefill the prompt with (PREFILLS).
         force: overwrite an existing `out`.
     """
-    config = dict(config, ifpruning=new_ifpruning_block(default_density, pad_multiple, bool(predictor)))
+    config = dict(config, ifpruning=new_ifpruning_block(default_density, pad_multiple, bool(predictor), prefill))
 
     def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

@@ -227,7 +227,9 @@ class ChatSession:
         density: fraction of FFN channels kept (default: the bundle's).
         selector: "predictor", "activations" or a Selector (default: the engine's: the trained
             predictor where the bundle has one). In chat the training-free selector scores the
-            task message in its own dense pass; the turn then prefills pruned like any other.
+            task message in its own dense pass; each turn's new tokens are then prefilled dense
+            (all channels on, no row moves) and the answer runs pruned, as they are for the
+            trained predictor when the engine's prefill is "dense" (else pruned).
         system: an optional system message.
         max_tokens, temp, top_p: generation options of every turn.
         seed: seeds the sampler once, at the start of the session.
@@ -341,8 +343,9 @@ class ChatSession:
         )
         self.turns.append(turn)
         pieces = []
+        prefill = "dense" if selection is not None and self.engine.prefills_dense(self.selector) else "pruned"
         responses = lease.stream(self.engine, self.messages, max_tokens=self.max_tokens,
-                                 temp=self.temp, top_p=self.top_p)
+                                 temp=self.temp, top_p=self.top_p, prefill=prefill)
         try:
             for response in responses:
                 if not pieces:

@@ -18,8 +18,9 @@ from typing import Callable, Optional
 import typer
 
 from .chat import DENSE, POLICIES, ChatSession
-from .console import (DENSITY_OPTION, MAX_DENSITY_OPTION, MODEL_ARGUMENT, RESIDENT_OPTION, SEED_OPTION, TEMP_OPTION,
-                      TOP_P_OPTION, density_origin, error_line, fail, friendly_errors, open_model, resident_options)
+from .console import (DENSITY_OPTION, MAX_DENSITY_OPTION, MODEL_ARGUMENT, PREFILL_OPTION, RESIDENT_OPTION,
+                      SEED_OPTION, TEMP_OPTION, TOP_P_OPTION, checked_prefill, density_origin, error_line, fail,
+                      friendly_errors, open_model, resident_options)
 from .errors import IFPruneError
 from .resident import describe
 from .selectors import check_density, check_sampling
@@ -360,6 +361,7 @@ def chat(
     policy: str = typer.Option("per-task", "--policy", help="When to select a mask: per-task (first message), per-turn (every message), off (dense)."),
     selector: Optional[str] = typer.Option(None, "--selector", help="Who selects: predictor (the trained one; default where the bundle has one) or activations (training-free, any model)."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message."),
+    prefill: Optional[str] = PREFILL_OPTION,
     resident: Optional[str] = RESIDENT_OPTION,
     max_density: Optional[float] = MAX_DENSITY_OPTION,
 ):
@@ -369,7 +371,9 @@ def chat(
     if policy not in POLICIES:
         fail(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     check_sampling(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)  # the engine's check, before loading
+    checked_prefill(prefill)
     engine, found = open_model(model, **resident_options(resident, max_density))
+    engine.prefill = prefill or engine.prefill
     session = ChatSession(engine, policy=policy, density=density, selector=selector, system=system,
                           max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
     interactive = sys.stdin.isatty()
@@ -380,6 +384,8 @@ def chat(
                 f"{policy} selection, density {session.density:.2f} "
                 f"({session.kept_count()} of {engine.d_ffn} channels per layer)")
         who = {"predictor": "trained predictor", "activations": "training-free selector"}[session.selector.name]
+        if policy != "off" and engine.prefills_dense(session.selector):
+            who += ", prompts prefilled dense"
         if policy != "off" and density is None:
             what += f"; {density_origin(engine)}"
         typer.secho(f"{found.path}: {engine.config['model_type']}, {engine.n_layers} layers, {who}; {what}",

@@ -9,9 +9,9 @@ from typing import Optional
 import typer
 
 from . import __version__
-from .console import (DENSITY_OPTION, MAX_DENSITY_OPTION, MODEL_ARGUMENT, RESIDENT_OPTION, SEED_OPTION, TEMP_OPTION,
-                      TOP_P_OPTION, calibrate_with_progress, density_origin, fail, friendly_errors, open_model,
-                      quiet_rank, resident_options)
+from .console import (DENSITY_OPTION, MAX_DENSITY_OPTION, MODEL_ARGUMENT, PREFILL_OPTION, RESIDENT_OPTION,
+                      SEED_OPTION, TEMP_OPTION, TOP_P_OPTION, calibrate_with_progress, checked_prefill, density_origin,
+                      fail, friendly_errors, open_model, quiet_rank, resident_options)
 from .distributed import DEFAULT_SPLIT, SPLITS, world
 from .selectors import check_sampling
 from .blas import active_blas
@@ -65,6 +65,10 @@ def info(model: Optional[str] = MODEL_ARGUMENT, resident: Optional[str] = RESIDE
         ("predictor", _predictor_summary(engine)),
         ("selectors", "predictor = trained predictor (default), activations = training-free" if engine.has_predictor
          else "activations (training-free; no trained predictor)"),
+        ("prefill", (f"{engine.prefill}: " + {"pruned": "the predictor's prompt runs on the kept channels",
+                                              "dense": "the predictor's prompt runs on every channel, the answer pruned"}
+                     [engine.prefill] + "; the training-free selector's always dense")
+         if engine.has_predictor else "dense (the training-free selector's pass scores the channels)"),
         ("default density", f"{engine.default_density:.2f} -> keeps {_kept(engine)} of {engine.d_ffn} channels "
                             f"({density_origin(engine)})"),
         ("context", f"{engine.context_length} tokens" if engine.context_length else "not stated"),
@@ -103,6 +107,7 @@ def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user prompt."),
     density: Optional[float] = DENSITY_OPTION,
     selector: Optional[str] = typer.Option(None, "--selector", help="Who selects: predictor (the trained one; default where the bundle has one) or activations (training-free: a dense prefill scores the channels, decode runs pruned)."),
+    prefill: Optional[str] = PREFILL_OPTION,
     dense: bool = typer.Option(False, "--dense", help="Do not prune: run the full model."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-m", help="Most tokens to generate."),
     temp: float = TEMP_OPTION,
@@ -126,12 +131,14 @@ def generate(
     if split not in SPLITS:
         fail(f"--split must be one of {', '.join(SPLITS)}; got {split!r}")
     check_sampling(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)  # the engine's check, before loading
+    checked_prefill(prefill)
     group = world()
     if group is not None and group.rank() != 0:
         quiet_rank()
         verbose = False
     engine, _ = open_model(model, group, **({"split": split} if group else {}), **resident_options(resident, max_density))
     engine.get_selector(selector)  # an unknown selector, or "predictor" without one, fails here
+    engine.prefill = prefill or engine.prefill
     if dense:
         engine.apply(None)
         selector = None
@@ -146,6 +153,8 @@ def generate(
         kept = "dense" if sel is None else f"density {sel.density:.2f}, select {sel.seconds * 1000:.0f} ms ({sel.source})"
         if sel is not None and sel.source == "activations":
             kept += " = the dense prefill that scores the channels"
+        elif sel is not None and engine.prefills_dense(selector):
+            kept += ", prompt prefilled dense"
         if engine.residency is not None:
             from .resident import read_cost
 

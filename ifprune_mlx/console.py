@@ -30,6 +30,20 @@ RESIDENT_OPTION = typer.Option(None, "--resident", help="kept: hold only the FFN
 MAX_DENSITY_OPTION = typer.Option(None, "--max-density", help="With --resident kept: the highest density it can "
                                   "apply, which sets the FFN rows held per layer (default: the model's default density).")
 
+PREFILL_OPTION = typer.Option(None, "--prefill", help="What the trained predictor's requests prefill the prompt "
+                              "with: pruned (the kept channels, the paper's setting) or dense (every channel; the "
+                              "answer still runs pruned). Default: the model's (`ifprune info`). The training-free "
+                              "selector always prefills dense.")
+
+
+def checked_prefill(prefill: str | None) -> str | None:
+    """--prefill's value, checked (one red line if it is not one the engine takes)."""
+    from .bundle import PREFILLS
+
+    if prefill is not None and prefill not in PREFILLS:
+        fail(f"--prefill takes {' or '.join(PREFILLS)}, got {prefill!r}")
+    return prefill
+
 
 def resident_options(resident: str | None, max_density: float | None) -> dict:
     """load()'s resident options from --resident/--max-density (one red line if they do not fit)."""

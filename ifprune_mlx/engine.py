@@ -24,18 +24,18 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_tokenizer
 
 from . import bundle
-from .bundle import PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY
+from .bundle import DEFAULT_PREFILL, PAD_MULTIPLE, PLAIN_DEFAULT_DENSITY, check_prefill
 from .calibrate import Calibration
 from .distributed import DEFAULT_SPLIT, Sharding, all_ranks_ok
 from .errors import BundleError, PromptTooLongError, ResidentError, SelectionError
 from .models import prunable_mlps
 from .reading import read_model
 from .predictor import load_predictor
-from .prune import ApplyStats, apply_selection, rows_to_swap
+from .prune import ApplyStats, apply_selection, observing, rows_to_swap
 from .budgets import LayerBudgets
 from .resident import MODES as RESIDENT_MODES, Residency, residency_for
-from .selectors import (ActivationSelector, PredictorSelector, Prompt, Selection, Selector,
-                        check_density, check_sampling, kept_count, top_k)
+from .selectors import (PREFILL_CHUNK, ActivationSelector, PredictorSelector, Prompt, Selection, Selector,
+                        check_density, check_sampling, chunks, kept_count, top_k)
 
 AUTO = "auto"  # apply(AUTO): no pinned selection, generation selects per prompt
 LOST = "lost"  # engine.applied after a resident apply failed and could not restore every row
@@ -52,6 +52,10 @@ class Engine:
         selectors: name -> Selector: "predictor" (bundles with a trained predictor) and
             "activations" (training-free, every model).
         selector: the default one: the predictor where there is one, else "activations".
+        prefill: what the trained predictor's calls prefill the prompt with: "pruned" (the
+            paper's setting) or "dense" (all channels for the prompt, the selection for the
+            answer); the bundle's "prefill", settable. The training-free selector always
+            prefills dense: its scoring pass is the prefill.
         deterministic: whether kept rows are kept in channel order, so a selection computes
             the same logits bit for bit whatever was applied before (costs up to two row
             copies per kept channel per apply instead of one per changed channel).
@@ -65,8 +69,10 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer, config: dict, selector_tokenizer=None,
                  predictor=None, default_density: float | None = None, pad_multiple: int = PAD_MULTIPLE,
                  cache_size: int = 64, path: Path | None = None, deterministic: bool = True,
-                 sharding: Sharding | None = None, residency: Residency | None = None):
+                 sharding: Sharding | None = None, residency: Residency | None = None,
+                 prefill: str = DEFAULT_PREFILL):
         self.model, self.tokenizer, self.config, self.path = model, tokenizer, config, path
+        self.prefill = check_prefill(prefill)
         self.deterministic, self.sharding, self.residency = deterministic, sharding, residency
         self.mlps = prunable_mlps(model)
         self.n_layers = len(self.mlps)
@@ -291,7 +297,7 @@ class Engine:
 
     def stream_responses(self, prompt: Prompt, *, max_tokens: int = 256, density: float | None = None,
                          temp: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                         selector: str | Selector | None = None,
+                         selector: str | Selector | None = None, prefill: str | None = None,
                          prompt_cache: list | None = None, tokens: list[int] | None = None
                          ) -> Iterator[GenerationResponse]:
         """Select, apply and generate; yields mlx-lm GenerationResponses as tokens come.
@@ -306,6 +312,9 @@ class Engine:
             selector: "predictor", "activations" or a Selector (default: the engine's).
                 With "activations" the prompt is prefilled by the dense model, whose pass
                 also scores the channels (GRIFFIN); only generation runs pruned.
+            prefill: "dense" or "pruned": what the prompt is prefilled with (default: the
+                engine's `prefill` for the trained predictor, dense for "activations",
+                pruned for a pinned selection). The answer always runs on the selection.
             prompt_cache: an mlx-lm KV cache to extend (it must match the applied mask).
             tokens: the token ids to feed instead of the templated prompt: with prompt_cache,
                 those after the cached prefix; without, the whole prompt (e.g. raw text for
@@ -320,13 +329,18 @@ class Engine:
                 raise PromptTooLongError(f"the prompt is {used} tokens, this model's context is "
                                          f"{self.context_length}; shorten it (in chat: /reset)")
             max_tokens = min(max_tokens, self.context_length - used)
+        dense = self._prefills_dense(density, selector) if prefill is None else check_prefill(prefill) == "dense"
         prefilled = None
-        if (isinstance(self.get_selector(selector), ActivationSelector) and not self._uses_pin(density, selector)
-                and prompt_cache is None):
-            prefilled = self.prefill_activations(ids, density, selector)
+        if dense and prompt_cache is None and not self._uses_pin(density, selector):
+            prefilled = self.prefill_dense(prompt, ids, density, selector)
         if prefilled is None:
             self.prepare(prompt, density, selector)
-        else:
+            if dense and len(ids) > 1:  # onto the caller's cache, or under a pin: no selection to make
+                prompt_cache = prompt_cache if prompt_cache is not None else make_prompt_cache(self.model)
+                start = time.perf_counter()
+                self.dense_pass(ids[:-1], prompt_cache)
+                prefilled = prompt_cache, time.perf_counter() - start
+        if prefilled is not None:
             prompt_cache, dense_seconds = prefilled
         if seed is not None:
             mx.random.seed(seed)
@@ -343,28 +357,52 @@ class Engine:
                 response = replace(response, prompt_tokens=len(ids), prompt_tps=len(ids) / seconds)
             yield response
 
-    def prefill_activations(self, ids: list[int], density: float | None = None,
-                            selector: str | Selector | None = "activations") -> tuple[list, float] | None:
-        """The training-free selector's prefill: one dense pass over the prompt's token ids
-        scores the channels (GRIFFIN, Dong et al. 2024) and fills a KV cache.
+    def prefills_dense(self, selector: str | Selector | None = None) -> bool:
+        """Whether a call that selects with `selector` (default: the engine's) prefills the
+        prompt dense: always for the training-free selector, for the others when the engine's
+        `prefill` is "dense"."""
+        return isinstance(self.get_selector(selector), ActivationSelector) or self.prefill == "dense"
 
-        The selection is applied and the cache trimmed to all but the last token, which is
-        fed again, pruned, for the first token's logits (stream_responses does this when the
-        selector is "activations"). Returns (cache, select seconds), or None where that cannot
-        be done (a one-token prompt, a cache that cannot be trimmed). selector: "activations"
-        or an ActivationSelector.
+    def _prefills_dense(self, density: float | None, selector: str | Selector | None) -> bool:
+        """prefills_dense() for a call with these overrides; a pinned selection prefills pruned."""
+        return not self._uses_pin(density, selector) and self.prefills_dense(selector)
+
+    def prefill_dense(self, prompt: Prompt, ids: list[int], density: float | None = None,
+                      selector: str | Selector | None = None) -> tuple[list, float] | None:
+        """Prefill all but the last of the prompt's token ids with the dense model, then apply
+        the prompt's selection for the answer. With the training-free selector that dense pass
+        also scores the channels (GRIFFIN, Dong et al. 2024); the trained predictor selects
+        from `prompt` first and the pass runs under its selection with all channels on (no
+        row moves). The last token is fed, pruned, for the first token's logits
+        (stream_responses does this when the call prefills dense).
+
+        Returns (KV cache, seconds of selection and dense pass, the apply's not counted:
+        engine.last_apply has them), or None where that cannot be done (a one-token prompt;
+        the training-free selector with a cache it cannot trim).
         """
         chosen = self.get_selector(selector)
-        if not isinstance(chosen, ActivationSelector):
-            raise SelectionError(f"prefill_activations scores with the training-free selector (activations); "
-                                 f"got {chosen.name!r}")
-        cache = make_prompt_cache(self.model)
-        if len(ids) < 2 or not can_trim_prompt_cache(cache):
+        if len(ids) < 2:
             return None
-        selection = self._select(chosen, ids, self.kept_counts(density), kv_cache=cache)
-        trim_prompt_cache(cache, 1)
-        self._apply(selection)
-        return cache, selection.seconds
+        start = time.perf_counter()
+        cache = make_prompt_cache(self.model)
+        if isinstance(chosen, ActivationSelector):
+            if not can_trim_prompt_cache(cache):
+                return None
+            selection = self._select(chosen, ids, self.kept_counts(density), kv_cache=cache)
+            trim_prompt_cache(cache, 1)
+            applied = self._apply(selection)
+        else:  # applied first: the dense pass sums the channels in the order this selection leaves
+            applied = self._apply(self.select(prompt, density, chosen))
+            self.dense_pass(ids[:-1], cache)
+        return cache, time.perf_counter() - start - applied.seconds
+
+    def dense_pass(self, tokens: Sequence[int], cache: list) -> None:
+        """Feed `tokens` through the model with every FFN channel on, into `cache` (the KV
+        cache of what precedes them), leaving the applied selection as it was."""
+        with observing(self.mlps, None):
+            for chunk in chunks(tokens, PREFILL_CHUNK):
+                self.model(mx.array(chunk, dtype=mx.int32)[None], cache=cache)
+                mx.eval([c.state for c in cache])
 
     def stream(self, prompt: Prompt, **options) -> Iterator[str]:
         """Like generate(), but yields text pieces as they are decoded."""
@@ -489,7 +527,8 @@ def _engine(folder: Path, config: dict, block: dict | None, model: nn.Module, **
             selector_tokenizer = load_tokenizer(pdir)
     engine = Engine(model, tokenizer, config, selector_tokenizer, predictor,
                     default_density=block.get("default_density"),
-                    pad_multiple=block.get("pad_multiple", PAD_MULTIPLE), path=folder, **options)
+                    pad_multiple=block.get("pad_multiple", PAD_MULTIPLE), prefill=block.get("prefill", DEFAULT_PREFILL),
+                    path=folder, **options)
     if block.get("calibration"):
         engine.use_calibration(Calibration.from_json(block["calibration"]))
     return engine

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from .console import MODEL_ARGUMENT, fail, friendly_errors, load_with_progress, resolve_with_progress, stderr
+from .console import MODEL_ARGUMENT, PREFILL_OPTION, checked_prefill, fail, friendly_errors, load_with_progress, resolve_with_progress, stderr
 
 EVAL_HELP = """Score a model on lm-eval tasks at several densities, against a dense reference.
 
@@ -96,7 +96,7 @@ def parse_budgets(text: str | None) -> list[bool | None]:
 
 
 def _conditions(engine, name: str, densities, selectors: list[str], reference: bool,
-                budgets: list[bool | None] = (None,)):
+                budgets: list[bool | None] = (None,), prefill: str | None = None):
     from .eval_run import Condition
 
     selectors = selectors or [engine.selector.name]
@@ -109,7 +109,9 @@ def _conditions(engine, name: str, densities, selectors: list[str], reference: b
         if d is None:
             out.append(Condition(name, None, reference=reference))
         else:
-            out += [Condition(name, d, s, budgets=b) for s in selectors for b in budgets]
+            out += [Condition(name, d, s, budgets=b,
+                              prefill=None if s == "activations" else prefill or engine.prefill)
+                    for s in selectors for b in budgets]
     return out
 
 
@@ -139,6 +141,7 @@ def eval_command(
     budgets: Optional[str] = typer.Option(None, "--budgets", help="uniform and/or per-layer, comma-separated: "
                                           "run each pruned condition with the model's calibrated per-layer budgets "
                                           "off and/or on (default: as the model has them)."),
+    prefill: Optional[str] = PREFILL_OPTION,
 ):
     if importlib.util.find_spec("lm_eval") is None:
         fail("ifprune eval runs on lm-eval, which is not installed: pip install 'ifprune-mlx[eval]' (or pip install lm-eval)")
@@ -152,17 +155,19 @@ def eval_command(
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         fail("--tasks is empty; name at least one task")
+    checked_prefill(prefill)
     densities = parse_densities(density) if density else None
     selectors = [s.strip() for s in (selector or "").split(",") if s.strip()]
     run(model, names, densities, selectors, reference, limit=limit, out=out, include_paths=include_path or [],
-        max_gen_toks=max_gen_toks, chat_template=chat_template, cache=cache, budgets=parse_budgets(budgets))
+        max_gen_toks=max_gen_toks, chat_template=chat_template, cache=cache, budgets=parse_budgets(budgets),
+        prefill=prefill)
 
 
 eval_command.__doc__ = EVAL_HELP
 
 
 def run(model, names, densities, selectors, reference, *, limit, out, include_paths, max_gen_toks,
-        chat_template, cache, budgets=(None,)) -> None:
+        chat_template, cache, budgets=(None,), prefill=None) -> None:
     """Check the tasks, open the models, run every condition; the results are written after each."""
     from .eval_run import check_tasks, load_tasks, run_condition, task_manager
     from .disk_cache import cache_dir
@@ -182,7 +187,7 @@ def run(model, names, densities, selectors, reference, *, limit, out, include_pa
             densities = [None] + ([engine.default_density] if engine.default_density < 1.0 else [])
         if reference is None and None not in densities:
             densities = [None, *densities]  # the reference: the same model at density 1.0
-        conditions = _conditions(engine, name, densities, selectors, reference is None, budgets)
+        conditions = _conditions(engine, name, densities, selectors, reference is None, budgets, prefill)
         runs = []
         if reference is not None:
             ref_engine, ref_name = _open(reference, False)

@@ -79,12 +79,22 @@ def model_fingerprint(folder: Path, *, by_content: bool = True) -> str:
     return h.hexdigest()[:16]
 
 
-def condition_name(density: float | None, selector: str | None, budgets: bool | None = None) -> str:
-    """"dense" for the full model, else e.g. "0.70-predictor"; with per-layer budgets set on or
+def condition_name(density: float | None, selector: str | None, budgets: bool | None = None,
+                   prefill: str | None = None) -> str:
+    """"dense" for the full model, else e.g. "0.70-predictor"; "0.70-predictor-dense-prefill"
+    when the trained predictor's prompt is prefilled dense; with per-layer budgets set on or
     off, "0.70-predictor-layers" or "0.70-predictor-uniform"."""
     if density is None:
         return "dense"
-    return f"{density:.2f}-{selector}" + {None: "", True: "-layers", False: "-uniform"}[budgets]
+    return (f"{density:.2f}-{selector}" + ("-dense-prefill" if prefill == "dense" else "")
+            + {None: "", True: "-layers", False: "-uniform"}[budgets])
+
+
+def condition_prefill(engine, selector: str | None) -> str | None:
+    """"dense" where a condition of `selector` prefills dense by the engine's setting that the
+    condition's name must show (the trained predictor's prefill "dense"), else None: the
+    training-free selector always prefills dense, the predictor by default pruned."""
+    return "dense" if selector != "activations" and engine.prefill == "dense" else None
 
 
 def request_key(kind: str, args: tuple, chat_template: bool, max_gen_toks: int | None) -> str:
@@ -98,7 +108,7 @@ def cache_name(engine, density: float | None, selector: str | None) -> str:
     "0.70-activations-layers-1a2b3c4d": uniform counts follow from the density and the
     bundle's pad multiple, which the fingerprint covers; budgets come with a calibration,
     which it leaves out."""
-    name = condition_name(density, selector)
+    name = condition_name(density, selector, prefill=condition_prefill(engine, selector))
     if density is None:
         return name
     counts = engine.kept_counts(density)
@@ -246,7 +256,7 @@ class EngineLM(LM):
 
     def _score(self, args: tuple) -> dict:
         """log P(continuation | context) and whether it is the greedy continuation, in the
-        condition's setting: the training-free selector prefills the context dense."""
+        condition's setting: the context prefilled dense where generation prefills it dense."""
         context, continuation = args[0], args[1]
         ids = self._prompt_ids(context)
         if self.chat_template:
@@ -262,8 +272,8 @@ class EngineLM(LM):
             self.engine.apply(None)
         else:
             prefilled = None
-            if self.selector == "activations":  # as generation runs it (engine.stream_responses)
-                prefilled = self.engine.prefill_activations(ids, self.density)
+            if self.engine.prefills_dense(self.selector):  # as generation runs it (engine.stream_responses)
+                prefilled = self.engine.prefill_dense(context, ids, self.density, self.selector)
             if prefilled is None:
                 self.engine.prepare(context, self.density, self.selector)
             else:

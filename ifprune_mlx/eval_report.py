@@ -26,6 +26,7 @@ def _diff(m: MetricResult) -> str:
 def _label(r: ConditionResult) -> str:
     c = r.condition
     what = "dense" if c.density is None else f"{c.density:.2f} {c.selector}"
+    what += " dense-prefill" if c.density is not None and c.prefill == "dense" else ""
     what += {None: "", True: " per-layer", False: " uniform"}[None if c.density is None else c.budgets]
     return f"{c.model} {what}" + (" (reference)" if c.reference else "")
 

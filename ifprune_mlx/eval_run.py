@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import stats
+from .bundle import check_prefill
 from .eval_lm import (EngineLM, EvalError, GenerationCache, answers_file, condition_name, decode_rate,
                       request_key)
 from .tasks import TASK_DIR  # the offline task files shipped with the package
@@ -35,10 +36,11 @@ class Condition:
     selector: str | None = None
     reference: bool = False  # the dense reference every other condition is compared with
     budgets: bool | None = None  # per-layer budgets on / off (uniform); None: as the model has them
+    prefill: str | None = None  # the trained predictor's prefill, "dense" or "pruned"; None: the model's
 
     @property
     def name(self) -> str:
-        return condition_name(self.density, self.selector, self.budgets)
+        return condition_name(self.density, self.selector, self.budgets, self.prefill)
 
 
 @dataclass
@@ -170,12 +172,24 @@ def layer_budgets(engine, on: bool | None):
         budgets.enabled = before
 
 
+@contextmanager
+def prefill_mode(engine, prefill: str | None):
+    """The engine's prefill set to `prefill` while in the block; None: as it is."""
+    before = engine.prefill
+    engine.prefill = check_prefill(prefill) if prefill is not None else before
+    try:
+        yield
+    finally:
+        engine.prefill = before
+
+
 def run_condition(engine, condition: Condition, tasks: Sequence[str], manager, cache_root: Path, *,
                   limit: int | None = None, chat_template: bool = True, max_gen_toks: int | None = None,
                   on_progress: Callable[[str, int, int], None] | None = None) -> ConditionResult:
     """Evaluate `tasks` on `engine` in one condition; answers come from / go to the cache."""
     start = time.perf_counter()
-    with layer_budgets(engine, condition.budgets):  # the cache file names the kept counts they give
+    # the cache file names the kept counts the budgets give, and the prefill
+    with layer_budgets(engine, condition.budgets), prefill_mode(engine, condition.prefill):
         cache = GenerationCache(answers_file(cache_root, engine, condition.density, condition.selector))
         lm = EngineLM(engine, condition.density, condition.selector, cache, chat_template=chat_template,
                       max_gen_toks=max_gen_toks, on_progress=on_progress)
@@ -233,7 +247,7 @@ def task_requests(tasks: Sequence[str], manager, limit: int | None = None) -> li
 def pending_requests(engine, condition: Condition, requests: Sequence[tuple[str, tuple]], cache_root: Path, *,
                      chat_template: bool = True, max_gen_toks: int | None = None) -> int:
     """How many of `requests` (task_requests) the condition's answer cache lacks."""
-    with layer_budgets(engine, condition.budgets):
+    with layer_budgets(engine, condition.budgets), prefill_mode(engine, condition.prefill):
         cache = GenerationCache(answers_file(cache_root, engine, condition.density, condition.selector))
     chat = bool(chat_template and getattr(engine.tokenizer, "chat_template", None))
     return sum(cache.get(request_key(kind, args, chat, max_gen_toks)) is None for kind, args in requests)

@@ -156,10 +156,11 @@ class PrunableMLP(nn.Module):
 
 
 @contextmanager
-def observing(mlps: list[PrunableMLP], observer: Callable[[mx.array], None]) -> Iterator[None]:
+def observing(mlps: list[PrunableMLP], observer: Callable[[mx.array], None] | None) -> Iterator[None]:
     """Inside the block every layer computes on all its channels and calls observer(h) with its
     FFN activations h [..., d_ffn] (channels in position order: mlp.perm maps them back); after
-    it, each layer computes on the channels it had before. The training-free selector's pass."""
+    it, each layer computes on the channels it had before. The training-free selector's pass;
+    with observer None, a dense prefill under an applied selection (no row moves)."""
     widths = [mlp.k for mlp in mlps]
     try:
         for mlp in mlps:

@@ -31,6 +31,7 @@ from collections import deque
 from typing import Callable
 
 import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
 
 from .batching import Decoding, MaskBatch, PrefixCaches
 from .chat import mask_key
@@ -366,11 +367,28 @@ class Scheduler:
                 self.batch.closed = job.solo
                 if job.solo:
                     mx.random.seed(job.sampling["seed"])
-            self.batch.add(job, job.key, self._report(job, job.selection, stats, queue_ms, job.select_ms))
+            report = self._report(job, job.selection, stats, queue_ms, job.select_ms)
+            if not job.dense and len(job.ids) > 1 and self.engine.prefills_dense(job.selector):
+                self._add_dense_prefilled(job, report)
+            else:
+                self.batch.add(job, job.key, report)
         except Exception as e:  # an engine failure: this request fails, the server goes on
             if not isinstance(e, IFPruneError):
                 log.exception("generation failed")
             self._fail(job, e)
+
+    def _add_dense_prefilled(self, job: Job, report: dict) -> None:
+        """The trained predictor with the engine's prefill "dense": the prompt (after the
+        longest prefix a dense-prefilled cache of its mask holds) runs through the model with
+        every channel on, under the batch's mask (no row moves), then the job joins the batch
+        with that cache and its last token."""
+        key = "dense-prefill " + job.key  # its prompt's keys and values serve no pruned prefill
+        cache, reused = self.batch.prefixes.lookup(key, job.ids)
+        if cache is None:
+            cache = make_prompt_cache(self.engine.model)
+        self.engine.dense_pass(job.ids[reused:-1], cache)
+        self.batch.add(job, key, report, cache=cache, reused=len(job.ids) - 1)
+        report.update(reused_tokens=reused, prefill_tokens=len(job.ids) - reused)
 
     def _begin_griffin(self, job: Job, queue_ms: float) -> None:
         """The training-free selector: a dense pass over the prompt scores the channels and
@@ -378,7 +396,7 @@ class Scheduler:
         engine = self.engine
         engine.apply("auto")
         before = engine.last_apply
-        prefilled = engine.prefill_activations(job.ids, job.density, job.selector)
+        prefilled = engine.prefill_dense(job.prompt, job.ids, job.density, job.selector)
         if prefilled is None:  # a one-token prompt: select on it, prefill pruned
             job.selection = engine.select(job.prompt, job.density, job.selector)
             engine.apply(job.selection)

@@ -325,7 +325,7 @@ class ActivationSelector:
         if cache is None:  # the chunks of a long prompt attend to the earlier ones through it
             cache = make_prompt_cache(self.model)
         with observing(self.mlps, observe):
-            for chunk in _chunks(tokens, PREFILL_CHUNK):
+            for chunk in chunks(tokens, PREFILL_CHUNK):
                 self.model(mx.array(chunk, dtype=mx.int32)[None], cache=cache)
                 mx.eval(collected, [c.state for c in cache])
                 if len(collected) > len(self.mlps):  # fold this chunk into the totals
@@ -368,6 +368,6 @@ def _channel_energy(normalize: bool):
     return mx.compile(energy)
 
 
-def _chunks(tokens: Sequence[int], size: int):
+def chunks(tokens: Sequence[int], size: int):
     for start in range(0, len(tokens), size):
         yield list(tokens[start:start + size])

@@ -10,8 +10,8 @@ import typer
 
 from .blas import serving_threads
 from .blas import set_threads as set_blas_threads
-from .console import (MAX_DENSITY_OPTION, MODEL_ARGUMENT, RESIDENT_OPTION, fail, friendly_errors, load_resolved,
-                      resident_options, resolve_with_progress)
+from .console import (MAX_DENSITY_OPTION, MODEL_ARGUMENT, PREFILL_OPTION, RESIDENT_OPTION, checked_prefill, fail,
+                      friendly_errors, load_resolved, resident_options, resolve_with_progress)
 from .selectors import check_density
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -36,6 +36,7 @@ def serve(
     read_timeout: float = typer.Option(30.0, "--read-timeout", help="Seconds a request body may pause while it arrives (408 after)."),
     keepalive: float = typer.Option(10.0, "--keepalive", help="Seconds between SSE keep-alive comments while a stream waits for its first token."),
     blas_threads: Optional[int] = typer.Option(None, "--blas-threads", help="OpenBLAS threads (Linux CPU; nothing elsewhere). Default: one core fewer than the machine has, left to the HTTP loop and the worker's Python (on 2 cores: 8 clients about as fast on far less CPU, one client ~10% slower; docs/SERVER.md)."),
+    prefill: Optional[str] = PREFILL_OPTION,
     resident: Optional[str] = RESIDENT_OPTION,
     max_density: Optional[float] = MAX_DENSITY_OPTION,
 ):
@@ -47,6 +48,7 @@ def serve(
         fail(f"ifprune serve needs {missing}: pip install 'ifprune-mlx[serve]'")
     if density is not None:
         check_density(density)
+    checked_prefill(prefill)
     for name, value in (("--max-queue", max_queue), ("--max-tokens", max_tokens), ("--prompt-caches", prompt_caches),
                         ("--max-batch", max_batch), ("--max-connections", 1 if max_connections is None else max_connections),
                         ("--blas-threads", 1 if blas_threads is None else blas_threads)):
@@ -64,6 +66,7 @@ def serve(
     def load():
         engine = load_resolved(found, **load_options)
         engine.get_selector(selector)  # an unknown selector fails before serving
+        engine.prefill = prefill or engine.prefill
         return engine
 
     config = server.ServerConfig(model_id=found.path.resolve().name, api_key=api_key, density=density,

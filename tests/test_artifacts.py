@@ -328,12 +328,14 @@ def _with_adapter(key: str, value: np.ndarray):
     (lambda f: (f / "ifpruning.json").write_text("{"), "not valid JSON"),
     (lambda f: (f / "ifpruning.json").write_text('{"pooling": "last"}'), "predictor_layers"),
     (lambda f: (f / "ifpruning.json").write_text('{"predictor_layers": 9}'), "exceeds the LLM's 2 layers"),
+    (lambda f: (f / "ifpruning.json").write_text('{"predictor_layers": 1, "prefill": "full"}'),
+     '"prefill" must be one of pruned, dense'),
     (_with_adapter("model.layers.7.post_attention_layernorm.weight", np.ones(64)),
      "'model.layers.7.post_attention_layernorm.weight': the LLM has no tensor"),
     (_with_adapter("model.layers.0.mlp.gate_proj.channel_gain", np.ones(100)), "gate_proj.channel_gain' has shape (100,)"),
     (_with_adapter("model.layers.0.mlp.down_proj.lora_a", np.ones((4, 7))), "do not fit"),
     (_with_adapter("model.layers.0.self_attn.q_proj.channel_gain", np.ones(64)), "is not one this converter merges"),
-], ids=["no-head", "corrupt-adapter", "bad-json", "no-predictor-layers", "too-many-layers", "no-such-layer",
+], ids=["no-head", "corrupt-adapter", "bad-json", "no-predictor-layers", "too-many-layers", "bad-prefill", "no-such-layer",
         "gain-shape", "lora-shape", "unknown-key"])
 def test_bad_artifacts_fail_in_one_line_and_write_nothing(tiny, tmp_path, change, message):
     path, trained = tiny
@@ -396,6 +398,17 @@ def _heldout_prompt() -> str:
 
 
 @pytest.mark.torch
+def test_the_artifacts_prefill_becomes_the_bundles(tiny, tmp_path):
+    path, trained = tiny
+    folder = Path(shutil.copytree(trained, tmp_path / "trained"))
+    meta = json.loads((folder / "ifpruning.json").read_text())
+    (folder / "ifpruning.json").write_text(json.dumps({**meta, "prefill": "dense"}))
+    result = runner.invoke(app, ["convert", str(path), str(tmp_path / "b"), "--predictor", str(folder), "--no-calibrate"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["ifpruning"]["prefill"] == "dense"
+    assert ifp.load(tmp_path / "b").prefill == "dense"
+
+
 def test_default_model_is_the_shipped_ifpruning_bundle(tmp_path, monkeypatch):
     """The real GGUF + the shipped artifacts: built by default resolution, described by `info`,
     selecting what the torch predictor (train.build_predictor) selects, answering. ~35 s."""

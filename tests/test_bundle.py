@@ -70,6 +70,25 @@ def test_unsupported_format_version(copy):
         ifp.load(folder)
 
 
+def test_the_predictors_prefill_is_read_and_checked(copy):
+    folder = copy()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["ifpruning"]["prefill"] == "pruned"  # what a writer writes by default
+    assert ifp.load(folder).prefill == "pruned"
+    config["ifpruning"]["prefill"] = "dense"
+    (folder / "config.json").write_text(json.dumps(config))
+    engine = ifp.load(folder)
+    assert engine.prefill == "dense" and engine.prefills_dense()
+    del config["ifpruning"]["prefill"]  # a bundle written before the field: the paper's setting
+    (folder / "config.json").write_text(json.dumps(config))
+    assert ifp.load(folder).prefill == "pruned"
+    config["ifpruning"]["prefill"] = "full"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="ifpruning prefill must be one of pruned, dense, got 'full'"):
+        ifp.load(folder)
+    assert "prefill" not in bundle.new_ifpruning_block(has_predictor=False)  # only a predictor has one
+
+
 def test_missing_weights(copy):
     folder = copy()
     (folder / "model.safetensors").unlink()

@@ -43,6 +43,23 @@ def test_info_on_a_plain_model(plain_dir):
     assert rows["FFN channels / layer"] == str(engine.d_ffn) and rows["layers"] == str(engine.n_layers)
 
 
+def test_prefill_is_shown_and_set_by_the_commands(bundle_dir):
+    """`info` says what the predictor's prompt is prefilled with; `generate --prefill dense`
+    answers as the Python API does with that setting, and says so; a bad value is one line."""
+    rows = _rows(runner.invoke(app, ["info", str(bundle_dir)]).stdout)
+    assert rows["prefill"].startswith("pruned: the predictor's prompt runs on the kept channels")
+    result = runner.invoke(app, ["generate", str(bundle_dir), "-p", "Sort these numbers", "-m", "6",
+                                 "--density", "0.5", "--prefill", "dense"])
+    assert result.exit_code == 0, result.output
+    engine = ifp.load(bundle_dir)
+    engine.prefill = "dense"
+    assert result.stdout == engine.generate("Sort these numbers", max_tokens=6, density=0.5) + "\n"
+    assert "prompt prefilled dense" in result.stderr
+    for command in (["generate", str(bundle_dir), "-p", "x"], ["chat", str(bundle_dir)]):
+        bad = runner.invoke(app, [*command, "--prefill", "full"])
+        assert bad.exit_code == 1 and "--prefill takes pruned or dense, got 'full'" in bad.output
+
+
 def test_generate_streams_what_the_python_api_generates_and_reports_it(bundle_dir):
     prompt = "Sort these numbers"
     result = runner.invoke(app, ["generate", str(bundle_dir), "-p", prompt, "-m", "6", "--density", "0.5"])

@@ -93,8 +93,29 @@ def _lm(engine, tmp_path, density, selector=None):
     return EngineLM(engine, density, selector, GenerationCache(tmp_path / f"{density}-{selector}.jsonl"))
 
 
-@pytest.mark.parametrize("density,selector", [(None, None), (0.5, "predictor"), (0.5, "activations")])
-def test_generate_until_is_the_engines_greedy_answer_cut_at_the_stop_strings(engine, tmp_path, density, selector):
+@pytest.fixture
+def dense_prefill(engine):
+    """The engine with the trained predictor's prefill "dense" for one test."""
+    engine.prefill = "dense"
+    yield engine
+    engine.prefill = "pruned"
+
+
+CONDITIONS = [(None, None), (0.5, "predictor"), (0.5, "activations"), (0.5, "predictor-dense-prefill")]
+
+
+def _condition(request, selector):
+    """(selector name, whether the trained predictor's prompt is prefilled dense) of a CONDITIONS entry."""
+    if selector == "predictor-dense-prefill":
+        request.getfixturevalue("dense_prefill")
+        return "predictor", True
+    return selector, False
+
+
+@pytest.mark.parametrize("density,selector", CONDITIONS)
+def test_generate_until_is_the_engines_greedy_answer_cut_at_the_stop_strings(engine, tmp_path, density, selector,
+                                                                            request):
+    selector, _ = _condition(request, selector)
     lm = _lm(engine, tmp_path, density, selector)
     prompt = "Sort these numbers: 5 3 9 1."
     options = {} if density is None else {"density": density, "selector": selector}
@@ -110,17 +131,17 @@ def test_generate_until_is_the_engines_greedy_answer_cut_at_the_stop_strings(eng
     assert lm.answered["generate_until"][-1]["tokens"] == 8
 
 
-def _direct_logits(engine, prompt, ids, cont, density, selector):
+def _direct_logits(engine, prompt, ids, cont, density, selector, dense_prefill=False):
     """The condition's logits over the continuation, computed here step by step."""
     from ifprune_mlx.fidelity import prefill_dense
 
     if density is None:
         engine.apply(None)
         logits = engine.model(mx.array([ids + cont], dtype=mx.int32))[0, len(ids) - 1:-1]
-    elif selector == "predictor":  # the prompt and the continuation run pruned
+    elif selector == "predictor" and not dense_prefill:  # the prompt and the continuation run pruned
         engine.apply(engine.select(prompt, density, selector))
         logits = engine.model(mx.array([ids + cont], dtype=mx.int32))[0, len(ids) - 1:-1]
-    else:  # GRIFFIN: the prompt but its last token prefilled dense, the rest pruned
+    else:  # GRIFFIN (or the predictor's dense prefill): the prompt but its last token dense, the rest pruned
         selection = engine.select(prompt, density, selector)
         cache = prefill_dense(engine, ids)
         engine.apply(selection)
@@ -129,13 +150,17 @@ def _direct_logits(engine, prompt, ids, cont, density, selector):
     return np.asarray(logits.astype(mx.float32))
 
 
-@pytest.mark.parametrize("density,selector", [(None, None), (0.5, "predictor"), (0.5, "activations")])
-def test_loglikelihood_is_the_conditions_log_probability(engine, tmp_path, density, selector):
+@pytest.mark.parametrize("density,selector", CONDITIONS)
+def test_loglikelihood_is_the_conditions_log_probability(engine, tmp_path, density, selector, request):
+    selector, dense_prefill = _condition(request, selector)
     lm = _lm(engine, tmp_path, density, selector)
     prompt, continuation = "What is the sum of 12 and 30?", " The answer is 42."
     ids = engine.prompt_tokens(prompt)
     cont = list(engine.tokenizer.encode(continuation, add_special_tokens=False))
-    logits = _direct_logits(engine, prompt, ids, cont, density, selector)
+    logits = _direct_logits(engine, prompt, ids, cont, density, selector, dense_prefill)
+    if dense_prefill:  # the setting shows: the pruned prefill's log-probability is another one
+        pruned = _direct_logits(engine, prompt, ids, cont, density, selector)
+        assert np.abs(pruned - logits).max() > 1e-3
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
     (logprob, greedy), = lm.loglikelihood([Request(prompt, continuation)])
     assert logprob == pytest.approx(float(sum(logp[i, t] for i, t in enumerate(cont))), rel=1e-4)
@@ -304,7 +329,7 @@ def test_a_reference_model_is_run_dense_and_compared(bundle_dir, plain_dir, task
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     ref, pruned = data["conditions"]
     assert ref["condition"] == {"model": "plain", "density": None, "selector": None, "reference": True,
-                                "budgets": None}
+                                "budgets": None, "prefill": None}
     assert pruned["condition"]["density"] == 0.5 and pruned["metrics"]["tiny_mc"]["acc,none"]["docs"] == 4
     assert pruned["metrics"]["tiny_mc"]["acc,none"]["diff"] is not None
 
@@ -333,6 +358,32 @@ def test_budgets_uniform_and_per_layer_are_conditions_of_their_own(bundle_dir, t
     assert {n for n in names if not n.startswith("0.50-predictor-layers-")} == {"dense.jsonl", "0.50-predictor.jsonl"}
     assert len(names) == 3
     assert "0.50 predictor per-layer" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_a_dense_prefill_is_a_condition_of_its_own(bundle_dir, tasks_dir, tmp_path):
+    """--prefill dense runs the trained predictor's conditions with the prompt prefilled dense:
+    named and cached apart from the pruned prefill's, the training-free selector's unchanged."""
+    from ifprune_mlx.eval_lm import cache_name
+
+    engine = load(bundle_dir)
+    assert engine.prefill == "pruned" and cache_name(engine, 0.5, "predictor") == "0.50-predictor"
+    engine.prefill = "dense"
+    assert cache_name(engine, 0.5, "predictor") == "0.50-predictor-dense-prefill"
+    assert cache_name(engine, 0.5, "activations") == "0.50-activations" and cache_name(engine, None, None) == "dense"
+    base = ["eval", str(bundle_dir), "--tasks", "tiny_gen", "--include-path", str(tasks_dir), "--density", "0.5",
+            "--selector", "predictor,activations", "--limit", "2", "--cache", str(tmp_path / "cache")]
+    for prefill in ("pruned", "dense"):
+        result = runner.invoke(app, [*base, "--prefill", prefill, "--out", str(tmp_path / prefill)])
+        assert result.exit_code == 0, result.output
+    dense = json.loads((tmp_path / "dense" / "results.json").read_text())
+    assert [(c["condition"]["selector"], c["condition"]["prefill"]) for c in dense["conditions"]] == \
+        [(None, None), ("predictor", "dense"), ("activations", None)]
+    assert "0.50 predictor dense-prefill" in (tmp_path / "dense" / "results.md").read_text()
+    names = sorted(p.name for p in (tmp_path / "cache").rglob("*.jsonl"))
+    assert names == ["0.50-activations.jsonl", "0.50-predictor-dense-prefill.jsonl", "0.50-predictor.jsonl",
+                     "dense.jsonl"]
+    result = runner.invoke(app, [*base, "--prefill", "full", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "--prefill takes pruned or dense, got 'full'" in result.output
 
 
 def test_help_explains_the_command():

@@ -172,6 +172,89 @@ def test_predictor_stays_the_default_where_there_is_one(with_predictor, plain):
     assert plain.selector.name == "activations" and list(plain.selectors) == ["activations"]
 
 
+def _first_logits(engine, ids, selection, dense_prefill):
+    """The first answer token's logits under `selection`, the prompt but its last token
+    prefilled dense (the dense model, rows in channel order) or pruned, computed here."""
+    from ifprune_mlx.fidelity import prefill_dense
+
+    if dense_prefill:
+        cache = prefill_dense(engine, ids)
+        engine.apply(selection)
+        logits = engine.model(mx.array([ids[-1:]]), cache=cache)
+    else:
+        engine.apply(selection)
+        logits = engine.model(mx.array([ids]))
+    engine.apply("auto")
+    return np.asarray(logits[0, -1].astype(mx.float32))
+
+
+def test_the_trained_predictor_can_prefill_dense_and_decode_pruned(with_predictor):
+    """prefill "dense": the predictor selects from the prompt, the prompt (but its last token)
+    runs on every channel, the answer on the selection; "pruned" (the default, the paper's
+    setting) runs both on the selection. A call's prefill= overrides the engine's."""
+    engine = with_predictor
+    ids = engine.prompt_tokens(PROMPT)
+    selection = engine.select(PROMPT, density=0.25)
+    dense_first = _first_logits(engine, ids, selection, dense_prefill=True)
+    pruned_first = _first_logits(engine, ids, selection, dense_prefill=False)
+    assert np.abs(dense_first - pruned_first).max() > 1e-3, "the two settings differ on this model"
+    assert engine.prefill == "pruned" and not engine.prefills_dense()
+    try:
+        engine.prefill = "dense"
+        assert engine.prefills_dense() and engine.prefills_dense("activations")
+        responses = list(engine.stream_responses(PROMPT, density=0.25, max_tokens=6))
+        assert engine.applied is selection, "the predictor's selection (cached), applied for the answer"
+        first = np.asarray(responses[0].logprobs.astype(mx.float32))
+        expected = dense_first - np.log(np.exp(dense_first - dense_first.max()).sum()) - dense_first.max()
+        np.testing.assert_allclose(first, expected, atol=1e-4)
+        assert [r.token for r in responses] == testing.reference_tokens(engine, PROMPT, len(responses),
+                                                                        dense_prefill=True)
+        assert responses[-1].prompt_tokens == len(ids)
+        engine.apply("auto")
+        pruned = list(engine.stream_responses(PROMPT, density=0.25, max_tokens=6, prefill="pruned"))
+        assert [r.token for r in pruned] == testing.reference_tokens(engine, PROMPT, len(pruned))
+        engine.apply(selection)  # a pin prefills pruned unless the call asks
+        pinned = next(iter(engine.stream_responses(PROMPT, max_tokens=1)))
+        np.testing.assert_allclose(np.asarray(pinned.logprobs), np.asarray(pruned[0].logprobs), atol=1e-5)
+        asked = next(iter(engine.stream_responses(PROMPT, max_tokens=1, prefill="dense")))
+        np.testing.assert_allclose(np.asarray(asked.logprobs), first, atol=1e-4)
+    finally:
+        engine.prefill = "pruned"
+        engine.apply("auto")
+    with pytest.raises(ifp.SelectionError, match="prefill must be one of pruned, dense"):
+        next(iter(engine.stream_responses(PROMPT, max_tokens=1, prefill="full")))
+
+
+@settings(max_examples=12, deadline=None)
+@given(seeds=st.lists(st.one_of(st.none(), st.integers(0, 2**31)), min_size=1, max_size=4),
+       k=st.sampled_from([8, 32, 64]))
+def test_a_dense_pass_under_any_selection_is_the_dense_prefill_and_moves_no_row(plain, seeds, k):
+    """Property: whatever selection is applied (None: dense), Engine.dense_pass fills the KV
+    cache the dense model fills (float rounding aside: the channels sum in another order) and
+    the model then computes that selection exactly as before."""
+    from ifprune_mlx.fidelity import prefill_dense, random_selection
+
+    ids = plain.prompt_tokens(PROMPT)
+    expected = prefill_dense(plain, ids)
+    probe = mx.array([ids[:5]])
+    for seed in seeds:
+        selection = None if seed is None else random_selection(plain.d_ffn, plain.n_layers, k, seed)
+        plain.apply(selection)
+        before = [np.array(m.perm) for m in plain.mlps]
+        logits = plain.model(probe)
+        cache = make_prompt_cache(plain.model)
+        plain.dense_pass(ids[:-1], cache)
+        for mine, dense in zip(cache, expected):
+            np.testing.assert_allclose(np.asarray(mine.keys[..., :mine.offset, :]),
+                                       np.asarray(dense.keys[..., :dense.offset, :]), atol=1e-4)
+            np.testing.assert_allclose(np.asarray(mine.values[..., :mine.offset, :]),
+                                       np.asarray(dense.values[..., :dense.offset, :]), atol=1e-4)
+        assert all((a == np.array(m.perm)).all() for a, m in zip(before, plain.mlps))
+        assert mx.array_equal(plain.model(probe), logits), "the selection computes as before, to the bit"
+        assert plain.applied is selection
+    plain.apply("auto")
+
+
 def test_selector_errors(plain):
     with pytest.raises(ifp.SelectionError, match="no trained predictor"):
         plain.select(PROMPT, selector="predictor")
@@ -223,7 +306,9 @@ def test_folders_mlx_lm_cannot_read_or_we_cannot_prune(tmp_path, edit, error, ma
         ifp.load(folder)
 
 
-def test_without_a_trimmable_cache_it_selects_then_prefills_pruned(plain, monkeypatch):
+def test_without_a_trimmable_cache_it_selects_then_prefills_dense(plain, monkeypatch):
+    """The scoring pass cannot be the prefill (its cache cannot drop the last token): the
+    selection comes first, then the prompt but its last token is prefilled dense."""
     from ifprune_mlx import engine as engine_module
 
     monkeypatch.setattr(engine_module, "can_trim_prompt_cache", lambda cache: False)
@@ -235,3 +320,5 @@ def test_without_a_trimmable_cache_it_selects_then_prefills_pruned(plain, monkey
     assert activations.calls == calls, "the cached selection is reused: no dense pass"
     assert plain.applied is expected and responses[-1].prompt_tokens == len(
         plain.prompt_tokens("a prompt for the fallback"))
+    assert [r.token for r in responses] == testing.reference_tokens(plain, "a prompt for the fallback",
+                                                                    len(responses), dense_prefill=True)

@@ -574,6 +574,7 @@ def test_serve_command_fails_in_one_line(bundle_dir, monkeypatch):
             (["--max-connections", "0"], "--max-connections must be at least 1"),
             (["--blas-threads", "0"], "--blas-threads must be at least 1"),
             (["--read-timeout", "0"], "--read-timeout must be positive"),
+            (["--prefill", "full"], "--prefill takes pruned or dense, got 'full'"),
         ]
         for args, message in cases:
             result = runner.invoke(app, ["serve", str(bundle_dir), *args])
@@ -617,6 +618,36 @@ def test_requests_sharing_a_system_prompt_decode_in_one_batch_as_they_would_alon
     assert len({report["mask"] for _, report in together}) == 1
     for (messages, _), (text, _) in zip(work, together):
         assert text == reference(engine, messages, task=system["content"], max_tokens=12)
+
+
+def test_with_a_dense_prefill_requests_batch_reuse_dense_prefixes_and_answer_as_alone(endless_bundle, engine):
+    # The model's prefill "dense": each request's prompt runs on every channel under the batch's
+    # mask, then joins the batch pruned. Its answer is the one engine.generate gives with
+    # prefill="dense"; one at a time (max_batch 1), a later request reuses the dense prefix an
+    # earlier one left (the shared system prompt), and still answers the same.
+    system = {"role": "system", "content": "Answer in French."}
+    work = [([system, {"role": "user", "content": f"Question {i}: {TASK[: 10 + 3 * i]}"}], {}) for i in range(4)]
+
+    def load():
+        served = ifp.load(endless_bundle)
+        served.prefill = "dense"
+        return served
+
+    runs = {}
+    for max_batch in (len(work), 1):
+        scheduler = Scheduler(load, max_queue=len(work), max_batch=max_batch)
+        try:
+            runs[max_batch] = asyncio.run(_run_queued(scheduler, engine, work, max_tokens=12,
+                                                      task_of=lambda m: m[0]["content"]))
+        finally:
+            scheduler.stop()
+    together, alone = runs[len(work)], runs[1]
+    assert max(report["batch"] for _, report in together) == len(work)
+    assert [report["reused_tokens"] > 0 for _, report in alone] == [False] + [True] * (len(work) - 1)
+    expected = [reference(engine, messages, task=system["content"], max_tokens=12, prefill="dense")
+                for messages, _ in work]
+    assert [text for text, _ in together] == expected and [text for text, _ in alone] == expected
+    assert expected != [reference(engine, messages, task=system["content"], max_tokens=12) for messages, _ in work]
 
 
 def test_a_batch_starting_from_idle_takes_the_requests_the_event_loop_has_received(endless_bundle, engine):

@@ -519,7 +519,7 @@ class Run:
         save_file(head, tmp / HEAD_FILE)
         meta = {"default_density": self.cfg.default_density, "pad_multiple": self.cfg.pad_multiple,
                 "pooling": "last", "predictor_layers": self.cfg.pred_layers, "step": self.step,
-                "trained_densities": self.cfg.density_list()}
+                "trained_densities": self.cfg.density_list(), "prefill": self.cfg.prefill}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
         if out.exists():
@@ -567,8 +567,8 @@ def export_folders(llm, tokenizer, artifacts: Path, out: Path) -> tuple[Path, Pa
     save_file({f"{name}.{p}": getattr(getattr(pred, name), p).detach().contiguous()
                for name in ("prediction_head1", "prediction_head2") for p in ("weight", "bias")},
               pdir / HEAD_FILE)
-    (pdir / META_FILE).write_text(json.dumps({k: meta[k] for k in ("default_density", "pad_multiple", "pooling")},
-                                             indent=2) + "\n")
+    (pdir / META_FILE).write_text(json.dumps({k: meta[k] for k in ("default_density", "pad_multiple", "pooling",
+                                                                   "prefill") if k in meta}, indent=2) + "\n")
     apply_adapter(llm, adapter)
     set_ffn_mask(llm, None)
     llm.save_pretrained(out / "llm")

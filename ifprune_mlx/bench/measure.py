@@ -44,6 +44,7 @@ import numpy as np
 
 from ..engine import load
 from ..fidelity import compact_model
+from ..prune import ApplyStats
 from ..selectors import Selection
 from ..testing import make_bundle, model_config
 from .machine import best_seconds, free_buffers, load_average, resident_memory
@@ -240,9 +241,11 @@ def ttft(engine, dense: nn.Module, lengths: tuple[int, ...], s: Settings,
     """Time to first token at the model's default density vs the dense model's (mlx-lm) prefill.
 
     Per prompt length, one row per selector: "predictor" (where the model has one):
-    predictor + apply + pruned prefill; "activations" (training-free, every model): the
-    dense scoring pass over the prompt, which also fills the KV cache (GRIFFIN, as the
-    engine generates) + apply + the prompt's last token pruned. Before each pruned
+    predictor + apply + pruned prefill, or with the engine's prefill "dense", predictor + apply
+    + a dense pass over the prompt ("select" counts both) + its last token pruned;
+    "activations" (training-free, every model): the dense scoring pass over the prompt, which
+    also fills the KV cache (GRIFFIN, as the engine generates) + apply + the prompt's last
+    token pruned. Before each pruned
     measurement the selection of another prompt is applied, so apply swaps what a new task
     would swap. Every prompt text is new, so nothing is cached.
     """
@@ -258,15 +261,16 @@ def ttft(engine, dense: nn.Module, lengths: tuple[int, ...], s: Settings,
             text, ids = prompt_text(engine, n, salt=rep + 100 * n)
             for name in selectors:
                 engine.apply(others[name])
-                if name == "predictor":
+                if not engine.prefills_dense(name):
                     start = time.perf_counter()
                     selection = engine.select(text, density, name)
                     t_select = time.perf_counter() - start
                     stats = engine.apply(selection)
                     t_prefill = first_token_seconds(engine.model, ids)
-                else:  # what generate() runs: one dense pass scores the channels and fills the cache
-                    cache, t_select = engine.prefill_activations(ids, density)
-                    stats = engine.last_apply
+                else:  # what generate() runs: a dense prefill (the training-free selector's also scores)
+                    before = engine.last_apply
+                    cache, t_select = engine.prefill_dense(text, ids, density, name)
+                    stats = engine.last_apply if engine.last_apply is not before else ApplyStats([0] * engine.n_layers)
                     t_prefill = first_token_seconds(engine.model, ids[-1:], cache)
                 t_dense = first_token_seconds(dense, ids)
                 if rep:  # the first is a warm-up
