@@ -256,7 +256,7 @@ def fresh_server(model: str | None, clients: int, mixed: bool, density: float | 
     from ifprune_mlx import server  # not in the client processes
     from ifprune_mlx.opener import open_model
 
-    set_threads(blas_threads or serving_threads())  # as `ifprune serve` does
+    set_threads(serving_threads(blas_threads))  # as `ifprune serve` does
     running = server.BackgroundServer(lambda: open_model(model), server.ServerConfig(model_id="default", density=density),
                                       max_queue=max(64, clients))
     try:
@@ -308,7 +308,7 @@ def main() -> None:
     notes = [f"Load average (1/5/15 min) before: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; "
              f"after: {after[0]:.2f} / {after[1]:.2f} / {after[2]:.2f} on {os.cpu_count()} cores. "
              f"Greedy, at most {args.max_tokens} tokens per answer, {args.requests} requests per run, density {args.density}, "
-             f"{args.blas_threads or serving_threads()} OpenBLAS thread(s)."]
+             f"{serving_threads(args.blas_threads)} OpenBLAS thread(s)."]
     notes += [f"- {s}" for s in summary]
     print("\n" + "\n".join(notes))
     if args.out:

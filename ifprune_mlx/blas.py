@@ -101,6 +101,7 @@ def set_threads(n: int) -> int | None:
     return before
 
 
-def serving_threads() -> int:
-    """BLAS threads for a server: one core fewer than the machine has (at least one)."""
-    return max(1, (os.cpu_count() or 1) - 1)
+def serving_threads(requested: int | None = None) -> int:
+    """BLAS threads for a server: `requested` if given, else one core fewer than the machine
+    has (at least one)."""
+    return requested or max(1, (os.cpu_count() or 1) - 1)

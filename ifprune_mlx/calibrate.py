@@ -3,7 +3,9 @@ rule that turns measured quality into the default density.
 
 For each of a set of varied instructions, the dense model's greedy answer is the reference.
 At every density the prompt's selection (one scoring pass serves all densities) is scored
-teacher-forced in generation's own setting: the prompt prefilled dense, the answer pruned.
+teacher-forced with the prompt prefilled dense and the answer pruned: generation's own setting
+for the training-free selector and for a trained predictor whose prefill is "dense" (one that
+prefills pruned loses more than this measures).
 One batched dense pass over all the prompts gives each its selector scores, its dense prefill
 and, decoded on together, its answer (_dense_pass). All densities of a prompt run as the rows
 of one batched forward pass with the channels masked (fidelity.batched_fidelity): what the
@@ -381,8 +383,9 @@ def report(calibration: Calibration, model_name: str, command: str, plot_name: s
         f"Selector: {c.selector}. {c.prompts} built-in instructions (`PROMPTS` in ifprune_mlx/calibrate.py), "
         f"each model's own dense greedy answer (at most {c.answer_tokens} tokens, cut after its end token) as "
         "the reference, scored teacher-forced with the prompt prefilled dense and the answer pruned, as "
-        "generation runs. KL is the mean next-token KL(dense || pruned) in nats with a bootstrap 95% "
-        "interval over the prompts; agreement is the share of answer tokens that are also the pruned "
+        "generation runs with the training-free selector or a predictor whose prefill is dense (one that "
+        "prefills pruned is measured here in the dense-prefill setting). KL is the mean next-token "
+        "KL(dense || pruned) in nats with a bootstrap 95% interval over the prompts; agreement is the share of answer tokens that are also the pruned "
         "model's top-1 choice.",
         "",
         *c.table(),

@@ -59,7 +59,7 @@ def serve(
             fail(f"{name} must be positive, got {value}")
     load_options = resident_options(resident, max_density)
     sock = _listen(host, port)
-    threads = blas_threads or serving_threads()
+    threads = serving_threads(blas_threads)
     blas_note = "" if set_blas_threads(threads) is None else f"; OpenBLAS threads: {threads}"
     found = resolve_with_progress(model)
 

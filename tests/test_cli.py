@@ -159,7 +159,7 @@ def test_blas_threads_are_set_where_openblas_runs():
     OpenBLAS is preloaded, and changes nothing (None) without it; a count below 1 is refused."""
     from ifprune_mlx.blas import openblas_path, serving_threads, set_threads
 
-    assert serving_threads() == max(1, (os.cpu_count() or 1) - 1)
+    assert serving_threads() == max(1, (os.cpu_count() or 1) - 1) and serving_threads(3) == 3
     with pytest.raises(ValueError):
         set_threads(0)
     code = ("import mlx.core as mx; from ifprune_mlx.blas import set_threads; a = mx.ones((64, 64)); "
