@@ -38,6 +38,7 @@ from mlx_lm.generate import GenerationResponse
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from .errors import SelectionError
+from .bundle import check_prefill
 from .selectors import Selection, Selector, check_density, check_sampling
 
 POLICIES = ("per-task", "per-turn", "off")
@@ -70,6 +71,7 @@ class TurnStats:
     cache_hit: bool                # a cache of this mask was reused
     reused_tokens: int             # tokens of the conversation already in that cache
     prefill_tokens: int            # tokens fed this turn (prompt prefill)
+    dense_prefill: bool = False    # those tokens ran on every FFN channel (the answer pruned)
     ttft_ms: float = 0.0           # from send() to the first token (select+apply+prefill)
     prefill_tps: float = 0.0
     generation_tokens: int = 0
@@ -229,7 +231,10 @@ class ChatSession:
             predictor where the bundle has one). In chat the training-free selector scores the
             task message in its own dense pass; each turn's new tokens are then prefilled dense
             (all channels on, no row moves) and the answer runs pruned, as they are for the
-            trained predictor when the engine's prefill is "dense" (else pruned).
+            trained predictor when `prefill` is "dense" (else pruned).
+        prefill: "pruned" or "dense", what the trained predictor's turns prefill their new
+            tokens with (default: the engine's, i.e. the bundle's). Caches of the two are kept
+            apart.
         system: an optional system message.
         max_tokens, temp, top_p: generation options of every turn.
         seed: seeds the sampler once, at the start of the session.
@@ -243,12 +248,13 @@ class ChatSession:
     def __init__(self, engine, *, policy: str = "per-task", density: float | None = None,
                  selector: str | Selector | None = None, system: str | None = None,
                  max_tokens: int = 256, temp: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, max_caches: int = 4):
+                 seed: int | None = None, max_caches: int = 4, prefill: str | None = None):
         check_sampling(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)  # as the engine will
         self.engine, self.system, self.seed, self.max_caches = engine, system, seed, max_caches
         self.max_tokens, self.temp, self.top_p = max_tokens, temp, top_p
         self.set_policy(policy)
         self.set_selector(selector)
+        self.set_prefill(prefill or engine.prefill)
         self.density = check_density(density if density is not None else engine.default_density)
         self._caches = MaskCaches(engine.model, max_caches)
         if seed is not None:
@@ -266,6 +272,14 @@ class ChatSession:
         """Select masks with `selector` ("predictor", "activations" or a Selector; None: the
         engine's default) from the next selection on."""
         self.selector: Selector = self.engine.get_selector(selector)
+
+    def set_prefill(self, prefill: str) -> None:
+        """What the trained predictor's turns prefill with from the next turn on ("pruned" or "dense")."""
+        self.prefill = check_prefill(prefill)
+
+    def prefills_dense(self) -> bool:
+        """Whether a pruned turn prefills its new tokens dense (the training-free selector always does)."""
+        return self.selector.name == "activations" or self.prefill == "dense"
 
     def set_density(self, density: float) -> int:
         """Keep `density` of the FFN channels from the next turn on; returns the kept count.
@@ -331,7 +345,10 @@ class ChatSession:
         self.mask = Mask(selection, key)
 
         self.messages.append({"role": "user", "content": text})
-        lease = self._caches.take(key, self.engine.prompt_tokens(self.messages))
+        dense_prefill = selection is not None and self.prefills_dense()
+        # a cache's keys and values depend on the prefill too: one of each kind per mask
+        lease = self._caches.take(("dense-prefill " if dense_prefill else "") + key,
+                                  self.engine.prompt_tokens(self.messages))
         turn = TurnStats(
             policy=self.policy, mask=key,
             density=1.0 if selection is None else selection.density,
@@ -339,13 +356,12 @@ class ChatSession:
             selected=selected, select_ms=select_s * 1000, apply_ms=apply_s * 1000,
             swaps=stats.swaps, rows_read=stats.rows_read, read_bytes=stats.bytes_read,
             read_ms=stats.read_seconds * 1000, cache_hit=lease.hit, reused_tokens=lease.reused,
-            prefill_tokens=len(lease.feed),
+            prefill_tokens=len(lease.feed), dense_prefill=dense_prefill,
         )
         self.turns.append(turn)
         pieces = []
-        prefill = "dense" if selection is not None and self.engine.prefills_dense(self.selector) else "pruned"
         responses = lease.stream(self.engine, self.messages, max_tokens=self.max_tokens,
-                                 temp=self.temp, top_p=self.top_p, prefill=prefill)
+                                 temp=self.temp, top_p=self.top_p, prefill="dense" if dense_prefill else "pruned")
         try:
             for response in responses:
                 if not pieces:
@@ -374,8 +390,9 @@ class ChatSession:
         return self._caches.nbytes()
 
     def settings(self) -> dict:
-        return {"policy": self.policy, "selector": self.selector.name, "density": self.density, "max_tokens": self.max_tokens,
-                "temp": self.temp, "top_p": self.top_p, "seed": self.seed, "system": self.system}
+        return {"policy": self.policy, "selector": self.selector.name, "prefill": self.prefill, "density": self.density,
+                "max_tokens": self.max_tokens, "temp": self.temp, "top_p": self.top_p, "seed": self.seed,
+                "system": self.system}
 
     def transcript(self) -> dict:
         """{"model", "settings", "messages", "turns"}: what /save writes."""

@@ -32,6 +32,7 @@ HELP = """\
 /dense             run the full model (again: back to pruning)
 /policy POLICY     when to select a mask: per-task | per-turn | off
 /selector NAME     predictor (trained) | activations (training-free)
+/prefill P         the trained predictor's prompts run on: pruned (kept channels) | dense (all)
 /max-tokens N      most tokens per answer
 /stats             costs of the last turn: select, apply, first token, tok/s, memory
 /mask              kept channels per layer, overlap with the previous mask
@@ -70,7 +71,7 @@ class ChatREPL:
         self.commands: dict[str, Callable[[str], bool | None]] = {
             "/help": self.help, "/?": self.help, "/density": self.density,
             "/reselect": self.reselect, "/dense": self.dense, "/policy": self.policy,
-            "/selector": self.selector, "/max-tokens": self.max_tokens,
+            "/selector": self.selector, "/prefill": self.prefill, "/max-tokens": self.max_tokens,
             "/stats": self.stats, "/mask": self.mask, "/reset": self.reset,
             "/clear": self.reset, "/save": self.save, "/quit": self.quit,
             "/exit": self.quit, "/bye": self.quit,
@@ -206,6 +207,13 @@ class ChatREPL:
         self.session.reselect()
         _say(f"selector: {arg}; the next message selects a new mask")
 
+    def prefill(self, arg: str) -> None:
+        if arg not in ("pruned", "dense"):
+            raise UsageError(f"usage: /prefill pruned|dense (now {self.session.prefill})")
+        self.session.set_prefill(arg)
+        what = "every FFN channel, the answer pruned" if arg == "dense" else "the kept channels, as the answer"
+        _say(f"prefill: {arg}; from the next message the predictor's prompts run on {what}")
+
     def max_tokens(self, arg: str) -> None:
         try:
             value = int(arg)
@@ -236,7 +244,8 @@ class ChatREPL:
             ("apply", f"{t.apply_ms:.1f} ms, {t.swaps} row swaps" + (
                 f", read {t.read_bytes / 1e6:.1f} MB ({t.rows_read} rows) in {t.read_ms:.1f} ms"
                 if self.engine.residency else "")),
-            ("prefill", f"{t.prefill_tokens} tokens ({reuse}), {t.prefill_tps:.0f} tok/s"),
+            ("prefill", f"{t.prefill_tokens} tokens{' dense' if t.dense_prefill else ''} ({reuse}), "
+                        f"{t.prefill_tps:.0f} tok/s"),
             ("first token", f"{t.ttft_ms:.1f} ms"),
             ("decode", f"{t.generation_tokens} tokens, {t.decode_tps:.1f} tok/s ({t.finish_reason})"),
             ("kept", f"{_kept(t.kept_counts, d_ffn)} channels per layer (density {t.density:.2f})"),
@@ -373,9 +382,8 @@ def chat(
     check_sampling(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)  # the engine's check, before loading
     checked_prefill(prefill)
     engine, found = open_model(model, **resident_options(resident, max_density))
-    engine.prefill = prefill or engine.prefill
     session = ChatSession(engine, policy=policy, density=density, selector=selector, system=system,
-                          max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
+                          max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, prefill=prefill)
     interactive = sys.stdin.isatty()
     repl = ChatREPL(session, interactive)
     if interactive:
@@ -384,7 +392,7 @@ def chat(
                 f"{policy} selection, density {session.density:.2f} "
                 f"({session.kept_count()} of {engine.d_ffn} channels per layer)")
         who = {"predictor": "trained predictor", "activations": "training-free selector"}[session.selector.name]
-        if policy != "off" and engine.prefills_dense(session.selector):
+        if policy != "off" and session.prefills_dense():
             who += ", prompts prefilled dense"
         if policy != "off" and density is None:
             what += f"; {density_origin(engine)}"

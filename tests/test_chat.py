@@ -69,6 +69,32 @@ def test_the_training_free_selector_in_chat(engine):
         session.set_selector("nope")
 
 
+def test_a_dense_prefill_answers_as_generate_does_and_keeps_its_own_caches(engine):
+    """prefill "dense": each turn's new tokens run on every channel, the answer on the mask;
+    the first turn equals engine.generate with the same setting, the second reuses the
+    conversation's dense-prefilled cache, and switching to "pruned" starts a cache of its own."""
+    session = ChatSession(engine, policy="per-task", max_tokens=6, prefill="dense")
+    assert session.prefills_dense() and session.settings()["prefill"] == "dense"
+    first, _ = turn(session, TASK + " (dense prefill)")
+    t1 = session.last
+    assert t1.dense_prefill and not t1.cache_hit
+    engine.apply(session.mask.selection)
+    try:
+        want = engine.generate(session.messages[:1], max_tokens=6, prefill="dense")
+        pruned = engine.generate(session.messages[:1], max_tokens=6, prefill="pruned")
+    finally:
+        engine.apply("auto")
+    assert engine.tokenizer.decode(first) == want != pruned
+    turn(session, OTHER)
+    assert session.last.cache_hit and session.last.dense_prefill and session.last.mask == t1.mask
+    session.set_prefill("pruned")
+    turn(session, "and now in Spanish")
+    assert not session.last.cache_hit and not session.last.dense_prefill and session.last.mask == t1.mask
+    assert set(session.cached_masks()) == {t1.mask, "dense-prefill " + t1.mask}
+    with pytest.raises(ifp.SelectionError, match="prefill must be one of pruned, dense"):
+        session.set_prefill("full")
+
+
 def test_conversation_state_is_not_a_constructor_argument(engine):
     """messages, turns and masks are the session's own state: passing them is an error, not
     silently dropped."""
@@ -336,3 +362,17 @@ def test_an_empty_answer_is_shown_as_such(bundle_dir, capsys, monkeypatch):
     monkeypatch.setattr(session, "send", nothing_but_whitespace)
     repl.answer("hello")
     assert "[empty answer" in capsys.readouterr().out
+
+
+def test_the_prefill_command_sets_the_sessions_and_stats_show_it(bundle_dir, capsys):
+    from ifprune_mlx.chat_cli import ChatREPL, UsageError
+
+    session = ChatSession(ifp.load(bundle_dir), max_tokens=3)
+    repl = ChatREPL(session, interactive=False)
+    with pytest.raises(UsageError, match=r"usage: /prefill pruned\|dense \(now pruned\)"):
+        repl.command("/prefill")
+    repl.command("/prefill dense")
+    assert session.prefill == "dense" and "prefill: dense" in capsys.readouterr().out
+    repl.answer("hello")
+    repl.command("/stats")
+    assert " dense (new cache for this mask)" in capsys.readouterr().out
