@@ -249,15 +249,20 @@ def grammar_overhead(url: str, max_tokens: int, n: int = 6) -> str:
 
 @contextlib.contextmanager
 def fresh_server(model: str | None, clients: int, mixed: bool, density: float | None = DENSITY,
-                 blas_threads: int | None = None):
+                 blas_threads: int | None = None, prefill: str | None = None):
     """A new server on `model` (default: the default chat model) whose requests run at `density`
     (None: the model's default), with `ifprune serve`'s default OpenBLAS threads (or
-    `blas_threads`), warmed up; yields its /v1 URL."""
+    `blas_threads`) and the model's prefill (or `prefill`), warmed up; yields its /v1 URL."""
     from ifprune_mlx import server  # not in the client processes
     from ifprune_mlx.opener import open_model
 
+    def load():
+        engine = open_model(model)
+        engine.prefill = prefill or engine.prefill  # as `ifprune serve --prefill` does
+        return engine
+
     set_threads(serving_threads(blas_threads))  # as `ifprune serve` does
-    running = server.BackgroundServer(lambda: open_model(model), server.ServerConfig(model_id="default", density=density),
+    running = server.BackgroundServer(load, server.ServerConfig(model_id="default", density=density),
                                       max_queue=max(64, clients))
     try:
         url = running.url + "/v1"
@@ -277,6 +282,8 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=DENSITY,
                         help="the server's default density (every request's; 1.0: dense)")
     parser.add_argument("--blas-threads", type=int, help="OpenBLAS threads (default: `ifprune serve`'s, the cores but one)")
+    parser.add_argument("--prefill", choices=("pruned", "dense"),
+                        help="what the trained predictor's requests prefill with (default: the model's)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--in-process", action="store_true",
                         help="clients as threads of the server's process (sharing its GIL), not processes of their own")
@@ -293,7 +300,7 @@ def main() -> None:
         name = "mixed tasks (4 masks)" if mixed else "same task (1 mask)"
         reference, base = None, None
         for clients in sorted(args.clients):
-            with fresh_server(args.model, clients, mixed, args.density, args.blas_threads) as url:
+            with fresh_server(args.model, clients, mixed, args.density, args.blas_threads, args.prefill) as url:
                 records, wall, cpu = drive(url, clients, args.requests, mixed, args.max_tokens, args.in_process)
             reference = reference or records
             line, tps, ttft, decode = row(name, clients, records, wall, cpu, reference)
@@ -302,13 +309,13 @@ def main() -> None:
             print(line, flush=True)
             summary.append(f"{name}, {clients} clients: {tps / base[0]:.2f}x the tokens/s of 1 client, "
                            f"{decode / base[2]:.2f}x its decode tokens/s, median TTFT {ttft / base[1]:.2f}x")
-    with fresh_server(args.model, 1, False, args.density, args.blas_threads) as url:
+    with fresh_server(args.model, 1, False, args.density, args.blas_threads, args.prefill) as url:
         summary.append(grammar_overhead(url, args.max_tokens))
     after = os.getloadavg()
     notes = [f"Load average (1/5/15 min) before: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; "
              f"after: {after[0]:.2f} / {after[1]:.2f} / {after[2]:.2f} on {os.cpu_count()} cores. "
              f"Greedy, at most {args.max_tokens} tokens per answer, {args.requests} requests per run, density {args.density}, "
-             f"{serving_threads(args.blas_threads)} OpenBLAS thread(s)."]
+             f"{serving_threads(args.blas_threads)} OpenBLAS thread(s), prefill {args.prefill or 'as the model has it'}."]
     notes += [f"- {s}" for s in summary]
     print("\n" + "\n".join(notes))
     if args.out:
