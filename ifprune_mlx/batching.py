@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -28,6 +29,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from .chat import common_prefix
 from .jobs import post
 from .primed import primed_generator
+from .prune import observing
 from .selectors import check_sampling
 
 PREFILL_STEP = 512      # prompt tokens per prefill chunk: a decode step waits for one chunk at most
@@ -169,7 +171,15 @@ class MaskBatch:
         self._stops = StopSequences([[t] for t in engine.tokenizer.eos_token_ids])
         self.generator = primed_generator(engine.model, completion_batch_size=max_batch,
                                           prefill_batch_size=min(PREFILL_TOGETHER, max_batch),
-                                          prefill_step_size=PREFILL_STEP, stream=stream)
+                                          prefill_step_size=PREFILL_STEP, stream=stream,
+                                          prefill_context=self._prefill_context)
+
+    def _prefill_context(self):
+        """Around each prefill pass: with the engine's prefill "dense", every FFN channel on
+        under the applied mask (no row moves). Only the trained predictor's requests prefill
+        here: the training-free selector's come prefilled (their dense scoring pass), and a
+        dense request's mask is every channel anyway."""
+        return observing(self.engine.mlps, None) if self.engine.prefill == "dense" else nullcontext()
 
     def __len__(self) -> int:
         return len(self.active)

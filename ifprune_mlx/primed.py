@@ -15,6 +15,9 @@ computation is mlx-lm's, in a batch of other rows.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Callable, ContextManager
+
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
 from mlx_lm.models.cache import TokenBuffer
@@ -73,7 +76,19 @@ class PrimedGeneration(GenerationBatch):
 
 
 class PrimingPrompts(PromptProcessingBatch):
-    """A PromptProcessingBatch whose finished prompts become primed rows (no pass of their own)."""
+    """A PromptProcessingBatch whose finished prompts become primed rows (no pass of their own),
+    and whose prefill passes run under `prefill_context()` (e.g. every FFN channel on)."""
+
+    prefill_context: Callable[[], ContextManager] = staticmethod(nullcontext)
+
+    def prompt(self, tokens: list[list[int]]) -> None:
+        with self.prefill_context():
+            super().prompt(tokens)
+
+    def _copy(self) -> "PrimingPrompts":
+        batch = super()._copy()
+        batch.prefill_context = self.prefill_context
+        return batch
 
     def generate(self, tokens: list[list[int]]) -> PrimedGeneration:
         if any(len(t) > 1 for t in tokens):
@@ -84,9 +99,12 @@ class PrimingPrompts(PromptProcessingBatch):
         return batch
 
 
-def primed_generator(model, **options) -> BatchGenerator:
-    """mlx-lm's BatchGenerator (same options) whose joining sequences share its next decode step."""
+def primed_generator(model, prefill_context: Callable[[], ContextManager] | None = None, **options) -> BatchGenerator:
+    """mlx-lm's BatchGenerator (same options) whose joining sequences share its next decode step;
+    prefill_context() is entered around every prefill pass (default: nothing)."""
     generator = BatchGenerator(model, **options)
     generator._prompt_batch = PrimingPrompts.empty(model, generator.sampler, prefill_step_size=generator.prefill_step_size)
+    if prefill_context is not None:
+        generator._prompt_batch.prefill_context = prefill_context
     generator._generation_batch = PrimedGeneration.empty(model, generator.sampler)
     return generator

@@ -31,7 +31,6 @@ from collections import deque
 from typing import Callable
 
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
 
 from .batching import Decoding, MaskBatch, PrefixCaches
 from .chat import mask_key
@@ -367,28 +366,14 @@ class Scheduler:
                 self.batch.closed = job.solo
                 if job.solo:
                     mx.random.seed(job.sampling["seed"])
-            report = self._report(job, job.selection, stats, queue_ms, job.select_ms)
-            if not job.dense and len(job.ids) > 1 and self.engine.prefills_dense(job.selector):
-                self._add_dense_prefilled(job, report)
-            else:
-                self.batch.add(job, job.key, report)
+            # a dense prefill's keys and values serve no pruned one: its caches are kept apart
+            dense_prefill = not job.dense and self.engine.prefills_dense(job.selector)
+            self.batch.add(job, ("dense-prefill " if dense_prefill else "") + job.key,
+                           self._report(job, job.selection, stats, queue_ms, job.select_ms))
         except Exception as e:  # an engine failure: this request fails, the server goes on
             if not isinstance(e, IFPruneError):
                 log.exception("generation failed")
             self._fail(job, e)
-
-    def _add_dense_prefilled(self, job: Job, report: dict) -> None:
-        """The trained predictor with the engine's prefill "dense": the prompt (after the
-        longest prefix a dense-prefilled cache of its mask holds) runs through the model with
-        every channel on, under the batch's mask (no row moves), then the job joins the batch
-        with that cache and its last token."""
-        key = "dense-prefill " + job.key  # its prompt's keys and values serve no pruned prefill
-        cache, reused = self.batch.prefixes.lookup(key, job.ids)
-        if cache is None:
-            cache = make_prompt_cache(self.engine.model)
-        self.engine.dense_pass(job.ids[reused:-1], cache)
-        self.batch.add(job, key, report, cache=cache, reused=len(job.ids) - 1)
-        report.update(reused_tokens=reused, prefill_tokens=len(job.ids) - reused)
 
     def _begin_griffin(self, job: Job, queue_ms: float) -> None:
         """The training-free selector: a dense pass over the prompt scores the channels and
