@@ -45,6 +45,15 @@ POLICIES = ("per-task", "per-turn", "off")
 DENSE = "dense"  # the cache key of the unpruned model
 
 
+DENSE_PREFILLED = "dense-prefill "  # what a KV cache's key starts with when its prompt ran on every channel
+
+
+def cache_key(mask: str, dense_prefill: bool) -> str:
+    """The key of a KV cache of mask key `mask`: a dense prefill's keys and values serve no
+    pruned prefill (nor the reverse), so the two are kept apart."""
+    return DENSE_PREFILLED + mask if dense_prefill else mask
+
+
 def mask_key(selection: Selection | None) -> str:
     """A short stable key of a mask: a hash of its per-layer channel ids ("dense" for None)."""
     if selection is None:
@@ -346,9 +355,7 @@ class ChatSession:
 
         self.messages.append({"role": "user", "content": text})
         dense_prefill = selection is not None and self.prefills_dense()
-        # a cache's keys and values depend on the prefill too: one of each kind per mask
-        lease = self._caches.take(("dense-prefill " if dense_prefill else "") + key,
-                                  self.engine.prompt_tokens(self.messages))
+        lease = self._caches.take(cache_key(key, dense_prefill), self.engine.prompt_tokens(self.messages))
         turn = TurnStats(
             policy=self.policy, mask=key,
             density=1.0 if selection is None else selection.density,

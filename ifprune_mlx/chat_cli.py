@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import typer
 
-from .chat import DENSE, POLICIES, ChatSession
+from .chat import DENSE, DENSE_PREFILLED, POLICIES, ChatSession
 from .console import (DENSITY_OPTION, MAX_DENSITY_OPTION, MODEL_ARGUMENT, PREFILL_OPTION, RESIDENT_OPTION,
                       SEED_OPTION, TEMP_OPTION, TOP_P_OPTION, checked_prefill, density_origin, error_line, fail,
                       friendly_errors, open_model, resident_options)
@@ -237,7 +237,8 @@ class ChatREPL:
             select = f"{t.select_ms:.1f} ms ({how}), mask {t.mask[:8]}"
         reuse = (f"{t.reused_tokens} reused from the mask's cache" if t.cache_hit
                  else "new cache for this mask")
-        caches = ", ".join(f"{k[:8]} ({n} tok)" for k, n in self.session.cached_masks().items())
+        caches = ", ".join(f"{k.removeprefix(DENSE_PREFILLED)[:8]}{' dense-prefilled' * k.startswith(DENSE_PREFILLED)}"
+                           f" ({n} tok)" for k, n in self.session.cached_masks().items())
         rows = [
             ("policy", t.policy),
             ("select", select),

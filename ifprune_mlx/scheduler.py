@@ -33,7 +33,7 @@ from typing import Callable
 import mlx.core as mx
 
 from .batching import Decoding, MaskBatch, PrefixCaches
-from .chat import mask_key
+from .chat import cache_key, mask_key
 from .errors import IFPruneError
 from .grammar import GrammarError, Grammars
 from .jobs import Job, RequestError, prompt_ids
@@ -366,9 +366,8 @@ class Scheduler:
                 self.batch.closed = job.solo
                 if job.solo:
                     mx.random.seed(job.sampling["seed"])
-            # a dense prefill's keys and values serve no pruned one: its caches are kept apart
             dense_prefill = not job.dense and self.engine.prefills_dense(job.selector)
-            self.batch.add(job, ("dense-prefill " if dense_prefill else "") + job.key,
+            self.batch.add(job, cache_key(job.key, dense_prefill),
                            self._report(job, job.selection, stats, queue_ms, job.select_ms))
         except Exception as e:  # an engine failure: this request fails, the server goes on
             if not isinstance(e, IFPruneError):
@@ -396,7 +395,7 @@ class Scheduler:
         self.batch.closed = True
         report = self._report(job, job.selection, stats, queue_ms, select_ms)
         # its prompt's keys and values were computed densely: its cache serves no pruned request
-        self.batch.add(job, "dense-prefill " + job.key, report, cache=cache, reused=reused)
+        self.batch.add(job, cache_key(job.key, True), report, cache=cache, reused=reused)
         if cache is not None:  # the dense prefill is reported as prefill
             report.update(reused_tokens=0, prefill_tokens=len(job.ids))
 

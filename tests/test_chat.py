@@ -375,4 +375,6 @@ def test_the_prefill_command_sets_the_sessions_and_stats_show_it(bundle_dir, cap
     assert session.prefill == "dense" and "prefill: dense" in capsys.readouterr().out
     repl.answer("hello")
     repl.command("/stats")
-    assert " dense (new cache for this mask)" in capsys.readouterr().out
+    stats = capsys.readouterr().out
+    assert " dense (new cache for this mask)" in stats
+    assert f"{session.last.mask[:8]} dense-prefilled (" in stats
