@@ -41,6 +41,7 @@ from pathlib import Path
 import openai
 
 from ifprune_mlx.blas import serving_threads, set_threads
+from ifprune_mlx.bundle import PREFILLS
 
 SYSTEMS = [
     "Translate the user's sentence into French. Answer with the translation only.",
@@ -282,7 +283,7 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=DENSITY,
                         help="the server's default density (every request's; 1.0: dense)")
     parser.add_argument("--blas-threads", type=int, help="OpenBLAS threads (default: `ifprune serve`'s, the cores but one)")
-    parser.add_argument("--prefill", choices=("pruned", "dense"),
+    parser.add_argument("--prefill", choices=PREFILLS,
                         help="what the trained predictor's requests prefill with (default: the model's)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--in-process", action="store_true",

@@ -288,7 +288,7 @@ class ChatSession:
 
     def prefills_dense(self) -> bool:
         """Whether a pruned turn prefills its new tokens dense (the training-free selector always does)."""
-        return self.selector.name == "activations" or self.prefill == "dense"
+        return self.engine.prefills_dense(self.selector, self.prefill)
 
     def set_density(self, density: float) -> int:
         """Keep `density` of the FFN channels from the next turn on; returns the kept count.

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import typer
 
+from .bundle import PREFILLS
 from .chat import DENSE, DENSE_PREFILLED, POLICIES, ChatSession
 from .console import (DENSITY_OPTION, MAX_DENSITY_OPTION, MODEL_ARGUMENT, PREFILL_OPTION, RESIDENT_OPTION,
                       SEED_OPTION, TEMP_OPTION, TOP_P_OPTION, checked_prefill, density_origin, error_line, fail,
@@ -208,8 +209,8 @@ class ChatREPL:
         _say(f"selector: {arg}; the next message selects a new mask")
 
     def prefill(self, arg: str) -> None:
-        if arg not in ("pruned", "dense"):
-            raise UsageError(f"usage: /prefill pruned|dense (now {self.session.prefill})")
+        if arg not in PREFILLS:
+            raise UsageError(f"usage: /prefill {'|'.join(PREFILLS)} (now {self.session.prefill})")
         self.session.set_prefill(arg)
         what = "every FFN channel, the answer pruned" if arg == "dense" else "the kept channels, as the answer"
         _say(f"prefill: {arg}; from the next message the predictor's prompts run on {what}")

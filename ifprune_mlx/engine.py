@@ -357,11 +357,11 @@ class Engine:
                 response = replace(response, prompt_tokens=len(ids), prompt_tps=len(ids) / seconds)
             yield response
 
-    def prefills_dense(self, selector: str | Selector | None = None) -> bool:
+    def prefills_dense(self, selector: str | Selector | None = None, prefill: str | None = None) -> bool:
         """Whether a call that selects with `selector` (default: the engine's) prefills the
-        prompt dense: always for the training-free selector, for the others when the engine's
-        `prefill` is "dense"."""
-        return isinstance(self.get_selector(selector), ActivationSelector) or self.prefill == "dense"
+        prompt dense: always for the training-free selector, for the others when `prefill`
+        (default: the engine's) is "dense"."""
+        return isinstance(self.get_selector(selector), ActivationSelector) or (prefill or self.prefill) == "dense"
 
     def _prefills_dense(self, density: float | None, selector: str | Selector | None) -> bool:
         """prefills_dense() for a call with these overrides; a pinned selection prefills pruned."""
