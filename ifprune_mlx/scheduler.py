@@ -180,6 +180,14 @@ class Scheduler:
 
     def _main(self) -> None:
         try:
+            self._work()
+        finally:
+            # A thread's MLX streams must end with it: left to the process's exit they abort it
+            # about one time in four ("terminate called without an active exception").
+            mx.clear_streams()
+
+    def _work(self) -> None:
+        try:
             self.engine = self._load()
             self.batch = self._new_batch()
         except BaseException as e:  # reported by start()

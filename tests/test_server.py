@@ -25,6 +25,8 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+import mlx.core as mx  # noqa: E402
+
 import ifprune_mlx as ifp  # noqa: E402
 from ifprune_mlx import server  # noqa: E402
 from ifprune_mlx.scheduler import LET_IN_ROUNDS, MAX_OVERTAKES, Job, Scheduler  # noqa: E402
@@ -531,6 +533,27 @@ def test_mask_affinity_swaps_fewer_rows_and_changes_no_answer(endless_bundle, en
         texts[affinity] = [text for text, _ in outputs]
     assert texts[True] == texts[False]
     assert swaps[True] < swaps[False] / 2, swaps
+
+
+@pytest.mark.parametrize("loads", [True, False])
+def test_the_worker_destroys_its_mlx_streams_when_it_ends(endless_bundle, monkeypatch, loads):
+    """Streams left to the process's exit abort it now and then; the worker clears its own,
+    after serving and after a failed load alike."""
+    cleared = []
+    monkeypatch.setattr(mx, "clear_streams", lambda: cleared.append(threading.current_thread().name))
+
+    def load():
+        if not loads:
+            raise ValueError("no model")
+        return ifp.load(endless_bundle)
+
+    scheduler = Scheduler(load)
+    try:
+        scheduler.start()
+    except ValueError:
+        assert not loads
+    scheduler.stop()
+    assert cleared == ["ifprune-engine"]
 
 
 def test_affinity_passes_a_request_over_a_bounded_number_of_times(endless_bundle, engine):
