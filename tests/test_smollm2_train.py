@@ -132,6 +132,35 @@ def test_dense_prefill_runs_the_prompt_dense_and_the_rest_pruned(tiny, tmp_path)
     assert (tmp_path / "d" / "loss.jsonl").read_text().count("\n") == 4
 
 
+def test_evaluations_dense_prefill_greedy_prunes_the_prompts_last_token(tiny):
+    """examples.smollm2.evaluate's dense-prefill answers (left-padded batch, HF generate) equal
+    greedy decoding done by hand, each step a full pass with the prompt but its last token dense
+    and the rest pruned; the whole-prompt-dense variant (the last token dense too) differs."""
+    from examples.smollm2.evaluate import MATCH_TOKENS, DensePrefillMask, greedy
+
+    llm, tok = data.load_teacher(str(tiny[0]))
+    _, rows = data.load(tiny[1])
+    prompts = sorted({r["prompt"] for r in rows}, key=len)[::7][:3]
+    L, F = llm.config.num_hidden_layers, llm.config.intermediate_size
+    masks = (torch.rand(len(prompts), L, F, generator=torch.Generator().manual_seed(1)) > 0.7).float()
+    answers = greedy(llm, tok, prompts, masks, DensePrefillMask(llm))
+    firsts_whole_prompt_dense = []
+    with torch.no_grad():
+        for prompt, mask, answer in zip(prompts, masks, answers):
+            prompt_ids = data.chat_ids(tok, prompt)
+            ids = list(prompt_ids)
+            for _ in range(MATCH_TOKENS):
+                pruned = torch.arange(len(ids)) >= len(prompt_ids) - 1
+                set_ffn_mask(llm, torch.where(pruned[None, None, :, None], mask[None, :, None, :], torch.ones(())))
+                ids.append(int(llm(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+                if ids[-1] == tok.eos_token_id:
+                    break
+            set_ffn_mask(llm, None)
+            assert answer[: len(ids) - len(prompt_ids)] == ids[len(prompt_ids):]
+            firsts_whole_prompt_dense.append(int(llm(input_ids=torch.tensor([prompt_ids])).logits[0, -1].argmax()))
+    assert firsts_whole_prompt_dense != [a[0] for a in answers]
+
+
 def test_warm_start_head_tracks_the_training_free_scores(tiny, tmp_path):
     """At step 0 the head is a ridge fit of log GRIFFIN scores: its scores correlate with them."""
     from examples.smollm2.train import griffin_scores

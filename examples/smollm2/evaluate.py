@@ -12,7 +12,8 @@ Conditions (issue 14):
   a   trained predictor's per-prompt masks on the adapted LLM (what ships)
   a0  trained predictor's masks on the original LLM (no adapter: what the adapter adds)
   b   training-free selector (GRIFFIN activations) on the original, as the runtime runs it:
-      dense prefill of the prompt, pruned answer
+      the prompt but its last token prefilled dense, the last token and the answer pruned
+  (a, a0 and c are prefilled as the artifacts' ifpruning.json says: "dense" as b, else pruned)
   c   one static mask for every prompt, from the trained predictor's scores on the training
       prompts (ifprune_mlx.selectors.static_top_k), on the adapted LLM
   d   random masks (one per prompt, seeded) on the original LLM
@@ -50,7 +51,7 @@ from ifprune_mlx.selectors import kept_count, static_top_k, top_k
 
 from . import data
 from .train import (answer_logprobs, apply_adapter, build_predictor, griffin_scores, kl,
-                    read_artifacts, sequences)
+                    pruned_positions, read_artifacts, sequences)
 
 HERE = Path(__file__).parent
 DENSITIES = (0.3, 0.5, 0.7)
@@ -80,8 +81,10 @@ def bootstrap(values: np.ndarray, stat=np.mean, n: int = 2000, seed: int = 0) ->
     return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
-class DecodeOnlyMask:
-    """Masks the FFN only for single-token steps (decode): GRIFFIN's dense prefill in generate()."""
+class DensePrefillMask:
+    """Masks the FFN at the last position of every forward pass only. With a left-padded batch
+    that is the prompt's last token in generate()'s prefill and the new token of each decode
+    step: the runtime's dense prefill (the prompt but its last token on every channel)."""
 
     def __init__(self, llm):
         self.mask = None
@@ -91,16 +94,18 @@ class DecodeOnlyMask:
     def _hook(self, layer):
         def hook(module, args):
             (h,) = args
-            if self.mask is None or h.shape[1] != 1:
+            if self.mask is None:
                 return None
-            return (h * self.mask[:, layer][:, None, :].to(h.dtype),)
+            last = h[:, -1:] * self.mask[:, layer][:, None, :].to(h.dtype)
+            return (torch.cat([h[:, :-1], last], 1),)
         return hook
 
 
 @torch.no_grad()
-def greedy(llm, tokenizer, prompts: list[str], masks: torch.Tensor | None, decode_only=None) -> list[list[int]]:
+def greedy(llm, tokenizer, prompts: list[str], masks: torch.Tensor | None,
+           dense_prefill: DensePrefillMask | None = None) -> list[list[int]]:
     """First MATCH_TOKENS greedy tokens per prompt, left-padded batch, masks [B, L, F] on every
-    position (or on decode steps only, through `decode_only`)."""
+    position (or, through `dense_prefill`, on the prompt's last token and the answer only)."""
     eos = tokenizer.eos_token_id
     seqs = [data.chat_ids(tokenizer, p) for p in prompts]
     T = max(len(s) for s in seqs)
@@ -109,9 +114,9 @@ def greedy(llm, tokenizer, prompts: list[str], masks: torch.Tensor | None, decod
     for i, s in enumerate(seqs):
         ids[i, T - len(s):] = torch.tensor(s)
         attn[i, T - len(s):] = 1
-    if decode_only is not None:
+    if dense_prefill is not None:
         set_ffn_mask(llm, None)
-        decode_only.mask = masks
+        dense_prefill.mask = masks
     else:
         set_ffn_mask(llm, masks)
     try:
@@ -119,8 +124,8 @@ def greedy(llm, tokenizer, prompts: list[str], masks: torch.Tensor | None, decod
                            pad_token_id=eos, eos_token_id=eos)[:, T:]
     finally:
         set_ffn_mask(llm, None)
-        if decode_only is not None:
-            decode_only.mask = None
+        if dense_prefill is not None:
+            dense_prefill.mask = None
     return [o.tolist() for o in out]
 
 
@@ -143,6 +148,7 @@ def _parse(name: str) -> tuple[str, float | None]:
 
 TRAINED = {"a", "ap", "a0", "c", "e"}  # conditions that read the artifacts
 PER_LAYER = {"ap": "a", "bp": "b"}     # per-layer budgets' variants: kept counts given per layer (layer_counts)
+FOLLOW_PREFILL = {"a", "a0", "c"}      # the predictor's conditions: prefilled as the artifacts' "prefill" says
 
 
 def artifacts_fingerprint(artifacts: Path) -> str:
@@ -176,14 +182,23 @@ def load_cache(path: Path) -> dict:
             "artifacts_meta": stored.get("artifacts_meta")}
 
 
-def condition_key(name: str, fingerprint: str | None, layer_counts: dict) -> str:
-    """What a condition's values depend on besides the prompt: the artifacts, per-layer counts."""
-    cond, _ = _parse(name)
+def prefills_dense(cond: str, prefill: str) -> bool:
+    """Whether a masked condition runs the prompt (but its last token) dense: the training-free
+    selector always (as the runtime runs it), the predictor's conditions as the artifacts say."""
+    return PER_LAYER.get(cond, cond) == "b" or (PER_LAYER.get(cond, cond) in FOLLOW_PREFILL and prefill == "dense")
+
+
+def condition_key(name: str, fingerprint: str | None, layer_counts: dict, prefill: str = "pruned") -> str:
+    """What a condition's values depend on besides the prompt: the artifacts, per-layer counts,
+    a dense prefill."""
+    cond, d = _parse(name)
     parts = {}
     if cond in TRAINED:
         parts["artifacts"] = fingerprint
     if cond in PER_LAYER:
         parts["counts"] = [int(k) for k in layer_counts[name]]
+    if d is not None and prefills_dense(cond, prefill):
+        parts["prefill"] = "dense"
     return json.dumps(parts, sort_keys=True) if parts else ""
 
 
@@ -227,7 +242,8 @@ def measure(artifacts: Path | None, data_path: Path, per_family: int, batch: int
         stored["keys"] = {n: ((json.dumps({"artifacts": fingerprint}) if legacy_ok else "stale") if k == "legacy" else k)
                           for n, k in stored["keys"].items()}
         stored["artifacts_meta"] = meta
-    keys = {n: condition_key(n, fingerprint, layer_counts) for n in conditions}
+    prefill = meta.get("prefill", "pruned") if meta else "pruned"
+    keys = {n: condition_key(n, fingerprint, layer_counts, prefill) for n in conditions}
     for r in held:  # a prompt or answer changed in the data: its values are measured again, every condition's
         if stored["rows"].get(str(r["id"]), _row_key(r)) != _row_key(r):
             for values in stored["values"].values():
@@ -244,13 +260,13 @@ def measure(artifacts: Path | None, data_path: Path, per_family: int, batch: int
         log(f"{len(held)} held-out prompts x {len(conditions)} conditions: all in {cache}")
         return stored
     log(f"{pairs} (condition, prompt) values to measure on {len(todo_rows)} of {len(held)} held-out prompts")
-    _measure_rows(artifacts, todo_rows, rows, conditions, lacking, layer_counts, stored, cache, batch, seed, model,
-                  [str(r["id"]) for r in all_held], log, t0)
+    _measure_rows(artifacts, todo_rows, rows, conditions, lacking, layer_counts, prefill, stored, cache, batch, seed,
+                  model, [str(r["id"]) for r in all_held], log, t0)
     return stored
 
 
-def _measure_rows(artifacts, todo_rows, rows, conditions, lacking, layer_counts, stored, cache, batch, seed, model,
-                  order, log, t0) -> None:
+def _measure_rows(artifacts, todo_rows, rows, conditions, lacking, layer_counts, prefill, stored, cache, batch, seed,
+                  model, order, log, t0) -> None:
     """measure()'s work: the conditions' values on todo_rows, saved to `cache` after each batch."""
     todo = [_parse(n) for n in conditions]
     original, tokenizer = data.load_teacher(model)
@@ -274,7 +290,7 @@ def _measure_rows(artifacts, todo_rows, rows, conditions, lacking, layer_counts,
             static = {d: indices_to_mask(static_top_k(train_scores, kept_count(d, Fn)), Fn)
                       for c, d in todo if c == "c"}
     log(f"setup: {time.time() - t0:.0f}s")
-    decode_only = DecodeOnlyMask(original)
+    dense_prefill = {id(llm): DensePrefillMask(llm) for llm in ([original, adapted] if trained else [original])}
     rng = np.random.default_rng(seed)  # drawn over the whole held-out list: a prompt's mask is its own
     random_ids = {d: dict(zip(order, [[np.sort(rng.permutation(Fn)[: kept_count(d, Fn)]) for _ in range(L)]
                                       for _ in order])) for d in DENSITIES}
@@ -294,31 +310,28 @@ def _measure_rows(artifacts, todo_rows, rows, conditions, lacking, layer_counts,
         for name, (cond, d) in active:
             base = PER_LAYER.get(cond, cond)
             llm = adapted if base in ("a", "c", "e") else original
-            masks, prompt_dense = None, False
+            masks = None
+            prompt_dense = d is not None and prefills_dense(cond, prefill)
             if d is not None:
                 k = layer_counts[name] if cond in PER_LAYER else kept_count(d, Fn)
                 if base in ("a", "a0"):
                     masks = torch.stack([indices_to_mask(top_k(held_scores[i], k), Fn) for i in ids_of])
                 elif base == "b":
                     masks = torch.stack([indices_to_mask(top_k(g, k), Fn) for g in griffin])
-                    prompt_dense = True
                 elif base == "c":
                     masks = static[d][None].expand(len(part), -1, -1)
                 elif base == "d":
                     masks = torch.stack([indices_to_mask(random_ids[d][i], Fn) for i in ids_of])
-            if masks is not None and prompt_dense:  # per position: prompt dense, answer pruned
-                per_pos = torch.ones(len(part), L, ids.shape[1], Fn)
-                for row, r in enumerate(part):
-                    n_prompt = len(data.chat_ids(tokenizer, r["prompt"]))
-                    per_pos[row, :, n_prompt:, :] = masks[row][:, None, :]
-                set_ffn_mask(llm, per_pos)
+            if prompt_dense:  # per position: the prompt but its last token dense, the rest pruned
+                pruned = pruned_positions(where, ids.shape[1])
+                set_ffn_mask(llm, torch.where(pruned, masks[:, :, None, :], torch.ones(())))
             else:
                 set_ffn_mask(llm, masks)
             with torch.no_grad():
                 s_logp = answer_logprobs(llm, ids, attn, where)
             set_ffn_mask(llm, None)
             per_token = kl(t_logp, s_logp)
-            answers = greedy(llm, tokenizer, prompts, masks, decode_only if prompt_dense else None)
+            answers = greedy(llm, tokenizer, prompts, masks, dense_prefill[id(llm)] if prompt_dense else None)
             values = stored["values"].setdefault(name, {})
             for row, i in enumerate(ids_of):
                 values[i] = [per_token[row_of == row].mean().item(), float(matches(answers[row], part[row]["answer_ids"]))]
