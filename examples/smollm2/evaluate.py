@@ -375,19 +375,31 @@ def summarize(stored: dict, densities=DENSITIES, ids: list[str] | None = None) -
             "per_family": {f: {"kl": float(kls[name][fam_of == f].mean()),
                                "match16": float(match[name][fam_of == f].mean()), "n": int((fam_of == f).sum())}
                            for f in families}}
-    paired, unseen = {}, np.isin(fam_of, list(data.HELD_OUT_FAMILIES))
+    paired = {}
     for d in densities:
-        a, b, c = kls[f"a@{d}"], kls[f"b@{d}"], kls[f"c@{d}"]
-        paired[f"kl_ratio_a_over_b@{d}"] = {"value": float(a.mean() / b.mean()), "ci": ratio_ci(a, b)}
-        if unseen.any():  # the issue's measure of generalisation: families never trained
-            au, bu = a[unseen], b[unseen]
-            paired[f"kl_ratio_a_over_b_never_trained@{d}"] = {"value": float(au.mean() / bu.mean()),
-                                                              "ci": ratio_ci(au, bu), "n": int(unseen.sum())}
+        paired.update(kl_ratios(stored, d, ids))
+        a, c = kls[f"a@{d}"], kls[f"c@{d}"]
         paired[f"kl_diff_a_minus_c@{d}"] = {"value": float((a - c).mean()), "ci": bootstrap(a - c)}
         ma, mc = match[f"a@{d}"], match[f"c@{d}"]
         paired[f"match16_diff_a_minus_c@{d}"] = {"value": float((ma - mc).mean()), "ci": bootstrap(ma - mc)}
     results["paired"] = paired
     return results
+
+
+def kl_ratios(stored: dict, density: float, ids: list[str]) -> dict:
+    """Paired ratios of mean KL, trained predictor (a) / training-free selector (b), at `density`
+    on `ids` and on those of the families never trained (the issue's measure of generalisation)."""
+    a, _ = per_prompt(stored, f"a@{density}", ids)
+    b, _ = per_prompt(stored, f"b@{density}", ids)
+    out = {f"kl_ratio_a_over_b@{density}": {"value": float(a.mean() / b.mean()), "ci": ratio_ci(a, b),
+                                             "kl": [float(a.mean()), float(b.mean())], "n": len(ids)}}
+    unseen = np.isin([stored["families"][i] for i in ids], list(data.HELD_OUT_FAMILIES))
+    if unseen.any():
+        au, bu = a[unseen], b[unseen]
+        out[f"kl_ratio_a_over_b_never_trained@{density}"] = {
+            "value": float(au.mean() / bu.mean()), "ci": ratio_ci(au, bu),
+            "kl": [float(au.mean()), float(bu.mean())], "n": int(unseen.sum())}
+    return out
 
 
 def ratio_ci(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -507,6 +519,12 @@ def main(argv=None) -> None:
         stored = measure(args.artifacts, args.data, args.per_family, args.batch, args.threads, names, args.cache)
     if any(len(stored["values"].get(n, {})) < len(stored["order"]) for n in condition_names(optional=False)):
         print(f"measured {', '.join(names)}; the report needs every condition")
+        complete = {n for n, v in stored["values"].items() if len(v) == len(stored["order"])}
+        for d in sorted({_parse(n)[1] for n in complete if _parse(n)[0] == "a"}):
+            if f"b@{d}" in complete:
+                for name, r in kl_ratios(stored, d, stored["order"]).items():
+                    print(f"{name}: {r['value']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] "
+                          f"(KL {r['kl'][0]:.3f} vs {r['kl'][1]:.3f}, {r['n']} prompts)")
         return
     results = summarize(stored)
     args.json.write_text(json.dumps(results, indent=1) + "\n")
