@@ -112,10 +112,16 @@ def trained_kinds(artifacts: Path, train_data: str | None = None) -> tuple[set[s
         if not path.is_file():
             raise SystemExit(f"the artifacts were trained on {path}, which is not here: its header says which "
                              "instruction kinds were trained (pass --train-data FILES to read others)")
-        files.append(str(path))
+        files.append(shown(path))
         with open(path) as fh:
             kinds |= set(json.loads(fh.readline()).get("meta", {}).get("constraint_kinds_trained", []))
     return kinds, files
+
+
+def shown(path: Path) -> str:
+    """A path as the report prints it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 # -- the task side ------------------------------------------------------------------------------
@@ -362,7 +368,7 @@ def main(argv=None) -> dict:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "load_start": load_start,
         "load_end": load_average(), "seconds": time.time() - start, "split": args.split, "limit": args.limit,
         "densities": args.densities, "notes": notes, "original": engines["original"][1],
-        "adapted": engines["adapted"][1], "artifacts": str(args.artifacts)}
+        "adapted": engines["adapted"][1], "artifacts": shown(args.artifacts)}
     from . import results_report as report
 
     measured = figures.get("tasks") or figures.get("kl")

@@ -119,7 +119,7 @@ def markdown(figures: dict) -> str:
              + (" (the held-out test split: the final figure, looked at once)" if meta["split"] == "test" else
                 " (for choosing settings; the test split is run once, at the end)")
              + (f"; **--limit {meta['limit']}: a smoke run, not figures**" if meta["limit"] else "") + ".", "",
-             f"Models: original = `{meta['original']}`; adapted = `{meta['adapted']}` (the trained adapter merged; "
+             f"Models: original = `{meta['original']}`; adapted = `{meta['adapted']}` (the default model: the LLM its predictor ships with, an adapter merged where it has one; "
              f"IFPruning's predictor from `{meta['artifacts']}`). Per-layer budgets: each model's calibrated ones, on "
              "or off per condition. Claims below rest on the intervals, no further.", ""]
     lines += [f"- {note}" for note in meta["notes"]] + ([""] if meta["notes"] else [])
@@ -137,7 +137,8 @@ def write_json(figures: dict, path: Path) -> None:
 
 
 def plot(figures: dict, path: Path) -> bool:
-    """IF prompt-level score and KL per density, a line per condition, with intervals; False without matplotlib."""
+    """IF prompt-level score, exact answers and KL per density, a line per condition, with intervals
+    (the conditions side by side around each density); False without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -145,28 +146,32 @@ def plot(figures: dict, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = {c["label"] for c in figures["cells"] if c["density"] is not None}
-    for label in sorted(labels):
+    values = (_score_point, _exact_point, _kl_point)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    labels = sorted({c["label"] for c in figures["cells"] if c["density"] is not None})
+    for i, label in enumerate(labels):
         cells = [c for c in figures["cells"] if c["label"] == label]
-        for ax, value in zip(axes, (_score_point, _kl_point)):
-            points = [(c["density"], *value(figures, c["id"])) for c in cells]
+        dodge = (i - (len(labels) - 1) / 2) * 0.008
+        for ax, value in zip(axes, values):
+            points = [(c["density"] + dodge, *value(figures, c["id"])) for c in cells]
             points = [p for p in points if p[1] is not None]
             if points:
                 x, y, low, high = zip(*points)
                 ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, low)], [b - a for a, b in zip(y, high)]],
                             marker="o", capsize=3, label=label)
-    for ax, value in zip(axes, (_score_point, _kl_point)):
+    for ax, value in zip(axes, values):
         for key, style in (("original", "k--"), ("adapted", "g:")):
             y = value(figures, key)[0]
             if y is not None:
                 ax.axhline(y, color=style[0], ls=style[1:], label=f"{key} dense")
         ax.set_xlabel("density (share of FFN channels kept)")
     axes[0].set_ylabel("IF prompt-level strict accuracy (points)")
-    axes[1].set_ylabel("mean KL to the original dense model (nats)")
-    axes[0].legend(fontsize=7)
+    axes[1].set_ylabel("exact answers, accuracy (points)")
+    axes[2].set_ylabel("mean KL to the original dense model (nats)")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=4, fontsize=8)
     fig.suptitle(f"SmolLM2-135M-Instruct, {figures['meta']['split']} split, 95% bootstrap intervals")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -178,6 +183,14 @@ def _score_point(figures: dict, cell_id: str):
     if not p:
         return None, None, None
     return 100 * p["score"], 100 * p["ci"][0], 100 * p["ci"][1]
+
+
+def _exact_point(figures: dict, cell_id: str):
+    t = (figures.get("tasks") or {}).get("cells", {}).get(cell_id)
+    e = t and t["metrics"].get("exact")
+    if not e:
+        return None, None, None
+    return 100 * e["score"], 100 * e["ci"][0], 100 * e["ci"][1]
 
 
 def _kl_point(figures: dict, cell_id: str):
