@@ -539,8 +539,8 @@ def test_mask_affinity_swaps_fewer_rows_and_changes_no_answer(endless_bundle, en
 def test_the_worker_destroys_its_mlx_streams_when_it_ends(endless_bundle, monkeypatch, loads):
     """Streams left to the process's exit abort it now and then; the worker clears its own,
     after serving and after a failed load alike."""
-    cleared = []
-    monkeypatch.setattr(mx, "clear_streams", lambda: cleared.append(threading.current_thread().name))
+    cleared, clear = [], mx.clear_streams
+    monkeypatch.setattr(mx, "clear_streams", lambda: (cleared.append(threading.current_thread().name), clear()))
 
     def load():
         if not loads:

@@ -119,7 +119,8 @@ def markdown(figures: dict) -> str:
              + (" (the held-out test split: the final figure, looked at once)" if meta["split"] == "test" else
                 " (for choosing settings; the test split is run once, at the end)")
              + (f"; **--limit {meta['limit']}: a smoke run, not figures**" if meta["limit"] else "") + ".", "",
-             f"Models: original = `{meta['original']}`; adapted = `{meta['adapted']}` (the default model: the LLM its predictor ships with, an adapter merged where it has one; "
+             f"Models: original = `{meta['original']}`; adapted = `{meta['adapted']}` (the default model: the LLM "
+             "its predictor ships with, an adapter merged where it has one; "
              f"IFPruning's predictor from `{meta['artifacts']}`). Per-layer budgets: each model's calibrated ones, on "
              "or off per condition. Claims below rest on the intervals, no further.", ""]
     lines += [f"- {note}" for note in meta["notes"]] + ([""] if meta["notes"] else [])
