@@ -178,20 +178,20 @@ def plot(figures: dict, path: Path) -> bool:
     return True
 
 
-def _score_point(figures: dict, cell_id: str):
+def _task_point(figures: dict, cell_id: str, metric: str):
     t = (figures.get("tasks") or {}).get("cells", {}).get(cell_id)
-    p = t and t["metrics"].get("prompt")
-    if not p:
+    m = t and t["metrics"].get(metric)
+    if not m:
         return None, None, None
-    return 100 * p["score"], 100 * p["ci"][0], 100 * p["ci"][1]
+    return 100 * m["score"], 100 * m["ci"][0], 100 * m["ci"][1]
+
+
+def _score_point(figures: dict, cell_id: str):
+    return _task_point(figures, cell_id, "prompt")
 
 
 def _exact_point(figures: dict, cell_id: str):
-    t = (figures.get("tasks") or {}).get("cells", {}).get(cell_id)
-    e = t and t["metrics"].get("exact")
-    if not e:
-        return None, None, None
-    return 100 * e["score"], 100 * e["ci"][0], 100 * e["ci"][1]
+    return _task_point(figures, cell_id, "exact")
 
 
 def _kl_point(figures: dict, cell_id: str):
