@@ -37,14 +37,12 @@ import mlx.core as mx
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-from .errors import SelectionError
 from .bundle import check_prefill
+from .errors import SelectionError
 from .selectors import Selection, Selector, check_density, check_sampling
 
 POLICIES = ("per-task", "per-turn", "off")
 DENSE = "dense"  # the cache key of the unpruned model
-
-
 DENSE_PREFILLED = "dense-prefill "  # what a KV cache's key starts with when its prompt ran on every channel
 
 
@@ -52,6 +50,11 @@ def cache_key(mask: str, dense_prefill: bool) -> str:
     """The key of a KV cache of mask key `mask`: a dense prefill's keys and values serve no
     pruned prefill (nor the reverse), so the two are kept apart."""
     return DENSE_PREFILLED + mask if dense_prefill else mask
+
+
+def split_cache_key(key: str) -> tuple[str, bool]:
+    """cache_key's inverse: (mask key, dense_prefill)."""
+    return key.removeprefix(DENSE_PREFILLED), key.startswith(DENSE_PREFILLED)
 
 
 def mask_key(selection: Selection | None) -> str:
@@ -389,7 +392,8 @@ class ChatSession:
     # -- reports -----------------------------------------------------------------------
 
     def cached_masks(self) -> dict[str, int]:
-        """Mask key -> tokens its KV cache holds (most recently used last)."""
+        """Cache key (chat.cache_key: mask key, dense-prefilled or not) -> tokens its KV cache
+        holds (most recently used last)."""
         return dict(self._caches.tokens_held())
 
     def cache_bytes(self) -> int:

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import typer
 
 from .bundle import PREFILLS
-from .chat import DENSE, DENSE_PREFILLED, POLICIES, ChatSession
+from .chat import DENSE, POLICIES, ChatSession, split_cache_key
 from .console import (DENSITY_OPTION, MAX_DENSITY_OPTION, MODEL_ARGUMENT, PREFILL_OPTION, RESIDENT_OPTION,
                       SEED_OPTION, TEMP_OPTION, TOP_P_OPTION, checked_prefill, density_origin, error_line, fail,
                       friendly_errors, open_model, resident_options)
@@ -238,8 +238,10 @@ class ChatREPL:
             select = f"{t.select_ms:.1f} ms ({how}), mask {t.mask[:8]}"
         reuse = (f"{t.reused_tokens} reused from the mask's cache" if t.cache_hit
                  else "new cache for this mask")
-        caches = ", ".join(f"{k.removeprefix(DENSE_PREFILLED)[:8]}{' dense-prefilled' * k.startswith(DENSE_PREFILLED)}"
-                           f" ({n} tok)" for k, n in self.session.cached_masks().items())
+        caches = []
+        for key, n in self.session.cached_masks().items():
+            mask, dense = split_cache_key(key)
+            caches.append(f"{mask[:8]}{' dense-prefilled' * dense} ({n} tok)")
         rows = [
             ("policy", t.policy),
             ("select", select),
@@ -255,7 +257,7 @@ class ChatREPL:
             ("memory", f"peak {_mb(t.peak_memory_gb)} this turn, weights {_mb(self.engine.weight_bytes() / 1e9)}"
              + (" in memory" if self.engine.residency else "")),
             ("resident", describe(self.engine)),
-            ("KV caches", f"{caches}; {_mb(self.session.cache_bytes() / 1e9)}" if caches else "none"),
+            ("KV caches", f"{', '.join(caches)}; {_mb(self.session.cache_bytes() / 1e9)}" if caches else "none"),
         ]
         for key, value in rows:
             _say(f"{key:<12} {value}")
