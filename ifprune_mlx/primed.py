@@ -99,12 +99,11 @@ class PrimingPrompts(PromptProcessingBatch):
         return batch
 
 
-def primed_generator(model, prefill_context: Callable[[], ContextManager] | None = None, **options) -> BatchGenerator:
+def primed_generator(model, prefill_context: Callable[[], ContextManager] = nullcontext, **options) -> BatchGenerator:
     """mlx-lm's BatchGenerator (same options) whose joining sequences share its next decode step;
     prefill_context() is entered around every prefill pass (default: nothing)."""
     generator = BatchGenerator(model, **options)
     generator._prompt_batch = PrimingPrompts.empty(model, generator.sampler, prefill_step_size=generator.prefill_step_size)
-    if prefill_context is not None:
-        generator._prompt_batch.prefill_context = prefill_context
+    generator._prompt_batch.prefill_context = prefill_context
     generator._generation_batch = PrimedGeneration.empty(model, generator.sampler)
     return generator
