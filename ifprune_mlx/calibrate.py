@@ -385,8 +385,8 @@ def report(calibration: Calibration, model_name: str, command: str, plot_name: s
         "the reference, scored teacher-forced with the prompt prefilled dense and the answer pruned, as "
         "generation runs with the training-free selector or a predictor whose prefill is dense (one that "
         "prefills pruned is measured here in the dense-prefill setting). KL is the mean next-token "
-        "KL(dense || pruned) in nats with a bootstrap 95% interval over the prompts; agreement is the share of answer tokens that are also the pruned "
-        "model's top-1 choice.",
+        "KL(dense || pruned) in nats with a bootstrap 95% interval over the prompts; agreement is the share "
+        "of answer tokens that are also the pruned model's top-1 choice.",
         "",
         *c.table(),
         "",

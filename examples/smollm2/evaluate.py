@@ -185,7 +185,8 @@ def load_cache(path: Path) -> dict:
 def prefills_dense(cond: str, prefill: str) -> bool:
     """Whether a masked condition runs the prompt (but its last token) dense: the training-free
     selector always (as the runtime runs it), the predictor's conditions as the artifacts say."""
-    return PER_LAYER.get(cond, cond) == "b" or (PER_LAYER.get(cond, cond) in FOLLOW_PREFILL and prefill == "dense")
+    base = PER_LAYER.get(cond, cond)
+    return base == "b" or (base in FOLLOW_PREFILL and prefill == "dense")
 
 
 def condition_key(name: str, fingerprint: str | None, layer_counts: dict, prefill: str = "pruned") -> str:
