@@ -259,7 +259,7 @@ def fresh_server(model: str | None, clients: int, mixed: bool, density: float | 
 
     def load():
         engine = open_model(model)
-        engine.prefill = prefill or engine.prefill  # as `ifprune serve --prefill` does
+        engine.set_prefill(prefill)  # as `ifprune serve --prefill` does
         return engine
 
     set_threads(serving_threads(blas_threads))  # as `ifprune serve` does

@@ -138,7 +138,7 @@ def generate(
         verbose = False
     engine, _ = open_model(model, group, **({"split": split} if group else {}), **resident_options(resident, max_density))
     engine.get_selector(selector)  # an unknown selector, or "predictor" without one, fails here
-    engine.prefill = prefill or engine.prefill
+    engine.set_prefill(prefill)
     if dense:
         engine.apply(None)
         selector = None

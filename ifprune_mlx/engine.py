@@ -357,6 +357,12 @@ class Engine:
                 response = replace(response, prompt_tokens=len(ids), prompt_tps=len(ids) / seconds)
             yield response
 
+    def set_prefill(self, prefill: str | None) -> None:
+        """What the trained predictor's prompts prefill with from now on, "pruned" or "dense";
+        None keeps the current setting (the bundle's unless changed)."""
+        if prefill is not None:
+            self.prefill = check_prefill(prefill)
+
     def prefills_dense(self, selector: str | Selector | None = None, prefill: str | None = None) -> bool:
         """Whether a call that selects with `selector` (default: the engine's) prefills the
         prompt dense: always for the training-free selector, for the others when `prefill`

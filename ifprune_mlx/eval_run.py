@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import stats
-from .bundle import check_prefill
 from .eval_lm import (EngineLM, EvalError, GenerationCache, answers_file, condition_name, decode_rate,
                       request_key)
 from .tasks import TASK_DIR  # the offline task files shipped with the package
@@ -176,7 +175,7 @@ def layer_budgets(engine, on: bool | None):
 def prefill_mode(engine, prefill: str | None):
     """The engine's prefill set to `prefill` while in the block; None: as it is."""
     before = engine.prefill
-    engine.prefill = check_prefill(prefill) if prefill is not None else before
+    engine.set_prefill(prefill)
     try:
         yield
     finally:

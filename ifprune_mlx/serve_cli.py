@@ -66,7 +66,7 @@ def serve(
     def load():
         engine = load_resolved(found, **load_options)
         engine.get_selector(selector)  # an unknown selector fails before serving
-        engine.prefill = prefill or engine.prefill
+        engine.set_prefill(prefill)
         return engine
 
     config = server.ServerConfig(model_id=found.path.resolve().name, api_key=api_key, density=density,

@@ -79,6 +79,13 @@ def test_the_predictors_prefill_is_read_and_checked(copy):
     (folder / "config.json").write_text(json.dumps(config))
     engine = ifp.load(folder)
     assert engine.prefill == "dense" and engine.prefills_dense()
+    engine.set_prefill(None)  # what --prefill unset means: the bundle's stays
+    assert engine.prefill == "dense"
+    engine.set_prefill("pruned")
+    assert engine.prefill == "pruned" and not engine.prefills_dense()
+    with pytest.raises(ifp.SelectionError, match="prefill must be one of pruned, dense"):
+        engine.set_prefill("full")
+    assert engine.prefill == "pruned"
     del config["ifpruning"]["prefill"]  # a bundle written before the field: the paper's setting
     (folder / "config.json").write_text(json.dumps(config))
     assert ifp.load(folder).prefill == "pruned"
